@@ -1,0 +1,1891 @@
+#!/usr/bin/env python3
+"""jupyter_call: run code on a Jupyter kernel and get the results back.
+
+One file, standard library only: copy it into a project, import it, or run it.
+
+    python jupyter_call.py --url http://127.0.0.1:8888/ --token T "print(1)"
+
+    from jupyter_call import run_code
+    print(run_code("1 + 1").data["text/plain"])
+
+It speaks the Jupyter server REST API (start, interrupt, restart and delete
+kernels) over urllib, and the kernel channels over its own RFC 6455 websocket
+client. Layers, top to bottom: errors, websocket frames (no I/O), websocket
+connection, REST, Jupyter messages (no I/O), the public API, the command line.
+
+MIT License. Copyright (c) 2026 the jupyter_call authors. See LICENSE.
+"""
+from __future__ import annotations
+
+import base64
+import codecs
+import dataclasses
+import enum
+import hashlib
+import json
+import os
+import re
+import socket
+import struct
+import sys
+import time
+import uuid
+from typing import Any, Callable, Iterable
+from urllib.parse import quote, urlsplit
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "run_code",
+    "Kernel",
+    "Result",
+    "list_servers",
+    "WebSocket",
+    "JupyterError",
+    "ServerError",
+    "AuthError",
+    "ExecutionError",
+    "KernelDied",
+    "ExecutionTimeout",
+    "WebSocketError",
+    "WebSocketClosed",
+]
+
+# Exit codes of the command line, one per way a call can end.
+EXIT_OK = 0            # the code ran without error
+EXIT_ERROR = 1         # the code raised; its traceback is on stderr
+EXIT_USAGE = 2         # bad command line or unreadable input
+EXIT_SERVER = 3        # cannot reach the server, token refused, server or protocol error
+EXIT_DIED = 4          # the kernel died while running the code
+EXIT_TIMEOUT = 124     # --timeout expired; the kernel was interrupted (as timeout(1))
+EXIT_INTERRUPTED = 130 # Ctrl-C; the kernel was interrupted (128 + SIGINT)
+
+DEFAULT_URL = "http://localhost:8888/"  # where `jupyter server` listens by default
+
+
+# ---- Errors -----------------------------------------------------------------
+
+class JupyterError(Exception):
+    """Root of every error jupyter_call raises."""
+
+
+class ServerError(JupyterError):
+    """The server could not be reached or answered with an error.
+
+    Attributes: ``url`` (the server's base URL), ``status`` (the HTTP status,
+    or None when there was no HTTP answer) and ``reason``.
+    """
+
+    def __init__(self, url: str, reason: str, status: int | None = None):
+        self.url, self.reason, self.status = url, reason, status
+        suffix = f" (HTTP {status})" if status is not None else ""
+        super().__init__(f"server at {url} {reason}{suffix}")
+
+
+class AuthError(ServerError):
+    """The server refused the token (HTTP 401 or 403)."""
+
+
+class WebSocketError(JupyterError):
+    """The websocket failed; ``code`` is the RFC 6455 close code, ``reason`` says why."""
+
+    def __init__(self, code: int, reason: str):
+        self.code, self.reason = int(code), reason
+        super().__init__(f"websocket closed with code {self.code}: {reason}")
+
+
+class WebSocketClosed(WebSocketError):
+    """The peer closed the websocket, or the connection dropped (code 1006)."""
+
+
+class ExecutionError(JupyterError):
+    """The code raised in the kernel; ``result`` holds everything it produced."""
+
+    def __init__(self, result: Result):
+        self.result = result
+        err = result.error or {}
+        if result.status == "aborted":
+            message = "execution was aborted by the kernel"
+        else:
+            message = f"{err.get('ename', 'Error')}: {err.get('evalue', '')}".rstrip(": ")
+        super().__init__(message)
+
+
+class KernelDied(JupyterError):
+    """The kernel died while running the code; ``result`` holds what arrived."""
+
+    def __init__(self, kernel_id: str, reason: str, result: Result | None = None):
+        self.kernel_id, self.reason, self.result = kernel_id, reason, result
+        super().__init__(f"kernel {kernel_id} died: {reason}")
+
+
+class ExecutionTimeout(JupyterError, TimeoutError):
+    """The call ran out of time; the kernel was interrupted.
+
+    ``result`` holds what arrived before the deadline; ``timeout`` is the limit.
+    """
+
+    def __init__(self, timeout: float, result: Result | None = None, during: str = "execution"):
+        self.timeout, self.result, self.during = timeout, result, during
+        super().__init__(f"{during} did not finish within {timeout:g} s")
+
+
+class Deadline:
+    """One time budget shared by every step of a call; ``None`` means no limit."""
+
+    def __init__(self, timeout: float | None):
+        self.timeout = timeout
+        self._end = None if timeout is None else time.monotonic() + timeout
+
+    def remaining(self, cap: float | None = None) -> float | None:
+        """Seconds left (at most ``cap``), or ``cap`` when there is no limit."""
+        if self._end is None:
+            return cap
+        left = max(0.0, self._end - time.monotonic())
+        return left if cap is None else min(left, cap)
+
+    @property
+    def expired(self) -> bool:
+        return self._end is not None and time.monotonic() >= self._end
+
+
+# ---- WebSocket frames (RFC 6455, no I/O) --------------------------------------
+
+class Opcode(enum.IntEnum):
+    """RFC 6455 5.2 opcodes; 3-7 and 0xB-0xF are reserved."""
+    CONT = 0x0
+    TEXT = 0x1
+    BINARY = 0x2
+    CLOSE = 0x8
+    PING = 0x9
+    PONG = 0xA
+
+
+CONT, TEXT, BINARY = Opcode.CONT, Opcode.TEXT, Opcode.BINARY
+CLOSE, PING, PONG = Opcode.CLOSE, Opcode.PING, Opcode.PONG
+CONTROL_OPCODES = (CLOSE, PING, PONG)
+
+
+class CloseCode(enum.IntEnum):
+    """RFC 6455 7.4.1 status codes."""
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    UNSUPPORTED_DATA = 1003
+    NO_STATUS = 1005          # never sent: stands for a close frame without a code
+    ABNORMAL = 1006           # never sent: stands for a connection lost without a close frame
+    INVALID_DATA = 1007
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    MANDATORY_EXTENSION = 1010
+    INTERNAL_ERROR = 1011
+
+
+# 7.4: codes a peer may put on the wire (1012-1014 are registered with IANA since).
+_SENDABLE_CLOSE_CODES = frozenset([1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011,
+                                   1012, 1013, 1014])
+
+# 5.2 Base Framing Protocol
+FIN_MASK = 0x80
+RSV_MASK = 0x70
+OPCODE_MASK = 0x0F
+MASK_MASK = 0x80
+PAYLOAD_LENGTH_MASK = 0x7F
+PAYLOAD_LENGTH_TWO_BYTE = 126
+PAYLOAD_LENGTH_EIGHT_BYTE = 127
+MAX_CONTROL_PAYLOAD = 125  # 5.5: control frames carry at most 125 bytes
+
+# 1.3: the server proves it read our key by hashing it with this GUID.
+WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+MAX_MESSAGE_SIZE = 256 * 2**20  # default bound on one message: fits a 100 MB notebook output
+MAX_HANDSHAKE = 64 * 1024       # bound on the HTTP 101 answer (status line + headers)
+CLOSE_TIMEOUT = 2.0             # how long to wait for the peer's side of the close handshake
+
+
+def accept_key(key: str) -> str:
+    """The Sec-WebSocket-Accept value a server must answer to ``key`` (4.2.2)."""
+    digest = hashlib.sha1((key + WEBSOCKET_GUID).encode("ascii")).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+def mask_bytes(data: bytes, key: bytes) -> bytes:
+    """XOR ``data`` with the 4-byte ``key`` repeated (5.3); masking and unmasking are one."""
+    n = len(data)
+    if not n:
+        return b""
+    stream = key * (n // 4) + key[: n % 4]
+    return (int.from_bytes(data, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
+
+
+@dataclasses.dataclass
+class Frame:
+    """One websocket frame; ``rsv`` holds the three reserved bits in place (0x70)."""
+    opcode: Opcode
+    payload: bytes = b""
+    fin: bool = True
+    rsv: int = 0
+
+    def serialize(self, *, mask_key: bytes | None = None) -> bytes:
+        """Encode the frame; clients pass a fresh 4-byte ``mask_key`` (5.3)."""
+        n = len(self.payload)
+        head = bytearray([(FIN_MASK if self.fin else 0) | self.rsv | self.opcode])
+        mask_bit = MASK_MASK if mask_key is not None else 0
+        if n < PAYLOAD_LENGTH_TWO_BYTE:
+            head.append(mask_bit | n)
+        elif n < 2**16:
+            head.append(mask_bit | PAYLOAD_LENGTH_TWO_BYTE)
+            head += n.to_bytes(2, "big")
+        else:
+            head.append(mask_bit | PAYLOAD_LENGTH_EIGHT_BYTE)
+            head += n.to_bytes(8, "big")
+        if mask_key is None:
+            return bytes(head) + self.payload
+        return bytes(head) + mask_key + mask_bytes(self.payload, mask_key)
+
+
+def parse_frame(data: bytes | bytearray, *, max_size: int | None = MAX_MESSAGE_SIZE,
+                masked: bool = False, allowed_rsv: int = 0) -> tuple[Frame | None, int]:
+    """Parse one frame from the start of ``data`` without consuming it.
+
+    Returns ``(frame, consumed)`` when a whole frame is there, else
+    ``(None, needed)`` with the total byte count needed to go on. ``masked`` says
+    whether frames must be masked (a server reading a client) or must not be.
+    Raises WebSocketError carrying the close code the violation calls for.
+    """
+    have = len(data)
+    if have < 2:
+        return None, 2
+    b0, b1 = data[0], data[1]
+    fin, rsv, op = bool(b0 & FIN_MASK), b0 & RSV_MASK, b0 & OPCODE_MASK
+    is_masked, length = bool(b1 & MASK_MASK), b1 & PAYLOAD_LENGTH_MASK
+    # 5.2: a nonzero RSV bit without a negotiated meaning MUST fail the connection.
+    if rsv & ~allowed_rsv:
+        raise WebSocketError(CloseCode.PROTOCOL_ERROR, f"reserved bits 0x{rsv:02x} set")
+    # 5.2: an unknown opcode MUST fail the connection.
+    try:
+        opcode = Opcode(op)
+    except ValueError:
+        raise WebSocketError(CloseCode.PROTOCOL_ERROR, f"reserved opcode 0x{op:x}") from None
+    # 5.1: a client MUST close on a masked frame; a server on an unmasked one.
+    if is_masked != masked:
+        state = "masked" if is_masked else "unmasked"
+        raise WebSocketError(CloseCode.PROTOCOL_ERROR, f"{state} frame from the peer")
+    if opcode in CONTROL_OPCODES:
+        # 5.5: control frames MUST NOT be fragmented and carry at most 125 bytes.
+        if not fin:
+            raise WebSocketError(CloseCode.PROTOCOL_ERROR, "fragmented control frame")
+        if length > MAX_CONTROL_PAYLOAD:
+            raise WebSocketError(CloseCode.PROTOCOL_ERROR, "control frame longer than 125 bytes")
+    pos = 2
+    if length == PAYLOAD_LENGTH_TWO_BYTE:
+        if have < 4:
+            return None, 4
+        length, pos = int.from_bytes(data[2:4], "big"), 4
+    elif length == PAYLOAD_LENGTH_EIGHT_BYTE:
+        if have < 10:
+            return None, 10
+        length, pos = int.from_bytes(data[2:10], "big"), 10
+        if length >> 63:  # 5.2: the most significant bit MUST be 0
+            raise WebSocketError(CloseCode.PROTOCOL_ERROR, "64-bit payload length with top bit set")
+    if max_size is not None and length > max_size:
+        raise WebSocketError(CloseCode.MESSAGE_TOO_BIG,
+                             f"frame of {length} bytes exceeds the limit of {max_size}")
+    key = b""
+    if is_masked:
+        if have < pos + 4:
+            return None, pos + 4
+        key, pos = bytes(data[pos:pos + 4]), pos + 4
+    end = pos + length
+    if have < end:
+        return None, end
+    with memoryview(data) as view:
+        payload = bytes(view[pos:end])
+    if is_masked:
+        payload = mask_bytes(payload, key)
+    return Frame(opcode, payload, fin, rsv), end
+
+
+def close_payload(code: int | None, reason: str = "") -> bytes:
+    """The body of a close frame (5.5.1): a 2-byte code then UTF-8 reason, or nothing."""
+    if code is None or code == CloseCode.NO_STATUS:
+        return b""
+    return int(code).to_bytes(2, "big") + reason.encode("utf-8")[:MAX_CONTROL_PAYLOAD - 2]
+
+
+def parse_close(payload: bytes) -> tuple[int, str]:
+    """Code and reason of a received close frame; raises WebSocketError if malformed."""
+    if not payload:
+        return CloseCode.NO_STATUS, ""
+    if len(payload) == 1:
+        raise WebSocketError(CloseCode.PROTOCOL_ERROR, "close frame with a 1-byte body")
+    code = int.from_bytes(payload[:2], "big")
+    if not (code in _SENDABLE_CLOSE_CODES or 3000 <= code < 5000):
+        raise WebSocketError(CloseCode.PROTOCOL_ERROR, f"invalid close code {code}")
+    try:
+        reason = payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise WebSocketError(CloseCode.INVALID_DATA, "close reason is not valid UTF-8") from None
+    return code, reason
+
+
+def close_code_for(exc: BaseException) -> int:
+    """The one place that maps a failure to the close code we send (7.4.1)."""
+    if isinstance(exc, WebSocketError):
+        return exc.code
+    if isinstance(exc, UnicodeDecodeError):
+        return CloseCode.INVALID_DATA
+    return CloseCode.INTERNAL_ERROR
+
+
+# ---- WebSocket connection (socket I/O) ------------------------------------------
+
+# Linux delays ACKs by up to 40 ms; a server that leaves Nagle on then holds its
+# next small frame until our ACK arrives. TCP_QUICKACK asks for an immediate ACK,
+# but the kernel clears it again, so it is set before every receive.
+_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+RECV_SIZE = 256 * 1024          # bytes asked of one recv() while waiting for a frame
+RECV_SIZE_MAX = 4 * 2**20       # at most this much in one recv() for a large frame
+
+
+def _ssl_module():
+    import ssl  # costs ~17 ms; only wss:// and https:// need it
+    return ssl
+
+
+def _set_timeout(sock: socket.socket, deadline: Deadline) -> None:
+    left = deadline.remaining()
+    if left is not None and left <= 0:
+        raise socket.timeout("timed out")
+    sock.settimeout(left)
+
+
+class WebSocket:
+    """A blocking RFC 6455 client: whole messages in, whole messages out.
+
+    Use ``WebSocket.connect(url)``; then ``send``, ``recv``, ``ping`` and
+    ``close``. Pings from the server are answered inside ``recv``.
+    """
+
+    def __init__(self, sock: socket.socket, *, subprotocol: str | None = None,
+                 max_size: int | None = MAX_MESSAGE_SIZE, buffered: bytes = b""):
+        self.sock = sock
+        self.close_timeout = CLOSE_TIMEOUT
+        self.subprotocol = subprotocol
+        self.max_size = max_size
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self._buf = bytearray(buffered)
+        self._closing = False
+        self._message_opcode: Opcode | None = None  # opcode of a fragmented message in progress
+        self._parts: list = []
+        self._size = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+
+    # -- opening --
+
+    @classmethod
+    def connect(cls, url: str, *, headers: dict | None = None,
+                subprotocols: Iterable[str] | None = None, timeout: float | None = None,
+                ssl_context: Any = None, max_size: int | None = MAX_MESSAGE_SIZE,
+                _deadline: Deadline | None = None) -> WebSocket:
+        """Open a websocket to a ``ws://`` or ``wss://`` URL.
+
+        Args:
+            url: the endpoint; ``wss://`` verifies the certificate by default.
+            headers: extra handshake headers (e.g. ``Authorization``).
+            subprotocols: offered in ``Sec-WebSocket-Protocol``; see ``.subprotocol``.
+            timeout: seconds for connect, TLS and handshake together (None: no limit).
+            ssl_context: an ``ssl.SSLContext`` to use instead of the default one.
+            max_size: largest message accepted; larger ones fail with code 1009.
+        Raises:
+            ServerError (AuthError for 401/403) when the server answers another
+            status than 101; WebSocketError when the answer breaks RFC 6455;
+            ServerError for network errors; ExecutionTimeout when time runs out.
+        """
+        deadline = _deadline or Deadline(timeout)
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("ws", "wss") or not parts.hostname:
+            raise ValueError(f"not a ws:// or wss:// URL: {url!r}")
+        secure = scheme == "wss"
+        port = parts.port or (443 if secure else 80)
+        origin = f"{scheme}://{parts.netloc}/"
+        try:
+            sock = socket.create_connection((parts.hostname, port), timeout=deadline.remaining())
+        except socket.timeout:
+            raise ExecutionTimeout(deadline.timeout, during=f"connecting to {origin}") from None
+        except OSError as exc:
+            raise ServerError(origin, f"is not reachable: {_os_reason(exc)}") from exc
+        try:
+            # Each message leaves in one sendall; no reason to let Nagle hold it back.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if secure:
+                ssl = _ssl_module()
+                context = ssl_context or ssl.create_default_context()
+                sock = context.wrap_socket(sock, server_hostname=parts.hostname)
+            offered = list(subprotocols or [])
+            ws = cls._handshake(sock, parts, offered, headers or {}, deadline, max_size)
+        except BaseException as exc:
+            sock.close()
+            if isinstance(exc, socket.timeout):
+                raise ExecutionTimeout(deadline.timeout, during=f"the websocket handshake with {origin}") from None
+            if isinstance(exc, OSError) and not isinstance(exc, socket.timeout):
+                raise ServerError(origin, f"is not reachable: {_os_reason(exc)}") from exc
+            raise
+        return ws
+
+    @classmethod
+    def _handshake(cls, sock, parts, offered, headers, deadline, max_size) -> WebSocket:
+        key = base64.b64encode(os.urandom(16)).decode("ascii")
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        lines = [f"GET {target} HTTP/1.1", f"Host: {parts.netloc.rpartition('@')[2]}",
+                 "Upgrade: websocket", "Connection: Upgrade",
+                 f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
+        if offered:
+            lines.append(f"Sec-WebSocket-Protocol: {', '.join(offered)}")
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        _set_timeout(sock, deadline)
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+
+        buf = bytearray()
+        while b"\r\n\r\n" not in buf:
+            if len(buf) > MAX_HANDSHAKE:
+                raise WebSocketError(CloseCode.PROTOCOL_ERROR,
+                                     f"handshake answer longer than {MAX_HANDSHAKE} bytes")
+            _set_timeout(sock, deadline)
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise WebSocketClosed(CloseCode.ABNORMAL, "connection closed during the handshake")
+            buf += chunk
+        head, _, rest = bytes(buf).partition(b"\r\n\r\n")
+        status, fields = _parse_http_head(head)
+        origin = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/"
+        if status != 101:
+            reason = _error_reason(rest)
+            if status in (401, 403):
+                raise AuthError(origin, f"refused the websocket handshake{reason}", status)
+            raise ServerError(origin, f"refused the websocket handshake{reason}", status)
+        # 4.1: the client MUST fail the connection when these checks fail.
+        if fields.get("upgrade", "").lower() != "websocket":
+            raise WebSocketError(CloseCode.PROTOCOL_ERROR, "handshake answer lacks 'Upgrade: websocket'")
+        if "upgrade" not in fields.get("connection", "").lower():
+            raise WebSocketError(CloseCode.PROTOCOL_ERROR, "handshake answer lacks 'Connection: Upgrade'")
+        if fields.get("sec-websocket-accept") != accept_key(key):
+            raise WebSocketError(CloseCode.PROTOCOL_ERROR, "handshake answer has a wrong Sec-WebSocket-Accept")
+        if fields.get("sec-websocket-extensions"):
+            raise WebSocketError(CloseCode.PROTOCOL_ERROR, "server chose an extension that was not offered")
+        chosen = fields.get("sec-websocket-protocol") or None
+        if chosen is not None and chosen not in offered:
+            raise WebSocketError(CloseCode.PROTOCOL_ERROR, f"server chose subprotocol {chosen!r}, which was not offered")
+        return cls(sock, subprotocol=chosen, max_size=max_size, buffered=rest)
+
+    # -- sending --
+
+    def send(self, message: str | bytes) -> None:
+        """Send a whole message: text for ``str``, binary for ``bytes``."""
+        if isinstance(message, str):
+            self._send_frame(Frame(TEXT, message.encode("utf-8")))
+        else:
+            self._send_frame(Frame(BINARY, bytes(message)))
+
+    def ping(self, payload: bytes = b"") -> None:
+        """Send a ping; the pong is consumed inside ``recv``."""
+        self._send_frame(Frame(PING, bytes(payload)))
+
+    def _send_frame(self, frame: Frame, deadline: Deadline | None = None) -> None:
+        if self.close_code is not None or (self._closing and frame.opcode != CLOSE):
+            raise WebSocketClosed(self.close_code or CloseCode.ABNORMAL, "the websocket is closed")
+        # 5.3: the masking key MUST be unpredictable: a fresh one per frame.
+        data = frame.serialize(mask_key=os.urandom(4))
+        try:
+            self.sock.settimeout(deadline.remaining() if deadline else None)
+            self.sock.sendall(data)
+        except socket.timeout:
+            raise
+        except OSError as exc:
+            self._abort(f"send failed: {_os_reason(exc)}")
+
+    # -- receiving --
+
+    def recv(self, *, timeout: float | None = None) -> str | bytes:
+        """Return the next whole message: ``str`` for text, ``bytes`` for binary.
+
+        Fragments are joined, text is checked as UTF-8 as it arrives, pings are
+        answered. With ``timeout``, raises TimeoutError if no whole message
+        arrives in time; the connection stays usable. Raises WebSocketClosed
+        when the peer closes or the connection drops, WebSocketError after
+        failing the connection on a protocol violation.
+        """
+        deadline = Deadline(timeout)
+        try:
+            while True:
+                frame = self._read_frame(deadline)
+                if frame.opcode in CONTROL_OPCODES:
+                    self._on_control(frame)
+                    continue
+                message = self._on_data(frame)
+                if message is not None:
+                    return message
+        except socket.timeout:
+            raise TimeoutError(f"no websocket message within {timeout:g} s") from None
+        except WebSocketClosed:
+            raise
+        except (WebSocketError, UnicodeDecodeError) as exc:
+            code = close_code_for(exc)
+            reason = exc.reason if isinstance(exc, WebSocketError) else "text message is not valid UTF-8"
+            self._fail(code, reason)
+            raise WebSocketError(code, reason) from None
+
+    def _read_frame(self, deadline: Deadline) -> Frame:
+        while True:
+            frame, size = parse_frame(self._buf, max_size=self.max_size)
+            if frame is not None:
+                del self._buf[:size]
+                return frame
+            self._fill(size, deadline)
+
+    def _fill(self, needed: int, deadline: Deadline) -> None:
+        """Receive until the buffer holds ``needed`` bytes; a timeout loses nothing."""
+        sock = self.sock
+        while len(self._buf) < needed:
+            _set_timeout(sock, deadline)
+            if _TCP_QUICKACK is not None:
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+                except OSError:
+                    pass
+            try:
+                chunk = sock.recv(min(max(needed - len(self._buf), RECV_SIZE), RECV_SIZE_MAX))
+            except socket.timeout:
+                raise
+            except OSError as exc:
+                self._abort(f"connection lost: {_os_reason(exc)}")
+            if not chunk:
+                self._abort("connection closed without a close frame")
+            self._buf += chunk
+
+    def _on_control(self, frame: Frame) -> None:
+        if frame.opcode == PING:
+            # 5.5.2: on a Ping an endpoint MUST send a Pong with the same payload.
+            if not self._closing:
+                self._send_frame(Frame(PONG, frame.payload))
+        elif frame.opcode == CLOSE:
+            code, reason = parse_close(frame.payload)
+            if not self._closing:
+                # 5.5.1: answer a Close with a Close, echoing its code.
+                self._closing = True
+                self._try_send(Frame(CLOSE, close_payload(code)))
+            self._finish(code, reason)
+            raise WebSocketClosed(code, reason or "closed by the server")
+
+    def _on_data(self, frame: Frame) -> str | bytes | None:
+        if frame.opcode == CONT:
+            if self._message_opcode is None:
+                raise WebSocketError(CloseCode.PROTOCOL_ERROR, "continuation frame with no message to continue")
+        else:
+            # 5.4: fragments of one message MUST NOT interleave with another message.
+            if self._message_opcode is not None:
+                raise WebSocketError(CloseCode.PROTOCOL_ERROR, "new message began inside a fragmented one")
+            self._message_opcode = frame.opcode
+            self._parts, self._size = [], 0
+            self._decoder.reset()
+        self._size += len(frame.payload)
+        if self.max_size is not None and self._size > self.max_size:
+            raise WebSocketError(CloseCode.MESSAGE_TOO_BIG,
+                                 f"message exceeds the limit of {self.max_size} bytes")
+        # 8.1: text MUST be UTF-8; checked per fragment so a bad byte fails at once.
+        if self._message_opcode == TEXT:
+            if frame.fin and not self._parts:
+                text = frame.payload.decode("utf-8")
+                self._message_opcode = None
+                return text
+            self._parts.append(self._decoder.decode(frame.payload, frame.fin))
+        else:
+            self._parts.append(frame.payload)
+        if not frame.fin:
+            return None
+        joiner = "" if self._message_opcode == TEXT else b""
+        message, self._parts, self._message_opcode = joiner.join(self._parts), [], None
+        return message
+
+    # -- closing --
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Start the close handshake, wait briefly for the peer's answer, then close."""
+        if self.close_code is not None:
+            return
+        if not self._closing:
+            self._closing = True
+            self._try_send(Frame(CLOSE, close_payload(code, reason)))
+        self._drain_until_close()
+        self._finish(code, reason)
+
+    def _fail(self, code: int, reason: str) -> None:
+        """7.1.7 Fail the connection: send a close frame with ``code`` and close."""
+        if self.close_code is not None:
+            return
+        self._closing = True
+        self._try_send(Frame(CLOSE, close_payload(code, reason)))
+        self._drain_until_close()
+        self._finish(code, reason)
+
+    def _try_send(self, frame: Frame) -> None:
+        try:
+            self.sock.settimeout(self.close_timeout)
+            self.sock.sendall(frame.serialize(mask_key=os.urandom(4)))
+        except OSError:
+            pass
+
+    def _drain_until_close(self) -> None:
+        """Read (bounded) until the peer's close frame or EOF, dropping data."""
+        deadline = Deadline(self.close_timeout)
+        try:
+            while True:
+                frame = self._read_frame(deadline)
+                if frame.opcode == CLOSE:
+                    break
+        except (OSError, WebSocketError):
+            pass
+
+    def _finish(self, code: int, reason: str) -> None:
+        """7.1.1: after the close handshake the client waits for the server's TCP close."""
+        self.close_code, self.close_reason = code, reason
+        try:
+            self.sock.settimeout(self.close_timeout)
+            self.sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + self.close_timeout
+            while time.monotonic() < deadline and self.sock.recv(RECV_SIZE):
+                pass
+        except OSError:
+            pass
+        self.sock.close()
+
+    def _abort(self, reason: str) -> None:
+        """The connection is gone (7.1.5: code 1006); raise WebSocketClosed."""
+        self.close_code = self.close_code or CloseCode.ABNORMAL
+        self.close_reason = reason
+        self.sock.close()
+        raise WebSocketClosed(CloseCode.ABNORMAL, reason)
+
+    def __enter__(self) -> WebSocket:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _parse_http_head(head: bytes) -> tuple[int, dict]:
+    """Status code and lower-cased header fields of an HTTP answer head."""
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+        raise WebSocketError(CloseCode.PROTOCOL_ERROR, f"not an HTTP answer: {lines[0][:80]!r}")
+    fields: dict = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            key = name.strip().lower()
+            fields[key] = f"{fields[key]}, {value.strip()}" if key in fields else value.strip()
+    return int(parts[1]), fields
+
+
+def _error_reason(body: bytes) -> str:
+    """': <message>' from a Jupyter JSON error body, or '' when there is none."""
+    try:
+        message = json.loads(body.decode("utf-8")).get("message")
+    except (ValueError, AttributeError):
+        return ""
+    return f": {str(message)[:200]}" if message else ""
+
+
+def _os_reason(exc: BaseException) -> str:
+    """A short lower-case reason for a network error."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset"
+    if isinstance(exc, socket.gaierror):
+        return f"unknown host ({exc.strerror})"
+    text = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+    return str(text)
+
+
+# ---- Jupyter REST API ---------------------------------------------------------
+
+HTTP_TIMEOUT = 90.0         # per request when the call has no deadline; gateways can take 40 s+ to start a kernel
+MAX_REST_BODY = 16 * 2**20  # bound on one REST answer
+DELETE_RETRIES = 5          # a DELETE racing an automatic restart answers 500; try again
+
+
+class _RestClient:
+    """The few calls of the Jupyter server REST API that jupyter_call needs."""
+
+    def __init__(self, url: str, token: str | None, *, ssl_context: Any = None):
+        self.url = url
+        self.token = token
+        self.ssl_context = ssl_context
+        self._opener = None
+
+    def headers(self) -> dict:
+        return {"Authorization": f"token {self.token}"} if self.token else {}
+
+    def request(self, method: str, path: str, body: Any = None, *,
+                deadline: Deadline | None = None) -> Any:
+        """Send one request; return the decoded JSON answer (None for 204)."""
+        import urllib.error
+        import urllib.request
+        data = json.dumps(body).encode("utf-8") if body is not None else None
+        if data is None and method in ("POST", "PUT", "PATCH"):
+            data = b""
+        headers = {"Accept": "application/json", **self.headers()}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
+        timeout = (deadline or Deadline(None)).remaining(HTTP_TIMEOUT)
+        if timeout is not None and timeout <= 0:
+            raise ExecutionTimeout(deadline.timeout, during=f"{method} {path}")
+        try:
+            with self._open(req, timeout) as resp:
+                raw = resp.read(MAX_REST_BODY + 1)
+        except urllib.error.HTTPError as exc:
+            raise self._http_error(exc.code, exc.read(4096), path) from None
+        except socket.timeout:
+            raise ExecutionTimeout(timeout, during=f"{method} {path}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            if isinstance(reason, socket.timeout):
+                raise ExecutionTimeout(timeout, during=f"{method} {path}") from None
+            raise ServerError(self.url, f"is not reachable: {_os_reason(reason)}") from exc
+        if len(raw) > MAX_REST_BODY:
+            raise ServerError(self.url, f"sent more than {MAX_REST_BODY} bytes for {path}")
+        if not raw.strip():
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise ServerError(self.url, f"answered {path} with something that is not JSON "
+                                        f"(is this a Jupyter server?)") from None
+
+    def _open(self, req, timeout):
+        if self._opener is None:
+            import urllib.request
+            handlers: list = [_redirect_handler()]
+            if self.ssl_context is not None:
+                handlers.append(urllib.request.HTTPSHandler(context=self.ssl_context))
+            self._opener = urllib.request.build_opener(*handlers)
+        return self._opener.open(req, timeout=timeout)
+
+    def _http_error(self, status: int, body: bytes, path: str) -> ServerError:
+        detail = _error_reason(body)
+        if status in (401, 403):
+            what = "refused the token" if self.token else "requires a token (pass --token or set JUPYTER_TOKEN)"
+            return AuthError(self.url, f"{what}{detail}", status)
+        if status == 404:
+            return ServerError(self.url, f"has no {path}{detail}", status)
+        return ServerError(self.url, f"answered an error for {path}{detail}", status)
+
+    # -- kernels --
+
+    def start_kernel(self, name: str | None, *, deadline: Deadline | None = None) -> dict:
+        info = self.request("POST", "api/kernels", {"name": name} if name else {}, deadline=deadline)
+        if not isinstance(info, dict) or not isinstance(info.get("id"), str):
+            raise ServerError(self.url, "answered a kernel start without a kernel id")
+        return info
+
+    def get_kernel(self, kernel_id: str, *, deadline: Deadline | None = None) -> dict:
+        try:
+            info = self.request("GET", f"api/kernels/{quote(kernel_id)}", deadline=deadline)
+        except ServerError as exc:
+            if exc.status == 404:
+                raise ServerError(self.url, f"has no kernel {kernel_id}", 404) from None
+            raise
+        if not isinstance(info, dict):
+            raise ServerError(self.url, f"answered kernel {kernel_id} with something that is not a kernel")
+        return info
+
+    def list_kernels(self, *, deadline: Deadline | None = None) -> list:
+        kernels = self.request("GET", "api/kernels", deadline=deadline)
+        return kernels if isinstance(kernels, list) else []
+
+    def interrupt_kernel(self, kernel_id: str, *, deadline: Deadline | None = None) -> None:
+        self.request("POST", f"api/kernels/{quote(kernel_id)}/interrupt", deadline=deadline)
+
+    def restart_kernel(self, kernel_id: str, *, deadline: Deadline | None = None) -> None:
+        self.request("POST", f"api/kernels/{quote(kernel_id)}/restart", deadline=deadline)
+
+    def delete_kernel(self, kernel_id: str) -> None:
+        """Delete a kernel; gone already is fine. Retries the 500 a restart race answers."""
+        for attempt in range(DELETE_RETRIES):
+            try:
+                self.request("DELETE", f"api/kernels/{quote(kernel_id)}", deadline=Deadline(HTTP_TIMEOUT))
+                return
+            except ServerError as exc:
+                if exc.status == 404:
+                    return
+                if exc.status is None or exc.status < 500 or attempt == DELETE_RETRIES - 1:
+                    raise
+            time.sleep(0.2 * 2**attempt)
+
+
+def _same_origin(a: str, b: str) -> bool:
+    pa, pb = urlsplit(a), urlsplit(b)
+    return (pa.scheme, pa.hostname, pa.port) == (pb.scheme, pb.hostname, pb.port)
+
+
+def _redirect_handler():
+    """A urllib redirect handler that never carries the token to another origin."""
+    import urllib.request
+
+    class SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            new = super().redirect_request(req, fp, code, msg, headers, newurl)
+            if new is not None and not _same_origin(req.full_url, newurl):
+                new.remove_header("Authorization")
+            return new
+    return SameOriginRedirects()
+
+
+# ---- Jupyter messages (no I/O) --------------------------------------------------
+
+PROTOCOL_VERSION = "5.3"                      # the message spec version we speak
+V1_SUBPROTOCOL = "v1.kernel.websocket.jupyter.org"
+OUTPUT_TYPES = ("stream", "display_data", "execute_result", "error")
+RATE_LIMIT_MARKERS = ("IOPub data rate exceeded", "IOPub message rate exceeded")
+EOF_ANSWER = "\x04"  # sent when scripted stdin runs out: the kernel raises EOFError
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z"
+
+
+def new_message(msg_type: str, content: dict, *, session: str, channel: str = "shell",
+                parent_header: dict | None = None, username: str = "jupyter_call") -> dict:
+    """A Jupyter message in the shape the websocket expects (all keys present)."""
+    return {
+        "header": {"msg_id": uuid.uuid4().hex, "msg_type": msg_type, "username": username,
+                   "session": session, "date": _now(), "version": PROTOCOL_VERSION},
+        "parent_header": parent_header or {},
+        "metadata": {},
+        "content": content,
+        "channel": channel,
+        "buffers": [],
+    }
+
+
+def execute_request(code: str, *, session: str, silent: bool = False,
+                    store_history: bool = True, allow_stdin: bool = False) -> dict:
+    return new_message("execute_request", {
+        "code": code, "silent": silent, "store_history": store_history,
+        "user_expressions": {}, "allow_stdin": allow_stdin, "stop_on_error": True,
+    }, session=session)
+
+
+def input_reply(value: str, *, session: str, parent_header: dict) -> dict:
+    return new_message("input_reply", {"value": value}, session=session, channel="stdin",
+                       parent_header=parent_header)
+
+
+def encode_message(msg: dict, *, protocol: str = "legacy") -> str | bytes:
+    """Serialize a message for the websocket: JSON text (legacy) or v1 binary."""
+    if protocol == "v1":
+        parts = [json.dumps(msg[key]).encode("utf-8")
+                 for key in ("header", "parent_header", "metadata", "content")]
+        return _pack_v1(msg["channel"], parts + list(msg.get("buffers") or []))
+    return json.dumps(msg)
+
+
+def _pack_v1(channel: str, parts: list) -> bytes:
+    """v1 framing: uint64 LE count, uint64 LE offsets, then channel and parts."""
+    chunks = [channel.encode("utf-8"), *parts]
+    offsets = [8 * (len(chunks) + 2)]
+    for chunk in chunks:
+        offsets.append(offsets[-1] + len(chunk))
+    return struct.pack(f"<{len(offsets) + 1}Q", len(offsets), *offsets) + b"".join(chunks)
+
+
+def decode_message(data: str | bytes, *, protocol: str = "legacy") -> dict:
+    """Parse a websocket message into a message dict; raises ValueError if malformed."""
+    if protocol == "v1":
+        msg = _unpack_v1(data)
+    elif isinstance(data, str):
+        msg = json.loads(data)
+    else:
+        msg = _unpack_legacy_binary(data)
+    if not isinstance(msg, dict) or not isinstance(msg.get("header"), dict) \
+            or not isinstance(msg.get("content", {}), dict):
+        raise ValueError("message without a header")
+    msg.setdefault("parent_header", {})
+    msg.setdefault("content", {})
+    return msg
+
+
+def _unpack_legacy_binary(data: bytes) -> dict:
+    """Legacy binary messages: uint32 BE count, offsets, JSON, then buffers."""
+    if len(data) < 8:
+        raise ValueError("binary message too short")
+    (count,) = struct.unpack_from("!I", data)
+    if count < 1 or 4 * (count + 1) > len(data):
+        raise ValueError("binary message with a bad part count")
+    offsets = list(struct.unpack_from(f"!{count}I", data, 4)) + [len(data)]
+    if offsets != sorted(offsets) or offsets[0] < 4 * (count + 1):
+        raise ValueError("binary message with bad offsets")
+    msg = json.loads(data[offsets[0]:offsets[1]])
+    if isinstance(msg, dict):
+        msg["buffers"] = [data[offsets[i]:offsets[i + 1]] for i in range(1, count)]
+    return msg
+
+
+def _unpack_v1(data: str | bytes) -> dict:
+    if isinstance(data, str) or len(data) < 8:
+        raise ValueError("v1 message is not binary")
+    (count,) = struct.unpack_from("<Q", data)
+    if count < 6 or 8 * (count + 1) > len(data):
+        raise ValueError("v1 message with a bad part count")
+    offsets = struct.unpack_from(f"<{count}Q", data, 8)
+    if list(offsets) != sorted(offsets) or offsets[-1] > len(data) or offsets[0] < 8 * (count + 1):
+        raise ValueError("v1 message with bad offsets")
+    part = [data[offsets[i]:offsets[i + 1]] for i in range(count - 1)]
+    msg = {"channel": part[0].decode("utf-8"), "buffers": part[5:]}
+    for key, raw in zip(("header", "parent_header", "metadata", "content"), part[1:5]):
+        msg[key] = json.loads(raw) if raw else {}
+    return msg
+
+
+def output_from_msg(msg: dict) -> dict | None:
+    """The nbformat v4 output dict for an iopub output message, else None."""
+    msg_type, content = msg["header"].get("msg_type"), msg["content"]
+    if msg_type == "stream":
+        return {"output_type": "stream", "name": content.get("name", "stdout"),
+                "text": content.get("text", "")}
+    if msg_type == "display_data":
+        return {"output_type": "display_data", "data": content.get("data", {}),
+                "metadata": content.get("metadata", {})}
+    if msg_type == "execute_result":
+        return {"output_type": "execute_result", "execution_count": content.get("execution_count"),
+                "data": content.get("data", {}), "metadata": content.get("metadata", {})}
+    if msg_type == "error":
+        return {"output_type": "error", "ename": content.get("ename", ""),
+                "evalue": content.get("evalue", ""), "traceback": content.get("traceback", [])}
+    return None
+
+
+@dataclasses.dataclass
+class Result:
+    """What one execution produced.
+
+    ``status`` is "ok", "error" or "aborted" (or "incomplete" on the partial
+    result that ExecutionTimeout and KernelDied carry when no reply arrived).
+    ``outputs`` are nbformat v4 output dicts in arrival order, with
+    ``clear_output`` and ``update_display_data`` applied and adjacent stream
+    chunks of one name merged. ``error`` is None or a dict with ``ename``,
+    ``evalue`` and ``traceback``. ``truncated`` is True when the server dropped
+    output because of its IOPub rate limits.
+    """
+    status: str = "incomplete"
+    execution_count: int | None = None
+    outputs: list = dataclasses.field(default_factory=list)
+    error: dict | None = None
+    truncated: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def stdout(self) -> str:
+        return self._stream("stdout")
+
+    @property
+    def stderr(self) -> str:
+        return self._stream("stderr")
+
+    def _stream(self, name: str) -> str:
+        return "".join(o["text"] for o in self.outputs
+                       if o["output_type"] == "stream" and o["name"] == name)
+
+    @property
+    def data(self) -> dict | None:
+        """The execute_result mimebundle (e.g. ``{"text/plain": "2"}``) or None."""
+        for out in self.outputs:
+            if out["output_type"] == "execute_result":
+                return out["data"]
+        return None
+
+    def raise_for_error(self) -> None:
+        """Raise ExecutionError unless the status is "ok"."""
+        if not self.ok:
+            raise ExecutionError(self)
+
+    def to_dict(self) -> dict:
+        return {"status": self.status, "execution_count": self.execution_count,
+                "outputs": self.outputs, "error": self.error, "truncated": self.truncated}
+
+
+class _Execution:
+    """Follows one execute_request through the messages that answer it (no I/O).
+
+    ``feed`` takes every incoming message; ``done`` turns true once both the
+    shell execute_reply and the iopub idle status for our request are in.
+    """
+
+    def __init__(self, msg_id: str, on_output: Callable[[dict], Any] | None = None):
+        self.msg_id = msg_id
+        self.on_output = on_output
+        self.reply: dict | None = None
+        self.idle = False
+        self.died: str | None = None
+        self.input_request: dict | None = None
+        self.result = Result()
+        self._seen: set = set()
+        self._stream_parts: list | None = None   # chunks of the last output, when a stream
+        self._display_index: dict = {}            # display_id -> indexes into outputs
+        self._clear_pending = False
+
+    @property
+    def done(self) -> bool:
+        return self.reply is not None and self.idle
+
+    @property
+    def started(self) -> bool:
+        return self.reply is not None or self.idle
+
+    def feed(self, msg: dict) -> None:
+        header = msg["header"]
+        msg_id = header.get("msg_id")
+        if msg_id:
+            if msg_id in self._seen:  # a replay after a reconnect
+                return
+            self._seen.add(msg_id)
+        msg_type = header.get("msg_type")
+        content = msg["content"]
+        parent = (msg.get("parent_header") or {}).get("msg_id")
+        if msg_type == "status" and not parent and content.get("execution_state") in ("restarting", "dead"):
+            self.died = f"the server reports it {content['execution_state']}"
+            return
+        if parent != self.msg_id:
+            return  # another client's traffic, or the server's own kernel_info
+        channel = msg.get("channel")
+        if msg_type == "execute_reply" and channel != "iopub":
+            self._on_reply(content)
+        elif msg_type == "status":
+            if content.get("execution_state") == "idle":
+                self.idle = True
+        elif msg_type == "input_request":
+            self.input_request = msg
+        elif msg_type == "clear_output":
+            if content.get("wait"):
+                self._clear_pending = True
+            else:
+                self._clear()
+            self._notify({"output_type": "clear_output", "wait": bool(content.get("wait"))})
+        elif msg_type == "update_display_data":
+            self._update_display(content)
+        elif msg_type in OUTPUT_TYPES:
+            self._add_output(msg)
+
+    def _on_reply(self, content: dict) -> None:
+        self.reply = content
+        res = self.result
+        res.status = content.get("status", "error")
+        res.execution_count = content.get("execution_count", res.execution_count)
+        if res.status == "error":
+            res.error = {"ename": content.get("ename", ""), "evalue": content.get("evalue", ""),
+                         "traceback": content.get("traceback", [])}
+
+    def _add_output(self, msg: dict) -> None:
+        if self._clear_pending:
+            self._clear()
+        out = output_from_msg(msg)
+        outputs = self.result.outputs
+        if out["output_type"] == "stream":
+            if any(marker in out["text"] for marker in RATE_LIMIT_MARKERS) and out["name"] == "stderr":
+                self.result.truncated = True
+            last = outputs[-1] if outputs else None
+            if self._stream_parts is not None and last["name"] == out["name"]:
+                self._stream_parts.append(out["text"])
+            else:
+                self._seal()
+                outputs.append(dict(out))
+                self._stream_parts = [out["text"]]
+        else:
+            self._seal()
+            outputs.append(out)
+            display_id = (msg["content"].get("transient") or {}).get("display_id")
+            if display_id:
+                self._display_index.setdefault(display_id, []).append(len(outputs) - 1)
+            if out["output_type"] == "execute_result":
+                self.result.execution_count = out["execution_count"]
+            elif out["output_type"] == "error" and self.result.error is None:
+                self.result.error = {k: out[k] for k in ("ename", "evalue", "traceback")}
+        self._notify(out)
+
+    def _update_display(self, content: dict) -> None:
+        display_id = (content.get("transient") or {}).get("display_id")
+        for index in self._display_index.get(display_id, ()):
+            self.result.outputs[index]["data"] = content.get("data", {})
+            self.result.outputs[index]["metadata"] = content.get("metadata", {})
+        self._notify({"output_type": "update_display_data", "display_id": display_id,
+                      "data": content.get("data", {}), "metadata": content.get("metadata", {})})
+
+    def _clear(self) -> None:
+        self.result.outputs.clear()
+        self._display_index.clear()
+        self._stream_parts = None
+        self._clear_pending = False
+
+    def _seal(self) -> None:
+        """Join the chunks of the open stream output into its text."""
+        if self._stream_parts is not None:
+            self.result.outputs[-1]["text"] = "".join(self._stream_parts)
+            self._stream_parts = None
+
+    def _notify(self, out: dict) -> None:
+        if self.on_output is not None:
+            self.on_output(out)
+
+    def finish(self) -> Result:
+        """The result so far, with stream chunks joined."""
+        self._seal()
+        res = self.result
+        if self.reply is None and self.idle and not self.died:
+            # idle without a reply (lost with a dropped connection): judge by the outputs
+            res.status = "error" if res.error else "ok"
+        return res
+
+
+# ---- Server discovery ------------------------------------------------------------
+
+def _data_dir() -> str:
+    if os.environ.get("JUPYTER_DATA_DIR"):
+        return os.environ["JUPYTER_DATA_DIR"]
+    home = os.path.expanduser("~")
+    if sys.platform == "darwin":
+        return os.path.join(home, "Library", "Jupyter")
+    if os.name == "nt":
+        appdata = os.environ.get("APPDATA") or os.path.join(home, "AppData", "Roaming")
+        return os.path.join(appdata, "jupyter")
+    xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(home, ".local", "share")
+    return os.path.join(xdg, "jupyter")
+
+
+def _runtime_dir() -> str:
+    return os.environ.get("JUPYTER_RUNTIME_DIR") or os.path.join(_data_dir(), "runtime")
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    if os.name == "nt":
+        return True  # os.kill(pid, 0) would terminate on Windows; trust the file
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+_WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]", "*")
+
+
+def _server_url(info: dict) -> str:
+    """A URL to reach a server described by a runtime file; wildcards mean loopback."""
+    base = "/" + (info.get("base_url") or "/").strip("/") + "/"
+    base = base.replace("//", "/")
+    host = info.get("hostname") or info.get("ip") or "localhost"
+    if host in _WILDCARD_HOSTS:
+        host = "127.0.0.1"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    scheme = "https" if info.get("secure") else "http"
+    return f"{scheme}://{host}:{info.get('port')}{base}"
+
+
+def list_servers(runtime_dir: str | None = None) -> list:
+    """Running Jupyter servers, most recently started first.
+
+    Reads ``jpserver-*.json`` (jupyter_server) and ``nbserver-*.json``
+    (notebook 6) in the Jupyter runtime dir (``$JUPYTER_RUNTIME_DIR``, else the
+    data dir + ``/runtime``). Skips unreadable files and servers whose process
+    is gone. Each entry is the file's dict with ``url`` set to a reachable URL.
+    """
+    folder = runtime_dir or _runtime_dir()
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        if not (name.startswith(("jpserver-", "nbserver-")) and name.endswith(".json")):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                info = json.load(f)
+            mtime = os.path.getmtime(path)
+        except (OSError, ValueError):
+            continue
+        if not isinstance(info, dict) or not info.get("port") or not _pid_alive(info.get("pid")):
+            continue
+        info["url"] = _server_url(info)
+        info.setdefault("root_dir", info.get("notebook_dir"))
+        found.append((mtime, info))
+    found.sort(key=lambda pair: pair[0], reverse=True)
+    return [info for _, info in found]
+
+
+def _normalize_url(url: str) -> str:
+    url = url.strip()
+    if "://" not in url:
+        url = "http://" + url
+    return url if url.endswith("/") else url + "/"
+
+
+def _env_token() -> str | None:
+    if os.environ.get("JUPYTER_TOKEN"):
+        return os.environ["JUPYTER_TOKEN"]
+    path = os.environ.get("JUPYTER_TOKEN_FILE")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read().strip()
+        except OSError as exc:
+            raise JupyterError(f"cannot read JUPYTER_TOKEN_FILE {path}: {exc.strerror}") from None
+    return None
+
+
+def resolve_server(url: str | None = None, token: str | None = None) -> tuple[str, str | None]:
+    """The server URL and token to use: arguments, then environment, then discovery."""
+    if url is None and os.environ.get("JUPYTER_URL"):
+        url = os.environ["JUPYTER_URL"]
+    if token is None:
+        token = _env_token()
+    if url is None or token is None:
+        servers = list_servers()
+        if url is None:
+            if servers:
+                url = servers[0]["url"]
+                if token is None:
+                    token = servers[0].get("token") or None
+            else:
+                url = DEFAULT_URL
+        elif token is None:
+            wanted = _normalize_url(url)
+            for info in servers:
+                if _same_origin(info["url"], wanted) and urlsplit(info["url"]).path == urlsplit(wanted).path:
+                    token = info.get("token") or None
+                    break
+    return _normalize_url(url), token
+
+
+# ---- Public API: Result, Kernel, run_code -------------------------------------------
+
+COMPLETION_GRACE = 3.0   # after reply or idle, how long to wait for the other
+INTERRUPT_GRACE = 5.0    # after an interrupt, how long to wait for the cell to unwind
+SILENCE_CHECK = 10.0     # with no message for this long, ask the server if the kernel lives
+RECONNECT_ATTEMPTS = 5   # websocket reconnects per execution before giving up
+NUDGE_INTERVAL = 0.5     # resend kernel_info_request this often while a kernel starts
+
+
+class Kernel:
+    """A kernel on a Jupyter server, with one open websocket to it.
+
+    ``Kernel(url, token)`` starts a kernel (``name`` picks the kernel spec) and
+    deletes it on ``close()``; ``Kernel(url, token, kernel_id=ID)`` attaches to a
+    running kernel and never deletes it. Use it as a context manager. State
+    persists across ``execute`` calls.
+
+    Args:
+        url: the server's base URL; None uses $JUPYTER_URL, the most recent
+            running server, then http://localhost:8888/.
+        token: the server's token; None uses $JUPYTER_TOKEN, $JUPYTER_TOKEN_FILE,
+            or the token of the discovered server.
+        kernel_id: attach to this running kernel instead of starting one.
+        name: the kernel spec to start (the server's default when None).
+        timeout: seconds for starting and connecting, and the default for each
+            ``execute`` (None: no limit).
+        ssl_context: an ``ssl.SSLContext`` for https servers with a private CA.
+        protocol: "auto" (offer the v1 binary protocol, fall back to legacy),
+            "v1" or "legacy".
+    Raises:
+        ServerError, AuthError, ExecutionTimeout, WebSocketError.
+    """
+
+    def __init__(self, url: str | None = None, token: str | None = None, *,
+                 kernel_id: str | None = None, name: str | None = None,
+                 timeout: float | None = None, ssl_context: Any = None,
+                 protocol: str = "auto", _deadline: Deadline | None = None):
+        if protocol not in ("auto", "v1", "legacy"):
+            raise ValueError(f"protocol must be 'auto', 'v1' or 'legacy', not {protocol!r}")
+        self.url, token = resolve_server(url, token)
+        self.timeout = timeout
+        self.session_id = uuid.uuid4().hex
+        self.protocol = protocol
+        self._rest = _RestClient(self.url, token, ssl_context=ssl_context)
+        self._ws: WebSocket | None = None
+        self._owned = False
+        self.id: str | None = None
+        deadline = _deadline or Deadline(timeout)
+        try:
+            if kernel_id:
+                info = self._rest.get_kernel(kernel_id, deadline=deadline)
+            else:
+                info = self._rest.start_kernel(name, deadline=deadline)
+                self._owned = True
+            self.id = info["id"]
+            self.name = info.get("name")
+            self._connect(deadline)
+        except BaseException:
+            self.close()
+            raise
+
+    def __repr__(self) -> str:
+        return f"<Kernel {self.id} at {self.url}>"
+
+    def __enter__(self) -> Kernel:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # -- connection --
+
+    def _connect(self, deadline: Deadline) -> None:
+        scheme = "wss" if self.url.startswith("https") else "ws"
+        url = f"{scheme}{self.url[self.url.index(':'):]}api/kernels/{quote(self.id)}/channels" \
+              f"?session_id={self.session_id}"
+        offered = [] if self.protocol == "legacy" else [V1_SUBPROTOCOL]
+        self._ws = WebSocket.connect(url, headers=self._rest.headers(), subprotocols=offered,
+                                     ssl_context=self._rest.ssl_context, _deadline=deadline)
+        if self.protocol == "v1" and self._ws.subprotocol != V1_SUBPROTOCOL:
+            self._ws.close()
+            raise ServerError(self.url, "does not speak the v1 kernel websocket protocol (use --protocol legacy)")
+        self._wire = "v1" if self._ws.subprotocol == V1_SUBPROTOCOL else "legacy"
+
+    def _reconnect(self, deadline: Deadline, attempts: int) -> None:
+        """Reopen the websocket with the same session, so the server replays what we missed."""
+        if self._ws is not None:
+            self._ws.close_code = self._ws.close_code or CloseCode.ABNORMAL
+            self._ws.sock.close()
+        last: BaseException | None = None
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(min(0.1 * 2**attempt, 2.0, deadline.remaining(2.0) or 0))
+            try:
+                self._connect(deadline)
+                return
+            except ExecutionTimeout:
+                raise
+            except (ServerError, WebSocketError) as exc:
+                if isinstance(exc, ServerError) and exc.status == 404:
+                    raise KernelDied(self.id, "the server no longer has the kernel") from exc
+                last = exc
+        raise last  # type: ignore[misc]
+
+    def _send(self, msg: dict) -> None:
+        self._ws.send(encode_message(msg, protocol=self._wire))
+
+    # -- execution --
+
+    def execute(self, code: str, *, timeout: float | None = None,
+                on_output: Callable[[dict], Any] | None = None,
+                stdin: Iterable[str] | Callable[[str, bool], str] | None = None,
+                silent: bool = False, store_history: bool = True,
+                _deadline: Deadline | None = None) -> Result:
+        """Run ``code`` and return its Result once the kernel is done with it.
+
+        Args:
+            code: the source to run.
+            timeout: seconds (default: the Kernel's timeout; None: no limit).
+                On expiry the kernel is interrupted and ExecutionTimeout raised.
+            on_output: called with each output dict as it arrives (stream
+                chunks, display data, results, errors; also ``clear_output``
+                and ``update_display_data`` events).
+            stdin: answers for ``input()``: a list/iterable of strings, or a
+                callable ``(prompt, password) -> str``. Without it, ``input()``
+                raises in the kernel at once.
+            silent, store_history: as in the Jupyter execute_request.
+        Returns:
+            the Result; its ``status`` may be "error": see ``raise_for_error``.
+        Raises:
+            ExecutionTimeout (with the partial ``.result``), KernelDied,
+            ServerError, WebSocketError. On Ctrl-C the kernel is interrupted
+            and KeyboardInterrupt re-raised.
+        """
+        if self._ws is None:
+            raise JupyterError("the kernel is closed")
+        deadline = _deadline or Deadline(timeout if timeout is not None else self.timeout)
+        answer = _stdin_answerer(stdin)
+        request = execute_request(code, session=self.session_id, silent=silent,
+                                  store_history=store_history, allow_stdin=answer is not None)
+        run = _Execution(request["header"]["msg_id"], on_output)
+        self._send(request)
+        try:
+            self._wait(run, deadline, answer)
+        except ExecutionTimeout as exc:
+            self._interrupt_and_settle(run)
+            exc.result = run.finish()
+            raise
+        except KeyboardInterrupt:
+            self._interrupt_and_settle(run)
+            raise
+        except KernelDied as exc:
+            exc.result = run.finish()
+            raise
+        except Exception:
+            if not run.done and self._ws is not None:
+                self._interrupt_and_settle(run)
+            raise
+        return run.finish()
+
+    def _wait(self, run: _Execution, deadline: Deadline, answer) -> None:
+        grace_end: float | None = None
+        reconnects = 0
+        while not run.done:
+            now = time.monotonic()
+            if run.started and grace_end is None:
+                grace_end = now + COMPLETION_GRACE
+            wait = deadline.remaining(SILENCE_CHECK)
+            if grace_end is not None:
+                wait = min(wait, max(0.0, grace_end - now))
+            if deadline.expired:
+                raise ExecutionTimeout(deadline.timeout)
+            try:
+                raw = self._ws.recv(timeout=wait)
+            except TimeoutError:
+                if deadline.expired:
+                    raise ExecutionTimeout(deadline.timeout) from None
+                if grace_end is not None and time.monotonic() >= grace_end:
+                    return  # one of reply/idle never came; what arrived is the result
+                self._check_alive(deadline)
+                continue
+            except WebSocketClosed:
+                reconnects += 1
+                if reconnects > RECONNECT_ATTEMPTS:
+                    raise
+                self._reconnect(deadline, RECONNECT_ATTEMPTS)
+                continue
+            try:
+                msg = decode_message(raw, protocol=self._wire)
+            except (ValueError, UnicodeDecodeError, KeyError) as exc:
+                raise ServerError(self.url, f"sent a malformed kernel message ({exc})") from None
+            run.feed(msg)
+            if run.died:
+                raise KernelDied(self.id, run.died)
+            if run.input_request is not None:
+                request, run.input_request = run.input_request, None
+                self._answer_input(request, answer)
+
+    def _answer_input(self, request: dict, answer) -> None:
+        content = request["content"]
+        value = answer(content.get("prompt", ""), bool(content.get("password"))) if answer else EOF_ANSWER
+        self._send(input_reply(value, session=self.session_id, parent_header=request["header"]))
+
+    def _check_alive(self, deadline: Deadline) -> None:
+        try:
+            info = self._rest.get_kernel(self.id, deadline=Deadline(deadline.remaining(HTTP_TIMEOUT)))
+        except ServerError as exc:
+            if exc.status == 404:
+                raise KernelDied(self.id, "the server no longer has the kernel") from None
+            return  # the server is busy or unreachable; the websocket will tell
+        if info.get("execution_state") == "dead":
+            raise KernelDied(self.id, "the server reports it dead")
+
+    def _interrupt_and_settle(self, run: _Execution) -> None:
+        """Interrupt the kernel and wait (bounded) for the cell to unwind.
+
+        The kernel aborts requests that arrive while it still unwinds, so the
+        next execute would fail if we returned at once.
+        """
+        try:
+            self._rest.interrupt_kernel(self.id, deadline=Deadline(INTERRUPT_GRACE))
+            settle = Deadline(INTERRUPT_GRACE)
+            while not run.done and not settle.expired and not run.died:
+                try:
+                    raw = self._ws.recv(timeout=settle.remaining())
+                except TimeoutError:
+                    break
+                run.feed(decode_message(raw, protocol=self._wire))
+                if run.input_request is not None:
+                    request, run.input_request = run.input_request, None
+                    self._answer_input(request, None)
+        except (JupyterError, ValueError, OSError):
+            pass  # best effort: the caller is already on its way out with an error
+
+    # -- control --
+
+    def interrupt(self) -> None:
+        """Send SIGINT to the kernel (through the server)."""
+        self._rest.interrupt_kernel(self.id, deadline=Deadline(self.timeout))
+
+    def restart(self) -> None:
+        """Restart the kernel and wait until it answers: its state is lost; the connection stays."""
+        deadline = Deadline(self.timeout)
+        self._rest.restart_kernel(self.id, deadline=deadline)
+        self._wait_ready(deadline)
+
+    def _wait_ready(self, deadline: Deadline) -> None:
+        """Nudge the kernel with kernel_info requests until its iopub messages reach us.
+
+        A kernel's iopub publishes before the server's subscription is in place
+        are lost, so the first output after a (re)start could go missing.
+        """
+        while True:
+            request = new_message("kernel_info_request", {}, session=self.session_id)
+            self._send(request)
+            probe = Deadline(deadline.remaining(NUDGE_INTERVAL))
+            while not probe.expired:
+                try:
+                    msg = decode_message(self._ws.recv(timeout=probe.remaining()), protocol=self._wire)
+                except TimeoutError:
+                    break
+                except (ValueError, UnicodeDecodeError) as exc:
+                    raise ServerError(self.url, f"sent a malformed kernel message ({exc})") from None
+                if msg.get("channel") == "iopub" and \
+                        msg["parent_header"].get("msg_id") == request["header"]["msg_id"]:
+                    return
+            if deadline.expired:
+                raise ExecutionTimeout(deadline.timeout, during="waiting for the kernel to start")
+
+    def close(self) -> None:
+        """Close the connection, and delete the kernel if this object started it."""
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            try:
+                ws.close()
+            except Exception:
+                pass
+        if self._owned and self.id:
+            self._owned = False
+            self._rest.delete_kernel(self.id)
+
+
+def _stdin_answerer(stdin) -> Callable[[str, bool], str] | None:
+    """Turn the ``stdin`` argument into ``(prompt, password) -> answer`` or None."""
+    if stdin is None:
+        return None
+    if callable(stdin):
+        return stdin
+    if isinstance(stdin, str):
+        stdin = stdin.splitlines()
+    answers = iter(stdin)
+    return lambda prompt, password: next(answers, EOF_ANSWER)
+
+
+def run_code(code: str, url: str | None = None, token: str | None = None, *,
+             kernel_id: str | None = None, kernel_name: str | None = None,
+             timeout: float | None = None,
+             stdin: Iterable[str] | Callable[[str, bool], str] | None = None,
+             on_output: Callable[[dict], Any] | None = None) -> Result:
+    """Run ``code`` on a Jupyter kernel and return its Result.
+
+    Starts a kernel (``kernel_name`` picks the spec) or attaches to
+    ``kernel_id``, runs the code, and deletes a kernel it started on every path.
+    ``timeout`` covers the whole call: connecting, starting and running. See
+    ``Kernel`` for ``url``/``token`` defaults and ``Kernel.execute`` for the rest.
+
+    Raises:
+        ServerError, AuthError, KernelDied, ExecutionTimeout, WebSocketError.
+        An error raised by the code is not raised: check ``result.ok`` or call
+        ``result.raise_for_error()``.
+    """
+    deadline = Deadline(timeout)
+    with Kernel(url, token, kernel_id=kernel_id, name=kernel_name, timeout=timeout,
+                _deadline=deadline) as kernel:
+        return kernel.execute(code, on_output=on_output, stdin=stdin, _deadline=deadline)
+
+
+# ---- Command line -------------------------------------------------------------------
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+USAGE_EXAMPLES = """\
+examples:
+  jupyter_call.py --spawn "print('hello')"            private server for one call
+  jupyter_call.py --url http://127.0.0.1:8888/ --token T "1 + 1"
+  jupyter_call.py -f script.py                          run a file (- reads stdin)
+  jupyter_call.py --kernel-id ID "x"                    attach to a running kernel
+  jupyter_call.py --list                                running servers and kernels
+
+environment: JUPYTER_URL, JUPYTER_TOKEN, JUPYTER_TOKEN_FILE, JUPYTER_RUNTIME_DIR
+
+exit codes:
+  0 ok   1 the code raised   2 usage   3 server unreachable, token refused or
+  server error   4 the kernel died   124 timeout (kernel interrupted)
+  130 Ctrl-C (kernel interrupted)
+"""
+
+
+class _UsageError(Exception):
+    """Bad command-line input: one line, exit 2."""
+
+
+def _parser():
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise _UsageError(message)
+
+    p = Parser(prog="jupyter_call.py", description="Run code on a Jupyter kernel and print the results.",
+               epilog=USAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("code", nargs="?", help="the code to run (or use -f)")
+    p.add_argument("-f", "--file", metavar="FILE", help="read the code from FILE ('-' for stdin)")
+    p.add_argument("--url", help="server base URL (default: $JUPYTER_URL, a running server, "
+                                 "or http://localhost:8888/)")
+    p.add_argument("--token", help="server token (default: $JUPYTER_TOKEN, or the discovered server's)")
+    p.add_argument("--kernel", metavar="NAME", help="kernel spec to start (default: the server's)")
+    p.add_argument("--kernel-id", metavar="ID", help="run in this running kernel (never deleted)")
+    p.add_argument("--keep", action="store_true", help="keep the started kernel; print its id on stderr")
+    p.add_argument("--timeout", type=float, metavar="SECS", help="give up after SECS, interrupting the kernel")
+    p.add_argument("--input", action="append", metavar="TEXT", help="answer for input() (repeatable)")
+    p.add_argument("--protocol", choices=("auto", "v1", "legacy"), default="auto",
+                   help="kernel websocket protocol (default: auto)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--list", action="store_true", help="list running servers and their kernels")
+    p.add_argument("--spawn", action="store_true",
+                   help="start a private local Jupyter server for this call (needs jupyter_server)")
+    p.add_argument("--version", action="version", version=f"jupyter_call {__version__}")
+    return p
+
+
+class _Printer:
+    """Streams outputs to the terminal as they arrive."""
+
+    def __init__(self, out, err):
+        self.out, self.err = out, err
+        self.color = {"out": _isatty(out), "err": _isatty(err)}
+        self.at_line_start = {"out": True, "err": True}
+
+    def _write(self, which: str, text: str) -> None:
+        if not text:
+            return
+        if not self.color[which]:
+            text = _ANSI.sub("", text)
+        stream = self.out if which == "out" else self.err
+        stream.write(text)
+        stream.flush()
+        self.at_line_start[which] = text.endswith("\n")
+
+    def __call__(self, out: dict) -> None:
+        kind = out["output_type"]
+        if kind == "stream":
+            self._write("err" if out["name"] == "stderr" else "out", out["text"])
+        elif kind in ("execute_result", "display_data", "update_display_data"):
+            text = _text_form(out.get("data") or {})
+            if text is not None:
+                self._write("out", text + "\n")
+        elif kind == "error":
+            self._write("err", "\n".join(out.get("traceback") or [f"{out['ename']}: {out['evalue']}"]) + "\n")
+
+    def finish(self) -> None:
+        for which in ("out", "err"):
+            if not self.at_line_start[which]:
+                self._write(which, "\n")
+
+
+def _text_form(data: dict) -> str | None:
+    if "text/plain" in data:
+        return str(data["text/plain"])
+    if "application/json" in data:
+        return json.dumps(data["application/json"], indent=2)
+    return None
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _read_code(args) -> tuple[str, bool]:
+    """The code to run and whether it came from stdin."""
+    if args.file is not None and args.code is not None:
+        raise _UsageError("give the code as an argument or with -f, not both")
+    if args.file == "-":
+        return sys.stdin.read(), True
+    if args.file is not None:
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                return f.read(), False
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _UsageError(f"cannot read {args.file}: {getattr(exc, 'strerror', None) or exc}") from None
+    if args.code is None:
+        raise _UsageError("no code given: pass CODE, or -f FILE (see --help)")
+    return args.code, False
+
+
+def _spawn_server(deadline: Deadline):
+    """Start a private jupyter_server on a free loopback port; return (process, url, token, folder)."""
+    import secrets
+    import subprocess
+    import tempfile
+    import importlib.util
+    if importlib.util.find_spec("jupyter_server") is None:
+        raise JupyterError("--spawn needs jupyter_server: pip install notebook (or jupyter_server)")
+    token = secrets.token_hex(24)
+    folder = tempfile.mkdtemp(prefix="jupyter_call-")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, JUPYTER_TOKEN=token, JUPYTER_RUNTIME_DIR=os.path.join(folder, "runtime"))
+    log = open(os.path.join(folder, "server.log"), "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyter_server", "--no-browser", "--ServerApp.ip=127.0.0.1",
+         f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
+         f"--ServerApp.root_dir={os.getcwd()}"]
+        + (["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []),
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
+    log.close()
+    url = f"http://127.0.0.1:{port}/"
+    rest = _RestClient(url, token)
+    wait = Deadline(deadline.remaining(60.0))
+    try:
+        while True:
+            if proc.poll() is not None:
+                with open(os.path.join(folder, "server.log"), "rb") as f:
+                    tail = f.read().decode("utf-8", "replace").strip().splitlines()[-1:]
+                raise JupyterError(f"the spawned Jupyter server exited: {' '.join(tail)}")
+            try:
+                rest.request("GET", "api/status", deadline=Deadline(wait.remaining(2.0)))
+                return proc, url, token, folder
+            except (ServerError, ExecutionTimeout):
+                if wait.expired:
+                    raise ExecutionTimeout(wait.timeout, during="starting the Jupyter server") from None
+            time.sleep(0.05)
+    except BaseException:
+        _stop_server(proc, folder)
+        raise
+
+
+def _stop_server(proc, folder: str) -> None:
+    import shutil
+    import subprocess
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _list(args, out) -> int:
+    servers = list_servers()
+    if args.url:
+        url, token = resolve_server(args.url, args.token)
+        servers = [{"url": url, "token": token}]
+    rows = []
+    for info in servers:
+        entry = {"url": info["url"], "version": info.get("version"), "root_dir": info.get("root_dir"),
+                 "kernels": None, "error": None}
+        try:
+            entry["kernels"] = _RestClient(info["url"], info.get("token") or None).list_kernels(
+                deadline=Deadline(10.0))
+        except (JupyterError, OSError) as exc:
+            entry["error"] = str(exc)
+        rows.append(entry)
+    if args.json:
+        out.write(json.dumps(rows, indent=2) + "\n")
+        return EXIT_OK
+    if not rows:
+        out.write("no running Jupyter servers found\n")
+    for entry in rows:
+        out.write(f"{entry['url']}  version {entry['version'] or '?'}  root {entry['root_dir'] or '?'}\n")
+        if entry["error"]:
+            out.write(f"  ({entry['error']})\n")
+        for k in entry["kernels"] or []:
+            out.write(f"  {k.get('id')}  {k.get('name', '?'):<12} {k.get('execution_state', '?'):<8} "
+                      f"{k.get('last_activity', '?')}\n")
+    return EXIT_OK
+
+
+def _terminal_stdin(prompt: str, password: bool) -> str:
+    import getpass
+    try:
+        return getpass.getpass(prompt) if password else input(prompt)
+    except EOFError:
+        return EOF_ANSWER
+
+
+def main(argv: list | None = None) -> int:
+    """Run the command line; return the exit code."""
+    out, err = sys.stdout, sys.stderr
+    try:
+        return _main(argv, out, err)
+    except _UsageError as exc:
+        err.write(f"jupyter_call: usage error: {exc}\n")
+        return EXIT_USAGE
+    except ExecutionTimeout as exc:
+        err.write(f"jupyter_call: timeout: {exc}; the kernel was interrupted\n"
+                  if exc.during == "execution" else f"jupyter_call: timeout: {exc}\n")
+        return EXIT_TIMEOUT
+    except KernelDied as exc:
+        err.write(f"jupyter_call: {exc}\n")
+        return EXIT_DIED
+    except KeyboardInterrupt:
+        err.write("jupyter_call: interrupted\n")
+        return EXIT_INTERRUPTED
+    except JupyterError as exc:
+        err.write(f"jupyter_call: error: {exc}\n")
+        return EXIT_SERVER
+
+
+def _main(argv, out, err) -> int:
+    args = _parser().parse_args(argv)
+    if args.timeout is not None and args.timeout <= 0:
+        raise _UsageError("--timeout must be a positive number of seconds")
+    if args.list:
+        return _list(args, out)
+    code, code_from_stdin = _read_code(args)
+    if args.input is not None:
+        stdin = list(args.input)
+    elif not code_from_stdin and _isatty(sys.stdin):
+        stdin = _terminal_stdin
+    else:
+        stdin = None
+    deadline = Deadline(args.timeout)
+    spawned = None
+    url, token = args.url, args.token
+    if args.spawn:
+        spawned = _spawn_server(deadline)
+        url, token = spawned[1], spawned[2]
+    printer = None if args.json else _Printer(out, err)
+    try:
+        kernel = Kernel(url, token, kernel_id=args.kernel_id, name=args.kernel, timeout=args.timeout,
+                        protocol=args.protocol, _deadline=deadline)
+        try:
+            if args.keep:
+                kernel._owned = False
+                err.write(f"jupyter_call: kernel {kernel.id} kept running at {kernel.url}\n")
+            try:
+                result = kernel.execute(code, on_output=printer, stdin=stdin, _deadline=deadline)
+            except (ExecutionTimeout, KernelDied) as exc:
+                if args.json and exc.result is not None:
+                    out.write(json.dumps(exc.result.to_dict()) + "\n")
+                raise
+            finally:
+                if printer is not None:
+                    printer.finish()
+        finally:
+            kernel.close()
+    finally:
+        if spawned is not None:
+            _stop_server(spawned[0], spawned[3])
+    if args.json:
+        out.write(json.dumps(result.to_dict()) + "\n")
+    elif result.truncated:
+        err.write("jupyter_call: warning: the server dropped output (IOPub rate limit); raise it with "
+                  "--ZMQChannelsWebsocketConnection.iopub_data_rate_limit (--ServerApp. on older servers)\n")
+    if result.status == "aborted":
+        err.write("jupyter_call: the kernel aborted the execution\n")
+    return EXIT_OK if result.ok else EXIT_ERROR
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

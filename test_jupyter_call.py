@@ -1,0 +1,1070 @@
+"""Tests for jupyter_call, in the order of the module's layers.
+
+1. Pure tests on byte and dict literals: frame codec, messages, output collection.
+2. Loopback tests against a small scripted websocket server in a thread.
+3. Integration tests against a real jupyter_server started once per session
+   on a free 127.0.0.1 port with a random token and isolated Jupyter dirs.
+
+Run: python -m pytest -q test_jupyter_call.py
+"""
+from __future__ import annotations
+
+import ast
+import base64
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import jupyter_call as jc
+from jupyter_call import (CloseCode, Frame, Opcode, Result, WebSocket, WebSocketClosed,
+                          WebSocketError, parse_frame)
+
+HERE = Path(__file__).resolve().parent
+MODULE = HERE / "jupyter_call.py"
+
+pytestmark = pytest.mark.timeout(180)
+
+
+# ---- 1. Pure: the frame codec (RFC 6455 vectors) -------------------------------
+
+def test_accept_key_matches_rfc_section_1_3_example():
+    assert jc.accept_key("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+def test_serialize_masks_hello_as_in_rfc_section_5_7():
+    frame = Frame(Opcode.TEXT, b"Hello").serialize(mask_key=bytes([0x37, 0xFA, 0x21, 0x3D]))
+    assert frame == bytes([0x81, 0x85, 0x37, 0xFA, 0x21, 0x3D, 0x7F, 0x9F, 0x4D, 0x51, 0x58])
+
+
+def test_parse_reads_unmasked_hello_and_masked_hello():
+    frame, used = parse_frame(b"\x81\x05Hello")
+    assert (frame.opcode, frame.payload, frame.fin, used) == (Opcode.TEXT, b"Hello", True, 7)
+    masked = bytes([0x81, 0x85, 0x37, 0xFA, 0x21, 0x3D, 0x7F, 0x9F, 0x4D, 0x51, 0x58])
+    frame, used = parse_frame(masked, masked=True)
+    assert (frame.payload, used) == (b"Hello", 11)
+
+
+def test_parse_reads_fragmented_hello_and_ping_from_rfc():
+    first, n1 = parse_frame(b"\x01\x03Hel\x80\x02lo")
+    second, n2 = parse_frame(b"\x01\x03Hel\x80\x02lo"[n1:])
+    assert (first.fin, first.opcode, first.payload) == (False, Opcode.TEXT, b"Hel")
+    assert (second.fin, second.opcode, second.payload) == (True, Opcode.CONT, b"lo")
+    ping, _ = parse_frame(b"\x89\x05Hello")
+    assert (ping.opcode, ping.payload) == (Opcode.PING, b"Hello")
+
+
+@pytest.mark.parametrize("size, header", [
+    (125, bytes([0x82, 125])),
+    (126, bytes([0x82, 126, 0x00, 126])),
+    (256, bytes([0x82, 0x7E, 0x01, 0x00])),
+    (65535, bytes([0x82, 126, 0xFF, 0xFF])),
+    (65536, bytes([0x82, 0x7F, 0, 0, 0, 0, 0, 0x01, 0x00, 0x00])),
+])
+def test_length_uses_7_16_or_64_bits(size, header):
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    wire = Frame(Opcode.BINARY, payload).serialize()
+    assert wire[:len(header)] == header
+    frame, used = parse_frame(wire)
+    assert frame.payload == payload and used == len(wire)
+
+
+def test_client_frames_roundtrip_through_a_masked_parse():
+    wire = Frame(Opcode.BINARY, b"x" * 70000).serialize(mask_key=os.urandom(4))
+    frame, _ = parse_frame(wire, masked=True)
+    assert frame.payload == b"x" * 70000
+
+
+def test_parse_asks_for_more_bytes_until_the_frame_is_whole():
+    wire = Frame(Opcode.BINARY, b"a" * 300).serialize()
+    assert parse_frame(wire[:1]) == (None, 2)
+    assert parse_frame(wire[:3]) == (None, 4)
+    assert parse_frame(wire[:100]) == (None, 304)
+
+
+@pytest.mark.parametrize("wire, code, words", [
+    (b"\xc1\x00", CloseCode.PROTOCOL_ERROR, "reserved bits"),
+    (b"\x83\x00", CloseCode.PROTOCOL_ERROR, "reserved opcode"),
+    (b"\x8b\x00", CloseCode.PROTOCOL_ERROR, "reserved opcode"),
+    (b"\x09\x00", CloseCode.PROTOCOL_ERROR, "fragmented control"),
+    (b"\x89\x7e\x00\x7e" + b"x" * 126, CloseCode.PROTOCOL_ERROR, "longer than 125"),
+    (b"\x81\x80abcd", CloseCode.PROTOCOL_ERROR, "masked frame"),
+    (b"\x82\x7f\x80\x00\x00\x00\x00\x00\x00\x00", CloseCode.PROTOCOL_ERROR, "top bit"),
+])
+def test_parse_rejects_protocol_violations_with_their_close_code(wire, code, words):
+    with pytest.raises(WebSocketError) as info:
+        parse_frame(wire)
+    assert info.value.code == code and words in info.value.reason
+
+
+def test_parse_rejects_frames_over_max_size_with_1009_before_reading_them():
+    with pytest.raises(WebSocketError) as info:
+        parse_frame(b"\x82\x7f" + (1 << 40).to_bytes(8, "big"), max_size=1024)
+    assert info.value.code == CloseCode.MESSAGE_TOO_BIG
+
+
+def test_mask_bytes_is_its_own_inverse_for_every_length():
+    key = b"\x01\x02\x03\x04"
+    for n in range(0, 9):
+        data = bytes(range(n))
+        assert jc.mask_bytes(jc.mask_bytes(data, key), key) == data
+    assert jc.mask_bytes(b"\x00\x00\x00\x00\x00", key) == b"\x01\x02\x03\x04\x01"
+
+
+def test_close_payload_and_parse_close():
+    assert jc.close_payload(1000, "bye") == b"\x03\xe8bye"
+    assert jc.parse_close(b"\x03\xe8bye") == (1000, "bye")
+    assert jc.parse_close(b"") == (CloseCode.NO_STATUS, "")
+    for bad in (b"\x03", b"\x03\xed", b"\x00\x00", b"\x13\x88"):  # 1-byte, 1005, 0, 5000
+        with pytest.raises(WebSocketError) as info:
+            jc.parse_close(bad)
+        assert info.value.code == CloseCode.PROTOCOL_ERROR
+    with pytest.raises(WebSocketError) as info:
+        jc.parse_close(b"\x03\xe8\xff")
+    assert info.value.code == CloseCode.INVALID_DATA
+
+
+def test_close_code_for_maps_each_failure_once():
+    assert jc.close_code_for(WebSocketError(1009, "big")) == 1009
+    assert jc.close_code_for(UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad")) == 1007
+    assert jc.close_code_for(RuntimeError()) == 1011
+
+
+# ---- 1. Pure: the websocket receive path over a socketpair ----------------------
+
+def _pair(**kwargs):
+    a, b = socket.socketpair()
+    ws = WebSocket(a, **kwargs)
+    ws.close_timeout = 0.05  # the raw peer never answers a close; do not wait for it
+    return ws, b
+
+
+def _frames_from(sock, timeout=5.0):
+    """Client frames that reached the peer socket (masked, as the RFC requires)."""
+    sock.settimeout(timeout)
+    buf, frames = bytearray(), []
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except (socket.timeout, OSError):
+            break
+        if not chunk:
+            break
+        buf += chunk
+        while True:
+            frame, used = parse_frame(buf, masked=True)
+            if frame is None:
+                break
+            del buf[:used]
+            frames.append(frame)
+    return frames
+
+
+def test_recv_joins_fragments_and_answers_interleaved_ping():
+    ws, peer = _pair()
+    peer.sendall(b"\x01\x03Hel" + b"\x89\x04ping" + b"\x80\x02lo")
+    assert ws.recv(timeout=5) == "Hello"
+    peer.sendall(b"\x88\x02\x03\xe8")
+    with pytest.raises(WebSocketClosed):
+        ws.recv(timeout=5)
+    frames = _frames_from(peer)
+    assert (frames[0].opcode, frames[0].payload) == (Opcode.PONG, b"ping")
+    assert frames[1].opcode == Opcode.CLOSE and frames[1].payload == b"\x03\xe8"
+
+
+def test_recv_validates_utf8_split_across_fragments():
+    ws, peer = _pair()
+    euro = "€".encode("utf-8")  # three bytes, split 1 + 2 across two fragments
+    peer.sendall(b"\x01\x01" + euro[:1] + b"\x80\x02" + euro[1:])
+    assert ws.recv(timeout=5) == "€"
+
+
+def test_recv_fails_invalid_utf8_in_a_first_fragment_with_1007():
+    ws, peer = _pair()
+    peer.sendall(b"\x01\x02\xc3\x28")  # not final, but 0xC3 0x28 can never be UTF-8
+    with pytest.raises(WebSocketError) as info:
+        ws.recv(timeout=5)
+    assert info.value.code == CloseCode.INVALID_DATA
+    assert _frames_from(peer)[0].payload[:2] == b"\x03\xef"
+
+
+def test_recv_keeps_a_partial_frame_across_a_timeout():
+    ws, peer = _pair()
+    peer.sendall(b"\x82\x04ab")
+    with pytest.raises(TimeoutError):
+        ws.recv(timeout=0.05)
+    peer.sendall(b"cd")
+    assert ws.recv(timeout=5) == b"abcd"
+
+
+def test_recv_raises_closed_1006_on_eof_in_the_middle_of_a_frame():
+    ws, peer = _pair()
+    peer.sendall(b"\x82\x7e\x01\x00abc")
+    peer.close()
+    with pytest.raises(WebSocketClosed) as info:
+        ws.recv(timeout=5)
+    assert info.value.code == CloseCode.ABNORMAL
+
+
+def test_recv_rejects_a_continuation_without_a_message_and_an_interleaved_message():
+    ws, peer = _pair()
+    peer.sendall(b"\x80\x01x")
+    with pytest.raises(WebSocketError) as info:
+        ws.recv(timeout=5)
+    assert info.value.code == CloseCode.PROTOCOL_ERROR
+    ws, peer = _pair()
+    peer.sendall(b"\x01\x01a\x81\x01b")
+    with pytest.raises(WebSocketError) as info:
+        ws.recv(timeout=5)
+    assert info.value.code == CloseCode.PROTOCOL_ERROR
+
+
+def test_recv_rejects_a_fragmented_message_over_max_size_with_1009():
+    ws, peer = _pair(max_size=10)
+    peer.sendall(b"\x02\x06aaaaaa\x80\x06bbbbbb")
+    with pytest.raises(WebSocketError) as info:
+        ws.recv(timeout=5)
+    assert info.value.code == CloseCode.MESSAGE_TOO_BIG
+    assert _frames_from(peer)[0].payload[:2] == (1009).to_bytes(2, "big")
+
+
+def test_send_masks_text_and_binary_with_fresh_keys():
+    ws, peer = _pair()
+    ws.send("hé")
+    ws.send(b"\x00\x01")
+    peer.settimeout(5)
+    wire = peer.recv(100)
+    first, used = parse_frame(wire, masked=True)
+    second, _ = parse_frame(wire[used:], masked=True)
+    assert (first.opcode, first.payload) == (Opcode.TEXT, "hé".encode())
+    assert (second.opcode, second.payload) == (Opcode.BINARY, b"\x00\x01")
+    assert wire[0] == 0x81 and wire[1] & 0x80 and wire[2:6] != wire[used + 2:used + 6]
+
+
+# ---- 1. Pure: Jupyter messages and output collection ------------------------------
+
+def test_execute_request_has_every_key_the_server_needs():
+    msg = jc.execute_request("1+1", session="s1")
+    assert set(msg) == {"header", "parent_header", "metadata", "content", "channel", "buffers"}
+    assert msg["channel"] == "shell" and msg["parent_header"] == {} and msg["metadata"] == {}
+    header = msg["header"]
+    assert header["msg_type"] == "execute_request" and header["session"] == "s1"
+    assert header["version"] == "5.3" and re.match(r"\d{4}-\d\d-\d\dT", header["date"])
+    assert msg["content"]["code"] == "1+1" and msg["content"]["allow_stdin"] is False
+
+
+def test_legacy_encoding_is_one_json_object():
+    msg = jc.execute_request("x", session="s")
+    assert json.loads(jc.encode_message(msg)) == msg
+
+
+def test_v1_encoding_matches_the_server_layout():
+    msg = jc.new_message("kernel_info_request", {}, session="s")
+    wire = jc.encode_message(msg, protocol="v1")
+    count = struct.unpack_from("<Q", wire)[0]
+    offsets = struct.unpack_from(f"<{count}Q", wire, 8)
+    assert count == 6 and offsets[0] == 8 * 7 and offsets[-1] == len(wire)
+    assert wire[offsets[0]:offsets[1]] == b"shell"
+    assert json.loads(wire[offsets[1]:offsets[2]]) == msg["header"]
+    back = jc.decode_message(wire, protocol="v1")
+    assert back["header"] == msg["header"] and back["channel"] == "shell" and back["buffers"] == []
+
+
+def test_legacy_binary_message_with_buffers_decodes():
+    body = json.dumps({"header": {"msg_type": "comm_msg"}, "parent_header": {}, "content": {},
+                       "channel": "iopub"}).encode()
+    bufs = [body, b"\x00\x01", b"xyz"]
+    offsets = [4 * 4]
+    for b in bufs[:-1]:
+        offsets.append(offsets[-1] + len(b))
+    wire = struct.pack("!4I", 3, *offsets) + b"".join(bufs)
+    msg = jc.decode_message(wire)
+    assert msg["header"]["msg_type"] == "comm_msg" and msg["buffers"] == [b"\x00\x01", b"xyz"]
+
+
+@pytest.mark.parametrize("wire", ["not json", "[1, 2]", '{"content": {}}', b"\x00\x00"])
+def test_decode_rejects_malformed_messages(wire):
+    with pytest.raises(ValueError):
+        jc.decode_message(wire)
+
+
+def _msg(msg_type, content, parent="req", channel="iopub", msg_id=None):
+    return {"header": {"msg_type": msg_type, "msg_id": msg_id or secrets.token_hex(8)},
+            "parent_header": {"msg_id": parent} if parent else {},
+            "content": content, "channel": channel}
+
+
+def test_execution_is_done_only_after_reply_and_idle_in_either_order():
+    for order in (("reply", "idle"), ("idle", "reply")):
+        run = jc._Execution("req")
+        for step in order:
+            assert not run.done
+            if step == "reply":
+                run.feed(_msg("execute_reply", {"status": "ok", "execution_count": 3}, channel="shell"))
+            else:
+                run.feed(_msg("status", {"execution_state": "idle"}))
+        assert run.done
+        assert run.finish().status == "ok" and run.finish().execution_count == 3
+
+
+def test_execution_ignores_foreign_parents_and_duplicate_ids():
+    seen = []
+    run = jc._Execution("req", on_output=seen.append)
+    run.feed(_msg("stream", {"name": "stdout", "text": "other client\n"}, parent="other"))
+    run.feed(_msg("status", {"execution_state": "idle"}, parent="kernel_info"))
+    run.feed(_msg("stream", {"name": "stdout", "text": "a\n"}, msg_id="m1"))
+    run.feed(_msg("stream", {"name": "stdout", "text": "a\n"}, msg_id="m1"))  # replayed
+    assert not run.idle
+    assert run.finish().stdout == "a\n" and len(seen) == 1
+
+
+def test_execution_merges_streams_and_keeps_arrival_order():
+    run = jc._Execution("req")
+    for name, text in [("stdout", "a"), ("stdout", "b\n"), ("stderr", "e\n"), ("stdout", "c\n")]:
+        run.feed(_msg("stream", {"name": name, "text": text}))
+    run.feed(_msg("execute_result", {"execution_count": 1, "data": {"text/plain": "2"}, "metadata": {}}))
+    res = run.finish()
+    assert [o["output_type"] for o in res.outputs] == ["stream", "stream", "stream", "execute_result"]
+    assert res.outputs[0] == {"output_type": "stream", "name": "stdout", "text": "ab\n"}
+    assert res.stdout == "ab\nc\n" and res.stderr == "e\n" and res.data == {"text/plain": "2"}
+
+
+def test_execution_takes_the_error_from_the_reply():
+    run = jc._Execution("req")
+    run.feed(_msg("error", {"ename": "ZeroDivisionError", "evalue": "division by zero", "traceback": ["tb"]}))
+    run.feed(_msg("execute_reply", {"status": "error", "ename": "ZeroDivisionError",
+                                    "evalue": "division by zero", "traceback": ["tb"],
+                                    "execution_count": 1}, channel="shell"))
+    res = run.finish()
+    assert res.status == "error" and not res.ok
+    assert res.error == {"ename": "ZeroDivisionError", "evalue": "division by zero", "traceback": ["tb"]}
+    with pytest.raises(jc.ExecutionError, match="ZeroDivisionError: division by zero") as info:
+        res.raise_for_error()
+    assert info.value.result is res
+
+
+def test_execution_surfaces_aborted():
+    run = jc._Execution("req")
+    run.feed(_msg("execute_reply", {"status": "aborted"}, channel="shell"))
+    res = run.finish()
+    assert res.status == "aborted" and not res.ok
+    with pytest.raises(jc.ExecutionError, match="aborted"):
+        res.raise_for_error()
+
+
+def test_clear_output_and_update_display_data():
+    run = jc._Execution("req")
+    run.feed(_msg("stream", {"name": "stdout", "text": "old\n"}))
+    run.feed(_msg("clear_output", {"wait": True}))
+    assert run.result.outputs  # wait=True clears only when the next output comes
+    run.feed(_msg("display_data", {"data": {"text/plain": "v1"}, "metadata": {},
+                                   "transient": {"display_id": "d"}}))
+    run.feed(_msg("update_display_data", {"data": {"text/plain": "v2"}, "metadata": {},
+                                          "transient": {"display_id": "d"}}))
+    res = run.finish()
+    assert res.outputs == [{"output_type": "display_data", "data": {"text/plain": "v2"}, "metadata": {}}]
+    run.feed(_msg("clear_output", {"wait": False}))
+    assert run.finish().outputs == []
+
+
+def test_execution_notes_rate_limit_and_kernel_death():
+    run = jc._Execution("req")
+    run.feed(_msg("stream", {"name": "stderr", "text": "IOPub data rate exceeded.\nThe server..."}))
+    assert run.finish().truncated
+    run.feed(_msg("status", {"execution_state": "restarting"}, parent=None))
+    assert run.died
+
+
+def test_result_to_dict_is_json_ready():
+    res = Result(status="ok", execution_count=2,
+                 outputs=[{"output_type": "stream", "name": "stdout", "text": "1\n"}])
+    assert json.loads(json.dumps(res.to_dict())) == {
+        "status": "ok", "execution_count": 2, "error": None, "truncated": False,
+        "outputs": [{"output_type": "stream", "name": "stdout", "text": "1\n"}]}
+
+
+# ---- 1. Pure: discovery ------------------------------------------------------------
+
+def _runtime_file(folder, name, **info):
+    path = folder / name
+    path.write_text(json.dumps(info))
+    return path
+
+
+def test_list_servers_reads_runtime_files_newest_first_and_skips_dead_ones(tmp_path):
+    old = _runtime_file(tmp_path, "nbserver-1.json", port=8001, hostname="0.0.0.0", base_url="/",
+                        pid=os.getpid(), token="t1", notebook_dir="/nb")
+    os.utime(old, (1, 1))
+    _runtime_file(tmp_path, "jpserver-2.json", port=8002, hostname="localhost", base_url="/lab/",
+                  pid=os.getpid(), token="t2", root_dir="/r", version="2.0")
+    _runtime_file(tmp_path, "jpserver-3.json", port=8003, hostname="localhost", pid=2**22 + 12345)
+    (tmp_path / "jpserver-4.json").write_text("{not json")
+    (tmp_path / "kernel-5.json").write_text("{}")
+    servers = jc.list_servers(str(tmp_path))
+    assert [s["url"] for s in servers] == ["http://localhost:8002/lab/", "http://127.0.0.1:8001/"]
+    assert servers[1]["root_dir"] == "/nb" and servers[0]["token"] == "t2"
+
+
+def test_resolve_server_prefers_arguments_then_environment_then_discovery(tmp_path, monkeypatch):
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path))
+    for var in ("JUPYTER_URL", "JUPYTER_TOKEN", "JUPYTER_TOKEN_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    assert jc.resolve_server() == ("http://localhost:8888/", None)
+    _runtime_file(tmp_path, "jpserver-9.json", port=9999, hostname="127.0.0.1", pid=os.getpid(), token="disc")
+    assert jc.resolve_server() == ("http://127.0.0.1:9999/", "disc")
+    assert jc.resolve_server("http://127.0.0.1:9999") == ("http://127.0.0.1:9999/", "disc")
+    token_file = tmp_path / "tok"
+    token_file.write_text("fromfile\n")
+    monkeypatch.setenv("JUPYTER_TOKEN_FILE", str(token_file))
+    assert jc.resolve_server()[1] == "fromfile"
+    monkeypatch.setenv("JUPYTER_URL", "http://example.invalid:1/x")
+    monkeypatch.setenv("JUPYTER_TOKEN", "envtok")
+    assert jc.resolve_server() == ("http://example.invalid:1/x/", "envtok")
+    assert jc.resolve_server("http://h:2/", "arg") == ("http://h:2/", "arg")
+
+
+def test_module_imports_only_the_standard_library():
+    tree = ast.parse(MODULE.read_text(encoding="utf-8"))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    names.discard("__future__")
+    assert names and not names - set(sys.stdlib_module_names)
+
+
+def test_all_lists_exactly_the_public_api():
+    assert set(jc.__all__) == {"run_code", "Kernel", "Result", "list_servers", "WebSocket",
+                               "JupyterError", "ServerError", "AuthError", "ExecutionError",
+                               "KernelDied", "ExecutionTimeout", "WebSocketError", "WebSocketClosed"}
+    assert issubclass(jc.ExecutionTimeout, TimeoutError)
+    for name in jc.__all__:
+        obj = getattr(jc, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, jc.JupyterError)
+
+
+# ---- 2. Loopback: a scripted websocket server --------------------------------------
+
+class ScriptedServer:
+    """Accepts one websocket client and runs ``script(conn, request_head)`` in a thread."""
+
+    def __init__(self, script, *, status=101, accept=None, protocol=None, extra=b""):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = f"ws://127.0.0.1:{self.port}/path?q=1"
+        self.script, self.status, self.accept, self.protocol, self.extra = script, status, accept, protocol, extra
+        self.request = b""
+        self.received: list = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        conn, _ = self.listener.accept()
+        conn.settimeout(10)
+        with conn:
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                buf += conn.recv(4096)
+            self.request = buf
+            key = re.search(rb"Sec-WebSocket-Key: (\S+)", buf).group(1).decode()
+            if self.status != 101:
+                body = b'{"message": "nope"}'
+                conn.sendall(b"HTTP/1.1 %d Err\r\nContent-Length: %d\r\n\r\n%s" % (self.status, len(body), body))
+                return
+            lines = ["HTTP/1.1 101 Switching Protocols", "Upgrade: websocket", "Connection: Upgrade",
+                     f"Sec-WebSocket-Accept: {self.accept or jc.accept_key(key)}"]
+            if self.protocol:
+                lines.append(f"Sec-WebSocket-Protocol: {self.protocol}")
+            conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + self.extra)
+            self.script(conn, self)
+
+    def read_frames(self, conn, count=None):
+        """Read client frames until EOF (or ``count`` frames); they must be masked."""
+        buf = bytearray()
+        while count is None or len(self.received) < count:
+            try:
+                chunk = conn.recv(65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            buf += chunk
+            while True:
+                frame, used = parse_frame(buf, masked=True)
+                if frame is None:
+                    break
+                del buf[:used]
+                self.received.append(frame)
+                if frame.opcode == Opcode.CLOSE:
+                    conn.sendall(Frame(Opcode.CLOSE, frame.payload).serialize())
+                    return
+
+    def join(self):
+        self.thread.join(10)
+        self.listener.close()
+
+
+def test_connect_sends_a_correct_handshake_and_keeps_bytes_after_it():
+    server = ScriptedServer(lambda conn, s: s.read_frames(conn), extra=b"\x81\x02hi")
+    ws = WebSocket.connect(server.url, headers={"Authorization": "token abc"}, timeout=5)
+    assert ws.recv(timeout=5) == "hi"
+    ws.close()
+    server.join()
+    head = server.request.decode()
+    assert head.startswith("GET /path?q=1 HTTP/1.1\r\n")
+    assert f"Host: 127.0.0.1:{server.port}\r\n" in head
+    assert "Sec-WebSocket-Version: 13" in head and "Authorization: token abc" in head
+    assert "Origin" not in head
+    assert len(base64.b64decode(re.search(r"Sec-WebSocket-Key: (\S+)", head).group(1))) == 16
+    assert server.received[-1].opcode == Opcode.CLOSE
+
+
+def test_connect_rejects_a_wrong_accept_key():
+    server = ScriptedServer(lambda conn, s: None, accept="d3Jvbmc=")
+    with pytest.raises(WebSocketError, match="Sec-WebSocket-Accept"):
+        WebSocket.connect(server.url, timeout=5)
+    server.join()
+
+
+def test_connect_rejects_a_subprotocol_that_was_not_offered():
+    server = ScriptedServer(lambda conn, s: None, protocol="chat")
+    with pytest.raises(WebSocketError, match="not offered"):
+        WebSocket.connect(server.url, subprotocols=["v1.kernel.websocket.jupyter.org"], timeout=5)
+    server.join()
+
+
+def test_connect_reports_an_http_error_status_with_its_message():
+    server = ScriptedServer(lambda conn, s: None, status=403)
+    with pytest.raises(jc.AuthError) as info:
+        WebSocket.connect(server.url, timeout=5)
+    assert info.value.status == 403 and "nope" in str(info.value)
+    server.join()
+
+
+def test_connect_times_out_on_a_silent_server():
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        with pytest.raises(TimeoutError):
+            WebSocket.connect(f"ws://127.0.0.1:{listener.getsockname()[1]}/", timeout=0.3)
+    finally:
+        listener.close()
+
+
+def test_server_close_is_answered_and_reported():
+    def script(conn, s):
+        conn.sendall(Frame(Opcode.CLOSE, jc.close_payload(1001, "going")).serialize())
+        s.read_frames(conn)
+    server = ScriptedServer(script)
+    ws = WebSocket.connect(server.url, timeout=5)
+    with pytest.raises(WebSocketClosed) as info:
+        ws.recv(timeout=5)
+    assert (info.value.code, info.value.reason) == (1001, "going")
+    server.join()
+    assert server.received[-1].payload[:2] == (1001).to_bytes(2, "big")
+
+
+def test_malformed_frame_fails_the_connection_with_1002():
+    def script(conn, s):
+        conn.sendall(b"\x85\x00")  # reserved opcode 5
+        s.read_frames(conn)
+    server = ScriptedServer(script)
+    ws = WebSocket.connect(server.url, timeout=5)
+    with pytest.raises(WebSocketError) as info:
+        ws.recv(timeout=5)
+    assert info.value.code == 1002
+    server.join()
+    assert server.received[-1].opcode == Opcode.CLOSE
+    assert server.received[-1].payload[:2] == (1002).to_bytes(2, "big")
+
+
+def test_oversized_message_fails_the_connection_with_1009():
+    def script(conn, s):
+        conn.sendall(Frame(Opcode.BINARY, b"x" * 2000).serialize())
+        s.read_frames(conn)
+    server = ScriptedServer(script)
+    ws = WebSocket.connect(server.url, timeout=5, max_size=1000)
+    with pytest.raises(WebSocketError) as info:
+        ws.recv(timeout=5)
+    assert info.value.code == 1009
+    server.join()
+    assert server.received[-1].payload[:2] == (1009).to_bytes(2, "big")
+
+
+def test_ping_sends_a_ping_and_the_pong_is_consumed():
+    def script(conn, s):
+        s.read_frames(conn, count=1)
+        conn.sendall(Frame(Opcode.PONG, s.received[0].payload).serialize() + b"\x81\x02ok")
+        s.read_frames(conn)
+    server = ScriptedServer(script)
+    ws = WebSocket.connect(server.url, timeout=5)
+    ws.ping(b"abc")
+    assert ws.recv(timeout=5) == "ok"
+    ws.close()
+    server.join()
+    assert (server.received[0].opcode, server.received[0].payload) == (Opcode.PING, b"abc")
+
+
+# ---- 3. Integration: a real Jupyter server ------------------------------------------
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class JupyterServer:
+    def __init__(self, root: Path, extra_args=()):
+        self.root = root
+        self.token = secrets.token_hex(16)
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.runtime_dir = root / "runtime"
+        self.env = dict(os.environ, HOME=str(root / "home"), JUPYTER_CONFIG_DIR=str(root / "config"),
+                        JUPYTER_DATA_DIR=str(root / "data"), JUPYTER_RUNTIME_DIR=str(self.runtime_dir),
+                        IPYTHONDIR=str(root / "ipython"), JUPYTER_PLATFORM_DIRS="1")
+        for var in ("JUPYTER_URL", "JUPYTER_TOKEN", "JUPYTER_TOKEN_FILE"):
+            self.env.pop(var, None)
+        (root / "home").mkdir()
+        self.log: list = []
+        self.ready = threading.Event()
+        cmd = [sys.executable, "-m", "jupyter_server", "--no-browser", "--ServerApp.ip=127.0.0.1",
+               f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
+               f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={root}",
+               "--ZMQChannelsWebsocketConnection.limit_rate=False", *extra_args]
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            cmd.append("--allow-root")
+        self.proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        threading.Thread(target=self._drain, daemon=True).start()
+        if not self.ready.wait(90) or not self._answers():
+            self.stop()
+            raise RuntimeError("jupyter_server did not start:\n" + "".join(self.log[-30:]))
+
+    def _answers(self):
+        """Poll (bounded) until the REST API answers: the URL is logged before the port listens."""
+        give_up = time.monotonic() + 60
+        while self.proc.poll() is None and time.monotonic() < give_up:
+            try:
+                return self.kernels() is not None
+            except OSError:
+                time.sleep(0.05)
+        return False
+
+    def _drain(self):
+        for line in self.proc.stdout:
+            self.log.append(line)
+            if "is running at" in line:
+                self.ready.set()
+        self.ready.set()
+
+    def kernels(self):
+        req = urllib.request.Request(self.url + "api/kernels",
+                                     headers={"Authorization": f"token {self.token}"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return {k["id"]: k for k in json.load(resp)}
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    srv = JupyterServer(tmp_path_factory.mktemp("jupyter"))
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def no_leaks(server):
+    """Fails the test if it leaves a kernel behind that it started."""
+    before = set(server.kernels())
+    yield
+    leaked = set(server.kernels()) - before
+    assert not leaked, f"kernels left behind: {leaked}"
+
+
+@pytest.fixture
+def kernel(server):
+    with jc.Kernel(server.url, server.token, timeout=60) as k:
+        yield k
+
+
+def cli(*args, server=None, python=None, input=None, env=None, timeout=120):
+    """Run the command line as a user would; returns the CompletedProcess."""
+    full_env = dict(server.env if server else os.environ)
+    full_env.update(env or {})
+    cmd = [python or sys.executable, str(MODULE)]
+    if server is not None:
+        cmd += ["--url", server.url, "--token", server.token]
+    return subprocess.run(cmd + list(args), input=input, env=full_env, capture_output=True,
+                          text=True, timeout=timeout, cwd=str(HERE))
+
+
+# -- the Python API
+
+def test_run_code_returns_stdout_and_value(server, no_leaks):
+    res = jc.run_code("print('hello')\n6 * 7", server.url, server.token, timeout=60)
+    assert res.ok and res.status == "ok"
+    assert res.stdout == "hello\n" and res.stderr == ""
+    assert res.data["text/plain"] == "42" and res.execution_count == 1
+    assert res.error is None
+
+
+def test_run_code_error_is_a_result_and_raise_for_error_raises(server, no_leaks):
+    res = jc.run_code("1/0", server.url, server.token, timeout=60)
+    assert res.status == "error" and res.error["ename"] == "ZeroDivisionError"
+    assert any("ZeroDivisionError" in line for line in res.error["traceback"])
+    with pytest.raises(jc.ExecutionError) as info:
+        res.raise_for_error()
+    assert info.value.result is res
+
+
+def test_run_code_streams_each_output_to_on_output_in_order(server, no_leaks):
+    seen = []
+    code = ("import sys\nprint('a', flush=True)\nprint('b', file=sys.stderr, flush=True)\n"
+            "from IPython.display import display\ndisplay({'text/plain': 'shown'}, raw=True)\n3")
+    res = jc.run_code(code, server.url, server.token, timeout=60, on_output=seen.append)
+    kinds = [(o["output_type"], o.get("name") or o.get("data", {}).get("text/plain")) for o in seen]
+    assert kinds == [("stream", "stdout"), ("stream", "stderr"), ("display_data", "shown"),
+                     ("execute_result", "3")]
+    assert res.outputs[2] == {"output_type": "display_data", "data": {"text/plain": "shown"}, "metadata": {}}
+
+
+def test_unicode_round_trips(server, no_leaks):
+    text = "héllo wörld ✓ 漢字 😀 \u0000 end"
+    res = jc.run_code(f"print({text!r})\n{text!r}", server.url, server.token, timeout=60)
+    assert res.stdout == text + "\n"
+    assert res.data["text/plain"] == repr(text)
+
+
+@pytest.mark.parametrize("protocol", ["v1", "legacy"])
+def test_twenty_megabytes_of_output_arrive_intact(server, no_leaks, protocol):
+    code = "import sys\nfor i in range(20):\n    sys.stdout.write(chr(97 + i) * (1 << 20))\n    sys.stdout.flush()"
+    with jc.Kernel(server.url, server.token, timeout=120, protocol=protocol) as k:
+        assert k._wire == protocol
+        res = k.execute(code)
+    expected = "".join(chr(97 + i) * (1 << 20) for i in range(20))
+    assert res.ok and len(res.stdout) == len(expected) and res.stdout == expected
+
+
+def test_one_twenty_megabyte_message_with_non_ascii_arrives_intact(server, no_leaks):
+    res = jc.run_code("print('é✓' * 10_000_000)", server.url, server.token, timeout=120)
+    assert res.stdout == "é✓" * 10_000_000 + "\n"
+
+
+def test_kernel_keeps_state_and_is_deleted_on_close(server):
+    before = set(server.kernels())
+    with jc.Kernel(server.url, server.token, timeout=60) as k:
+        assert k.id in server.kernels()
+        k.execute("x = 41")
+        assert k.execute("x + 1").data["text/plain"] == "42"
+    assert set(server.kernels()) == before
+
+
+def test_attach_by_kernel_id_shares_state_and_never_deletes(server, kernel, no_leaks):
+    kernel.execute("shared = 'yes'")
+    res = jc.run_code("shared", server.url, server.token, kernel_id=kernel.id, timeout=60)
+    assert res.data["text/plain"] == "'yes'"
+    with jc.Kernel(server.url, server.token, kernel_id=kernel.id) as other:
+        assert other.execute("shared").ok
+    assert kernel.id in server.kernels()
+
+
+def test_attach_to_a_missing_kernel_says_so(server):
+    with pytest.raises(jc.ServerError) as info:
+        jc.Kernel(server.url, server.token, kernel_id="00000000-0000-0000-0000-000000000000")
+    assert info.value.status == 404 and "has no kernel 00000000" in str(info.value)
+
+
+def test_kernel_name_picks_the_spec(server, no_leaks):
+    with jc.Kernel(server.url, server.token, name="python3", timeout=60) as k:
+        assert k.name == "python3" and server.kernels()[k.id]["name"] == "python3"
+    with pytest.raises(jc.ServerError) as info:
+        jc.run_code("1", server.url, server.token, kernel_name="no-such-kernel", timeout=60)
+    assert info.value.status in (404, 500)
+
+
+def test_execute_silent_and_store_history(kernel):
+    assert kernel.execute("1").execution_count == 1
+    res = kernel.execute("print('quiet')\n5", silent=True)
+    assert res.ok and res.data is None and res.stdout == "quiet\n"
+    kernel.execute("2", store_history=False)
+    assert kernel.execute("3").execution_count == 2
+
+
+def test_interrupt_and_restart(kernel):
+    kernel.execute("y = 1")
+    kernel.interrupt()  # nothing running: harmless
+    assert kernel.execute("y").data["text/plain"] == "1"
+    kernel.restart()
+    res = kernel.execute("'y' in dir()")
+    assert res.ok and res.data["text/plain"] == "False"
+
+
+def test_timeout_interrupts_keeps_partial_output_and_the_kernel_usable(kernel):
+    with pytest.raises(jc.ExecutionTimeout) as info:
+        kernel.execute("print('before', flush=True)\nimport time\ntime.sleep(60)", timeout=2)
+    assert isinstance(info.value, TimeoutError)
+    assert info.value.result.stdout == "before\n"
+    assert info.value.result.error["ename"] == "KeyboardInterrupt"
+    assert kernel.execute("'still alive'", timeout=30).data["text/plain"] == "'still alive'"
+
+
+def test_run_code_timeout_deletes_the_kernel(server, no_leaks):
+    with pytest.raises(jc.ExecutionTimeout):
+        jc.run_code("import time; time.sleep(60)", server.url, server.token, timeout=3)
+
+
+def test_on_output_exception_propagates_and_deletes_the_kernel(server, no_leaks):
+    def boom(out):
+        raise RuntimeError("callback failed")
+    with pytest.raises(RuntimeError, match="callback failed"):
+        jc.run_code("print(1)", server.url, server.token, timeout=60, on_output=boom)
+
+
+def test_stdin_answers_from_a_list_then_eof(kernel):
+    res = kernel.execute("a = input('name? ')\nprint('hi', a)\ninput()", stdin=["bob"], timeout=60)
+    assert "hi bob" in res.stdout
+    assert res.error["ename"] == "EOFError"
+
+
+def test_stdin_callable_gets_prompt_and_password_flag(kernel):
+    calls = []
+
+    def answer(prompt, password):
+        calls.append((prompt, password))
+        return "secret" if password else "user"
+    res = kernel.execute("import getpass\nu = input('user: ')\np = getpass.getpass('pw: ')\nprint(u, p)",
+                         stdin=answer, timeout=60)
+    assert res.stdout.strip().endswith("user secret")
+    assert calls == [("user: ", False), ("pw: ", True)]
+
+
+def test_without_stdin_input_fails_at_once(kernel):
+    res = kernel.execute("input()", timeout=30)
+    assert res.status == "error" and "StdinNotImplementedError" in res.error["ename"]
+
+
+def test_kernel_death_raises_kernel_died_and_the_kernel_is_deleted(server, no_leaks):
+    with jc.Kernel(server.url, server.token, timeout=60) as k:
+        assert k.execute("print('alive')").ok
+        with pytest.raises(jc.KernelDied) as info:
+            k.execute("import os; os._exit(1)")
+        assert info.value.kernel_id == k.id and not info.value.result.ok
+
+
+def test_wrong_token_raises_auth_error(server):
+    with pytest.raises(jc.AuthError) as info:
+        jc.run_code("1", server.url, "wrong-token", timeout=30)
+    assert info.value.status == 403 and "refused the token" in str(info.value)
+    assert "wrong-token" not in str(info.value)
+
+
+def test_unreachable_server_raises_server_error():
+    with pytest.raises(jc.ServerError) as info:
+        jc.run_code("1", f"http://127.0.0.1:{_free_port()}/", "t", timeout=10)
+    assert info.value.status is None and "connection refused" in str(info.value)
+
+
+def test_list_servers_and_defaults_find_the_running_server(server, monkeypatch, no_leaks):
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(server.runtime_dir))
+    for var in ("JUPYTER_URL", "JUPYTER_TOKEN", "JUPYTER_TOKEN_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    found = jc.list_servers()
+    assert [(s["url"], s["token"], s["pid"]) for s in found] == [(server.url, server.token, server.proc.pid)]
+    assert jc.run_code("1 + 2", timeout=60).data["text/plain"] == "3"
+
+
+def test_environment_variables_choose_the_server(server, monkeypatch, tmp_path, no_leaks):
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setenv("JUPYTER_URL", server.url)
+    monkeypatch.setenv("JUPYTER_TOKEN", server.token)
+    assert jc.run_code("2 + 2", timeout=60).data["text/plain"] == "4"
+
+
+# -- the command line
+
+def test_cli_prints_output_and_exits_0(server, no_leaks):
+    proc = cli("print(1)", server=server)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "1\n", "")
+
+
+def test_cli_prints_the_value_of_the_last_expression(server, no_leaks):
+    proc = cli("x = 20\nx + 1", server=server)
+    assert proc.returncode == 0 and proc.stdout == "21\n"
+
+
+def test_cli_error_prints_traceback_on_stderr_and_exits_1(server, no_leaks):
+    proc = cli("print('partial')\n1/0", server=server)
+    assert proc.returncode == jc.EXIT_ERROR == 1
+    assert proc.stdout == "partial\n"
+    assert "ZeroDivisionError: division by zero" in proc.stderr
+    assert "\x1b[" not in proc.stderr  # colours stripped when not a terminal
+
+
+def test_cli_wrong_token_exits_3_with_one_line(server):
+    proc = cli("--url", server.url, "--token", "nope", "print(1)", env=server.env)
+    assert proc.returncode == jc.EXIT_SERVER == 3
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and "refused the token" in lines[0] and server.url in lines[0]
+    assert "nope" not in proc.stderr and proc.stdout == ""
+
+
+def test_cli_unused_port_exits_3_quickly():
+    url = f"http://127.0.0.1:{_free_port()}/"
+    start = time.monotonic()
+    proc = cli("--url", url, "--token", "t", "print(1)", timeout=30)
+    assert proc.returncode == 3 and time.monotonic() - start < 30
+    assert proc.stderr.splitlines() == [f"jupyter_call: error: server at {url} is not reachable: connection refused"]
+
+
+def test_cli_json_prints_the_result_object(server, no_leaks):
+    proc = cli("--json", "print('a')\n1/0", server=server)
+    assert proc.returncode == 1
+    obj = json.loads(proc.stdout)
+    assert obj["status"] == "error" and obj["error"]["ename"] == "ZeroDivisionError"
+    assert obj["outputs"][0] == {"output_type": "stream", "name": "stdout", "text": "a\n"}
+    assert set(obj) >= {"status", "execution_count", "outputs", "error"}
+
+
+def test_cli_reads_code_from_a_file_and_from_stdin(server, tmp_path, no_leaks):
+    script = tmp_path / "s.py"
+    script.write_text("print('from file')\n", encoding="utf-8")
+    assert cli("-f", str(script), server=server).stdout == "from file\n"
+    assert cli("-f", "-", server=server, input="print('from stdin')\n").stdout == "from stdin\n"
+
+
+def test_cli_kernel_id_attaches_and_keep_keeps(server):
+    proc = cli("--keep", "z = 'kept'", server=server)
+    assert proc.returncode == 0
+    kernel_id = re.search(r"kernel (\S+) kept", proc.stderr).group(1)
+    try:
+        assert kernel_id in server.kernels()
+        again = cli("--kernel-id", kernel_id, "print(z)", server=server)
+        assert again.stdout == "kept\n" and kernel_id in server.kernels()
+    finally:
+        jc._RestClient(server.url, server.token).delete_kernel(kernel_id)
+
+
+def test_cli_kernel_chooses_the_spec(server, no_leaks):
+    assert cli("--kernel", "python3", "print(2)", server=server).stdout == "2\n"
+    proc = cli("--kernel", "nope", "print(2)", server=server)
+    assert proc.returncode == 3 and len(proc.stderr.splitlines()) == 1
+
+
+def test_cli_timeout_exits_124_after_printing_what_arrived(server, no_leaks):
+    proc = cli("--timeout", "3", "print('started', flush=True)\nimport time; time.sleep(60)", server=server)
+    assert proc.returncode == jc.EXIT_TIMEOUT == 124
+    assert proc.stdout == "started\n"
+    assert "timeout" in proc.stderr and "interrupted" in proc.stderr
+
+
+def test_cli_ctrl_c_interrupts_deletes_the_kernel_and_exits_130(server, no_leaks):
+    cmd = [sys.executable, str(MODULE), "--url", server.url, "--token", server.token,
+           "print('running', flush=True)\nimport time; time.sleep(60)"]
+    proc = subprocess.Popen(cmd, env=server.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "running\n"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == jc.EXIT_INTERRUPTED == 130
+        assert "interrupted" in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_cli_kernel_death_exits_4(server, no_leaks):
+    proc = cli("import os; os._exit(1)", server=server)
+    assert proc.returncode == jc.EXIT_DIED == 4 and "died" in proc.stderr
+
+
+def test_cli_stdin_answers_from_input_flags(server, no_leaks):
+    proc = cli("--input", "ann", "print('hi', input('name? '))", server=server)
+    assert proc.returncode == 0 and "hi ann" in proc.stdout
+
+
+def test_cli_list_shows_servers_and_kernels(server, kernel):
+    proc = cli("--list", env=server.env)
+    assert proc.returncode == 0
+    assert server.url in proc.stdout and kernel.id in proc.stdout
+    rows = json.loads(cli("--list", "--json", env=server.env).stdout)
+    assert rows[0]["url"] == server.url and kernel.id in [k["id"] for k in rows[0]["kernels"]]
+
+
+def test_cli_discovers_the_server_without_url_or_token(server, no_leaks):
+    proc = cli("print('found')", env=server.env)
+    assert proc.returncode == 0 and proc.stdout == "found\n"
+
+
+def test_cli_spawn_runs_on_a_private_server(tmp_path):
+    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path / "rt"), HOME=str(tmp_path))
+    proc = cli("--spawn", "import os\nprint('spawned', os.getcwd())", env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("spawned ")
+
+
+@pytest.mark.parametrize("args, words", [
+    ([], "no code given"),
+    (["-f", "/no/such/file.py"], "cannot read /no/such/file.py"),
+    (["--timeout", "0", "1"], "--timeout"),
+    (["--no-such-flag", "1"], "unrecognized arguments"),
+    (["-f", "x.py", "1"], "not both"),
+])
+def test_cli_usage_errors_exit_2_with_one_line(args, words):
+    proc = cli(*args, timeout=30)
+    assert proc.returncode == jc.EXIT_USAGE == 2
+    assert len(proc.stderr.splitlines()) == 1 and words in proc.stderr
+
+
+def test_cli_version_and_help():
+    proc = cli("--version", timeout=30)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"jupyter_call {jc.__version__}"
+    proc = cli("--help", timeout=30)
+    assert proc.returncode == 0
+    for words in ("--spawn", "--kernel-id", "--timeout", "exit codes", "124", "130"):
+        assert words in proc.stdout
+
+
+def _pyenv_python(version):
+    found = shutil.which(f"python{version}")
+    if found:
+        try:
+            subprocess.run([found, "-c", "pass"], check=True, capture_output=True, timeout=30)
+            return found
+        except (subprocess.SubprocessError, OSError):
+            pass
+    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    for candidate in sorted(root.glob(f"{version}.*/bin/python{version}"), reverse=True):
+        return str(candidate)
+    pytest.skip(f"python{version} is not installed")
+
+
+@pytest.mark.parametrize("version", ["3.9", "3.13"])
+def test_cli_runs_under_oldest_and_newest_python(server, version, no_leaks):
+    python = _pyenv_python(version)
+    proc = cli("print('é', 1 + 1)", server=server, python=python)
+    assert (proc.returncode, proc.stdout) == (0, "é 2\n"), proc.stderr
+    assert cli("1/0", server=server, python=python).returncode == 1
