@@ -120,14 +120,15 @@ class KernelDied(JupyterError):
 
 
 class ExecutionTimeout(JupyterError, TimeoutError):
-    """The call ran out of time; the kernel was interrupted.
+    """The code did not finish in time; the kernel was interrupted.
 
     ``result`` holds what arrived before the deadline; ``timeout`` is the limit.
+    (Running out of time before the code was sent is a ServerError.)
     """
 
-    def __init__(self, timeout: float, result: Result | None = None, during: str = "execution"):
-        self.timeout, self.result, self.during = timeout, result, during
-        super().__init__(f"{during} did not finish within {timeout:g} s")
+    def __init__(self, timeout: float, result: Result | None = None):
+        self.timeout, self.result = timeout, result
+        super().__init__(f"the code did not finish within {timeout:g} s")
 
 
 class Deadline:
@@ -381,6 +382,8 @@ class WebSocket:
         self._parts: list = []
         self._size = 0
         self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._probe = codecs.getincrementaldecoder("utf-8")()  # checks text frames still arriving
+        self._checked = 0  # payload bytes of the partial frame in _buf already checked
 
     # -- opening --
 
@@ -414,7 +417,7 @@ class WebSocket:
         try:
             sock = socket.create_connection((parts.hostname, port), timeout=deadline.remaining())
         except socket.timeout:
-            raise ExecutionTimeout(deadline.timeout, during=f"connecting to {origin}") from None
+            raise ServerError(origin, f"did not accept a connection within {deadline.timeout:g} s") from None
         except OSError as exc:
             raise ServerError(origin, f"is not reachable: {_os_reason(exc)}") from exc
         try:
@@ -429,7 +432,8 @@ class WebSocket:
         except BaseException as exc:
             sock.close()
             if isinstance(exc, socket.timeout):
-                raise ExecutionTimeout(deadline.timeout, during=f"the websocket handshake with {origin}") from None
+                raise ServerError(origin, f"did not complete the websocket handshake within "
+                                          f"{deadline.timeout:g} s") from None
             if isinstance(exc, OSError) and not isinstance(exc, socket.timeout):
                 raise ServerError(origin, f"is not reachable: {_os_reason(exc)}") from exc
             raise
@@ -542,13 +546,37 @@ class WebSocket:
             frame, size = parse_frame(self._buf, max_size=self.max_size)
             if frame is not None:
                 del self._buf[:size]
+                self._checked = 0
                 return frame
+            self._check_partial_text()
             self._fill(size, deadline)
 
+    def _check_partial_text(self) -> None:
+        """8.1 fail fast: check the UTF-8 of a text frame's payload as it arrives."""
+        buf = self._buf
+        if self._closing or len(buf) < 2:
+            return
+        op = buf[0] & OPCODE_MASK
+        if not ((op == TEXT and self._message_opcode is None)
+                or (op == CONT and self._message_opcode == TEXT)):
+            return
+        n = buf[1] & PAYLOAD_LENGTH_MASK
+        start = 2 if n < PAYLOAD_LENGTH_TWO_BYTE else 4 if n == PAYLOAD_LENGTH_TWO_BYTE else 10
+        if len(buf) <= start + self._checked:
+            return
+        if self._checked == 0:
+            if op == TEXT:
+                self._probe.reset()
+            else:
+                self._probe.setstate(self._decoder.getstate())
+        with memoryview(buf) as view:
+            self._probe.decode(view[start + self._checked:], False)
+        self._checked = len(buf) - start
+
     def _fill(self, needed: int, deadline: Deadline) -> None:
-        """Receive until the buffer holds ``needed`` bytes; a timeout loses nothing."""
+        """One receive towards ``needed`` buffered bytes; a timeout loses nothing."""
         sock = self.sock
-        while len(self._buf) < needed:
+        if len(self._buf) < needed:
             _set_timeout(sock, deadline)
             if _TCP_QUICKACK is not None:
                 try:
@@ -744,18 +772,18 @@ class _RestClient:
         req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         timeout = (deadline or Deadline(None)).remaining(HTTP_TIMEOUT)
         if timeout is not None and timeout <= 0:
-            raise ExecutionTimeout(deadline.timeout, during=f"{method} {path}")
+            raise ServerError(self.url, f"could not be asked {method} {path}: no time left")
         try:
             with self._open(req, timeout) as resp:
                 raw = resp.read(MAX_REST_BODY + 1)
         except urllib.error.HTTPError as exc:
             raise self._http_error(exc.code, exc.read(4096), path) from None
         except socket.timeout:
-            raise ExecutionTimeout(timeout, during=f"{method} {path}") from None
+            raise ServerError(self.url, f"did not answer {method} {path} within {timeout:g} s") from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             if isinstance(reason, socket.timeout):
-                raise ExecutionTimeout(timeout, during=f"{method} {path}") from None
+                raise ServerError(self.url, f"did not answer {method} {path} within {timeout:g} s") from None
             raise ServerError(self.url, f"is not reachable: {_os_reason(reason)}") from exc
         if len(raw) > MAX_REST_BODY:
             raise ServerError(self.url, f"sent more than {MAX_REST_BODY} bytes for {path}")
@@ -912,11 +940,13 @@ def decode_message(data: str | bytes, *, protocol: str = "legacy") -> dict:
         msg = json.loads(data)
     else:
         msg = _unpack_legacy_binary(data)
-    if not isinstance(msg, dict) or not isinstance(msg.get("header"), dict) \
-            or not isinstance(msg.get("content", {}), dict):
-        raise ValueError("message without a header")
-    msg.setdefault("parent_header", {})
-    msg.setdefault("content", {})
+    if not isinstance(msg, dict) or "header" not in msg:
+        raise ValueError("message is not an object with a header")
+    for key in ("header", "parent_header", "metadata", "content"):
+        if not isinstance(msg.setdefault(key, {}), dict):
+            raise ValueError(f"message {key} is not an object")
+    if not isinstance(msg["header"].get("msg_type"), str):
+        raise ValueError("message header has no msg_type")
     return msg
 
 
@@ -956,8 +986,8 @@ def output_from_msg(msg: dict) -> dict | None:
     """The nbformat v4 output dict for an iopub output message, else None."""
     msg_type, content = msg["header"].get("msg_type"), msg["content"]
     if msg_type == "stream":
-        return {"output_type": "stream", "name": content.get("name", "stdout"),
-                "text": content.get("text", "")}
+        return {"output_type": "stream", "name": str(content.get("name", "stdout")),
+                "text": str(content.get("text", ""))}
     if msg_type == "display_data":
         return {"output_type": "display_data", "data": content.get("data", {}),
                 "metadata": content.get("metadata", {})}
@@ -1288,6 +1318,7 @@ COMPLETION_GRACE = 3.0   # after reply or idle, how long to wait for the other
 INTERRUPT_GRACE = 5.0    # after an interrupt, how long to wait for the cell to unwind
 SILENCE_CHECK = 10.0     # with no message for this long, ask the server if the kernel lives
 RECONNECT_ATTEMPTS = 5   # websocket reconnects per execution before giving up
+HANDSHAKE_TIMEOUT = 120.0 # bound on connect + handshake when the call has no deadline
 NUDGE_INTERVAL = 0.5     # resend kernel_info_request this often while a kernel starts
 
 
@@ -1359,8 +1390,10 @@ class Kernel:
         url = f"{scheme}{self.url[self.url.index(':'):]}api/kernels/{quote(self.id)}/channels" \
               f"?session_id={self.session_id}"
         offered = [] if self.protocol == "legacy" else [V1_SUBPROTOCOL]
+        # The server may hold the 101 for up to 60 s while the kernel gets ready.
         self._ws = WebSocket.connect(url, headers=self._rest.headers(), subprotocols=offered,
-                                     ssl_context=self._rest.ssl_context, _deadline=deadline)
+                                     ssl_context=self._rest.ssl_context,
+                                     _deadline=Deadline(deadline.remaining(HANDSHAKE_TIMEOUT)))
         if self.protocol == "v1" and self._ws.subprotocol != V1_SUBPROTOCOL:
             self._ws.close()
             raise ServerError(self.url, "does not speak the v1 kernel websocket protocol (use --protocol legacy)")
@@ -1378,8 +1411,6 @@ class Kernel:
             try:
                 self._connect(deadline)
                 return
-            except ExecutionTimeout:
-                raise
             except (ServerError, WebSocketError) as exc:
                 if isinstance(exc, ServerError) and exc.status == 404:
                     raise KernelDied(self.id, "the server no longer has the kernel") from exc
@@ -1436,8 +1467,12 @@ class Kernel:
         except KernelDied as exc:
             exc.result = run.finish()
             raise
+        except JupyterError:
+            # the connection or the server misbehaved: stop the cell, wait for nothing
+            self._interrupt_quietly()
+            raise
         except Exception:
-            if not run.done and self._ws is not None:
+            if not run.done:  # e.g. on_output raised: stop the cell, leave the kernel usable
                 self._interrupt_and_settle(run)
             raise
         return run.finish()
@@ -1459,9 +1494,9 @@ class Kernel:
             except TimeoutError:
                 if deadline.expired:
                     raise ExecutionTimeout(deadline.timeout) from None
+                self._check_alive(deadline)
                 if grace_end is not None and time.monotonic() >= grace_end:
                     return  # one of reply/idle never came; what arrived is the result
-                self._check_alive(deadline)
                 continue
             except WebSocketClosed:
                 reconnects += 1
@@ -1494,6 +1529,12 @@ class Kernel:
             return  # the server is busy or unreachable; the websocket will tell
         if info.get("execution_state") == "dead":
             raise KernelDied(self.id, "the server reports it dead")
+
+    def _interrupt_quietly(self) -> None:
+        try:
+            self._rest.interrupt_kernel(self.id, deadline=Deadline(INTERRUPT_GRACE))
+        except JupyterError:
+            pass
 
     def _interrupt_and_settle(self, run: _Execution) -> None:
         """Interrupt the kernel and wait (bounded) for the cell to unwind.
@@ -1549,7 +1590,7 @@ class Kernel:
                         msg["parent_header"].get("msg_id") == request["header"]["msg_id"]:
                     return
             if deadline.expired:
-                raise ExecutionTimeout(deadline.timeout, during="waiting for the kernel to start")
+                raise ServerError(self.url, f"kernel {self.id} did not answer within {deadline.timeout:g} s")
 
     def close(self) -> None:
         """Close the connection, and delete the kernel if this object started it."""
@@ -1680,7 +1721,8 @@ class _Printer:
             if text is not None:
                 self._write("out", text + "\n")
         elif kind == "error":
-            self._write("err", "\n".join(out.get("traceback") or [f"{out['ename']}: {out['evalue']}"]) + "\n")
+            lines = out.get("traceback") or [f"{out['ename']}: {out['evalue']}"]
+            self._write("err", "\n".join(map(str, lines)) + "\n")
 
     def finish(self) -> None:
         for which in ("out", "err"):
@@ -1754,9 +1796,10 @@ def _spawn_server(deadline: Deadline):
             try:
                 rest.request("GET", "api/status", deadline=Deadline(wait.remaining(2.0)))
                 return proc, url, token, folder
-            except (ServerError, ExecutionTimeout):
+            except ServerError:
                 if wait.expired:
-                    raise ExecutionTimeout(wait.timeout, during="starting the Jupyter server") from None
+                    raise JupyterError(f"the spawned Jupyter server did not answer within "
+                                       f"{wait.timeout:g} s") from None
             time.sleep(0.05)
     except BaseException:
         _stop_server(proc, folder)
@@ -1822,8 +1865,7 @@ def main(argv: list | None = None) -> int:
         err.write(f"jupyter_call: usage error: {exc}\n")
         return EXIT_USAGE
     except ExecutionTimeout as exc:
-        err.write(f"jupyter_call: timeout: {exc}; the kernel was interrupted\n"
-                  if exc.during == "execution" else f"jupyter_call: timeout: {exc}\n")
+        err.write(f"jupyter_call: timeout: {exc}; the kernel was interrupted\n")
         return EXIT_TIMEOUT
     except KernelDied as exc:
         err.write(f"jupyter_call: {exc}\n")

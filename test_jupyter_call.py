@@ -200,6 +200,14 @@ def test_recv_fails_invalid_utf8_in_a_first_fragment_with_1007():
     assert _frames_from(peer)[0].payload[:2] == b"\x03\xef"
 
 
+def test_recv_fails_invalid_utf8_before_the_rest_of_a_frame_arrives():
+    ws, peer = _pair()
+    peer.sendall(b"\x81\x0a" + "ok".encode() + b"\xf4\x90\x80\x80")  # 6 of 10 bytes; U+110000 is invalid
+    with pytest.raises(WebSocketError) as info:
+        ws.recv(timeout=30)  # the rest never comes: only an early check can fail it
+    assert info.value.code == CloseCode.INVALID_DATA
+
+
 def test_recv_keeps_a_partial_frame_across_a_timeout():
     ws, peer = _pair()
     peer.sendall(b"\x82\x04ab")
@@ -556,10 +564,10 @@ def test_connect_reports_an_http_error_status_with_its_message():
     server.join()
 
 
-def test_connect_times_out_on_a_silent_server():
+def test_connect_gives_up_on_a_silent_server_within_its_timeout():
     listener = socket.create_server(("127.0.0.1", 0))
     try:
-        with pytest.raises(TimeoutError):
+        with pytest.raises(jc.ServerError, match="did not complete the websocket handshake within 0.3 s"):
             WebSocket.connect(f"ws://127.0.0.1:{listener.getsockname()[1]}/", timeout=0.3)
     finally:
         listener.close()
@@ -645,7 +653,7 @@ class JupyterServer:
         cmd = [sys.executable, "-m", "jupyter_server", "--no-browser", "--ServerApp.ip=127.0.0.1",
                f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
                f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={root}",
-               "--ZMQChannelsWebsocketConnection.limit_rate=False", *extra_args]
+               *(extra_args or ["--ZMQChannelsWebsocketConnection.limit_rate=False"])]
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             cmd.append("--allow-root")
         self.proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL,
@@ -1068,3 +1076,346 @@ def test_cli_runs_under_oldest_and_newest_python(server, version, no_leaks):
     proc = cli("print('é', 1 + 1)", server=server, python=python)
     assert (proc.returncode, proc.stdout) == (0, "é 2\n"), proc.stderr
     assert cli("1/0", server=server, python=python).returncode == 1
+
+
+# ---- 3. Faults injected for real: hostile peers, cut connections, dying kernels ----------
+
+def _http_response(status, body=b"", content_type="application/json"):
+    return (b"HTTP/1.1 %d X\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (status, content_type.encode(), len(body), body))
+
+
+class FakeJupyter:
+    """A hostile or broken stand-in for a Jupyter server.
+
+    It answers the REST calls of one kernel ``fake`` (unless ``rest`` overrides a
+    call with raw bytes, or None for silence) and runs ``ws(conn, key)`` on every
+    channels websocket. It records the requests, so tests can see the DELETE.
+    """
+
+    def __init__(self, ws=None, rest=None):
+        self.ws, self.rest = ws, rest or {}
+        self.requests: list = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/"
+        self.conns: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        try:
+            conn.settimeout(30)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                head += chunk
+            line = head.split(b"\r\n", 1)[0].decode()
+            method, path = line.split()[:2]
+            self.requests.append(f"{method} {path.split('?')[0]}")
+            key = re.search(rb"Sec-WebSocket-Key: (\S+)", head)
+            for (m, prefix), answer in self.rest.items():
+                if m == method and path.startswith(prefix):
+                    if answer is None:  # silence: hold the connection open
+                        conn.recv(1)
+                        return
+                    conn.sendall(answer)
+                    return
+            if path.startswith("/api/kernels/fake/channels") and key:
+                self.ws(conn, key.group(1).decode())
+            elif method == "POST" and path == "/api/kernels":
+                conn.sendall(_http_response(201, b'{"id": "fake", "name": "python3"}'))
+            elif method == "GET" and path.startswith("/api/kernels/fake"):
+                conn.sendall(_http_response(200, b'{"id": "fake", "execution_state": "busy"}'))
+            else:
+                conn.sendall(_http_response(204))
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self):
+        self.listener.close()
+        for conn in self.conns:
+            conn.close()
+
+
+def _upgrade(conn, key, accept=None, extra_headers=""):
+    conn.sendall(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  f"Sec-WebSocket-Accept: {accept or jc.accept_key(key)}\r\n{extra_headers}\r\n").encode())
+
+
+def _then(data, *, upgrade=True, accept=None, extra_headers="", hold=True):
+    """A channels script: upgrade, send ``data``, then hold the connection until the client leaves."""
+    def script(conn, key):
+        if upgrade:
+            _upgrade(conn, key, accept, extra_headers)
+        conn.sendall(data)
+        while hold and conn.recv(65536):
+            pass
+    return script
+
+
+HOSTILE = {
+    "handshake error status": (dict(ws=_then(_http_response(500, b'{"message": "boom"}'), upgrade=False)),
+                               "refused the websocket handshake: boom (HTTP 500)"),
+    "wrong accept key": (dict(ws=_then(b"", accept="AAAAAAAAAAAAAAAAAAAAAAAAAAA=")), "Sec-WebSocket-Accept"),
+    "subprotocol not offered": (dict(ws=_then(b"", extra_headers="Sec-WebSocket-Protocol: chat\r\n")),
+                                "not offered"),
+    "oversized frame": (dict(ws=_then(b"\x82\x7f" + (1 << 40).to_bytes(8, "big"))), "code 1009"),
+    "invalid utf-8": (dict(ws=_then(b"\x81\x02\xc3\x28")), "code 1007"),
+    "reserved opcode": (dict(ws=_then(b"\x83\x00")), "code 1002"),
+    "reserved bits": (dict(ws=_then(b"\xf1\x00")), "code 1002"),
+    "cut in the middle of a frame": (dict(ws=_then(b"\x81\x7e\x01\x00{", hold=False)), "code 1006"),
+    "non-JSON message": (dict(ws=_then(b"\x81\x05hello")), "malformed kernel message"),
+    "wrongly shaped message": (dict(ws=_then(b'\x81\x0f{"header": [1]}')), "malformed kernel message"),
+    "HTML error page": (dict(rest={("POST", "/api/kernels"): _http_response(
+        502, b"<html>Bad Gateway</html>", "text/html")}), "answered an error for api/kernels (HTTP 502)"),
+    "HTML instead of JSON": (dict(rest={("POST", "/api/kernels"): _http_response(
+        200, b"<html>login</html>", "text/html")}), "not JSON"),
+    "silent after accepting": (dict(rest={("POST", "/api/kernels"): None}),
+                               "did not answer POST api/kernels within"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_peer_ends_in_one_line_and_exit_3(case):
+    kwargs, words = HOSTILE[case]
+    fake = FakeJupyter(**kwargs)
+    try:
+        start = time.monotonic()
+        proc = cli("--url", fake.url, "--token", "t", "--timeout", "5", "print(1)", timeout=60)
+        assert time.monotonic() - start < 40
+    finally:
+        fake.close()
+    assert proc.returncode == jc.EXIT_SERVER, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jupyter_call: error: ") and words in lines[0], lines
+    if "POST /api/kernels" in fake.requests and kwargs.get("ws"):
+        assert "DELETE /api/kernels/fake" in fake.requests  # the started kernel is not left behind
+
+
+def test_hostile_peer_errors_are_jupyter_errors_in_the_api():
+    for case, (kwargs, words) in HOSTILE.items():
+        fake = FakeJupyter(**kwargs)
+        try:
+            with pytest.raises(jc.JupyterError, match=re.escape(words.split(" (HTTP")[0])):
+                jc.run_code("print(1)", fake.url, "t", timeout=5)
+        finally:
+            fake.close()
+
+
+class CuttingRelay:
+    """A TCP relay to the real server that cuts websocket connections at chosen points.
+
+    ``cut_after[i]`` is how many server frames the i-th websocket connection
+    forwards before the relay drops both sides (at a read boundary, so the relay
+    itself never swallows a frame it has read).
+    """
+
+    def __init__(self, target_port, cut_after=()):
+        self.target_port = target_port
+        self.cut_after = list(cut_after)
+        self.cuts = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/"
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._down, args=(upstream, client), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _down(self, upstream, client):
+        buf, limit, frames, upgraded = bytearray(), None, 0, False
+        try:
+            while True:
+                data = upstream.recv(65536)
+                if not data:
+                    break
+                if not upgraded:
+                    buf += data
+                    if b"\r\n\r\n" not in buf:
+                        continue
+                    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
+                    client.sendall(head + b"\r\n\r\n")
+                    buf = bytearray(rest)
+                    upgraded = True
+                    if head.startswith(b"HTTP/1.1 101"):
+                        with self.lock:
+                            limit = self.cut_after.pop(0) if self.cut_after else None
+                    else:
+                        client.sendall(bytes(buf))
+                        self._pump(upstream, client)
+                        return
+                else:
+                    buf += data
+                while True:
+                    frame, used = parse_frame(buf, max_size=None)
+                    if frame is None:
+                        break
+                    client.sendall(bytes(buf[:used]))
+                    del buf[:used]
+                    frames += 1
+                if limit is not None and frames >= limit and not buf:
+                    with self.lock:
+                        self.cuts += 1
+                    break
+        except OSError:
+            pass
+        for s in (upstream, client):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self):
+        self.listener.close()
+
+
+NUMBERED_LINES = ("import time\nfor i in range(200):\n    print(f'line {i}', flush=True)\n"
+                  "    time.sleep(0.02)")
+
+
+def test_cli_finishes_a_cell_after_two_cuts_with_every_line_once_in_order(server, no_leaks):
+    relay = CuttingRelay(server.port, cut_after=[60, 90])
+    try:
+        proc = cli("--url", relay.url, "--token", server.token, NUMBERED_LINES, env=server.env)
+    finally:
+        relay.close()
+    assert relay.cuts == 2
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [f"line {i}" for i in range(200)]
+
+
+@pytest.mark.parametrize("protocol", ["v1", "legacy"])
+def test_api_resumes_after_a_cut_with_the_same_session(server, no_leaks, protocol):
+    relay = CuttingRelay(server.port, cut_after=[40])
+    seen = []
+    try:
+        with jc.Kernel(relay.url, server.token, timeout=60, protocol=protocol) as k:
+            session = k.session_id
+            res = k.execute(NUMBERED_LINES, on_output=seen.append)
+            assert k.session_id == session
+    finally:
+        relay.close()
+    assert relay.cuts == 1
+    assert res.ok and res.stdout.splitlines() == [f"line {i}" for i in range(200)]
+    assert "".join(o["text"] for o in seen) == res.stdout
+
+
+def test_kernel_deleted_by_someone_else_mid_cell_raises_kernel_died(server, no_leaks):
+    with jc.Kernel(server.url, server.token, timeout=60) as k:
+        def delete_when_running(out):
+            jc._RestClient(server.url, server.token).delete_kernel(k.id)
+        with pytest.raises(jc.KernelDied):
+            k.execute("print('go', flush=True)\nimport time; time.sleep(50)", on_output=delete_when_running)
+
+
+def test_twenty_failing_calls_leave_no_kernel_behind(server, no_leaks):
+    outcomes = []
+    for i in range(20):
+        kind = ("error", "timeout", "death", "cut")[i % 4]
+        try:
+            if kind == "error":
+                outcomes.append(jc.run_code("1/0", server.url, server.token, timeout=30).status)
+            elif kind == "timeout":
+                jc.run_code("import time; time.sleep(30)", server.url, server.token, timeout=1)
+            elif kind == "death":
+                jc.run_code("import os; os._exit(1)", server.url, server.token, timeout=30)
+            else:
+                relay = CuttingRelay(server.port, cut_after=[3])
+                try:
+                    outcomes.append(jc.run_code("import time; time.sleep(0.5); print(1)", relay.url,
+                                                server.token, timeout=30).status)
+                finally:
+                    relay.close()
+        except jc.ExecutionTimeout:
+            outcomes.append("timeout")
+        except jc.KernelDied:
+            outcomes.append("died")
+    assert outcomes == ["error", "timeout", "died", "ok"] * 5
+
+
+@pytest.fixture(scope="module")
+def limited_server(tmp_path_factory):
+    srv = JupyterServer(tmp_path_factory.mktemp("limited"), extra_args=(
+        "--ZMQChannelsWebsocketConnection.limit_rate=True",
+        "--ZMQChannelsWebsocketConnection.iopub_data_rate_limit=100000",
+        "--ZMQChannelsWebsocketConnection.rate_limit_window=0.5"))
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_rate_limited_output_sets_truncated_and_the_cli_warns(limited_server):
+    code = "for i in range(40):\n    print('x' * 50000, flush=True)\nprint('end')"
+    res = jc.run_code(code, limited_server.url, limited_server.token, timeout=60)
+    assert res.ok and res.truncated and "IOPub data rate exceeded" in res.stderr
+    proc = cli(code, server=limited_server)
+    assert proc.returncode == 0
+    assert "--ZMQChannelsWebsocketConnection.iopub_data_rate_limit" in proc.stderr.splitlines()[-1]
+
+
+def test_cli_prompts_on_a_terminal_and_hides_passwords(server, no_leaks):
+    import pty
+    code = "import getpass\nname = input('name? ')\npw = getpass.getpass('pw? ')\nprint('got', name, len(pw))"
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the CLI with a terminal on stdin, stdout and stderr
+        os.environ.clear()
+        os.environ.update(server.env)
+        os.execv(sys.executable, [sys.executable, str(MODULE), "--url", server.url, "--token",
+                                  server.token, code])
+    screen = b""
+
+    def read_until(words):
+        nonlocal screen
+        while words not in screen:
+            chunk = os.read(fd, 1024)
+            if not chunk:
+                raise AssertionError(f"CLI ended before {words!r}: {screen!r}")
+            screen += chunk
+    try:
+        read_until(b"name? ")
+        os.write(fd, b"ada\n")
+        read_until(b"pw? ")
+        os.write(fd, b"hunter2\n")
+        read_until(b"got ada 7")
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert screen.count(b"hunter2") == 0  # the password was not echoed
