@@ -31,7 +31,7 @@ import sys
 import time
 import uuid
 from typing import Any, Callable, Iterable
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 __version__ = "0.1.0"
 
@@ -391,6 +391,7 @@ class WebSocket:
     def connect(cls, url: str, *, headers: dict | None = None,
                 subprotocols: Iterable[str] | None = None, timeout: float | None = None,
                 ssl_context: Any = None, max_size: int | None = MAX_MESSAGE_SIZE,
+                unix_socket: str | None = None, proxy: str | None = None,
                 _deadline: Deadline | None = None) -> WebSocket:
         """Open a websocket to a ``ws://`` or ``wss://`` URL.
 
@@ -401,6 +402,8 @@ class WebSocket:
             timeout: seconds for connect, TLS and handshake together (None: no limit).
             ssl_context: an ``ssl.SSLContext`` to use instead of the default one.
             max_size: largest message accepted; larger ones fail with code 1009.
+            unix_socket: connect to this Unix socket path instead of the URL's host.
+            proxy: an ``http://[user:pass@]host:port`` proxy to tunnel through (HTTP CONNECT).
         Raises:
             ServerError (AuthError for 401/403) when the server answers another
             status than 101; WebSocketError when the answer breaks RFC 6455;
@@ -415,14 +418,14 @@ class WebSocket:
         port = parts.port or (443 if secure else 80)
         origin = f"{scheme}://{parts.netloc}/"
         try:
-            sock = socket.create_connection((parts.hostname, port), timeout=deadline.remaining())
+            sock = _open_socket(parts.hostname, port, unix_socket, proxy, deadline)
         except socket.timeout:
             raise ServerError(origin, f"did not accept a connection within {deadline.timeout:g} s") from None
         except OSError as exc:
             raise ServerError(origin, f"is not reachable: {_os_reason(exc)}") from exc
         try:
-            # Each message leaves in one sendall; no reason to let Nagle hold it back.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if proxy:
+                _connect_tunnel(sock, proxy, parts.hostname, port, deadline)
             if secure:
                 ssl = _ssl_module()
                 context = ssl_context or ssl.create_default_context()
@@ -452,17 +455,7 @@ class WebSocket:
         _set_timeout(sock, deadline)
         sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
 
-        buf = bytearray()
-        while b"\r\n\r\n" not in buf:
-            if len(buf) > MAX_HANDSHAKE:
-                raise WebSocketError(CloseCode.PROTOCOL_ERROR,
-                                     f"handshake answer longer than {MAX_HANDSHAKE} bytes")
-            _set_timeout(sock, deadline)
-            chunk = sock.recv(4096)
-            if not chunk:
-                raise WebSocketClosed(CloseCode.ABNORMAL, "connection closed during the handshake")
-            buf += chunk
-        head, _, rest = bytes(buf).partition(b"\r\n\r\n")
+        head, rest = _read_http_head(sock, deadline)
         status, fields = _parse_http_head(head)
         origin = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/"
         if status != 101:
@@ -703,6 +696,59 @@ class WebSocket:
         self.close()
 
 
+def _open_socket(host: str, port: int, unix_socket: str | None, proxy: str | None,
+                 deadline: Deadline) -> socket.socket:
+    """A connected stream socket: to a Unix socket, a proxy, or the host itself."""
+    if unix_socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            _set_timeout(sock, deadline)
+            sock.connect(unix_socket)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    if proxy:
+        proxy_parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = proxy_parts.hostname, proxy_parts.port or 80
+    sock = socket.create_connection((host, port), timeout=deadline.remaining())
+    # Each message leaves in one sendall; no reason to let Nagle hold it back.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _connect_tunnel(sock: socket.socket, proxy: str, host: str, port: int, deadline: Deadline) -> None:
+    """Ask an HTTP proxy for a tunnel to host:port (RFC 9110 9.3.6 CONNECT)."""
+    proxy_parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
+    if proxy_parts.username:
+        creds = f"{unquote(proxy_parts.username)}:{unquote(proxy_parts.password or '')}"
+        lines.append("Proxy-Authorization: Basic " + base64.b64encode(creds.encode("utf-8")).decode("ascii"))
+    _set_timeout(sock, deadline)
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    head = _read_http_head(sock, deadline)[0]
+    status, _ = _parse_http_head(head)
+    if status != 200:
+        raise ServerError(f"{proxy_parts.scheme}://{proxy_parts.hostname}:{proxy_parts.port or 80}/",
+                          f"(the proxy) refused a tunnel to {target}", status)
+
+
+def _read_http_head(sock: socket.socket, deadline: Deadline) -> tuple[bytes, bytes]:
+    """Read an HTTP answer head (bounded); return it and the bytes after it."""
+    buf = bytearray()
+    while b"\r\n\r\n" not in buf:
+        if len(buf) > MAX_HANDSHAKE:
+            raise WebSocketError(CloseCode.PROTOCOL_ERROR, f"HTTP answer head longer than {MAX_HANDSHAKE} bytes")
+        _set_timeout(sock, deadline)
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise WebSocketClosed(CloseCode.ABNORMAL, "connection closed during the handshake")
+        buf += chunk
+    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
+    return head, rest
+
+
 def _parse_http_head(head: bytes) -> tuple[int, dict]:
     """Status code and lower-cased header fields of an HTTP answer head."""
     lines = head.decode("latin-1").split("\r\n")
@@ -753,13 +799,15 @@ class _RestClient:
         self.url = url
         self.token = token
         self.ssl_context = ssl_context
+        self.unix_socket = _unix_socket_path(url)
         self._opener = None
+        self._xsrf: str | None = None
 
     def headers(self) -> dict:
         return {"Authorization": f"token {self.token}"} if self.token else {}
 
     def request(self, method: str, path: str, body: Any = None, *,
-                deadline: Deadline | None = None) -> Any:
+                deadline: Deadline | None = None, host: str | None = None) -> Any:
         """Send one request; return the decoded JSON answer (None for 204)."""
         import urllib.error
         import urllib.request
@@ -769,6 +817,15 @@ class _RestClient:
         headers = {"Accept": "application/json", **self.headers()}
         if data is not None:
             headers["Content-Type"] = "application/json"
+        if self.unix_socket:
+            headers["Host"] = "localhost"
+        if host:
+            headers["Host"] = host
+        if method != "GET" and not self.token:
+            # Without a token the server checks the _xsrf cookie on changes instead.
+            xsrf = self._xsrf_cookie(deadline)
+            if xsrf:
+                headers.update({"Cookie": f"_xsrf={xsrf}", "X-XSRFToken": xsrf})
         req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         timeout = (deadline or Deadline(None)).remaining(HTTP_TIMEOUT)
         if timeout is not None and timeout <= 0:
@@ -776,8 +833,9 @@ class _RestClient:
         try:
             with self._open(req, timeout) as resp:
                 raw = resp.read(MAX_REST_BODY + 1)
+                self._note_cookies(resp.headers)
         except urllib.error.HTTPError as exc:
-            raise self._http_error(exc.code, exc.read(4096), path) from None
+            raise self._http_error(exc.code, exc.read(4096), method, path, probe=host is None) from None
         except socket.timeout:
             raise ServerError(self.url, f"did not answer {method} {path} within {timeout:g} s") from None
         except (urllib.error.URLError, OSError) as exc:
@@ -801,22 +859,70 @@ class _RestClient:
             handlers: list = [_redirect_handler()]
             if self.ssl_context is not None:
                 handlers.append(urllib.request.HTTPSHandler(context=self.ssl_context))
+            if self.unix_socket or _is_loopback(urlsplit(self.url).hostname):
+                handlers.append(urllib.request.ProxyHandler({}))  # loopback never goes through a proxy
+            if self.unix_socket:
+                handlers.append(_unix_handler(self.unix_socket))
             self._opener = urllib.request.build_opener(*handlers)
         return self._opener.open(req, timeout=timeout)
 
-    def _http_error(self, status: int, body: bytes, path: str) -> ServerError:
+    def _note_cookies(self, headers) -> None:
+        for cookie in headers.get_all("Set-Cookie") or ():
+            match = re.match(r"\s*_xsrf=([^;]+)", cookie)
+            if match:
+                self._xsrf = match.group(1)
+
+    def _xsrf_cookie(self, deadline: Deadline | None) -> str | None:
+        if self._xsrf is None:
+            import urllib.request
+            req = urllib.request.Request(self.url + "login", headers={"Host": "localhost"} if self.unix_socket else {})
+            try:
+                with self._open(req, (deadline or Deadline(None)).remaining(HTTP_TIMEOUT)) as resp:
+                    self._note_cookies(resp.headers)
+            except OSError:
+                pass  # the request that needs it will say what is wrong
+            self._xsrf = self._xsrf or ""
+        return self._xsrf or None
+
+    def _http_error(self, status: int, body: bytes, method: str, path: str, *,
+                    probe: bool = True) -> ServerError:
         detail = _error_reason(body)
         if status in (401, 403):
-            what = "refused the token" if self.token else "requires a token (pass --token or set JUPYTER_TOKEN)"
-            return AuthError(self.url, f"{what}{detail}", status)
+            return self._auth_error(status, detail, probe)
+        if status == 424:
+            return ServerError(self.url, "is a JupyterHub server that is not running: start it from the "
+                                         "hub's home page (/hub/home) or with the hub's REST API", status)
         if status == 404:
             return ServerError(self.url, f"has no {path}{detail}", status)
-        return ServerError(self.url, f"answered an error for {path}{detail}", status)
+        return ServerError(self.url, f"answered an error for {method} {path}{detail}", status)
+
+    def _auth_error(self, status: int, detail: str, probe: bool) -> AuthError:
+        """Say which rule refused us: the token, the Host header, or the xsrf check."""
+        if not self.token:
+            if "xsrf" in detail.lower():
+                return AuthError(self.url, f"rejected the request: its _xsrf cookie check failed{detail}", status)
+            return AuthError(self.url, "requires a token: pass --token or set JUPYTER_TOKEN", status)
+        host = urlsplit(self.url).hostname
+        if probe and not self.unix_socket and not _is_loopback(host):
+            # A server that only allows local names answers 403 to a right token too:
+            # ask again as localhost to tell the two apart.
+            try:
+                self.request("GET", "api/status", deadline=Deadline(10.0), host="localhost")
+                return AuthError(self.url, f"blocked the request because its Host '{host}' is not a "
+                                           f"local name: connect as localhost, or start the server with "
+                                           f"--ServerApp.allow_remote_access=True", status)
+            except JupyterError:
+                pass
+        return AuthError(self.url, "refused the token", status)
 
     # -- kernels --
 
-    def start_kernel(self, name: str | None, *, deadline: Deadline | None = None) -> dict:
-        info = self.request("POST", "api/kernels", {"name": name} if name else {}, deadline=deadline)
+    def start_kernel(self, name: str | None, *, env: dict | None = None,
+                     deadline: Deadline | None = None) -> dict:
+        body: dict = {"name": name} if name else {}
+        if env:
+            body["env"] = {str(k): str(v) for k, v in env.items()}
+        info = self.request("POST", "api/kernels", body, deadline=deadline)
         if not isinstance(info, dict) or not isinstance(info.get("id"), str):
             raise ServerError(self.url, "answered a kernel start without a kernel id")
         return info
@@ -854,6 +960,52 @@ class _RestClient:
                 if exc.status is None or exc.status < 500 or attempt == DELETE_RETRIES - 1:
                     raise
             time.sleep(0.2 * 2**attempt)
+
+
+def _is_loopback(host: str | None) -> bool:
+    host = (host or "").strip("[]").lower()
+    return host == "localhost" or host.endswith(".localhost") or host.startswith("127.") or host == "::1"
+
+
+def _unix_socket_path(url: str) -> str | None:
+    """The socket path of an ``http+unix://<percent-encoded path>/`` URL, else None."""
+    parts = urlsplit(url)
+    return unquote(parts.netloc) if parts.scheme == "http+unix" else None
+
+
+def _unix_handler(path: str):
+    """A urllib handler for ``http+unix://`` URLs: HTTP over a Unix socket."""
+    import http.client
+    import urllib.request
+
+    class UnixConnection(http.client.HTTPConnection):
+        def __init__(self, host, **kwargs):
+            super().__init__("localhost", **kwargs)
+
+        def connect(self):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(self.timeout)
+            self.sock.connect(path)
+
+    class UnixHandler(urllib.request.AbstractHTTPHandler):
+        def unix_open(self, req):
+            return self.do_open(UnixConnection, req)
+
+    setattr(UnixHandler, "http+unix_open", UnixHandler.unix_open)
+    setattr(UnixHandler, "http+unix_request", urllib.request.AbstractHTTPHandler.do_request_)
+    return UnixHandler()
+
+
+def _proxy_for(url: str) -> str | None:
+    """The proxy URL the environment sets for ``url`` (HTTPS_PROXY, HTTP_PROXY, NO_PROXY)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https", "ws", "wss") or _is_loopback(parts.hostname):
+        return None
+    import urllib.request
+    if urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    proxies = urllib.request.getproxies()
+    return proxies.get("https" if parts.scheme in ("https", "wss") else "http")
 
 
 def _same_origin(a: str, b: str) -> bool:
@@ -1059,9 +1211,11 @@ class _Execution:
     shell execute_reply and the iopub idle status for our request are in.
     """
 
-    def __init__(self, msg_id: str, on_output: Callable[[dict], Any] | None = None):
+    def __init__(self, msg_id: str, on_output: Callable[[dict], Any] | None = None,
+                 keep_outputs: bool = True):
         self.msg_id = msg_id
         self.on_output = on_output
+        self.keep_outputs = keep_outputs  # False: a streaming caller keeps nothing it has seen
         self.reply: dict | None = None
         self.idle = False
         self.died: str | None = None
@@ -1127,28 +1281,33 @@ class _Execution:
         if self._clear_pending:
             self._clear()
         out = output_from_msg(msg)
+        kind, res = out["output_type"], self.result
+        if kind == "stream" and out["name"] == "stderr" \
+                and any(marker in out["text"] for marker in RATE_LIMIT_MARKERS):
+            res.truncated = True
+        elif kind == "execute_result":
+            res.execution_count = out["execution_count"]
+        elif kind == "error" and res.error is None:
+            res.error = {k: out[k] for k in ("ename", "evalue", "traceback")}
+        if self.keep_outputs:
+            self._keep(out, msg)
+        self._notify(out)
+
+    def _keep(self, out: dict, msg: dict) -> None:
         outputs = self.result.outputs
         if out["output_type"] == "stream":
-            if any(marker in out["text"] for marker in RATE_LIMIT_MARKERS) and out["name"] == "stderr":
-                self.result.truncated = True
-            last = outputs[-1] if outputs else None
-            if self._stream_parts is not None and last["name"] == out["name"]:
+            if self._stream_parts is not None and outputs[-1]["name"] == out["name"]:
                 self._stream_parts.append(out["text"])
-            else:
-                self._seal()
-                outputs.append(dict(out))
-                self._stream_parts = [out["text"]]
-        else:
+                return
             self._seal()
-            outputs.append(out)
-            display_id = (msg["content"].get("transient") or {}).get("display_id")
-            if display_id:
-                self._display_index.setdefault(display_id, []).append(len(outputs) - 1)
-            if out["output_type"] == "execute_result":
-                self.result.execution_count = out["execution_count"]
-            elif out["output_type"] == "error" and self.result.error is None:
-                self.result.error = {k: out[k] for k in ("ename", "evalue", "traceback")}
-        self._notify(out)
+            outputs.append(dict(out))
+            self._stream_parts = [out["text"]]
+            return
+        self._seal()
+        outputs.append(out)
+        display_id = (msg["content"].get("transient") or {}).get("display_id")
+        if display_id:
+            self._display_index.setdefault(display_id, []).append(len(outputs) - 1)
 
     def _update_display(self, content: dict) -> None:
         display_id = (content.get("transient") or {}).get("display_id")
@@ -1226,6 +1385,8 @@ def _server_url(info: dict) -> str:
     """A URL to reach a server described by a runtime file; wildcards mean loopback."""
     base = "/" + (info.get("base_url") or "/").strip("/") + "/"
     base = base.replace("//", "/")
+    if info.get("sock"):
+        return f"http+unix://{quote(info['sock'], safe='')}{base}"
     host = info.get("hostname") or info.get("ip") or "localhost"
     if host in _WILDCARD_HOSTS:
         host = "127.0.0.1"
@@ -1259,7 +1420,8 @@ def list_servers(runtime_dir: str | None = None) -> list:
             mtime = os.path.getmtime(path)
         except (OSError, ValueError):
             continue
-        if not isinstance(info, dict) or not info.get("port") or not _pid_alive(info.get("pid")):
+        if not isinstance(info, dict) or not (info.get("port") or info.get("sock")) \
+                or not _pid_alive(info.get("pid")):
             continue
         info["url"] = _server_url(info)
         info.setdefault("root_dir", info.get("notebook_dir"))
@@ -1269,9 +1431,13 @@ def list_servers(runtime_dir: str | None = None) -> list:
 
 
 def _normalize_url(url: str) -> str:
+    """Add the scheme and trailing slash; a wildcard host (0.0.0.0, ::) means loopback."""
     url = url.strip()
     if "://" not in url:
         url = "http://" + url
+    parts = urlsplit(url)
+    if parts.hostname in ("0.0.0.0", "::") and parts.port:
+        url = parts._replace(netloc=f"127.0.0.1:{parts.port}").geturl()
     return url if url.endswith("/") else url + "/"
 
 
@@ -1285,13 +1451,14 @@ def _env_token() -> str | None:
                 return f.read().strip()
         except OSError as exc:
             raise JupyterError(f"cannot read JUPYTER_TOKEN_FILE {path}: {exc.strerror}") from None
-    return None
+    # inside a JupyterHub single-user server
+    return os.environ.get("JUPYTERHUB_API_TOKEN") or None
 
 
 def resolve_server(url: str | None = None, token: str | None = None) -> tuple[str, str | None]:
     """The server URL and token to use: arguments, then environment, then discovery."""
-    if url is None and os.environ.get("JUPYTER_URL"):
-        url = os.environ["JUPYTER_URL"]
+    if url is None:
+        url = os.environ.get("JUPYTER_URL") or os.environ.get("JUPYTERHUB_SERVICE_URL") or None
     if token is None:
         token = _env_token()
     if url is None or token is None:
@@ -1337,6 +1504,8 @@ class Kernel:
             or the token of the discovered server.
         kernel_id: attach to this running kernel instead of starting one.
         name: the kernel spec to start (the server's default when None).
+        env: environment variables for a kernel it starts (gateways pass
+            ``KERNEL_*`` ones on to their launchers).
         timeout: seconds for starting and connecting, and the default for each
             ``execute`` (None: no limit).
         ssl_context: an ``ssl.SSLContext`` for https servers with a private CA.
@@ -1348,8 +1517,9 @@ class Kernel:
 
     def __init__(self, url: str | None = None, token: str | None = None, *,
                  kernel_id: str | None = None, name: str | None = None,
-                 timeout: float | None = None, ssl_context: Any = None,
-                 protocol: str = "auto", _deadline: Deadline | None = None):
+                 timeout: float | None = None, env: dict | None = None,
+                 ssl_context: Any = None, protocol: str = "auto",
+                 _deadline: Deadline | None = None):
         if protocol not in ("auto", "v1", "legacy"):
             raise ValueError(f"protocol must be 'auto', 'v1' or 'legacy', not {protocol!r}")
         self.url, token = resolve_server(url, token)
@@ -1365,7 +1535,7 @@ class Kernel:
             if kernel_id:
                 info = self._rest.get_kernel(kernel_id, deadline=deadline)
             else:
-                info = self._rest.start_kernel(name, deadline=deadline)
+                info = self._rest.start_kernel(name, env=env, deadline=deadline)
                 self._owned = True
             self.id = info["id"]
             self.name = info.get("name")
@@ -1385,14 +1555,20 @@ class Kernel:
 
     # -- connection --
 
+    def _channels_url(self) -> str:
+        parts = urlsplit(self.url)
+        scheme = "wss" if parts.scheme == "https" else "ws"
+        netloc = "localhost" if self._rest.unix_socket else parts.netloc
+        return f"{scheme}://{netloc}{parts.path}api/kernels/{quote(self.id)}/channels" \
+               f"?session_id={self.session_id}"
+
     def _connect(self, deadline: Deadline) -> None:
-        scheme = "wss" if self.url.startswith("https") else "ws"
-        url = f"{scheme}{self.url[self.url.index(':'):]}api/kernels/{quote(self.id)}/channels" \
-              f"?session_id={self.session_id}"
+        url = self._channels_url()
         offered = [] if self.protocol == "legacy" else [V1_SUBPROTOCOL]
         # The server may hold the 101 for up to 60 s while the kernel gets ready.
         self._ws = WebSocket.connect(url, headers=self._rest.headers(), subprotocols=offered,
                                      ssl_context=self._rest.ssl_context,
+                                     unix_socket=self._rest.unix_socket, proxy=_proxy_for(self.url),
                                      _deadline=Deadline(deadline.remaining(HANDSHAKE_TIMEOUT)))
         if self.protocol == "v1" and self._ws.subprotocol != V1_SUBPROTOCOL:
             self._ws.close()
@@ -1426,7 +1602,7 @@ class Kernel:
                 on_output: Callable[[dict], Any] | None = None,
                 stdin: Iterable[str] | Callable[[str, bool], str] | None = None,
                 silent: bool = False, store_history: bool = True,
-                _deadline: Deadline | None = None) -> Result:
+                _deadline: Deadline | None = None, _keep_outputs: bool = True) -> Result:
         """Run ``code`` and return its Result once the kernel is done with it.
 
         Args:
@@ -1453,7 +1629,7 @@ class Kernel:
         answer = _stdin_answerer(stdin)
         request = execute_request(code, session=self.session_id, silent=silent,
                                   store_history=store_history, allow_stdin=answer is not None)
-        run = _Execution(request["header"]["msg_id"], on_output)
+        run = _Execution(request["header"]["msg_id"], on_output, keep_outputs=_keep_outputs)
         self._send(request)
         try:
             self._wait(run, deadline, answer)
@@ -1683,6 +1859,10 @@ def _parser():
     p.add_argument("--kernel-id", metavar="ID", help="run in this running kernel (never deleted)")
     p.add_argument("--keep", action="store_true", help="keep the started kernel; print its id on stderr")
     p.add_argument("--timeout", type=float, metavar="SECS", help="give up after SECS, interrupting the kernel")
+    p.add_argument("--env", action="append", metavar="KEY=VALUE",
+                   help="environment variable for the started kernel (repeatable)")
+    p.add_argument("--cafile", metavar="PATH", help="CA certificates (PEM) to verify an https server with")
+    p.add_argument("--insecure", action="store_true", help="do not verify the server's TLS certificate")
     p.add_argument("--input", action="append", metavar="TEXT", help="answer for input() (repeatable)")
     p.add_argument("--protocol", choices=("auto", "v1", "legacy"), default="auto",
                    help="kernel websocket protocol (default: auto)")
@@ -1848,6 +2028,35 @@ def _list(args, out) -> int:
     return EXIT_OK
 
 
+def _ssl_context_from(args, err):
+    """The TLS context the options ask for, or None for the verified default."""
+    if not args.cafile and not args.insecure:
+        return None
+    ssl = _ssl_module()
+    if args.insecure:
+        err.write("jupyter_call: warning: --insecure: the server's TLS certificate is not verified\n")
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    try:
+        return ssl.create_default_context(cafile=args.cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise _UsageError(f"cannot load --cafile {args.cafile}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def _parse_env(pairs) -> dict | None:
+    if not pairs:
+        return None
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise _UsageError(f"--env wants KEY=VALUE, not {pair!r}")
+        env[key] = value
+    return env
+
+
 def _terminal_stdin(prompt: str, password: bool) -> str:
     import getpass
     try:
@@ -1885,6 +2094,8 @@ def _main(argv, out, err) -> int:
     if args.list:
         return _list(args, out)
     code, code_from_stdin = _read_code(args)
+    env = _parse_env(args.env)
+    ssl_context = _ssl_context_from(args, err)
     if args.input is not None:
         stdin = list(args.input)
     elif not code_from_stdin and _isatty(sys.stdin):
@@ -1900,13 +2111,15 @@ def _main(argv, out, err) -> int:
     printer = None if args.json else _Printer(out, err)
     try:
         kernel = Kernel(url, token, kernel_id=args.kernel_id, name=args.kernel, timeout=args.timeout,
-                        protocol=args.protocol, _deadline=deadline)
+                        env=env, ssl_context=ssl_context, protocol=args.protocol, _deadline=deadline)
         try:
             if args.keep:
                 kernel._owned = False
                 err.write(f"jupyter_call: kernel {kernel.id} kept running at {kernel.url}\n")
             try:
-                result = kernel.execute(code, on_output=printer, stdin=stdin, _deadline=deadline)
+                # Streaming to the terminal: keep nothing already printed (bounded memory).
+                result = kernel.execute(code, on_output=printer, stdin=stdin, _deadline=deadline,
+                                        _keep_outputs=args.json)
             except (ExecutionTimeout, KernelDied) as exc:
                 if args.json and exc.result is not None:
                     out.write(json.dumps(exc.result.to_dict()) + "\n")

@@ -1179,7 +1179,7 @@ HOSTILE = {
     "non-JSON message": (dict(ws=_then(b"\x81\x05hello")), "malformed kernel message"),
     "wrongly shaped message": (dict(ws=_then(b'\x81\x0f{"header": [1]}')), "malformed kernel message"),
     "HTML error page": (dict(rest={("POST", "/api/kernels"): _http_response(
-        502, b"<html>Bad Gateway</html>", "text/html")}), "answered an error for api/kernels (HTTP 502)"),
+        502, b"<html>Bad Gateway</html>", "text/html")}), "answered an error for POST api/kernels (HTTP 502)"),
     "HTML instead of JSON": (dict(rest={("POST", "/api/kernels"): _http_response(
         200, b"<html>login</html>", "text/html")}), "not JSON"),
     "silent after accepting": (dict(rest={("POST", "/api/kernels"): None}),
