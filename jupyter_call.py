@@ -879,8 +879,9 @@ class _RestClient:
             try:
                 with self._open(req, (deadline or Deadline(None)).remaining(HTTP_TIMEOUT)) as resp:
                     self._note_cookies(resp.headers)
-            except OSError:
-                pass  # the request that needs it will say what is wrong
+            except OSError as exc:  # jupyter_server sets the cookie even on its 404 login page
+                if getattr(exc, "headers", None) is not None:
+                    self._note_cookies(exc.headers)
             self._xsrf = self._xsrf or ""
         return self._xsrf or None
 
@@ -991,8 +992,12 @@ def _unix_handler(path: str):
         def unix_open(self, req):
             return self.do_open(UnixConnection, req)
 
+        def unix_response(self, request, response):  # error statuses raise, as for http
+            return urllib.request.HTTPErrorProcessor.http_response(self, request, response)
+
     setattr(UnixHandler, "http+unix_open", UnixHandler.unix_open)
     setattr(UnixHandler, "http+unix_request", urllib.request.AbstractHTTPHandler.do_request_)
+    setattr(UnixHandler, "http+unix_response", UnixHandler.unix_response)
     return UnixHandler()
 
 

@@ -23,8 +23,8 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
+from urllib.parse import quote, urlsplit
 
 import pytest
 
@@ -636,55 +636,68 @@ def _free_port():
 
 
 class JupyterServer:
-    def __init__(self, root: Path, extra_args=()):
+    """A real server in a subprocess: jupyter_server (any options) or the kernel gateway."""
+
+    def __init__(self, root: Path, extra_args=(), *, base_url="/", scheme="http", token=True,
+                 sock=None, gateway=False, ssl_context=None):
         self.root = root
-        self.token = secrets.token_hex(16)
+        self.token = secrets.token_hex(16) if token else None
         self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
+        host = f"127.0.0.1:{self.port}" if not sock else quote(str(sock), safe="")
+        self.url = f"{'http+unix' if sock else scheme}://{host}{base_url}"
+        self.ssl_context = ssl_context
         self.runtime_dir = root / "runtime"
         self.env = dict(os.environ, HOME=str(root / "home"), JUPYTER_CONFIG_DIR=str(root / "config"),
                         JUPYTER_DATA_DIR=str(root / "data"), JUPYTER_RUNTIME_DIR=str(self.runtime_dir),
                         IPYTHONDIR=str(root / "ipython"), JUPYTER_PLATFORM_DIRS="1")
-        for var in ("JUPYTER_URL", "JUPYTER_TOKEN", "JUPYTER_TOKEN_FILE"):
+        for var in ("JUPYTER_URL", "JUPYTER_TOKEN", "JUPYTER_TOKEN_FILE", "JUPYTERHUB_API_TOKEN",
+                    "JUPYTERHUB_SERVICE_URL"):
             self.env.pop(var, None)
         (root / "home").mkdir()
         self.log: list = []
-        self.ready = threading.Event()
-        cmd = [sys.executable, "-m", "jupyter_server", "--no-browser", "--ServerApp.ip=127.0.0.1",
-               f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
-               f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={root}",
-               *(extra_args or ["--ZMQChannelsWebsocketConnection.limit_rate=False"])]
-        if hasattr(os, "geteuid") and os.geteuid() == 0:
-            cmd.append("--allow-root")
+        if gateway:
+            cmd = [sys.executable, "-m", "kernel_gateway", "--KernelGatewayApp.ip=127.0.0.1",
+                   f"--KernelGatewayApp.port={self.port}", "--KernelGatewayApp.port_retries=0",
+                   f"--KernelGatewayApp.auth_token={self.token}", "--JupyterWebsocketPersonality.list_kernels=True",
+                   "--KernelGatewayApp.allow_root=True",
+                   *(extra_args or ["--ZMQChannelsWebsocketConnection.limit_rate=False"])]
+        else:
+            where = [f"--ServerApp.sock={sock}"] if sock else [
+                "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0"]
+            cmd = [sys.executable, "-m", "jupyter_server", "--no-browser", *where,
+                   f"--IdentityProvider.token={self.token or ''}", f"--ServerApp.root_dir={root}",
+                   f"--ServerApp.base_url={base_url}",
+                   *(extra_args or ["--ZMQChannelsWebsocketConnection.limit_rate=False"])]
+            if hasattr(os, "geteuid") and os.geteuid() == 0:
+                cmd.append("--allow-root")
         self.proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         threading.Thread(target=self._drain, daemon=True).start()
-        if not self.ready.wait(90) or not self._answers():
+        if not self._answers():
             self.stop()
-            raise RuntimeError("jupyter_server did not start:\n" + "".join(self.log[-30:]))
+            raise RuntimeError("the server did not start:\n" + "".join(self.log[-30:]))
 
     def _answers(self):
-        """Poll (bounded) until the REST API answers: the URL is logged before the port listens."""
-        give_up = time.monotonic() + 60
+        """Poll (bounded) until the REST API answers: servers log their URL before they listen."""
+        give_up = time.monotonic() + 90
         while self.proc.poll() is None and time.monotonic() < give_up:
             try:
                 return self.kernels() is not None
-            except OSError:
+            except jc.ServerError as exc:
+                if exc.status is not None:
+                    return False  # it answers, but not as it should: no use waiting
                 time.sleep(0.05)
         return False
 
     def _drain(self):
         for line in self.proc.stdout:
             self.log.append(line)
-            if "is running at" in line:
-                self.ready.set()
-        self.ready.set()
+
+    def rest(self):
+        return jc._RestClient(self.url, self.token, ssl_context=self.ssl_context)
 
     def kernels(self):
-        req = urllib.request.Request(self.url + "api/kernels",
-                                     headers={"Authorization": f"token {self.token}"})
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return {k["id"]: k for k in json.load(resp)}
+        return {k["id"]: k for k in self.rest().list_kernels(deadline=jc.Deadline(10))}
 
     def stop(self):
         if self.proc.poll() is None:
@@ -974,7 +987,7 @@ def test_cli_kernel_id_attaches_and_keep_keeps(server):
         again = cli("--kernel-id", kernel_id, "print(z)", server=server)
         assert again.stdout == "kept\n" and kernel_id in server.kernels()
     finally:
-        jc._RestClient(server.url, server.token).delete_kernel(kernel_id)
+        server.rest().delete_kernel(kernel_id)
 
 
 def test_cli_kernel_chooses_the_spec(server, no_leaks):
@@ -1096,6 +1109,7 @@ class FakeJupyter:
     def __init__(self, ws=None, rest=None):
         self.ws, self.rest = ws, rest or {}
         self.requests: list = []
+        self.heads: list = []
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/"
         self.conns: list = []
@@ -1122,6 +1136,7 @@ class FakeJupyter:
             line = head.split(b"\r\n", 1)[0].decode()
             method, path = line.split()[:2]
             self.requests.append(f"{method} {path.split('?')[0]}")
+            self.heads.append(head.decode("latin-1"))
             key = re.search(rb"Sec-WebSocket-Key: (\S+)", head)
             for (m, prefix), answer in self.rest.items():
                 if m == method and path.startswith(prefix):
@@ -1419,3 +1434,306 @@ def test_cli_prompts_on_a_terminal_and_hides_passwords(server, no_leaks):
         os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 0
     assert screen.count(b"hunter2") == 0  # the password was not echoed
+
+
+# ---- 3. Every kind of server: base URLs, TLS, Unix sockets, no token, gateways, proxies --------
+
+def _make_certificate(folder: Path) -> tuple:
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+class ServerKind:
+    """How the battery reaches one kind of server: its URL, token and extra CLI flags."""
+
+    def __init__(self, server, cli_flags=(), env=None, wrong_token=True, honours_env=False):
+        self.server, self.cli_flags, self.extra_env = server, list(cli_flags), env or {}
+        self.wrong_token, self.honours_env = wrong_token, honours_env
+
+    def cli(self, *args, token=None, timeout=120):
+        srv = self.server
+        flags = ["--url", srv.url] + (["--token", token or srv.token] if (token or srv.token) else [])
+        return cli(*flags, *self.cli_flags, *args, env={**srv.env, **self.extra_env}, timeout=timeout)
+
+
+def _start_kind(kind, tmp_path_factory):
+    root = tmp_path_factory.mktemp(kind)
+    if kind == "base_url":
+        return ServerKind(JupyterServer(root, base_url="/some/prefix/"))
+    if kind == "https":
+        cert, key = _make_certificate(root)
+        import ssl
+        context = ssl.create_default_context(cafile=str(cert))
+        return ServerKind(JupyterServer(root, ["--ZMQChannelsWebsocketConnection.limit_rate=False",
+                                               f"--ServerApp.certfile={cert}", f"--ServerApp.keyfile={key}"],
+                                        scheme="https", ssl_context=context), ["--cafile", str(cert)])
+    if kind == "unix":
+        sock = Path("/tmp") / f"jc-{secrets.token_hex(4)}.sock"  # socket paths must be short
+        return ServerKind(JupyterServer(root, sock=sock))
+    if kind == "no_token":
+        return ServerKind(JupyterServer(root, ["--ZMQChannelsWebsocketConnection.limit_rate=False",
+                                               "--ServerApp.password="], token=False), wrong_token=False)
+    if kind == "kernel_gateway":
+        pytest.importorskip("kernel_gateway")
+        return ServerKind(JupyterServer(root, gateway=True), honours_env=True)
+    raise ValueError(kind)
+
+
+SERVER_KINDS = ["base_url", "https", "unix", "no_token", "kernel_gateway"]
+
+
+@pytest.fixture(scope="module", params=SERVER_KINDS)
+def kind(request, tmp_path_factory):
+    k = _start_kind(request.param, tmp_path_factory)
+    try:
+        yield k
+    finally:
+        k.server.stop()
+
+
+BIG = "import sys\nfor i in range(20):\n    sys.stdout.write(chr(97 + i) * (1 << 20))\n    sys.stdout.flush()"
+
+
+def test_battery_runs_on_every_server_kind(kind):
+    _battery(kind)
+
+
+class ExternalServer:
+    """A server a maintainer started (notebook 6, Enterprise Gateway, JupyterHub): see the README."""
+
+    def __init__(self, url, token):
+        self.url, self.token, self.ssl_context = url, token or None, None
+        self.env = dict(os.environ)
+
+    def kernels(self):
+        try:
+            return {k["id"]: k for k in jc._RestClient(self.url, self.token).list_kernels()}
+        except jc.ServerError:
+            return {}  # gateways may not list kernels: no leak check then
+
+    def rest(self):
+        return jc._RestClient(self.url, self.token)
+
+
+def _external_servers():
+    """JUPYTER_CALL_TEST_SERVERS='name=URL|TOKEN;...' names servers for the opt-in battery."""
+    found = []
+    for entry in filter(None, os.environ.get("JUPYTER_CALL_TEST_SERVERS", "").split(";")):
+        name, _, rest = entry.partition("=")
+        url, _, token = rest.partition("|")
+        found.append(pytest.param(name.strip(), url.strip(), token.strip(), id=name.strip()))
+    return found or [pytest.param(None, None, None, marks=pytest.mark.skip(
+        reason="set JUPYTER_CALL_TEST_SERVERS to run the battery on servers you started"))]
+
+
+@pytest.mark.parametrize("name, url, token", _external_servers())
+def test_battery_runs_on_servers_a_maintainer_started(name, url, token):
+    _battery(ServerKind(ExternalServer(url, token), honours_env=name.startswith(("eg", "enterprise"))),
+             kernel_timeout=300)
+
+
+def _battery(kind, kernel_timeout=120):
+    """print, value, error exit 1, 20 MB, timeout, attach with --kernel-id, wrong token exit 3."""
+    srv = kind.server
+    before = set(srv.kernels())
+    proc = kind.cli("print('hi')\n6 * 7")
+    assert (proc.returncode, proc.stdout) == (0, "hi\n42\n"), proc.stderr
+    proc = kind.cli("1/0")
+    assert proc.returncode == 1 and "ZeroDivisionError" in proc.stderr
+    with jc.Kernel(srv.url, srv.token, timeout=kernel_timeout, ssl_context=srv.ssl_context) as k:
+        res = k.execute(BIG)
+        assert len(res.stdout) == 20 << 20 and res.stdout[-1] == "t"
+        with pytest.raises(jc.ExecutionTimeout):
+            k.execute("import time; time.sleep(30)", timeout=1)
+        k.execute("kept = 'here'")
+        proc = kind.cli("--kernel-id", k.id, "print(kept)")
+        assert (proc.returncode, proc.stdout) == (0, "here\n"), proc.stderr
+        assert k.id in srv.kernels()
+    proc = kind.cli("--timeout", "2", "import time; time.sleep(30)")
+    assert proc.returncode == 124
+    if kind.honours_env:  # gateways pass KERNEL_* variables of the start request to the kernel
+        proc = kind.cli("--env", "KERNEL_GREETING=hola", "import os; print(os.environ['KERNEL_GREETING'])")
+        assert proc.stdout == "hola\n", proc.stderr
+    if kind.wrong_token:
+        proc = kind.cli("print(1)", token="wrong")
+        assert proc.returncode == 3 and len(proc.stderr.splitlines()) == 1 and "refused the token" in proc.stderr
+    assert set(srv.kernels()) == before
+
+
+@pytest.fixture(scope="module")
+def https_kind(tmp_path_factory):
+    k = _start_kind("https", tmp_path_factory)
+    try:
+        yield k
+    finally:
+        k.server.stop()
+
+
+def test_https_is_verified_by_default_and_insecure_says_so(https_kind):
+    srv = https_kind.server
+    proc = cli("--url", srv.url, "--token", srv.token, "print(1)", env=srv.env)
+    assert proc.returncode == 3 and "CERTIFICATE_VERIFY_FAILED" in proc.stderr.upper().replace(" ", "_")
+    assert len(proc.stderr.splitlines()) == 1
+    proc = cli("--url", srv.url, "--token", srv.token, "--insecure", "print(1)", env=srv.env)
+    assert proc.returncode == 0 and proc.stdout == "1\n"
+    assert "--insecure" in proc.stderr and "not verified" in proc.stderr
+    cert = srv.root / "cert.pem"
+    proc = cli("--url", srv.url, "--token", srv.token, "print(2)", env={**srv.env, "SSL_CERT_FILE": str(cert)})
+    assert proc.returncode == 0 and proc.stdout == "2\n"
+
+
+def test_env_pairs_must_be_key_equals_value():
+    proc = cli("--env", "novalue", "1", timeout=30)
+    assert proc.returncode == 2 and "--env wants KEY=VALUE" in proc.stderr
+
+
+def test_no_token_server_without_xsrf_cookie_names_the_rule(tmp_path_factory):
+    k = _start_kind("no_token", tmp_path_factory)
+    try:
+        rest = k.server.rest()
+        rest._xsrf = ""  # as if the server had handed out no cookie
+        with pytest.raises(jc.AuthError, match="_xsrf cookie check failed"):
+            rest.start_kernel(None)
+    finally:
+        k.server.stop()
+
+
+def test_token_required_jupyterhub_not_running_and_missing_kernel_lines(server, tmp_path):
+    proc = cli("--url", server.url, "print(1)", env={**server.env, "JUPYTER_RUNTIME_DIR": str(tmp_path)})
+    assert proc.returncode == 3 and "requires a token" in proc.stderr
+    fake = FakeJupyter(rest={("POST", "/api/kernels"): _http_response(424, b'{"message": "not running"}')})
+    try:
+        proc = cli("--url", fake.url, "--token", "t", "print(1)", timeout=60)
+    finally:
+        fake.close()
+    assert proc.returncode == 3 and "JupyterHub server that is not running" in proc.stderr
+    assert "/hub/home" in proc.stderr
+    proc = cli("--kernel-id", "nope", "print(1)", server=server)
+    assert proc.returncode == 3 and "has no kernel nope" in proc.stderr
+
+
+class ConnectProxy:
+    """An HTTP proxy for the tests: CONNECT tunnels and absolute-form requests.
+
+    Every host name resolves to 127.0.0.1, so a made-up name that is not
+    loopback can stand for a remote server. It records what it was asked.
+    """
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.requests: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = conn.recv(65536)
+            if not chunk:
+                conn.close()
+                return
+            head += chunk
+        head, _, rest = head.partition(b"\r\n\r\n")
+        first = head.split(b"\r\n", 1)[0].decode()
+        self.requests.append(head.decode())
+        method, target = first.split()[:2]
+        if method == "CONNECT":
+            port = int(target.rsplit(":", 1)[1])
+            upstream = socket.create_connection(("127.0.0.1", port))
+            conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            upstream.sendall(rest)
+        else:  # absolute-form: http://host:port/path
+            parts = urlsplit(target)
+            upstream = socket.create_connection(("127.0.0.1", parts.port))
+            path = parts.path + (f"?{parts.query}" if parts.query else "")
+            upstream.sendall(f"{method} {path} HTTP/1.1\r\n".encode() + head.split(b"\r\n", 1)[1]
+                             + b"\r\n\r\n" + rest)
+        threading.Thread(target=CuttingRelay._pump, args=(conn, upstream), daemon=True).start()
+        CuttingRelay._pump(upstream, conn)
+
+    def close(self):
+        self.listener.close()
+
+
+@pytest.fixture(scope="module")
+def remote_server(tmp_path_factory):
+    srv = JupyterServer(tmp_path_factory.mktemp("remote"), ["--ZMQChannelsWebsocketConnection.limit_rate=False",
+                                                            "--ServerApp.allow_remote_access=True"])
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_proxy_carries_rest_and_websocket_with_credentials(remote_server):
+    proxy = ConnectProxy()
+    try:
+        url = f"http://jupyter.test:{remote_server.port}/"
+        env = {**remote_server.env, "HTTP_PROXY": proxy.url.replace("http://", "http://ann:s%40cret@"),
+               "NO_PROXY": ""}
+        proc = cli("--url", url, "--token", remote_server.token, "print('via proxy')", env=env)
+    finally:
+        proxy.close()
+    assert (proc.returncode, proc.stdout) == (0, "via proxy\n"), proc.stderr
+    connects = [r for r in proxy.requests if r.startswith("CONNECT jupyter.test:")]
+    assert connects and "Proxy-Authorization: Basic " + base64.b64encode(b"ann:s@cret").decode() in connects[0]
+    assert any(r.startswith(f"POST http://jupyter.test:{remote_server.port}/api/kernels") for r in proxy.requests)
+
+
+def test_no_proxy_and_loopback_bypass_the_proxy(server, remote_server, no_leaks):
+    dead_proxy = f"http://127.0.0.1:{_free_port()}"
+    proc = cli("print('direct')", server=server, env={"HTTP_PROXY": dead_proxy, "HTTPS_PROXY": dead_proxy})
+    assert proc.stdout == "direct\n"
+    proc = cli("--url", f"http://jupyter.test:{remote_server.port}/", "--token", remote_server.token, "1",
+               env={**remote_server.env, "HTTP_PROXY": dead_proxy, "NO_PROXY": "jupyter.test"}, timeout=60)
+    assert proc.returncode == 3 and "unknown host" in proc.stderr  # went direct, as NO_PROXY says
+
+
+def test_non_local_host_header_blocked_is_named(server):
+    proxy = ConnectProxy()
+    try:
+        proc = cli("--url", f"http://jupyter.test:{server.port}/", "--token", server.token, "print(1)",
+                   env={**server.env, "HTTP_PROXY": proxy.url, "NO_PROXY": ""}, timeout=60)
+    finally:
+        proxy.close()
+    assert proc.returncode == 3 and len(proc.stderr.splitlines()) == 1
+    assert "Host 'jupyter.test' is not a local name" in proc.stderr
+
+
+def test_redirect_to_another_origin_drops_the_token():
+    other = FakeJupyter(rest={("GET", "/api/kernels"): _http_response(200, b"[]")})
+    first = FakeJupyter(rest={("GET", "/api/kernels"): (
+        b"HTTP/1.1 302 Found\r\nLocation: " + other.url.encode() + b"api/kernels\r\nContent-Length: 0\r\n\r\n")})
+    try:
+        rest = jc._RestClient(first.url, "secret-token")
+        assert rest.list_kernels(deadline=jc.Deadline(10)) == []
+    finally:
+        first.close()
+        other.close()
+    assert other.requests == ["GET /api/kernels"]
+    assert "authorization: token secret-token" in first.heads[0].lower()
+    assert "authorization" not in other.heads[0].lower()
+
+
+def test_discovery_reads_unix_sockets_and_jupyterhub_variables(tmp_path, monkeypatch):
+    _runtime_file(tmp_path, "jpserver-7.json", sock="/tmp/j s.sock", port=0, pid=os.getpid(), token="u",
+                  base_url="/")
+    assert [s["url"] for s in jc.list_servers(str(tmp_path))] == ["http+unix://%2Ftmp%2Fj%20s.sock/"]
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "empty"))
+    for var in ("JUPYTER_URL", "JUPYTER_TOKEN", "JUPYTER_TOKEN_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("JUPYTERHUB_SERVICE_URL", "http://0.0.0.0:8888/user/ann")
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "hubtok")
+    assert jc.resolve_server() == ("http://127.0.0.1:8888/user/ann/", "hubtok")
