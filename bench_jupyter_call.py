@@ -185,6 +185,10 @@ class _Server:
                         IPYTHONDIR=os.path.join(self.root, "ipython"), JUPYTER_PLATFORM_DIRS="1")
         for var in ("JUPYTER_URL", "JUPYTER_TOKEN", "JUPYTER_TOKEN_FILE"):
             self.env.pop(var, None)
+        # Measure what users get: bytecode cached after the first import. Without
+        # this, jupyter_call.py (not in site-packages, so never precompiled) would
+        # be compiled again in every measured process.
+        self.env.pop("PYTHONDONTWRITEBYTECODE", None)
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> float:
@@ -276,7 +280,6 @@ class _Server:
 # measurement runs their source in a fresh ``python -c`` process, with
 # ATTACH_PRELUDE's imports, so no part of this module is imported there.
 
-V1_SUBPROTOCOL = "v1.kernel.websocket.jupyter.org"
 ATTACH_PRELUDE = "from __future__ import annotations\nimport json, os, struct, sys, time, uuid\n"
 
 
@@ -500,14 +503,18 @@ class ClientSpec:
         self.name, self.kinds, self.requires, self.protocol = name, kinds, requires, protocol
         self.imports = imports  # the modules its import measurement loads
 
+    @property
+    def library(self) -> str:
+        """The websocket library of a WebsocketPeer: its name without the protocol suffix."""
+        return self.name.split("-v1")[0]
+
     def make(self, url: str, token: str, runtime_dir: str):
-        family = self.name.split("-v1")[0]
         if self.name.startswith("jupyter_call"):
             protocol = self.name.rpartition("-")[2]
             return JupyterCallClient(url, token, protocol if protocol in ("v1", "legacy") else "auto")
         if self.name == "zmq-direct":
             return ZmqPeer(runtime_dir)
-        return WebsocketPeer(url, token, family, self.protocol)
+        return WebsocketPeer(url, token, self.library, self.protocol)
 
     def attach_argv(self, url: str, token: str, kernel_id: str, runtime_dir: str) -> list:
         """The command line of the attach measurement: a fresh process that runs 1+1."""
@@ -522,7 +529,7 @@ class ClientSpec:
         if self.name == "zmq-direct":
             cls, args = ZmqPeer, "sys.argv[4]"
         else:
-            cls, args = WebsocketPeer, f"sys.argv[1], sys.argv[2], {self.name.split('-v1')[0]!r}, {self.protocol!r}"
+            cls, args = WebsocketPeer, f"sys.argv[1], sys.argv[2], {self.library!r}, {self.protocol!r}"
         script = (ATTACH_PRELUDE + textwrap.dedent(inspect.getsource(cls))
                   + f"\nclient = {cls.__name__}({args})\nclient.attach(sys.argv[3])\n"
                   "ok, _, result = client.execute('1+1')\nclient.close()\nprint(result)\n"
@@ -845,7 +852,8 @@ def _targets(bench: _Bench, mb: int) -> list:
 
     def judge(label, name, value, bound, unit, digits, want_low=True, bound_text=""):
         if value is None or bound is None:
-            checks.append((None, f"{label}: {name}: not measured"))
+            missing = "not measured" if value is None else f"no reference ({bound_text}) measured"
+            checks.append((None, f"{label}: {name}: {missing}"))
             return
         ok = value <= bound if want_low else value >= bound
         relation = "<=" if want_low else ">="
@@ -988,6 +996,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"with {_versions()}")
     _, _, out, _ = _timed_run([sys.executable, "-c", "import sys; print(len(sys.modules))"], os.environ)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    if os.environ.get("PYTHONDONTWRITEBYTECODE"):
+        print("note: PYTHONDONTWRITEBYTECODE is set here; it is unset for the measured processes, "
+              "so jupyter_call.py is compiled once, as for a user")
     print(f"python -c pass already has {out.strip()} modules loaded (site and .pth files); "
           f"load average at start {_num(load, 2)}")
     server = _Server()

@@ -939,6 +939,24 @@ class _RestClient:
             raise ServerError(self.url, f"answered kernel {kernel_id} with something that is not a kernel")
         return info
 
+    def find_session(self, path: str, *, deadline: Deadline | None = None) -> str | None:
+        """The kernel id of the session at ``path`` (relative to the server root), or None."""
+        wanted = _session_path(path)
+        sessions = self.request("GET", "api/sessions", deadline=deadline)
+        found = [s for s in sessions or [] if isinstance(s, dict) and s.get("kernel")
+                 and _session_path(str(s.get("path", ""))) == wanted]
+        return found[0]["kernel"].get("id") if found else None
+
+    def create_session(self, path: str, kernel_name: str | None, *,
+                       deadline: Deadline | None = None) -> str:
+        body = {"path": _session_path(path), "name": os.path.basename(path), "type": "console",
+                "kernel": {"name": kernel_name} if kernel_name else {}}
+        info = self.request("POST", "api/sessions", body, deadline=deadline)
+        kernel = info.get("kernel") if isinstance(info, dict) else None
+        if not isinstance(kernel, dict) or not kernel.get("id"):
+            raise ServerError(self.url, "answered a session start without a kernel")
+        return kernel["id"]
+
     def list_kernels(self, *, deadline: Deadline | None = None) -> list:
         kernels = self.request("GET", "api/kernels", deadline=deadline)
         return kernels if isinstance(kernels, list) else []
@@ -961,6 +979,14 @@ class _RestClient:
                 if exc.status is None or exc.status < 500 or attempt == DELETE_RETRIES - 1:
                     raise
             time.sleep(0.2 * 2**attempt)
+
+
+def _session_path(path: str) -> str:
+    """A session path as the server keeps it: relative, with forward slashes."""
+    path = path.replace("\\", "/").strip()
+    while path.startswith("./"):
+        path = path[2:]
+    return path.lstrip("/")
 
 
 def _is_loopback(host: str | None) -> bool:
@@ -1491,6 +1517,7 @@ INTERRUPT_GRACE = 5.0    # after an interrupt, how long to wait for the cell to 
 SILENCE_CHECK = 10.0     # with no message for this long, ask the server if the kernel lives
 RECONNECT_ATTEMPTS = 5   # websocket reconnects per execution before giving up
 HANDSHAKE_TIMEOUT = 120.0 # bound on connect + handshake when the call has no deadline
+STATUS_TICK = 0.5        # how often a waiting caller's on_wait hook runs
 NUDGE_INTERVAL = 0.5     # resend kernel_info_request this often while a kernel starts
 
 
@@ -1511,6 +1538,11 @@ class Kernel:
         name: the kernel spec to start (the server's default when None).
         env: environment variables for a kernel it starts (gateways pass
             ``KERNEL_*`` ones on to their launchers).
+        session: use the kernel of the server session at this path (as
+            JupyterLab's consoles and notebooks do), creating the session if
+            there is none; the kernel outlives this object.
+        notebook: use the kernel of this open notebook (a path relative to the
+            server's root), sharing the state its user sees.
         timeout: seconds for starting and connecting, and the default for each
             ``execute`` (None: no limit).
         ssl_context: an ``ssl.SSLContext`` for https servers with a private CA.
@@ -1523,6 +1555,7 @@ class Kernel:
     def __init__(self, url: str | None = None, token: str | None = None, *,
                  kernel_id: str | None = None, name: str | None = None,
                  timeout: float | None = None, env: dict | None = None,
+                 session: str | None = None, notebook: str | None = None,
                  ssl_context: Any = None, protocol: str = "auto",
                  _deadline: Deadline | None = None):
         if protocol not in ("auto", "v1", "legacy"):
@@ -1537,6 +1570,14 @@ class Kernel:
         self.id: str | None = None
         deadline = _deadline or Deadline(timeout)
         try:
+            if notebook:
+                kernel_id = self._rest.find_session(notebook, deadline=deadline)
+                if kernel_id is None:
+                    raise ServerError(self.url, f"has no open notebook {notebook}: open it in "
+                                                f"JupyterLab first (or use --session)", 404)
+            elif session:
+                kernel_id = self._rest.find_session(session, deadline=deadline) or \
+                    self._rest.create_session(session, name, deadline=deadline)
             if kernel_id:
                 info = self._rest.get_kernel(kernel_id, deadline=deadline)
             else:
@@ -1607,7 +1648,8 @@ class Kernel:
                 on_output: Callable[[dict], Any] | None = None,
                 stdin: Iterable[str] | Callable[[str, bool], str] | None = None,
                 silent: bool = False, store_history: bool = True,
-                _deadline: Deadline | None = None, _keep_outputs: bool = True) -> Result:
+                _deadline: Deadline | None = None, _keep_outputs: bool = True,
+                _on_wait: Callable[[float, float], Any] | None = None) -> Result:
         """Run ``code`` and return its Result once the kernel is done with it.
 
         Args:
@@ -1637,7 +1679,7 @@ class Kernel:
         run = _Execution(request["header"]["msg_id"], on_output, keep_outputs=_keep_outputs)
         self._send(request)
         try:
-            self._wait(run, deadline, answer)
+            self._wait(run, deadline, answer, _on_wait)
         except ExecutionTimeout as exc:
             self._interrupt_and_settle(run)
             exc.result = run.finish()
@@ -1658,25 +1700,32 @@ class Kernel:
             raise
         return run.finish()
 
-    def _wait(self, run: _Execution, deadline: Deadline, answer) -> None:
+    def _wait(self, run: _Execution, deadline: Deadline, answer, on_wait=None) -> None:
         grace_end: float | None = None
         reconnects = 0
+        started = quiet_since = time.monotonic()
         while not run.done:
             now = time.monotonic()
             if run.started and grace_end is None:
                 grace_end = now + COMPLETION_GRACE
-            wait = deadline.remaining(SILENCE_CHECK)
-            if grace_end is not None:
-                wait = min(wait, max(0.0, grace_end - now))
             if deadline.expired:
                 raise ExecutionTimeout(deadline.timeout)
+            wait = deadline.remaining(STATUS_TICK if on_wait else SILENCE_CHECK)
+            if grace_end is not None:
+                wait = min(wait, max(0.0, grace_end - now))
             try:
                 raw = self._ws.recv(timeout=wait)
             except TimeoutError:
+                now = time.monotonic()
                 if deadline.expired:
                     raise ExecutionTimeout(deadline.timeout) from None
-                self._check_alive(deadline)
-                if grace_end is not None and time.monotonic() >= grace_end:
+                if on_wait is not None:
+                    on_wait(now - quiet_since, now - started)
+                ending = grace_end is not None and now >= grace_end
+                if ending or now - quiet_since >= SILENCE_CHECK:
+                    self._check_alive(deadline)
+                    quiet_since = time.monotonic()
+                if ending:
                     return  # one of reply/idle never came; what arrived is the result
                 continue
             except WebSocketClosed:
@@ -1685,6 +1734,7 @@ class Kernel:
                     raise
                 self._reconnect(deadline, RECONNECT_ATTEMPTS)
                 continue
+            quiet_since = time.monotonic()
             try:
                 msg = decode_message(raw, protocol=self._wire)
             except (ValueError, UnicodeDecodeError, KeyError) as exc:
@@ -1826,19 +1876,30 @@ def run_code(code: str, url: str | None = None, token: str | None = None, *,
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 USAGE_EXAMPLES = """\
-examples:
-  jupyter_call.py --spawn "print('hello')"            private server for one call
+recipes:
+  jupyter_call.py --spawn "print('hello')"         private local server for one call
   jupyter_call.py --url http://127.0.0.1:8888/ --token T "1 + 1"
-  jupyter_call.py -f script.py                          run a file (- reads stdin)
-  jupyter_call.py --kernel-id ID "x"                    attach to a running kernel
-  jupyter_call.py --list                                running servers and kernels
+  jupyter_call.py -f script.py                       run a file ('-f -' reads stdin)
+  jupyter_call.py -f analysis.ipynb --write out.ipynb
+                                                     run a notebook's code cells, save the results
+  jupyter_call.py --kernel-id ID "x"                 run in a running kernel
+  jupyter_call.py --session work "x = 1"             a named kernel that stays for later calls
+  jupyter_call.py --notebook analysis.ipynb "df.shape"
+                                                     run in the kernel of a notebook open in JupyterLab
+  jupyter_call.py --output-dir plots -f plot.py      save images and other rich outputs
+  jupyter_call.py --list                             running servers and their kernels
 
-environment: JUPYTER_URL, JUPYTER_TOKEN, JUPYTER_TOKEN_FILE, JUPYTER_RUNTIME_DIR
+environment: JUPYTER_URL, JUPYTER_TOKEN, JUPYTER_TOKEN_FILE, JUPYTER_RUNTIME_DIR,
+  HTTPS_PROXY/HTTP_PROXY/NO_PROXY, SSL_CERT_FILE, NO_COLOR
 
 exit codes:
-  0 ok   1 the code raised   2 usage   3 server unreachable, token refused or
-  server error   4 the kernel died   124 timeout (kernel interrupted)
-  130 Ctrl-C (kernel interrupted)
+  0    ok
+  1    the code raised (traceback on stderr)
+  2    usage error
+  3    cannot reach the server, token refused, server or protocol error
+  4    the kernel died
+  124  timeout (the kernel was interrupted)
+  130  Ctrl-C (the kernel was interrupted; a second Ctrl-C gives up at once)
 """
 
 
@@ -1856,12 +1917,16 @@ def _parser():
     p = Parser(prog="jupyter_call.py", description="Run code on a Jupyter kernel and print the results.",
                epilog=USAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("code", nargs="?", help="the code to run (or use -f)")
-    p.add_argument("-f", "--file", metavar="FILE", help="read the code from FILE ('-' for stdin)")
+    p.add_argument("-f", "--file", metavar="FILE",
+                   help="run FILE: code, a notebook (.ipynb) or '# %%%%' cells (.py); '-' reads stdin")
     p.add_argument("--url", help="server base URL (default: $JUPYTER_URL, a running server, "
                                  "or http://localhost:8888/)")
     p.add_argument("--token", help="server token (default: $JUPYTER_TOKEN, or the discovered server's)")
     p.add_argument("--kernel", metavar="NAME", help="kernel spec to start (default: the server's)")
     p.add_argument("--kernel-id", metavar="ID", help="run in this running kernel (never deleted)")
+    p.add_argument("--session", metavar="NAME",
+                   help="run in the kernel of the server session NAME, creating it if needed (kept)")
+    p.add_argument("--notebook", metavar="PATH", help="run in the kernel of this open notebook")
     p.add_argument("--keep", action="store_true", help="keep the started kernel; print its id on stderr")
     p.add_argument("--timeout", type=float, metavar="SECS", help="give up after SECS, interrupting the kernel")
     p.add_argument("--env", action="append", metavar="KEY=VALUE",
@@ -1869,6 +1934,11 @@ def _parser():
     p.add_argument("--cafile", metavar="PATH", help="CA certificates (PEM) to verify an https server with")
     p.add_argument("--insecure", action="store_true", help="do not verify the server's TLS certificate")
     p.add_argument("--input", action="append", metavar="TEXT", help="answer for input() (repeatable)")
+    p.add_argument("--output-dir", metavar="DIR", help="save images and other rich outputs in DIR")
+    p.add_argument("--keep-going", action="store_true", help="with cells: go on after a cell fails")
+    p.add_argument("--write", metavar="OUT.ipynb", help="with cells: write the executed notebook")
+    p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                   help="colour tracebacks and streams (default: auto, off when NO_COLOR is set)")
     p.add_argument("--protocol", choices=("auto", "v1", "legacy"), default="auto",
                    help="kernel websocket protocol (default: auto)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -1879,17 +1949,30 @@ def _parser():
     return p
 
 
-class _Printer:
-    """Streams outputs to the terminal as they arrive."""
+# Rich outputs: (mime type, file extension, stored as base64 in the mimebundle)
+RICH_TYPES = (("image/png", "png", True), ("image/jpeg", "jpg", True), ("image/gif", "gif", True),
+              ("application/pdf", "pdf", True), ("image/svg+xml", "svg", False),
+              ("text/html", "html", False), ("text/markdown", "md", False), ("text/latex", "tex", False))
+STATUS_DELAY = 2.0  # seconds of silence before the live status line shows
 
-    def __init__(self, out, err):
+
+class _Printer:
+    """Streams outputs to the terminal as they arrive: text, notes or saved files, status."""
+
+    def __init__(self, out, err, *, color: str = "auto", output_dir: str | None = None):
         self.out, self.err = out, err
-        self.color = {"out": _isatty(out), "err": _isatty(err)}
+        self.color = {"out": _use_color(out, color), "err": _use_color(err, color)}
         self.at_line_start = {"out": True, "err": True}
+        self.output_dir = output_dir
+        self.cell: int | None = None   # set when running several cells
+        self.count = 0                 # rich outputs of the current cell
+        self.live = _isatty(err)       # a terminal can show a transient status line
+        self.status_shown = False
 
     def _write(self, which: str, text: str) -> None:
         if not text:
             return
+        self.clear_status()
         if not self.color[which]:
             text = _ANSI.sub("", text)
         stream = self.out if which == "out" else self.err
@@ -1902,22 +1985,71 @@ class _Printer:
         if kind == "stream":
             self._write("err" if out["name"] == "stderr" else "out", out["text"])
         elif kind in ("execute_result", "display_data", "update_display_data"):
-            text = _text_form(out.get("data") or {})
-            if text is not None:
-                self._write("out", text + "\n")
+            self._rich(out.get("data") or {})
         elif kind == "error":
             lines = out.get("traceback") or [f"{out['ename']}: {out['evalue']}"]
             self._write("err", "\n".join(map(str, lines)) + "\n")
 
+    def _rich(self, data: dict) -> None:
+        text = _text_form(data)
+        if text is not None:
+            self._write("out", text + "\n")
+        for mime, ext, encoded in RICH_TYPES:
+            if mime not in data:
+                continue
+            raw = data[mime]
+            if isinstance(raw, list):
+                raw = "".join(raw)
+            try:
+                blob = base64.b64decode(raw) if encoded else str(raw).encode("utf-8")
+            except (ValueError, TypeError):
+                continue
+            if self.output_dir:
+                self.count += 1
+                prefix = f"cell-{self.cell}-" if self.cell is not None else ""
+                path = os.path.join(self.output_dir, f"{prefix}out-{self.count}.{ext}")
+                os.makedirs(self.output_dir, exist_ok=True)
+                with open(path, "wb") as f:
+                    f.write(blob)
+                self._write("out", f"[{mime} {_size(len(blob))} saved to {path}]\n")
+            elif encoded or text is None:
+                self._write("out", f"[{mime} {_size(len(blob))}: use --output-dir to save]\n")
+
+    def header(self, cell: int, total: int) -> None:
+        self.cell, self.count = cell, 0
+        self.finish()
+        line = f"-- cell {cell}/{total} --"
+        self._write("out", f"\x1b[2m{line}\x1b[0m\n" if self.color["out"] else line + "\n")
+
+    def status(self, quiet: float, elapsed: float) -> None:
+        """The transient status line on a terminal, after a while without output."""
+        if self.live and quiet >= STATUS_DELAY:
+            self.err.write(f"\r\x1b[2K[running {elapsed:.0f}s | kernel busy | Ctrl-C to interrupt]")
+            self.err.flush()
+            self.status_shown = True
+
+    def clear_status(self) -> None:
+        if self.status_shown:
+            self.err.write("\r\x1b[2K")
+            self.err.flush()
+            self.status_shown = False
+
     def finish(self) -> None:
+        self.clear_status()
         for which in ("out", "err"):
             if not self.at_line_start[which]:
                 self._write(which, "\n")
 
 
+def _size(n: int) -> str:
+    return f"{n} B" if n < 1024 else f"{n / 1024:.1f} KB" if n < 1024**2 else f"{n / 1024**2:.1f} MB"
+
+
 def _text_form(data: dict) -> str | None:
+    """The best text form of a mimebundle: text/plain, then JSON pretty-printed."""
     if "text/plain" in data:
-        return str(data["text/plain"])
+        text = data["text/plain"]
+        return "".join(text) if isinstance(text, list) else str(text)
     if "application/json" in data:
         return json.dumps(data["application/json"], indent=2)
     return None
@@ -1928,6 +2060,12 @@ def _isatty(stream) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+def _use_color(stream, choice: str) -> bool:
+    if choice != "auto":
+        return choice == "always"
+    return _isatty(stream) and not os.environ.get("NO_COLOR")
 
 
 def _read_code(args) -> tuple[str, bool]:
@@ -2092,13 +2230,73 @@ def main(argv: list | None = None) -> int:
         return EXIT_SERVER
 
 
+def _split_cells(text: str, path: str | None) -> tuple[list, dict | None]:
+    """The code cells to run, and the notebook they come from (None unless .ipynb)."""
+    if path and path.endswith(".ipynb"):
+        try:
+            notebook = json.loads(text)
+            cells = [c for c in notebook["cells"] if c.get("cell_type") == "code"]
+            return ["".join(c.get("source", "")) if isinstance(c.get("source"), list)
+                    else str(c.get("source", "")) for c in cells], notebook
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise _UsageError(f"{path} is not a Jupyter notebook (nbformat 4 JSON)") from None
+    if path and path.endswith(".py") and re.search(r"^# %%", text, re.M):
+        cells, current, skip = [], [], False
+        for line in text.splitlines(keepends=True):
+            if line.startswith("# %%"):
+                if current and not skip and "".join(current).strip():
+                    cells.append("".join(current))
+                current, skip = [], "[markdown]" in line or "[raw]" in line
+            else:
+                current.append(line)
+        if current and not skip and "".join(current).strip():
+            cells.append("".join(current))
+        return cells, None
+    return [text], None
+
+
+def _executed_notebook(notebook: dict | None, cells: list, results: list) -> dict:
+    """An nbformat v4 notebook with the outputs and execution counts of ``results``."""
+    if notebook is None:
+        notebook = {"cells": [{"cell_type": "code", "source": code, "metadata": {}} for code in cells],
+                    "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    else:
+        notebook = json.loads(json.dumps(notebook))  # a deep copy made of plain JSON
+    code_cells = [c for c in notebook["cells"] if c.get("cell_type") == "code"]
+    for index, cell in enumerate(code_cells):
+        result = results[index] if index < len(results) else None
+        cell["outputs"] = result.outputs if result is not None else []
+        cell["execution_count"] = result.execution_count if result is not None else None
+    notebook["nbformat"] = 4
+    if notebook.setdefault("nbformat_minor", 5) >= 5:
+        for cell in notebook["cells"]:
+            cell.setdefault("id", uuid.uuid4().hex[:8])
+    return notebook
+
+
+def _open_kernel(args, url, token, deadline, env, ssl_context) -> Kernel:
+    try:
+        return Kernel(url, token, kernel_id=args.kernel_id, name=args.kernel, timeout=args.timeout,
+                      env=env, session=args.session, notebook=args.notebook,
+                      ssl_context=ssl_context, protocol=args.protocol, _deadline=deadline)
+    except ServerError as exc:
+        if exc.status is None and url is None and resolve_server()[0] == DEFAULT_URL:
+            raise JupyterError(f"no Jupyter server found (nothing answers at {DEFAULT_URL}): start one "
+                               f"with 'jupyter lab' or 'jupyter server', pass --url and --token, "
+                               f"or use --spawn") from exc
+        raise
+
+
 def _main(argv, out, err) -> int:
     args = _parser().parse_args(argv)
     if args.timeout is not None and args.timeout <= 0:
         raise _UsageError("--timeout must be a positive number of seconds")
+    if sum(bool(x) for x in (args.kernel_id, args.session, args.notebook)) > 1:
+        raise _UsageError("choose one of --kernel-id, --session and --notebook")
     if args.list:
         return _list(args, out)
-    code, code_from_stdin = _read_code(args)
+    text, code_from_stdin = _read_code(args)
+    cells, notebook = _split_cells(text, args.file)
     env = _parse_env(args.env)
     ssl_context = _ssl_context_from(args, err)
     if args.input is not None:
@@ -2113,38 +2311,73 @@ def _main(argv, out, err) -> int:
     if args.spawn:
         spawned = _spawn_server(deadline)
         url, token = spawned[1], spawned[2]
-    printer = None if args.json else _Printer(out, err)
+    printer = None if args.json else _Printer(out, err, color=args.color, output_dir=args.output_dir)
+    results: list = []
     try:
-        kernel = Kernel(url, token, kernel_id=args.kernel_id, name=args.kernel, timeout=args.timeout,
-                        env=env, ssl_context=ssl_context, protocol=args.protocol, _deadline=deadline)
+        kernel = _open_kernel(args, url, token, deadline, env, ssl_context)
         try:
-            if args.keep:
+            if args.keep and kernel._owned:
                 kernel._owned = False
                 err.write(f"jupyter_call: kernel {kernel.id} kept running at {kernel.url}\n")
-            try:
-                # Streaming to the terminal: keep nothing already printed (bounded memory).
-                result = kernel.execute(code, on_output=printer, stdin=stdin, _deadline=deadline,
-                                        _keep_outputs=args.json)
-            except (ExecutionTimeout, KernelDied) as exc:
-                if args.json and exc.result is not None:
-                    out.write(json.dumps(exc.result.to_dict()) + "\n")
-                raise
-            finally:
-                if printer is not None:
-                    printer.finish()
+            _run_cells(kernel, cells, args, printer, stdin, deadline, results)
+        except (ExecutionTimeout, KernelDied) as exc:
+            if exc.result is not None:
+                results.append(exc.result)
+            if args.json:
+                _print_json(out, results, len(cells) > 1 or notebook is not None)
+            raise
         finally:
             kernel.close()
+            if args.write:
+                _write_notebook(args.write, notebook, cells, results)
     finally:
         if spawned is not None:
             _stop_server(spawned[0], spawned[3])
     if args.json:
-        out.write(json.dumps(result.to_dict()) + "\n")
-    elif result.truncated:
+        _print_json(out, results, len(cells) > 1 or notebook is not None)
+    elif any(r.truncated for r in results):
         err.write("jupyter_call: warning: the server dropped output (IOPub rate limit); raise it with "
                   "--ZMQChannelsWebsocketConnection.iopub_data_rate_limit (--ServerApp. on older servers)\n")
-    if result.status == "aborted":
+    if any(r.status == "aborted" for r in results):
         err.write("jupyter_call: the kernel aborted the execution\n")
-    return EXIT_OK if result.ok else EXIT_ERROR
+    return EXIT_OK if all(r.ok for r in results) else EXIT_ERROR
+
+
+def _run_cells(kernel: Kernel, cells: list, args, printer, stdin, deadline: Deadline,
+               results: list) -> None:
+    # Streaming to the terminal keeps nothing already printed (bounded memory),
+    # unless the outputs are wanted again for --json or --write.
+    keep = bool(args.json or args.write)
+    on_wait = printer.status if printer is not None and printer.live else None
+    for number, code in enumerate(cells, 1):
+        if printer is not None and len(cells) > 1:
+            printer.header(number, len(cells))
+        try:
+            result = kernel.execute(code, on_output=printer, stdin=stdin, _deadline=deadline,
+                                    _keep_outputs=keep, _on_wait=on_wait)
+        finally:
+            if printer is not None:
+                printer.finish()
+        results.append(result)
+        if not result.ok and not args.keep_going:
+            break
+
+
+def _print_json(out, results: list, many: bool) -> None:
+    if many:
+        status = "ok" if all(r.ok for r in results) else next(r.status for r in results if not r.ok)
+        out.write(json.dumps({"status": status, "cells": [r.to_dict() for r in results]}) + "\n")
+    elif results:
+        out.write(json.dumps(results[0].to_dict()) + "\n")
+
+
+def _write_notebook(path: str, notebook: dict | None, cells: list, results: list) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(_executed_notebook(notebook, cells, results), f, indent=1, ensure_ascii=False)
+            f.write("\n")
+    except OSError as exc:
+        raise _UsageError(f"cannot write {path}: {exc.strerror}") from None
 
 
 if __name__ == "__main__":

@@ -1737,3 +1737,222 @@ def test_discovery_reads_unix_sockets_and_jupyterhub_variables(tmp_path, monkeyp
     monkeypatch.setenv("JUPYTERHUB_SERVICE_URL", "http://0.0.0.0:8888/user/ann")
     monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "hubtok")
     assert jc.resolve_server() == ("http://127.0.0.1:8888/user/ann/", "hubtok")
+
+
+# ---- 3. The command line people meet: rich outputs, colour, terminals, sessions, notebooks ----
+
+def _tiny_png() -> bytes:
+    import zlib
+
+    def chunk(kind, data):
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
+    raw = b"\x00\xff\x00\x00\x00\x00\xff\x00"  # two rows of one red-ish and one green-ish pixel (gray+alpha)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 2, 8, 4, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_cli_saves_rich_outputs_byte_for_byte_or_says_what_was_not_shown(server, tmp_path, no_leaks):
+    png = _tiny_png()
+    code = ("from IPython.display import display\n"
+            f"display({{'image/png': {base64.b64encode(png).decode()!r}, 'text/plain': '<image>'}}, raw=True)\n"
+            "display({'text/html': '<b>bold</b>'}, raw=True)\n"
+            "display({'application/json': {'a': [1, 2]}}, raw=True)")
+    proc = cli(code, server=server)
+    assert proc.returncode == 0
+    assert proc.stdout.splitlines() == [
+        "<image>", f"[image/png {len(png)} B: use --output-dir to save]",
+        "[text/html 11 B: use --output-dir to save]",
+        "{", '  "a": [', "    1,", "    2", "  ]", "}"]
+    proc = cli("--output-dir", str(tmp_path / "out"), code, server=server)
+    assert proc.returncode == 0
+    assert (tmp_path / "out" / "out-1.png").read_bytes() == png
+    assert (tmp_path / "out" / "out-2.html").read_bytes() == b"<b>bold</b>"
+    assert f"[image/png {len(png)} B saved to {tmp_path / 'out' / 'out-1.png'}]" in proc.stdout
+
+
+def test_cli_color_flag_keeps_or_strips_ansi(server, no_leaks):
+    always = cli("--color", "always", "1/0", server=server)
+    never = cli("--color", "never", "1/0", server=server)
+    assert "\x1b[" in always.stderr and "ZeroDivisionError" in always.stderr
+    assert "\x1b[" not in never.stderr and "ZeroDivisionError" in never.stderr
+    assert cli("--json", "--color", "always", "1/0", server=server).stdout.count("\\u001b[") > 0  # raw in --json
+
+
+def _screen(data: bytes) -> list:
+    """What a terminal shows for ``data``: handles \\r, \\n and erase-line; drops other escapes."""
+    lines, col = [""], 0
+    text = data.decode("utf-8", "replace")
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\x1b":
+            match = re.match(r"\x1b\[[0-9;?]*([@-~])", text[i:])
+            if match and match.group(0) == "\x1b[2K":
+                lines[-1] = ""
+            i += len(match.group(0)) if match else 1
+            continue
+        if ch == "\r":
+            col = 0
+        elif ch == "\n":
+            lines.append("")
+            col = 0
+        else:
+            line = lines[-1]
+            lines[-1] = line[:col] + ch + line[col + 1:]
+            col += 1
+        i += 1
+    return lines
+
+
+def _pty_run(server, args, *, until=None, env=None):
+    """Run the CLI on a pseudo-terminal; return (raw bytes before ``until``, all raw bytes, exit code)."""
+    import pty
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.environ.clear()
+        os.environ.update({**server.env, **(env or {})})
+        os.execv(sys.executable, [sys.executable, str(MODULE), "--url", server.url, "--token",
+                                  server.token, *args])
+    data, before = b"", None
+    try:
+        while True:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            data += chunk
+            if until is not None and before is None and until in data:
+                before = data
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    return before, data, os.waitstatus_to_exitcode(status)
+
+
+def test_terminal_shows_a_transient_status_line_while_a_cell_is_silent(server, no_leaks):
+    before, data, code = _pty_run(server, ["print('start', flush=True)\nimport time; time.sleep(4)\nprint('end')"],
+                                  until=b"Ctrl-C to interrupt]")
+    assert code == 0 and before is not None
+    assert re.fullmatch(r"\[running \d+s \| kernel busy \| Ctrl-C to interrupt\]", _screen(before)[-1])
+    final = [line for line in _screen(data) if line]
+    assert final == ["start", "end"]
+
+
+def test_no_status_line_in_pipes(server, no_leaks):
+    proc = cli("import time; time.sleep(3); print('quiet')", server=server)
+    assert proc.stdout == "quiet\n" and "running" not in proc.stderr
+
+
+def test_terminal_progress_bars_update_in_place_and_keep_colours(server, no_leaks):
+    code = ("import sys\nfor p in (10, 50, 100):\n    sys.stderr.write(f'\\rprogress {p}%'); sys.stderr.flush()\n"
+            "sys.stderr.write('\\n'); sys.stderr.flush()\nprint('\\x1b[31mred\\x1b[0m')")
+    _, data, code_ = _pty_run(server, [code])
+    assert code_ == 0
+    assert [line for line in _screen(data) if line] == ["progress 100%", "red"]
+    assert b"\x1b[31mred" in data  # a terminal keeps colours
+    _, data, _ = _pty_run(server, [code], env={"NO_COLOR": "1"})
+    assert b"\x1b[31m" not in data and b"red" in data
+
+
+def test_session_keeps_a_named_kernel_between_cli_runs(server):
+    rest = server.rest()
+    try:
+        assert cli("--session", "work", "x = 1", server=server).returncode == 0
+        proc = cli("--session", "work", "print(x)", server=server)
+        assert (proc.returncode, proc.stdout) == (0, "1\n")
+        sessions = [s for s in rest.request("GET", "api/sessions") if s["path"] == "work"]
+        assert len(sessions) == 1 and sessions[0]["kernel"]["id"] in server.kernels()
+        with jc.Kernel(server.url, server.token, session="work", timeout=60) as k:
+            assert k.execute("x + 1").data["text/plain"] == "2"
+        assert sessions[0]["kernel"]["id"] in server.kernels()  # sessions outlive the call
+    finally:
+        for s in rest.request("GET", "api/sessions"):
+            rest.request("DELETE", f"api/sessions/{s['id']}")
+
+
+def test_notebook_flag_runs_in_the_kernel_of_an_open_notebook(server):
+    rest = server.rest()
+    opened = rest.request("POST", "api/sessions", {"path": "analysis.ipynb", "type": "notebook",
+                                                   "name": "analysis.ipynb", "kernel": {"name": "python3"}})
+    try:
+        assert cli("--notebook", "analysis.ipynb", "shared = 41", server=server).returncode == 0
+        with jc.Kernel(server.url, server.token, notebook="./analysis.ipynb", timeout=60) as k:
+            assert k.id == opened["kernel"]["id"]
+            assert k.execute("shared + 1").data["text/plain"] == "42"
+        proc = cli("--notebook", "missing.ipynb", "1", server=server)
+        assert proc.returncode == 3 and "has no open notebook missing.ipynb" in proc.stderr
+    finally:
+        rest.request("DELETE", f"api/sessions/{opened['id']}")
+
+
+def _notebook(*cells):
+    return {"nbformat": 4, "nbformat_minor": 5, "metadata": {"kernelspec": {"name": "python3"}},
+            "cells": [{"cell_type": kind, "id": f"c{i}", "metadata": {}, "source": source,
+                       **({"outputs": [], "execution_count": None} if kind == "code" else {})}
+                      for i, (kind, source) in enumerate(cells)]}
+
+
+def test_whole_notebook_stops_at_the_first_error_and_writes_the_results(server, tmp_path, no_leaks):
+    path = tmp_path / "three.ipynb"
+    path.write_text(json.dumps(_notebook(("code", ["x = 2\n", "print(x)"]), ("markdown", "# title"),
+                                         ("code", "1/0"), ("code", "print('after')"))))
+    out = tmp_path / "out.ipynb"
+    proc = cli("-f", str(path), "--write", str(out), server=server)
+    assert proc.returncode == 1
+    assert proc.stdout.splitlines() == ["-- cell 1/3 --", "2", "-- cell 2/3 --"]
+    assert "ZeroDivisionError" in proc.stderr and "after" not in proc.stdout
+    written = json.loads(out.read_text())
+    code = [c for c in written["cells"] if c["cell_type"] == "code"]
+    assert code[0]["outputs"] == [{"output_type": "stream", "name": "stdout", "text": "2\n"}]
+    assert code[0]["execution_count"] == 1
+    assert code[1]["outputs"][0]["output_type"] == "error" and code[1]["execution_count"] == 2
+    assert code[2]["outputs"] == [] and code[2]["execution_count"] is None
+    assert written["cells"][1] == {"cell_type": "markdown", "id": "c1", "metadata": {}, "source": "# title"}
+    assert written["nbformat"] == 4 and written["metadata"]["kernelspec"]["name"] == "python3"
+
+
+def test_whole_notebook_keep_going_runs_every_cell(server, tmp_path, no_leaks):
+    path = tmp_path / "three.ipynb"
+    path.write_text(json.dumps(_notebook(("code", "1/0"), ("raw", "skip me"), ("code", "print('b')"),
+                                         ("code", "print('c')"))))
+    proc = cli("-f", str(path), "--keep-going", server=server)
+    assert proc.returncode == 1
+    assert proc.stdout.splitlines() == ["-- cell 1/3 --", "-- cell 2/3 --", "b", "-- cell 3/3 --", "c"]
+    obj = json.loads(cli("-f", str(path), "--keep-going", "--json", server=server).stdout)
+    assert obj["status"] == "error" and [c["status"] for c in obj["cells"]] == ["error", "ok", "ok"]
+
+
+def test_percent_cells_in_a_py_file_run_one_by_one(server, tmp_path, no_leaks):
+    path = tmp_path / "cells.py"
+    path.write_text("# %%\na = 1\n# %% [markdown]\n# not code\n# %%\nprint(a + 1)\n")
+    out = tmp_path / "cells.ipynb"
+    proc = cli("-f", str(path), "--write", str(out), server=server)
+    assert (proc.returncode, proc.stdout) == (0, "-- cell 1/2 --\n-- cell 2/2 --\n2\n")
+    written = json.loads(out.read_text())
+    assert [c["source"] for c in written["cells"]] == ["a = 1\n", "print(a + 1)\n"]
+    assert written["cells"][1]["outputs"][0]["text"] == "2\n"
+
+
+def test_not_a_notebook_is_a_usage_error(tmp_path):
+    bad = tmp_path / "bad.ipynb"
+    bad.write_text("{}")
+    proc = cli("-f", str(bad), timeout=30)
+    assert proc.returncode == 2 and "is not a Jupyter notebook" in proc.stderr
+
+
+def test_no_server_found_suggests_how_to_get_one(tmp_path):
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path)}
+    for var in ("JUPYTER_URL", "JUPYTER_TOKEN", "JUPYTERHUB_SERVICE_URL"):
+        env.pop(var, None)
+    with socket.socket() as s:
+        try:
+            s.connect(("127.0.0.1", 8888))
+            pytest.skip("something listens on port 8888")
+        except OSError:
+            pass
+    proc = cli("print(1)", env=env, timeout=60)
+    assert proc.returncode == 3 and len(proc.stderr.splitlines()) == 1
+    assert "no Jupyter server found" in proc.stderr and "--spawn" in proc.stderr and "--url" in proc.stderr
