@@ -49,7 +49,7 @@ from jupyter_call import WebSocket, WebSocketClosed, WebSocketError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# ---- autobahn: Autobahn|Testsuite echo client -----------------------------------
+# ---- autobahn: Autobahn|Testsuite echo client ----------------------------------------
 
 MAX_SIZE = 64 * 2**20  # 9.x sends messages of up to 16 MiB
 ABORT_GRACE = 10.0     # a case still running this long after its watchdog fired ends the process
@@ -567,7 +567,7 @@ def _missing(module: str) -> str | None:
     return None
 
 
-# ---- run: one in-process sample (the sample subcommand) ---------------------------------
+# ---- run: one in-process sample (the sample subcommand) ------------------------------
 
 LATENCY_WARMUP = 10   # untimed executes before the timed ones
 LATENCY_BUDGET = 6.0  # s of timed executes per latency sample in run; keeps slow clients bounded
@@ -583,7 +583,7 @@ def _reset_peak_rss() -> float | None:
     ru_maxrss does not work for this: a spawned process starts with its parent's
     peak (exec carries it over), so on Linux the peak is VmHWM of
     /proc/self/status, reset to the current RSS by writing 5 to clear_refs.
-    Elsewhere the peak is ru_maxrss, an upper bound of the growth's baseline.
+    Elsewhere it falls back to ru_maxrss, which hides growth below the old peak.
     """
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -686,7 +686,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- run: the round-robin driver ----------------------------------------------------------
+# ---- run: the round-robin driver -----------------------------------------------------
 
 SAMPLE_TIMEOUT = 600.0  # s for one subprocess sample; past it the sample is a failure
 
@@ -810,7 +810,7 @@ class _Bench:
                   file=sys.stderr, flush=True)
 
 
-# ---- run: report ------------------------------------------------------------------------
+# ---- run: report ---------------------------------------------------------------------
 
 def _values(samples: list, key: str) -> list:
     return [s[key] for s in samples if s.get(key) is not None]
@@ -863,10 +863,10 @@ def _targets(bench: _Bench, mb: int) -> list:
     ref_p50 = med("latency", REFERENCE, "p50_ms")
     for name in ("jupyter_call-v1", "jupyter_call-legacy"):
         judge("latency p50", name, med("latency", name, "p50_ms"),
-              ref_p50 and 1.3 * ref_p50, "ms", 3, bound_text="1.3x zmq-direct")
+              None if ref_p50 is None else 1.3 * ref_p50, "ms", 3, bound_text="1.3x zmq-direct")
     ref_mbs = med("throughput", REFERENCE, "mb_s")
     judge("throughput", "jupyter_call-v1", med("throughput", "jupyter_call-v1", "mb_s"),
-          ref_mbs and 0.9 * ref_mbs, "MB/s", 0, want_low=False, bound_text="0.9x zmq-direct")
+          None if ref_mbs is None else 0.9 * ref_mbs, "MB/s", 0, want_low=False, bound_text="0.9x zmq-direct")
     judge("throughput", "jupyter_call-legacy", med("throughput", "jupyter_call-legacy", "mb_s"),
           med("throughput", "websockets", "mb_s"), "MB/s", 0, want_low=False,
           bound_text="websockets, legacy")
@@ -875,15 +875,15 @@ def _targets(bench: _Bench, mb: int) -> list:
               med("throughput", peer, "cpu_s"), "s", 3, bound_text=peer)
     ref_import = med("import", "websockets", "net_ms")
     judge("import net", "jupyter_call", med("import", "jupyter_call", "net_ms"),
-          ref_import and 0.4 * ref_import, "ms", 1, bound_text="0.4x urllib.request + websockets")
+          None if ref_import is None else 0.4 * ref_import, "ms", 1, bound_text="0.4x urllib.request + websockets")
     peers = [m for m in (med("attach", n, "ms") for n in
                          (REFERENCE, "websocket-client", "websockets", "websockets-v1")) if m]
     for name in ("jupyter_call-cli", "jupyter_call-api"):
-        judge("attach", name, med("attach", name, "ms"), peers and 0.6 * min(peers), "ms", 0,
+        judge("attach", name, med("attach", name, "ms"), 0.6 * min(peers) if peers else None, "ms", 0,
               bound_text="0.6x the fastest peer")
     ws_cold = [m for m in (med("cold", n, "ms") for n in
                            ("websocket-client", "websockets", "websockets-v1")) if m]
-    judge("cold", "jupyter_call", med("cold", "jupyter_call", "ms"), ws_cold and min(ws_cold),
+    judge("cold", "jupyter_call", med("cold", "jupyter_call", "ms"), min(ws_cold) if ws_cold else None,
           "ms", 0, bound_text="the fastest websocket peer")
     for name in ("jupyter_call-v1", "jupyter_call-legacy"):
         judge("peak RSS growth", name, med("throughput", name, "rss_mb"), 1.3 * mb, "MB", 1,
@@ -1034,7 +1034,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if bench.failures else 0
 
 
-# ---- command line ------------------------------------------------------------------
+# ---- command line --------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(

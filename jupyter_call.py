@@ -765,12 +765,13 @@ def _parse_http_head(head: bytes) -> tuple[int, dict]:
 
 
 def _error_reason(body: bytes) -> str:
-    """': <message>' from a Jupyter JSON error body, or '' when there is none."""
+    """': <message>' from a Jupyter JSON error body (or its 'reason'), or '' when there is none."""
     try:
-        message = json.loads(body.decode("utf-8")).get("message")
+        info = json.loads(body.decode("utf-8"))
+        message = info.get("message") or info.get("reason")
     except (ValueError, AttributeError):
         return ""
-    return f": {str(message)[:200]}" if message else ""
+    return f": {str(message)[:300]}" if message else ""
 
 
 def _os_reason(exc: BaseException) -> str:
@@ -807,7 +808,8 @@ class _RestClient:
         return {"Authorization": f"token {self.token}"} if self.token else {}
 
     def request(self, method: str, path: str, body: Any = None, *,
-                deadline: Deadline | None = None, host: str | None = None) -> Any:
+                deadline: Deadline | None = None, host: str | None = None,
+                probe: bool = True) -> Any:
         """Send one request; return the decoded JSON answer (None for 204)."""
         import urllib.error
         import urllib.request
@@ -835,7 +837,7 @@ class _RestClient:
                 raw = resp.read(MAX_REST_BODY + 1)
                 self._note_cookies(resp.headers)
         except urllib.error.HTTPError as exc:
-            raise self._http_error(exc.code, exc.read(4096), method, path, probe=host is None) from None
+            raise self._http_error(exc.code, exc.read(4096), method, path, probe=probe) from None
         except socket.timeout:
             raise ServerError(self.url, f"did not answer {method} {path} within {timeout:g} s") from None
         except (urllib.error.URLError, OSError) as exc:
@@ -889,7 +891,7 @@ class _RestClient:
                     probe: bool = True) -> ServerError:
         detail = _error_reason(body)
         if status in (401, 403):
-            return self._auth_error(status, detail, probe)
+            return self._auth_error(status, detail, method, path, probe)
         if status == 424:
             return ServerError(self.url, "is a JupyterHub server that is not running: start it from the "
                                          "hub's home page (/hub/home) or with the hub's REST API", status)
@@ -897,23 +899,30 @@ class _RestClient:
             return ServerError(self.url, f"has no {path}{detail}", status)
         return ServerError(self.url, f"answered an error for {method} {path}{detail}", status)
 
-    def _auth_error(self, status: int, detail: str, probe: bool) -> AuthError:
-        """Say which rule refused us: the token, the Host header, or the xsrf check."""
+    def _auth_error(self, status: int, detail: str, method: str, path: str, probe: bool) -> ServerError:
+        """Say which rule refused us: the token, the Host header, the xsrf check, or another one."""
         if not self.token:
             if "xsrf" in detail.lower():
                 return AuthError(self.url, f"rejected the request: its _xsrf cookie check failed{detail}", status)
             return AuthError(self.url, "requires a token: pass --token or set JUPYTER_TOKEN", status)
-        host = urlsplit(self.url).hostname
-        if probe and not self.unix_socket and not _is_loopback(host):
-            # A server that only allows local names answers 403 to a right token too:
-            # ask again as localhost to tell the two apart.
+        if probe:
+            # A refusal does not say why; a plain authenticated GET tells the causes apart.
             try:
-                self.request("GET", "api/status", deadline=Deadline(10.0), host="localhost")
-                return AuthError(self.url, f"blocked the request because its Host '{host}' is not a "
-                                           f"local name: connect as localhost, or start the server with "
-                                           f"--ServerApp.allow_remote_access=True", status)
-            except JupyterError:
-                pass
+                self.request("GET", "api/kernelspecs", deadline=Deadline(10.0), probe=False)
+                return AuthError(self.url, f"refused {method} {path}{detail}", status)  # the token is fine
+            except ServerError as exc:
+                if exc.status == 424:  # JupyterHub: the user's server is stopped
+                    return ServerError(self.url, exc.reason, 424)
+            host = urlsplit(self.url).hostname
+            if not self.unix_socket and not _is_loopback(host):
+                # A server that allows only local names refuses a right token too.
+                try:
+                    self.request("GET", "api/status", deadline=Deadline(10.0), host="localhost", probe=False)
+                    return AuthError(self.url, f"blocked the request because its Host '{host}' is not a "
+                                               f"local name: connect as localhost, or start the server "
+                                               f"with --ServerApp.allow_remote_access=True", status)
+                except JupyterError:
+                    pass
         return AuthError(self.url, "refused the token", status)
 
     # -- kernels --
@@ -2150,10 +2159,12 @@ def _list(args, out) -> int:
     for info in servers:
         entry = {"url": info["url"], "version": info.get("version"), "root_dir": info.get("root_dir"),
                  "kernels": None, "error": None}
+        rest = _RestClient(info["url"], info.get("token") or None)
         try:
-            entry["kernels"] = _RestClient(info["url"], info.get("token") or None).list_kernels(
-                deadline=Deadline(10.0))
-        except (JupyterError, OSError) as exc:
+            if not entry["version"]:
+                entry["version"] = (rest.request("GET", "api", deadline=Deadline(10.0)) or {}).get("version")
+            entry["kernels"] = rest.list_kernels(deadline=Deadline(10.0))
+        except (JupyterError, OSError, AttributeError) as exc:
             entry["error"] = str(exc)
         rows.append(entry)
     if args.json:
