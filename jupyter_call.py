@@ -21,7 +21,6 @@ import base64
 import codecs
 import dataclasses
 import enum
-import hashlib
 import json
 import os
 import re
@@ -29,8 +28,7 @@ import socket
 import struct
 import sys
 import time
-import uuid
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
 from urllib.parse import quote, unquote, urlsplit
 
 __version__ = "0.1.0"
@@ -206,6 +204,7 @@ CLOSE_TIMEOUT = 2.0             # how long to wait for the peer's side of the cl
 
 def accept_key(key: str) -> str:
     """The Sec-WebSocket-Accept value a server must answer to ``key`` (4.2.2)."""
+    import hashlib  # only the handshake needs it
     digest = hashlib.sha1((key + WEBSOCKET_GUID).encode("ascii")).digest()
     return base64.b64encode(digest).decode("ascii")
 
@@ -390,7 +389,7 @@ class WebSocket:
     @classmethod
     def connect(cls, url: str, *, headers: dict | None = None,
                 subprotocols: Iterable[str] | None = None, timeout: float | None = None,
-                ssl_context: Any = None, max_size: int | None = MAX_MESSAGE_SIZE,
+                ssl_context: object = None, max_size: int | None = MAX_MESSAGE_SIZE,
                 unix_socket: str | None = None, proxy: str | None = None,
                 _deadline: Deadline | None = None) -> WebSocket:
         """Open a websocket to a ``ws://`` or ``wss://`` URL.
@@ -796,7 +795,7 @@ DELETE_RETRIES = 5          # a DELETE racing an automatic restart answers 500; 
 class _RestClient:
     """The few calls of the Jupyter server REST API that jupyter_call needs."""
 
-    def __init__(self, url: str, token: str | None, *, ssl_context: Any = None):
+    def __init__(self, url: str, token: str | None, *, ssl_context: object = None):
         self.url = url
         self.token = token
         self.ssl_context = ssl_context
@@ -807,9 +806,9 @@ class _RestClient:
     def headers(self) -> dict:
         return {"Authorization": f"token {self.token}"} if self.token else {}
 
-    def request(self, method: str, path: str, body: Any = None, *,
+    def request(self, method: str, path: str, body: object = None, *,
                 deadline: Deadline | None = None, host: str | None = None,
-                probe: bool = True) -> Any:
+                probe: bool = True) -> object:
         """Send one request; return the decoded JSON answer (None for 204)."""
         import urllib.error
         import urllib.request
@@ -1075,6 +1074,11 @@ RATE_LIMIT_MARKERS = ("IOPub data rate exceeded", "IOPub message rate exceeded")
 EOF_ANSWER = "\x04"  # sent when scripted stdin runs out: the kernel raises EOFError
 
 
+def _new_id() -> str:
+    """A random 128-bit id in hex, as uuid4().hex gives (without importing uuid)."""
+    return os.urandom(16).hex()
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z"
 
@@ -1083,7 +1087,7 @@ def new_message(msg_type: str, content: dict, *, session: str, channel: str = "s
                 parent_header: dict | None = None, username: str = "jupyter_call") -> dict:
     """A Jupyter message in the shape the websocket expects (all keys present)."""
     return {
-        "header": {"msg_id": uuid.uuid4().hex, "msg_type": msg_type, "username": username,
+        "header": {"msg_id": _new_id(), "msg_type": msg_type, "username": username,
                    "session": session, "date": _now(), "version": PROTOCOL_VERSION},
         "parent_header": parent_header or {},
         "metadata": {},
@@ -1251,7 +1255,7 @@ class _Execution:
     shell execute_reply and the iopub idle status for our request are in.
     """
 
-    def __init__(self, msg_id: str, on_output: Callable[[dict], Any] | None = None,
+    def __init__(self, msg_id: str, on_output: Callable[[dict], object] | None = None,
                  keep_outputs: bool = True):
         self.msg_id = msg_id
         self.on_output = on_output
@@ -1262,7 +1266,6 @@ class _Execution:
         self.input_request: dict | None = None
         self.result = Result()
         self._seen: set = set()
-        self._stream_parts: list | None = None   # chunks of the last output, when a stream
         self._display_index: dict = {}            # display_id -> indexes into outputs
         self._clear_pending = False
 
@@ -1336,14 +1339,16 @@ class _Execution:
     def _keep(self, out: dict, msg: dict) -> None:
         outputs = self.result.outputs
         if out["output_type"] == "stream":
-            if self._stream_parts is not None and outputs[-1]["name"] == out["name"]:
-                self._stream_parts.append(out["text"])
+            last = outputs[-1] if outputs else None
+            if last is not None and last["output_type"] == "stream" and last["name"] == out["name"]:
+                # Take the text out of the dict so ours is its only reference: CPython
+                # then grows it in place instead of copying it for every chunk.
+                text, last["text"] = last["text"], ""
+                text += out["text"]
+                last["text"] = text
                 return
-            self._seal()
             outputs.append(dict(out))
-            self._stream_parts = [out["text"]]
             return
-        self._seal()
         outputs.append(out)
         display_id = (msg["content"].get("transient") or {}).get("display_id")
         if display_id:
@@ -1360,22 +1365,14 @@ class _Execution:
     def _clear(self) -> None:
         self.result.outputs.clear()
         self._display_index.clear()
-        self._stream_parts = None
         self._clear_pending = False
-
-    def _seal(self) -> None:
-        """Join the chunks of the open stream output into its text."""
-        if self._stream_parts is not None:
-            self.result.outputs[-1]["text"] = "".join(self._stream_parts)
-            self._stream_parts = None
 
     def _notify(self, out: dict) -> None:
         if self.on_output is not None:
             self.on_output(out)
 
     def finish(self) -> Result:
-        """The result so far, with stream chunks joined."""
-        self._seal()
+        """The result so far."""
         res = self.result
         if self.reply is None and self.idle and not self.died:
             # idle without a reply (lost with a dropped connection): judge by the outputs
@@ -1402,7 +1399,7 @@ def _runtime_dir() -> str:
     return os.environ.get("JUPYTER_RUNTIME_DIR") or os.path.join(_data_dir(), "runtime")
 
 
-def _pid_alive(pid: Any) -> bool:
+def _pid_alive(pid: object) -> bool:
     if not isinstance(pid, int) or pid <= 0:
         return False
     if os.name == "nt":
@@ -1565,13 +1562,13 @@ class Kernel:
                  kernel_id: str | None = None, name: str | None = None,
                  timeout: float | None = None, env: dict | None = None,
                  session: str | None = None, notebook: str | None = None,
-                 ssl_context: Any = None, protocol: str = "auto",
+                 ssl_context: object = None, protocol: str = "auto",
                  _deadline: Deadline | None = None):
         if protocol not in ("auto", "v1", "legacy"):
             raise ValueError(f"protocol must be 'auto', 'v1' or 'legacy', not {protocol!r}")
         self.url, token = resolve_server(url, token)
         self.timeout = timeout
-        self.session_id = uuid.uuid4().hex
+        self.session_id = _new_id()
         self.protocol = protocol
         self._rest = _RestClient(self.url, token, ssl_context=ssl_context)
         self._ws: WebSocket | None = None
@@ -1588,19 +1585,32 @@ class Kernel:
                 kernel_id = self._rest.find_session(session, deadline=deadline) or \
                     self._rest.create_session(session, name, deadline=deadline)
             if kernel_id:
-                info = self._rest.get_kernel(kernel_id, deadline=deadline)
+                # No REST call: the websocket handshake answers 404 for an unknown
+                # kernel, and attaching stays one round trip (no urllib import).
+                self.id, self._name = kernel_id, None
             else:
                 info = self._rest.start_kernel(name, env=env, deadline=deadline)
                 self._owned = True
-            self.id = info["id"]
-            self.name = info.get("name")
-            self._connect(deadline)
+                self.id, self._name = info["id"], info.get("name")
+            try:
+                self._connect(deadline)
+            except ServerError as exc:
+                if exc.status == 404:
+                    raise ServerError(self.url, f"has no kernel {self.id}", 404) from None
+                raise
         except BaseException:
             self.close()
             raise
 
     def __repr__(self) -> str:
         return f"<Kernel {self.id} at {self.url}>"
+
+    @property
+    def name(self) -> str | None:
+        """The kernel spec name (asked of the server when attached by id)."""
+        if self._name is None and self.id:
+            self._name = self._rest.get_kernel(self.id, deadline=Deadline(self.timeout)).get("name")
+        return self._name
 
     def __enter__(self) -> Kernel:
         return self
@@ -1654,11 +1664,11 @@ class Kernel:
     # -- execution --
 
     def execute(self, code: str, *, timeout: float | None = None,
-                on_output: Callable[[dict], Any] | None = None,
+                on_output: Callable[[dict], object] | None = None,
                 stdin: Iterable[str] | Callable[[str, bool], str] | None = None,
                 silent: bool = False, store_history: bool = True,
                 _deadline: Deadline | None = None, _keep_outputs: bool = True,
-                _on_wait: Callable[[float, float], Any] | None = None) -> Result:
+                _on_wait: Callable[[float, float], object] | None = None) -> Result:
         """Run ``code`` and return its Result once the kernel is done with it.
 
         Args:
@@ -1861,7 +1871,7 @@ def run_code(code: str, url: str | None = None, token: str | None = None, *,
              kernel_id: str | None = None, kernel_name: str | None = None,
              timeout: float | None = None,
              stdin: Iterable[str] | Callable[[str, bool], str] | None = None,
-             on_output: Callable[[dict], Any] | None = None) -> Result:
+             on_output: Callable[[dict], object] | None = None) -> Result:
     """Run ``code`` on a Jupyter kernel and return its Result.
 
     Starts a kernel (``kernel_name`` picks the spec) or attaches to
@@ -2281,7 +2291,7 @@ def _executed_notebook(notebook: dict | None, cells: list, results: list) -> dic
     notebook["nbformat"] = 4
     if notebook.setdefault("nbformat_minor", 5) >= 5:
         for cell in notebook["cells"]:
-            cell.setdefault("id", uuid.uuid4().hex[:8])
+            cell.setdefault("id", _new_id()[:8])
     return notebook
 
 
