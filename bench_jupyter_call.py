@@ -6,6 +6,7 @@ jupyter_call.py:
 
     python bench_jupyter_call.py                    # the same as: run
     python bench_jupyter_call.py run [--rounds N] [--latency-n 300] [--mb 50] [--only NAMES]
+    python bench_jupyter_call.py cli-rss [--mb 500]
     python bench_jupyter_call.py autobahn URL AGENT
 
 Subcommands:
@@ -19,6 +20,10 @@ Subcommands:
   sample    One in-process sample against a running server, printed as JSON;
             ``run`` starts one fresh process of it per sample. ``--profile``
             prints the cProfile top functions to stderr.
+  cli-rss   Peak RSS of the jupyter_call command line while it prints a large
+            output (default 500 MB, target: under 60 MB) to a pipe this script
+            drains and counts, for each --protocol, next to the same command
+            running ``pass``; on a private server with rate limits off.
   autobahn  Autobahn|Testsuite echo client for jupyter_call.WebSocket. Run it
             through the kit: bash run.sh -- python bench_jupyter_call.py autobahn {url} {agent}
 """
@@ -1034,6 +1039,143 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if bench.failures else 0
 
 
+# ---- cli-rss: peak RSS of the command line printing a large output -------------------
+
+CLI_RSS_LIMIT = 60.0  # MB: the goal for printing 500 MB through the command line
+
+# Runs jupyter_call.py as ``python jupyter_call.py ARGS`` does (the script is
+# compiled, never cached, as __main__), then writes VmHWM to the file named by
+# its first argument, after main() returned and even when it raised. VmHWM
+# belongs to the process's address space, which exec makes new, so it starts at
+# zero here and needs no reset; ru_maxrss of a child would not do, as exec
+# carries the parent's peak over into it.
+CLI_WRAPPER = """\
+import sys
+peak_file = sys.argv.pop(1)
+sys.argv = sys.argv[1:]
+try:
+    import runpy
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    with open("/proc/self/status") as f:
+        peak = [line.split()[1] for line in f if line.startswith("VmHWM:")]
+    with open(peak_file, "w") as f:
+        f.write(peak[0] if peak else "")
+"""
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill a process started with start_new_session and anything it started."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _cli_run(server: _Server, protocol: str, code: str, mb: int) -> dict:
+    """Run the CLI once in a fresh process with ``code``; drain and count its stdout."""
+    fd, peak_file = tempfile.mkstemp(prefix="peak-", dir=server.root)
+    os.close(fd)
+    argv = [sys.executable, "-c", CLI_WRAPPER, peak_file, "jupyter_call.py", "--url", server.url,
+            "--token", server.token, "--protocol", protocol, code]
+    received = xs = 0
+    t_first = t_last = None
+    with tempfile.TemporaryFile(dir=server.root) as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(argv, cwd=HERE, env=server.env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=err, start_new_session=True)
+        timer = threading.Timer(SAMPLE_TIMEOUT, _kill_group, (proc,))
+        timer.start()
+        try:
+            while True:
+                chunk = os.read(proc.stdout.fileno(), 1 << 20)
+                if not chunk:
+                    break
+                t_last = time.perf_counter()
+                if t_first is None:
+                    t_first = t_last
+                received += len(chunk)
+                xs += chunk.count(b"x")
+            rc = proc.wait()
+        finally:
+            timer.cancel()
+            if proc.poll() is None:
+                _kill_group(proc)
+                proc.wait()
+            proc.stdout.close()
+        wall = time.perf_counter() - t0
+        err.seek(0)
+        stderr = err.read().decode("utf-8", "replace")
+    with open(peak_file) as f:
+        peak = f.read().strip()
+    os.remove(peak_file)
+    expected = mb << 20
+    # The CLI ends the last line it printed, so a newline may follow the output.
+    ok = rc == 0 and xs == expected and received - xs <= (1 if mb else 0)
+    stream = t_last - t_first if mb and t_first is not None and t_last > t_first else None
+    return {"protocol": protocol, "mb": mb, "received": received, "wall_s": wall,
+            "mb_s": mb / stream if stream else None, "rss_mb": int(peak) / 1024 if peak else None,
+            "rc": rc, "ok": ok, "stderr": stderr}
+
+
+def cmd_cli_rss(args: argparse.Namespace) -> int:
+    if args.mb < 1:
+        print("cli-rss: --mb must be at least 1", file=sys.stderr)
+        return 2
+    if not os.path.exists("/proc/self/status"):
+        print("cli-rss: needs /proc (Linux) to read a process's peak RSS (VmHWM)", file=sys.stderr)
+        return 2
+    if not _has_module("jupyter_server"):
+        print("cli-rss: needs jupyter_server (pip install notebook)", file=sys.stderr)
+        return 2
+    protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
+    if not protocols or any(p not in ("auto", "v1", "legacy") for p in protocols):
+        print("cli-rss: --protocols takes a comma-separated list of auto, v1, legacy", file=sys.stderr)
+        return 2
+    print(f"jupyter_call {jupyter_call.__version__} (jupyter_call.py sha256 {_source_digest()}) "
+          f"cli-rss: {args.mb} MB; python {sys.version.split()[0]} on {sys.platform}, "
+          f"{os.cpu_count()} cores")
+    print(f"with {_versions()}")
+    rows = []
+    server = _Server()
+    try:
+        took = server.start()
+        print(f"server: private jupyter_server on 127.0.0.1:{server.port} (started in {took:.1f} s); "
+              "rate limits are off (--ZMQChannelsWebsocketConnection.limit_rate=False)")
+        print("each row: python jupyter_call.py --url URL --token T --protocol P CODE > pipe, "
+              "a fresh process that starts and deletes its kernel")
+        print(f"CODE: pass, or {_throughput_code(args.mb)!r}", flush=True)
+        for protocol in protocols:
+            for code, mb in (("pass", 0), (_throughput_code(args.mb), args.mb)):
+                rows.append(_cli_run(server, protocol, code, mb))
+    finally:
+        server.stop()
+    base = {r["protocol"]: r["rss_mb"] for r in rows if r["mb"] == 0}
+    print(f"\ncli-rss: peak RSS (VmHWM) of the CLI process; MB/s from its first to its last "
+          f"byte of output; target: under {args.limit:g} MB")
+    print(f"  {'protocol':<9} {'output':>7} {'bytes received':>15} {'wall s':>7} {'MB/s':>6} "
+          f"{'peak RSS MB':>12} {'vs pass':>8}  {'< ' + format(args.limit, 'g') + ' MB':>7}")
+    missed = 0
+    for r in rows:
+        rss, ref = r["rss_mb"], base.get(r["protocol"])
+        under = rss is not None and rss < args.limit
+        growth = f"+{rss - ref:.1f}" if r["mb"] and rss is not None and ref is not None else ""
+        verdict = ("ok" if under else "MISS") if r["ok"] else "FAIL"
+        missed += not (under and r["ok"])
+        print(f"  {r['protocol']:<9} {'pass' if not r['mb'] else str(r['mb']) + ' MB':>7} "
+              f"{r['received']:>15} {r['wall_s']:>7.2f} {_num(r['mb_s'], 0):>6} "
+              f"{_num(rss, 1):>12} {growth:>8}  {verdict:>7}")
+    failed = [r for r in rows if not r["ok"]]
+    if failed:
+        print(f"\n{len(failed)} failed rows:")
+    for r in failed:
+        tail = " | ".join(line for line in r["stderr"].strip().splitlines()[-3:] if line.strip())
+        print(f"  {r['protocol']} {r['mb'] or 'pass'}{' MB' if r['mb'] else ''}: exit {r['rc']}, "
+              f"{r['received']} bytes received, {r['mb'] << 20} expected (+ a final newline)"
+              f"{'; stderr: ' + tail[:300] if tail else ''}")
+    return 1 if missed else 0
+
+
 # ---- command line --------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1083,6 +1225,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="run under cProfile; print the top N functions to stderr")
     p.set_defaults(func=cmd_sample)
+
+    p = commands.add_parser(
+        "cli-rss", help="peak RSS of the command line printing a large output",
+        description="Start a private jupyter_server with rate limits off, run python "
+                    "jupyter_call.py in a fresh process with a cell that writes MB megabytes to "
+                    "stdout in 1 MB flushes, drain and count its output, and print its peak RSS "
+                    "(VmHWM), next to the same command running 'pass', for each protocol.")
+    p.add_argument("--mb", type=int, default=500, metavar="MB",
+                   help="stdout written by the cell (default %(default)s)")
+    p.add_argument("--limit", type=float, default=CLI_RSS_LIMIT, metavar="MB",
+                   help="peak RSS the CLI must stay under (default %(default)g)")
+    p.add_argument("--protocols", default="auto,legacy,v1", metavar="LIST",
+                   help="values of --protocol to run, comma-separated (default %(default)s)")
+    p.set_defaults(func=cmd_cli_rss)
 
     p = commands.add_parser(
         "autobahn", help="Autobahn|Testsuite echo client for jupyter_call.WebSocket",

@@ -1264,6 +1264,7 @@ class _Execution:
         self.idle = False
         self.died: str | None = None
         self.input_request: dict | None = None
+        self.heard = False  # any message answering our request has arrived
         self.result = Result()
         self._seen: set = set()
         self._display_index: dict = {}            # display_id -> indexes into outputs
@@ -1292,6 +1293,7 @@ class _Execution:
             return
         if parent != self.msg_id:
             return  # another client's traffic, or the server's own kernel_info
+        self.heard = True
         channel = msg.get("channel")
         if msg_type == "execute_reply" and channel != "iopub":
             self._on_reply(content)
@@ -1696,9 +1698,13 @@ class Kernel:
         request = execute_request(code, session=self.session_id, silent=silent,
                                   store_history=store_history, allow_stdin=answer is not None)
         run = _Execution(request["header"]["msg_id"], on_output, keep_outputs=_keep_outputs)
-        self._send(request)
         try:
-            self._wait(run, deadline, answer, _on_wait)
+            self._send(request)
+        except WebSocketClosed:  # the idle connection dropped since the last call
+            self._reconnect(deadline, RECONNECT_ATTEMPTS)
+            self._send(request)
+        try:
+            self._wait(run, deadline, answer, _on_wait, request)
         except ExecutionTimeout as exc:
             self._interrupt_and_settle(run)
             exc.result = run.finish()
@@ -1719,7 +1725,8 @@ class Kernel:
             raise
         return run.finish()
 
-    def _wait(self, run: _Execution, deadline: Deadline, answer, on_wait=None) -> None:
+    def _wait(self, run: _Execution, deadline: Deadline, answer, on_wait=None,
+              request: dict | None = None) -> None:
         grace_end: float | None = None
         reconnects = 0
         started = quiet_since = time.monotonic()
@@ -1742,8 +1749,13 @@ class Kernel:
                     on_wait(now - quiet_since, now - started)
                 ending = grace_end is not None and now >= grace_end
                 if ending or now - quiet_since >= SILENCE_CHECK:
-                    self._check_alive(deadline)
+                    state = self._check_alive(deadline)
                     quiet_since = time.monotonic()
+                    if reconnects and not run.heard and state == "idle" and request is not None:
+                        # A request sent into a connection that was dying never
+                        # reached the kernel: nothing answered and the kernel idles.
+                        self._send(request)
+                        request = None
                 if ending:
                     return  # one of reply/idle never came; what arrived is the result
                 continue
@@ -1770,15 +1782,17 @@ class Kernel:
         value = answer(content.get("prompt", ""), bool(content.get("password"))) if answer else EOF_ANSWER
         self._send(input_reply(value, session=self.session_id, parent_header=request["header"]))
 
-    def _check_alive(self, deadline: Deadline) -> None:
+    def _check_alive(self, deadline: Deadline) -> str | None:
+        """Ask the server about the kernel: raise KernelDied if gone; else its state."""
         try:
             info = self._rest.get_kernel(self.id, deadline=Deadline(deadline.remaining(HTTP_TIMEOUT)))
         except ServerError as exc:
             if exc.status == 404:
                 raise KernelDied(self.id, "the server no longer has the kernel") from None
-            return  # the server is busy or unreachable; the websocket will tell
+            return None  # the server is busy or unreachable; the websocket will tell
         if info.get("execution_state") == "dead":
             raise KernelDied(self.id, "the server reports it dead")
+        return info.get("execution_state")
 
     def _interrupt_quietly(self) -> None:
         try:

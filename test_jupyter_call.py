@@ -1140,6 +1140,8 @@ class FakeJupyter:
             key = re.search(rb"Sec-WebSocket-Key: (\S+)", head)
             for (m, prefix), answer in self.rest.items():
                 if m == method and path.startswith(prefix):
+                    if callable(answer):
+                        answer = answer()
                     if answer is None:  # silence: hold the connection open
                         conn.recv(1)
                         return
@@ -1971,3 +1973,32 @@ def test_no_server_found_suggests_how_to_get_one(tmp_path):
     proc = cli("print(1)", env=env, timeout=60)
     assert proc.returncode == 3 and len(proc.stderr.splitlines()) == 1
     assert "no Jupyter server found" in proc.stderr and "--spawn" in proc.stderr and "--url" in proc.stderr
+
+
+def test_delete_retries_the_500_of_a_restart_race_then_gives_up():
+    answers = iter([_http_response(500, b'{"message": "restarting"}')] * 2 + [_http_response(204)])
+    fake = FakeJupyter(rest={("DELETE", "/api/kernels/"): lambda: next(answers)})
+    try:
+        fake_rest = jc._RestClient(fake.url, "t")
+        fake_rest.delete_kernel("k1")  # two 500s, then deleted: no error
+        assert fake.requests.count("DELETE /api/kernels/k1") == 3
+    finally:
+        fake.close()
+    fake = FakeJupyter(rest={("DELETE", "/api/kernels/"): _http_response(500, b'{"message": "stuck"}')})
+    try:
+        with pytest.raises(jc.ServerError, match="stuck"):
+            jc._RestClient(fake.url, "t").delete_kernel("k2")
+        assert fake.requests.count("DELETE /api/kernels/k2") == jc.DELETE_RETRIES
+    finally:
+        fake.close()
+
+
+def test_a_request_sent_as_an_idle_connection_drops_is_delivered(server, no_leaks):
+    relay = CuttingRelay(server.port, cut_after=[5])  # busy, input, result, idle, reply: then cut
+    try:
+        with jc.Kernel(relay.url, server.token, timeout=60) as k:
+            assert k.execute("1").ok
+            res = k.execute("print('again')")
+    finally:
+        relay.close()
+    assert relay.cuts == 1 and res.ok and res.stdout == "again\n"
