@@ -1154,20 +1154,20 @@ def cmd_cli_rss(args: argparse.Namespace) -> int:
     print(f"\ncli-rss: peak RSS (VmHWM) of the CLI process; MB/s from its first to its last "
           f"byte of output; target: under {args.limit:g} MB")
     print(f"  {'protocol':<9} {'output':>7} {'bytes received':>15} {'wall s':>7} {'MB/s':>6} "
-          f"{'peak RSS MB':>12} {'vs pass':>8}  {'< ' + format(args.limit, 'g') + ' MB':>7}")
+          f"{'peak RSS MB':>12} {'vs pass':>8}  {'< ' + format(args.limit, 'g') + ' MB':>7}  all bytes")
     missed = 0
     for r in rows:
         rss, ref = r["rss_mb"], base.get(r["protocol"])
         under = rss is not None and rss < args.limit
         growth = f"+{rss - ref:.1f}" if r["mb"] and rss is not None and ref is not None else ""
-        verdict = ("ok" if under else "MISS") if r["ok"] else "FAIL"
         missed += not (under and r["ok"])
         print(f"  {r['protocol']:<9} {'pass' if not r['mb'] else str(r['mb']) + ' MB':>7} "
               f"{r['received']:>15} {r['wall_s']:>7.2f} {_num(r['mb_s'], 0):>6} "
-              f"{_num(rss, 1):>12} {growth:>8}  {verdict:>7}")
+              f"{_num(rss, 1):>12} {growth:>8}  {'ok' if under else 'MISS':>7}  "
+              f"{'yes' if r['ok'] else 'NO'}")
     failed = [r for r in rows if not r["ok"]]
     if failed:
-        print(f"\n{len(failed)} failed rows:")
+        print(f"\n{len(failed)} failed row{'s' if len(failed) > 1 else ''}:")
     for r in failed:
         tail = " | ".join(line for line in r["stderr"].strip().splitlines()[-3:] if line.strip())
         print(f"  {r['protocol']} {r['mb'] or 'pass'}{' MB' if r['mb'] else ''}: exit {r['rc']}, "

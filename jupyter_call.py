@@ -57,6 +57,7 @@ EXIT_SERVER = 3        # cannot reach the server, token refused, server or proto
 EXIT_DIED = 4          # the kernel died while running the code
 EXIT_TIMEOUT = 124     # --timeout expired; the kernel was interrupted (as timeout(1))
 EXIT_INTERRUPTED = 130 # Ctrl-C; the kernel was interrupted (128 + SIGINT)
+EXIT_BROKEN_PIPE = 141 # the reader of stdout went away, as `| head` does (128 + SIGPIPE)
 
 DEFAULT_URL = "http://localhost:8888/"  # where `jupyter server` listens by default
 
@@ -1520,7 +1521,7 @@ def resolve_server(url: str | None = None, token: str | None = None) -> tuple[st
 
 # ---- Public API: Result, Kernel, run_code -------------------------------------------
 
-COMPLETION_GRACE = 3.0   # after reply or idle, how long to wait for the other
+COMPLETION_GRACE = 3.0   # after reply or idle, how long a silence ends the wait for the other
 INTERRUPT_GRACE = 5.0    # after an interrupt, how long to wait for the cell to unwind
 SILENCE_CHECK = 10.0     # with no message for this long, ask the server if the kernel lives
 RECONNECT_ATTEMPTS = 5   # websocket reconnects per execution before giving up
@@ -1732,8 +1733,10 @@ class Kernel:
         started = quiet_since = time.monotonic()
         while not run.done:
             now = time.monotonic()
-            if run.started and grace_end is None:
-                grace_end = now + COMPLETION_GRACE
+            if run.started:
+                # The grace counts silence, not time since the reply: a server that
+                # lags behind the kernel still streams output after the reply came.
+                grace_end = quiet_since + COMPLETION_GRACE
             if deadline.expired:
                 raise ExecutionTimeout(deadline.timeout)
             wait = deadline.remaining(STATUS_TICK if on_wait else SILENCE_CHECK)
@@ -1933,6 +1936,7 @@ exit codes:
   4    the kernel died
   124  timeout (the kernel was interrupted)
   130  Ctrl-C (the kernel was interrupted; a second Ctrl-C gives up at once)
+  141  the reader of stdout went away (as with | head)
 """
 
 
@@ -2186,7 +2190,9 @@ def _list(args, out) -> int:
         rest = _RestClient(info["url"], info.get("token") or None)
         try:
             if not entry["version"]:
-                entry["version"] = (rest.request("GET", "api", deadline=Deadline(10.0)) or {}).get("version")
+                about = rest.request("GET", "api", deadline=Deadline(10.0)) or {}
+                # gateways report their own version beside that of the server they build on
+                entry["version"] = about.get("gateway_version") or about.get("version")
             entry["kernels"] = rest.list_kernels(deadline=Deadline(10.0))
         except (JupyterError, OSError, AttributeError) as exc:
             entry["error"] = str(exc)
@@ -2197,7 +2203,8 @@ def _list(args, out) -> int:
     if not rows:
         out.write("no running Jupyter servers found\n")
     for entry in rows:
-        out.write(f"{entry['url']}  version {entry['version'] or '?'}  root {entry['root_dir'] or '?'}\n")
+        root = f"  root {entry['root_dir']}" if entry["root_dir"] else ""
+        out.write(f"{entry['url']}  version {entry['version'] or '?'}{root}\n")
         if entry["error"]:
             out.write(f"  ({entry['error']})\n")
         for k in entry["kernels"] or []:
@@ -2263,6 +2270,13 @@ def main(argv: list | None = None) -> int:
     except JupyterError as exc:
         err.write(f"jupyter_call: error: {exc}\n")
         return EXIT_SERVER
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, as a process killed by SIGPIPE.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return EXIT_BROKEN_PIPE
 
 
 def _split_cells(text: str, path: str | None) -> tuple[list, dict | None]:

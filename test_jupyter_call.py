@@ -2002,3 +2002,55 @@ def test_a_request_sent_as_an_idle_connection_drops_is_delivered(server, no_leak
     finally:
         relay.close()
     assert relay.cuts == 1 and res.ok and res.stdout == "again\n"
+
+
+def test_cli_stops_quietly_when_the_reader_goes_away(server, no_leaks):
+    cmd = [sys.executable, str(MODULE), "--url", server.url, "--token", server.token,
+           "import time\nfor i in range(100000):\n    print(i, flush=True)\n    time.sleep(0.001)"]
+    proc = subprocess.Popen(cmd, env=server.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"0\n"
+        proc.stdout.close()  # as `| head -1` does
+        assert proc.wait(60) == jc.EXIT_BROKEN_PIPE == 141
+        assert b'jupyter_call.py", line' not in proc.stderr.read()  # no Python traceback of ours
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_output_that_lags_behind_the_reply_is_not_cut_off():
+    """A server that falls behind sends the reply first and streams for longer than the grace."""
+    def script(conn, key):
+        _upgrade(conn, key)
+        buf = bytearray()
+        while True:
+            frame, used = parse_frame(buf, masked=True)
+            if frame is not None:
+                break
+            buf += conn.recv(65536)
+        request = json.loads(frame.payload)
+        parent = request["header"]
+
+        def send(msg_type, content, channel="iopub"):
+            msg = {"header": {"msg_id": secrets.token_hex(8), "msg_type": msg_type}, "parent_header": parent,
+                   "metadata": {}, "content": content, "channel": channel}
+            conn.sendall(Frame(Opcode.TEXT, json.dumps(msg).encode()).serialize())
+        send("status", {"execution_state": "busy"})
+        send("execute_reply", {"status": "ok", "execution_count": 1}, channel="shell")
+        stop = time.monotonic() + jc.COMPLETION_GRACE + 1.5
+        n = 0
+        while time.monotonic() < stop:  # the lagging server: output keeps coming after the reply
+            send("stream", {"name": "stdout", "text": f"{n}\n"})
+            n += 1
+            time.sleep(0.25)
+        send("stream", {"name": "stdout", "text": "last\n"})
+        send("status", {"execution_state": "idle"})
+        while conn.recv(65536):
+            pass
+    fake = FakeJupyter(ws=script)
+    try:
+        res = jc.run_code("print(...)", fake.url, "t", timeout=30)
+    finally:
+        fake.close()
+    lines = res.stdout.splitlines()
+    assert res.ok and lines[-1] == "last" and lines[:-1] == [str(i) for i in range(len(lines) - 1)]
