@@ -406,8 +406,8 @@ class WebSocket:
             proxy: an ``http://[user:pass@]host:port`` proxy to tunnel through (HTTP CONNECT).
         Raises:
             ServerError (AuthError for 401/403) when the server answers another
-            status than 101; WebSocketError when the answer breaks RFC 6455;
-            ServerError for network errors; ExecutionTimeout when time runs out.
+            status than 101, for network errors and when time runs out;
+            WebSocketError when the answer breaks RFC 6455.
         """
         deadline = _deadline or Deadline(timeout)
         parts = urlsplit(url)
@@ -782,6 +782,9 @@ def _os_reason(exc: BaseException) -> str:
         return "connection reset"
     if isinstance(exc, socket.gaierror):
         return f"unknown host ({exc.strerror})"
+    if type(exc).__name__ == "SSLCertVerificationError":  # without importing ssl
+        return (f"its TLS certificate is not trusted ({getattr(exc, 'verify_message', exc)}): "
+                f"pass --cafile or set SSL_CERT_FILE for a private CA, or --insecure")
     text = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc) or type(exc).__name__
     return str(text)
 
@@ -1618,8 +1621,12 @@ class Kernel:
     def __enter__(self) -> Kernel:
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.close()
+        except JupyterError:
+            if exc_type is None:
+                raise  # else the error that ended the block matters more than the cleanup's
 
     # -- connection --
 
@@ -2365,10 +2372,11 @@ def _main(argv, out, err) -> int:
     try:
         kernel = _open_kernel(args, url, token, deadline, env, ssl_context)
         try:
-            if args.keep and kernel._owned:
-                kernel._owned = False
-                err.write(f"jupyter_call: kernel {kernel.id} kept running at {kernel.url}\n")
-            _run_cells(kernel, cells, args, printer, stdin, deadline, results)
+            with kernel:  # deletes a kernel it started, whatever happens
+                if args.keep and kernel._owned:
+                    kernel._owned = False
+                    err.write(f"jupyter_call: kernel {kernel.id} kept running at {kernel.url}\n")
+                _run_cells(kernel, cells, args, printer, stdin, deadline, results)
         except (ExecutionTimeout, KernelDied) as exc:
             if exc.result is not None:
                 results.append(exc.result)
@@ -2376,7 +2384,6 @@ def _main(argv, out, err) -> int:
                 _print_json(out, results, len(cells) > 1 or notebook is not None)
             raise
         finally:
-            kernel.close()
             if args.write:
                 _write_notebook(args.write, notebook, cells, results)
     finally:
