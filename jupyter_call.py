@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import codecs
+import collections
 import dataclasses
 import enum
 import json
@@ -354,6 +355,10 @@ def _ssl_module():
     return ssl
 
 
+def _within(timeout: float | None) -> str:
+    return f" within {timeout:g} s" if timeout is not None else " (the system's timeout)"
+
+
 def _set_timeout(sock: socket.socket, deadline: Deadline) -> None:
     left = deadline.remaining()
     if left is not None and left <= 0:
@@ -420,7 +425,7 @@ class WebSocket:
         try:
             sock = _open_socket(parts.hostname, port, unix_socket, proxy, deadline)
         except socket.timeout:
-            raise ServerError(origin, f"did not accept a connection within {deadline.timeout:g} s") from None
+            raise ServerError(origin, f"did not accept a connection{_within(deadline.timeout)}") from None
         except OSError as exc:
             raise ServerError(origin, f"is not reachable: {_os_reason(exc)}") from exc
         try:
@@ -435,9 +440,9 @@ class WebSocket:
         except BaseException as exc:
             sock.close()
             if isinstance(exc, socket.timeout):
-                raise ServerError(origin, f"did not complete the websocket handshake within "
-                                          f"{deadline.timeout:g} s") from None
-            if isinstance(exc, OSError) and not isinstance(exc, socket.timeout):
+                raise ServerError(origin, f"did not complete the websocket handshake"
+                                          f"{_within(deadline.timeout)}") from None
+            if isinstance(exc, OSError):
                 raise ServerError(origin, f"is not reachable: {_os_reason(exc)}") from exc
             raise
         return ws
@@ -479,12 +484,17 @@ class WebSocket:
 
     # -- sending --
 
-    def send(self, message: str | bytes) -> None:
-        """Send a whole message: text for ``str``, binary for ``bytes``."""
+    def send(self, message: str | bytes, *, timeout: float | None = None) -> None:
+        """Send a whole message: text for ``str``, binary for ``bytes``.
+
+        With ``timeout``, a send that cannot finish in time closes the connection
+        and raises WebSocketClosed.
+        """
+        deadline = Deadline(timeout) if timeout is not None else None
         if isinstance(message, str):
-            self._send_frame(Frame(TEXT, message.encode("utf-8")))
+            self._send_frame(Frame(TEXT, message.encode("utf-8")), deadline)
         else:
-            self._send_frame(Frame(BINARY, bytes(message)))
+            self._send_frame(Frame(BINARY, bytes(message)), deadline)
 
     def ping(self, payload: bytes = b"") -> None:
         """Send a ping; the pong is consumed inside ``recv``."""
@@ -498,8 +508,8 @@ class WebSocket:
         try:
             self.sock.settimeout(deadline.remaining() if deadline else None)
             self.sock.sendall(data)
-        except socket.timeout:
-            raise
+        except socket.timeout:  # part of the frame may be out: the connection is unusable
+            self._abort(f"a send did not finish{_within(deadline.timeout if deadline else None)}")
         except OSError as exc:
             self._abort(f"send failed: {_os_reason(exc)}")
 
@@ -525,7 +535,7 @@ class WebSocket:
                 if message is not None:
                     return message
         except socket.timeout:
-            raise TimeoutError(f"no websocket message within {timeout:g} s") from None
+            raise TimeoutError(f"no websocket message{_within(timeout)}") from None
         except WebSocketClosed:
             raise
         except (WebSocketError, UnicodeDecodeError) as exc:
@@ -814,6 +824,7 @@ class _RestClient:
                 deadline: Deadline | None = None, host: str | None = None,
                 probe: bool = True) -> object:
         """Send one request; return the decoded JSON answer (None for 204)."""
+        import http.client
         import urllib.error
         import urllib.request
         data = json.dumps(body).encode("utf-8") if body is not None else None
@@ -848,6 +859,8 @@ class _RestClient:
             if isinstance(reason, socket.timeout):
                 raise ServerError(self.url, f"did not answer {method} {path} within {timeout:g} s") from None
             raise ServerError(self.url, f"is not reachable: {_os_reason(reason)}") from exc
+        except http.client.HTTPException as exc:  # a bad URL or an answer that is not HTTP
+            raise ServerError(self.url, f"broke HTTP ({type(exc).__name__}: {exc})") from None
         if len(raw) > MAX_REST_BODY:
             raise ServerError(self.url, f"sent more than {MAX_REST_BODY} bytes for {path}")
         if not raw.strip():
@@ -884,7 +897,7 @@ class _RestClient:
             try:
                 with self._open(req, (deadline or Deadline(None)).remaining(HTTP_TIMEOUT)) as resp:
                     self._note_cookies(resp.headers)
-            except OSError as exc:  # jupyter_server sets the cookie even on its 404 login page
+            except (OSError, ValueError) as exc:  # jupyter_server sets it even on its 404 login page
                 if getattr(exc, "headers", None) is not None:
                     self._note_cookies(exc.headers)
             self._xsrf = self._xsrf or ""
@@ -1075,6 +1088,7 @@ PROTOCOL_VERSION = "5.3"                      # the message spec version we spea
 V1_SUBPROTOCOL = "v1.kernel.websocket.jupyter.org"
 OUTPUT_TYPES = ("stream", "display_data", "execute_result", "error")
 RATE_LIMIT_MARKERS = ("IOPub data rate exceeded", "IOPub message rate exceeded")
+SEEN_IDS = 10_000  # message ids remembered to drop replays (bounds memory on long cells)
 EOF_ANSWER = "\x04"  # sent when scripted stdin runs out: the kernel raises EOFError
 
 
@@ -1270,7 +1284,7 @@ class _Execution:
         self.input_request: dict | None = None
         self.heard = False  # any message answering our request has arrived
         self.result = Result()
-        self._seen: set = set()
+        self._seen = collections.OrderedDict()  # recent msg_ids, to drop replays
         self._display_index: dict = {}            # display_id -> indexes into outputs
         self._clear_pending = False
 
@@ -1288,7 +1302,9 @@ class _Execution:
         if msg_id:
             if msg_id in self._seen:  # a replay after a reconnect
                 return
-            self._seen.add(msg_id)
+            self._seen[msg_id] = None
+            if len(self._seen) > SEEN_IDS:
+                self._seen.popitem(last=False)
         msg_type = header.get("msg_type")
         content = msg["content"]
         parent = (msg.get("parent_header") or {}).get("msg_id")
@@ -1473,15 +1489,30 @@ def list_servers(runtime_dir: str | None = None) -> list:
     return [info for _, info in found]
 
 
-def _normalize_url(url: str) -> str:
-    """Add the scheme and trailing slash; a wildcard host (0.0.0.0, ::) means loopback."""
+def _normalize_url(url: str) -> tuple[str, str | None]:
+    """The base URL (scheme, trailing slash, no query) and a ``?token=`` it carried.
+
+    URLs copied from Jupyter's log carry the token in the query; it moves to the
+    Authorization header and never appears in a URL or a message. A wildcard
+    host (0.0.0.0, ::) means loopback.
+    """
     url = url.strip()
     if "://" not in url:
         url = "http://" + url
     parts = urlsplit(url)
+    token = None
+    for pair in parts.query.split("&"):
+        key, _, value = pair.partition("=")
+        if key == "token" and value:
+            token = unquote(value)
+    netloc = parts.netloc.rpartition("@")[2]
     if parts.hostname in ("0.0.0.0", "::") and parts.port:
-        url = parts._replace(netloc=f"127.0.0.1:{parts.port}").geturl()
-    return url if url.endswith("/") else url + "/"
+        netloc = f"127.0.0.1:{parts.port}"
+    path = parts.path
+    if token is not None:  # a link from Jupyter's log points into the UI: /lab, /tree, /notebooks
+        path = re.sub(r"/(lab|tree|notebooks)(/.*)?$", "/", path)
+    path = path if path.endswith("/") else path + "/"
+    return f"{parts.scheme}://{netloc}{path}", token
 
 
 def _env_token() -> str | None:
@@ -1504,6 +1535,8 @@ def resolve_server(url: str | None = None, token: str | None = None) -> tuple[st
         url = os.environ.get("JUPYTER_URL") or os.environ.get("JUPYTERHUB_SERVICE_URL") or None
     if token is None:
         token = _env_token()
+    if url is not None and token is None:
+        token = _normalize_url(url)[1]
     if url is None or token is None:
         servers = list_servers()
         if url is None:
@@ -1514,12 +1547,13 @@ def resolve_server(url: str | None = None, token: str | None = None) -> tuple[st
             else:
                 url = DEFAULT_URL
         elif token is None:
-            wanted = _normalize_url(url)
+            wanted = _normalize_url(url)[0]
             for info in servers:
                 if _same_origin(info["url"], wanted) and urlsplit(info["url"]).path == urlsplit(wanted).path:
                     token = info.get("token") or None
                     break
-    return _normalize_url(url), token
+    url, url_token = _normalize_url(url)
+    return url, token if token is not None else url_token
 
 
 # ---- Public API: Result, Kernel, run_code -------------------------------------------
@@ -1561,7 +1595,9 @@ class Kernel:
         protocol: "auto" (offer the v1 binary protocol, fall back to legacy),
             "v1" or "legacy".
     Raises:
-        ServerError, AuthError, ExecutionTimeout, WebSocketError.
+        ServerError (AuthError for a refused token; also when starting or
+        connecting runs out of time), WebSocketError, JupyterError (an
+        unreadable $JUPYTER_TOKEN_FILE), ValueError (an unknown ``protocol``).
     """
 
     def __init__(self, url: str | None = None, token: str | None = None, *,
@@ -1669,7 +1705,7 @@ class Kernel:
         raise last  # type: ignore[misc]
 
     def _send(self, msg: dict) -> None:
-        self._ws.send(encode_message(msg, protocol=self._wire))
+        self._ws.send(encode_message(msg, protocol=self._wire), timeout=HTTP_TIMEOUT)
 
     # -- execution --
 
@@ -1696,8 +1732,8 @@ class Kernel:
             the Result; its ``status`` may be "error": see ``raise_for_error``.
         Raises:
             ExecutionTimeout (with the partial ``.result``), KernelDied,
-            ServerError, WebSocketError. On Ctrl-C the kernel is interrupted
-            and KeyboardInterrupt re-raised.
+            ServerError, WebSocketError, JupyterError (the Kernel is closed).
+            On Ctrl-C the kernel is interrupted and KeyboardInterrupt re-raised.
         """
         if self._ws is None:
             raise JupyterError("the kernel is closed")
@@ -1784,8 +1820,8 @@ class Kernel:
             if run.died:
                 raise KernelDied(self.id, run.died)
             if run.input_request is not None:
-                request, run.input_request = run.input_request, None
-                self._answer_input(request, answer)
+                prompt, run.input_request = run.input_request, None
+                self._answer_input(prompt, answer)
 
     def _answer_input(self, request: dict, answer) -> None:
         content = request["content"]
@@ -1839,7 +1875,7 @@ class Kernel:
 
     def restart(self) -> None:
         """Restart the kernel and wait until it answers: its state is lost; the connection stays."""
-        deadline = Deadline(self.timeout)
+        deadline = Deadline(self.timeout if self.timeout is not None else HANDSHAKE_TIMEOUT)
         self._rest.restart_kernel(self.id, deadline=deadline)
         self._wait_ready(deadline)
 
@@ -1869,14 +1905,16 @@ class Kernel:
     def close(self) -> None:
         """Close the connection, and delete the kernel if this object started it."""
         ws, self._ws = self._ws, None
-        if ws is not None:
-            try:
-                ws.close()
-            except Exception:
-                pass
-        if self._owned and self.id:
-            self._owned = False
-            self._rest.delete_kernel(self.id)
+        try:
+            if ws is not None:
+                try:
+                    ws.close()
+                except Exception:
+                    pass
+        finally:
+            if self._owned and self.id:
+                self._owned = False
+                self._rest.delete_kernel(self.id)
 
 
 def _stdin_answerer(stdin) -> Callable[[str, bool], str] | None:
@@ -2052,9 +2090,12 @@ class _Printer:
                 self.count += 1
                 prefix = f"cell-{self.cell}-" if self.cell is not None else ""
                 path = os.path.join(self.output_dir, f"{prefix}out-{self.count}.{ext}")
-                os.makedirs(self.output_dir, exist_ok=True)
-                with open(path, "wb") as f:
-                    f.write(blob)
+                try:
+                    os.makedirs(self.output_dir, exist_ok=True)
+                    with open(path, "wb") as f:
+                        f.write(blob)
+                except OSError as exc:
+                    raise _UsageError(f"cannot write {path}: {exc.strerror}") from None
                 self._write("out", f"[{mime} {_size(len(blob))} saved to {path}]\n")
             elif encoded or text is None:
                 self._write("out", f"[{mime} {_size(len(blob))}: use --output-dir to save]\n")
@@ -2117,7 +2158,10 @@ def _read_code(args) -> tuple[str, bool]:
     if args.file is not None and args.code is not None:
         raise _UsageError("give the code as an argument or with -f, not both")
     if args.file == "-":
-        return sys.stdin.read(), True
+        try:
+            return sys.stdin.read(), True
+        except UnicodeDecodeError:
+            raise _UsageError("the code on stdin is not valid UTF-8") from None
     if args.file is not None:
         try:
             with open(args.file, encoding="utf-8") as f:
@@ -2185,7 +2229,7 @@ def _stop_server(proc, folder: str) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def _list(args, out) -> int:
+def _list(args, out, ssl_context=None) -> int:
     servers = list_servers()
     if args.url:
         url, token = resolve_server(args.url, args.token)
@@ -2194,7 +2238,7 @@ def _list(args, out) -> int:
     for info in servers:
         entry = {"url": info["url"], "version": info.get("version"), "root_dir": info.get("root_dir"),
                  "kernels": None, "error": None}
-        rest = _RestClient(info["url"], info.get("token") or None)
+        rest = _RestClient(info["url"], info.get("token") or None, ssl_context=ssl_context)
         try:
             if not entry["version"]:
                 about = rest.request("GET", "api", deadline=Deadline(10.0)) or {}
@@ -2345,18 +2389,20 @@ def _open_kernel(args, url, token, deadline, env, ssl_context) -> Kernel:
 
 def _main(argv, out, err) -> int:
     args = _parser().parse_args(argv)
-    if args.timeout is not None and args.timeout <= 0:
+    if args.timeout is not None and not 0 < args.timeout < float("inf"):
         raise _UsageError("--timeout must be a positive number of seconds")
     if sum(bool(x) for x in (args.kernel_id, args.session, args.notebook)) > 1:
         raise _UsageError("choose one of --kernel-id, --session and --notebook")
+    if args.keep and args.spawn:
+        raise _UsageError("--keep cannot keep a kernel of the server that --spawn stops afterwards")
+    ssl_context = _ssl_context_from(args, err)
     if args.list:
-        return _list(args, out)
+        return _list(args, out, ssl_context)
     text, code_from_stdin = _read_code(args)
     cells, notebook = _split_cells(text, args.file)
     env = _parse_env(args.env)
-    ssl_context = _ssl_context_from(args, err)
     if args.input is not None:
-        stdin = list(args.input)
+        stdin = iter(args.input)  # one iterator: later cells get the answers that are left
     elif not code_from_stdin and _isatty(sys.stdin):
         stdin = _terminal_stdin
     else:
@@ -2377,15 +2423,20 @@ def _main(argv, out, err) -> int:
                     kernel._owned = False
                     err.write(f"jupyter_call: kernel {kernel.id} kept running at {kernel.url}\n")
                 _run_cells(kernel, cells, args, printer, stdin, deadline, results)
-        except (ExecutionTimeout, KernelDied) as exc:
-            if exc.result is not None:
+        except BaseException as exc:
+            # What did arrive is still printed (--json) and written (--write).
+            if isinstance(exc, (ExecutionTimeout, KernelDied)) and exc.result is not None:
                 results.append(exc.result)
             if args.json:
                 _print_json(out, results, len(cells) > 1 or notebook is not None)
-            raise
-        finally:
             if args.write:
-                _write_notebook(args.write, notebook, cells, results)
+                try:
+                    _write_notebook(args.write, notebook, cells, results)
+                except _UsageError as write_error:
+                    err.write(f"jupyter_call: {write_error}\n")
+            raise
+        if args.write:
+            _write_notebook(args.write, notebook, cells, results)
     finally:
         if spawned is not None:
             _stop_server(spawned[0], spawned[3])

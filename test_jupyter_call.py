@@ -1053,6 +1053,9 @@ def test_cli_spawn_runs_on_a_private_server(tmp_path):
     (["--timeout", "0", "1"], "--timeout"),
     (["--no-such-flag", "1"], "unrecognized arguments"),
     (["-f", "x.py", "1"], "not both"),
+    (["--timeout", "nan", "1"], "--timeout"),
+    (["--keep", "--spawn", "1"], "--keep cannot keep"),
+    (["--session", "a", "--kernel-id", "b", "1"], "choose one of"),
 ])
 def test_cli_usage_errors_exit_2_with_one_line(args, words):
     proc = cli(*args, timeout=30)
@@ -1098,7 +1101,34 @@ def _http_response(status, body=b"", content_type="application/json"):
             % (status, content_type.encode(), len(body), body))
 
 
-class FakeJupyter:
+class LoopbackServer:
+    """Listens on a free 127.0.0.1 port and serves each connection in a thread (``_serve``)."""
+
+    def __init__(self):
+        self.conns: list = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        raise NotImplementedError
+
+    def close(self):
+        self.listener.close()
+        for conn in self.conns:
+            conn.close()
+
+
+class FakeJupyter(LoopbackServer):
     """A hostile or broken stand-in for a Jupyter server.
 
     It answers the REST calls of one kernel ``fake`` (unless ``rest`` overrides a
@@ -1110,19 +1140,8 @@ class FakeJupyter:
         self.ws, self.rest = ws, rest or {}
         self.requests: list = []
         self.heads: list = []
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/"
-        self.conns: list = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        super().__init__()
+        self.url = f"http://127.0.0.1:{self.port}/"
 
     def _serve(self, conn):
         try:
@@ -1158,11 +1177,6 @@ class FakeJupyter:
         except OSError:
             pass
         finally:
-            conn.close()
-
-    def close(self):
-        self.listener.close()
-        for conn in self.conns:
             conn.close()
 
 
@@ -1231,7 +1245,7 @@ def test_hostile_peer_errors_are_jupyter_errors_in_the_api():
             fake.close()
 
 
-class CuttingRelay:
+class CuttingRelay(LoopbackServer):
     """A TCP relay to the real server that cuts websocket connections at chosen points.
 
     ``cut_after[i]`` is how many server frames the i-th websocket connection
@@ -1243,20 +1257,14 @@ class CuttingRelay:
         self.target_port = target_port
         self.cut_after = list(cut_after)
         self.cuts = 0
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/"
         self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
+        self.url = f"http://127.0.0.1:{self.port}/"
 
-    def _accept(self):
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._down, args=(upstream, client), daemon=True).start()
+    def _serve(self, client):
+        upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+        self._down(upstream, client)
 
     @staticmethod
     def _pump(src, dst):
@@ -1317,9 +1325,6 @@ class CuttingRelay:
             except OSError:
                 pass
             s.close()
-
-    def close(self):
-        self.listener.close()
 
 
 NUMBERED_LINES = ("import time\nfor i in range(200):\n    print(f'line {i}', flush=True)\n"
@@ -1633,7 +1638,7 @@ def test_token_required_jupyterhub_not_running_and_missing_kernel_lines(server, 
     assert proc.returncode == 3 and "has no kernel nope" in proc.stderr
 
 
-class ConnectProxy:
+class ConnectProxy(LoopbackServer):
     """An HTTP proxy for the tests: CONNECT tunnels and absolute-form requests.
 
     Every host name resolves to 127.0.0.1, so a made-up name that is not
@@ -1641,18 +1646,9 @@ class ConnectProxy:
     """
 
     def __init__(self):
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.requests: list = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        super().__init__()
+        self.url = f"http://127.0.0.1:{self.port}"
 
     def _serve(self, conn):
         head = b""
@@ -1679,9 +1675,6 @@ class ConnectProxy:
                              + b"\r\n\r\n" + rest)
         threading.Thread(target=CuttingRelay._pump, args=(conn, upstream), daemon=True).start()
         CuttingRelay._pump(upstream, conn)
-
-    def close(self):
-        self.listener.close()
 
 
 @pytest.fixture(scope="module")
@@ -2054,3 +2047,28 @@ def test_output_that_lags_behind_the_reply_is_not_cut_off():
         fake.close()
     lines = res.stdout.splitlines()
     assert res.ok and lines[-1] == "last" and lines[:-1] == [str(i) for i in range(len(lines) - 1)]
+
+
+def test_a_url_copied_from_jupyters_log_works_and_its_token_is_never_shown(server, no_leaks):
+    assert jc.resolve_server("http://h:1/lab?token=abc") == ("http://h:1/", "abc")
+    assert jc.resolve_server("http://h:1/base/tree?token=a%2Fb", "given") == ("http://h:1/base/", "given")
+    proc = cli("--url", f"{server.url}lab?token={server.token}", "print('from log url')", env=server.env)
+    assert (proc.returncode, proc.stdout) == (0, "from log url\n"), proc.stderr
+    proc = cli("--url", f"{server.url}lab?token=secret-in-url", "print(1)", env=server.env)
+    assert proc.returncode == 3 and "refused the token" in proc.stderr and "secret-in-url" not in proc.stderr
+
+
+def test_input_answers_carry_over_from_cell_to_cell(server, tmp_path, no_leaks):
+    path = tmp_path / "ask.py"
+    path.write_text("# %%\nprint(input())\n# %%\nprint(input())\n")
+    proc = cli("-f", str(path), "--input", "first", "--input", "second", server=server)
+    assert proc.returncode == 0
+    assert proc.stdout.splitlines() == ["-- cell 1/2 --", "first", "-- cell 2/2 --", "second"]
+
+
+def test_unwritable_output_dir_is_a_usage_error_and_the_kernel_is_deleted(server, tmp_path, no_leaks):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code = f"from IPython.display import display\ndisplay({{'image/png': {base64.b64encode(_tiny_png()).decode()!r}}}, raw=True)"
+    proc = cli("--output-dir", str(blocker / "sub"), code, server=server)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and "cannot write" in proc.stderr
