@@ -639,7 +639,7 @@ class JupyterServer:
     """A real server in a subprocess: jupyter_server (any options) or the kernel gateway."""
 
     def __init__(self, root: Path, extra_args=(), *, base_url="/", scheme="http", token=True,
-                 sock=None, gateway=False, ssl_context=None):
+                 sock=None, gateway=False, ssl_context=None, config=None):
         self.root = root
         self.token = secrets.token_hex(16) if token else None
         self.port = _free_port()
@@ -654,6 +654,9 @@ class JupyterServer:
                     "JUPYTERHUB_SERVICE_URL"):
             self.env.pop(var, None)
         (root / "home").mkdir()
+        if config:
+            (root / "config").mkdir()
+            (root / "config" / "jupyter_server_config.py").write_text(config + "\n")
         self.log: list = []
         if gateway:
             cmd = [sys.executable, "-m", "kernel_gateway", "--KernelGatewayApp.ip=127.0.0.1",
@@ -1680,7 +1683,9 @@ class ConnectProxy(LoopbackServer):
 @pytest.fixture(scope="module")
 def remote_server(tmp_path_factory):
     srv = JupyterServer(tmp_path_factory.mktemp("remote"), ["--ZMQChannelsWebsocketConnection.limit_rate=False",
-                                                            "--ServerApp.allow_remote_access=True"])
+                                                            "--ServerApp.allow_remote_access=True"],
+                        # ping every 0.5 s; drop a client whose pong is 1.5 s late
+                        config="c.ServerApp.tornado_settings = {'ws_ping_interval': 500, 'ws_ping_timeout': 1500}")
     try:
         yield srv
     finally:
@@ -2072,3 +2077,12 @@ def test_unwritable_output_dir_is_a_usage_error_and_the_kernel_is_deleted(server
     code = f"from IPython.display import display\ndisplay({{'image/png': {base64.b64encode(_tiny_png()).decode()!r}}}, raw=True)"
     proc = cli("--output-dir", str(blocker / "sub"), code, server=server)
     assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and "cannot write" in proc.stderr
+
+
+def test_server_pings_are_answered_during_a_long_silent_cell(remote_server):
+    """The server pings every 0.5 s and drops a client whose pong is 1.5 s late."""
+    with jc.Kernel(remote_server.url, remote_server.token, timeout=60) as k:
+        connection = k._ws
+        res = k.execute("import time; time.sleep(5); print('awake')")
+        assert res.stdout == "awake\n"
+        assert k._ws is connection  # never dropped, so never reconnected
