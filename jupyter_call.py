@@ -196,12 +196,16 @@ PAYLOAD_LENGTH_TWO_BYTE = 126
 PAYLOAD_LENGTH_EIGHT_BYTE = 127
 MAX_CONTROL_PAYLOAD = 125  # 5.5: control frames carry at most 125 bytes
 
+RSV1_MASK = 0x40  # RFC 7692 6: marks the first frame of a compressed message
+
 # 1.3: the server proves it read our key by hashing it with this GUID.
 WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 MAX_MESSAGE_SIZE = 256 * 2**20  # default bound on one message: fits a 100 MB notebook output
 MAX_HANDSHAKE = 64 * 1024       # bound on the HTTP 101 answer (status line + headers)
 CLOSE_TIMEOUT = 2.0             # how long to wait for the peer's side of the close handshake
+DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
+DEFLATE_TAIL = b"\x00\x00\xff\xff"  # RFC 7692 7.2.1: stripped after compressing, added back before inflating
 
 
 def accept_key(key: str) -> str:
@@ -275,6 +279,8 @@ def parse_frame(data: bytes | bytearray, *, max_size: int | None = MAX_MESSAGE_S
         raise WebSocketError(CloseCode.PROTOCOL_ERROR, f"{state} frame from the peer")
     if opcode in CONTROL_OPCODES:
         # 5.5: control frames MUST NOT be fragmented and carry at most 125 bytes.
+        if rsv:  # RFC 7692 6.1: RSV1 is for data messages only
+            raise WebSocketError(CloseCode.PROTOCOL_ERROR, f"control frame with reserved bits 0x{rsv:02x}")
         if not fin:
             raise WebSocketError(CloseCode.PROTOCOL_ERROR, "fragmented control frame")
         if length > MAX_CONTROL_PAYLOAD:
@@ -331,6 +337,32 @@ def parse_close(payload: bytes) -> tuple[int, str]:
     return code, reason
 
 
+def parse_deflate_answer(value: str) -> dict:
+    """The parameters a server chose for permessage-deflate (RFC 7692 7.1); raises if invalid."""
+    fail = lambda why: WebSocketError(CloseCode.PROTOCOL_ERROR, f"bad permessage-deflate answer: {why}")
+    offers = [o.strip() for o in value.split(",") if o.strip()]
+    if len(offers) != 1:
+        raise fail("more than one extension")
+    name, *params = [p.strip() for p in offers[0].split(";")]
+    if name != "permessage-deflate":
+        raise fail(f"unknown extension {name!r}")
+    chosen: dict = {}
+    for param in params:
+        key, sep, raw = (x.strip() for x in param.partition("="))
+        if key in chosen:
+            raise fail(f"{key} given twice")
+        if key in ("server_no_context_takeover", "client_no_context_takeover") and not sep:
+            chosen[key] = True
+        elif key in ("server_max_window_bits", "client_max_window_bits") and sep:
+            bits = raw.strip('"')
+            if not bits.isdigit() or not 8 <= int(bits) <= 15 or bits != str(int(bits)):
+                raise fail(f"{key}={raw}")
+            chosen[key] = int(bits)
+        else:
+            raise fail(f"parameter {param!r}")
+    return chosen
+
+
 def close_code_for(exc: BaseException) -> int:
     """The one place that maps a failure to the close code we send (7.4.1)."""
     if isinstance(exc, WebSocketError):
@@ -374,8 +406,12 @@ class WebSocket:
     """
 
     def __init__(self, sock: socket.socket, *, subprotocol: str | None = None,
-                 max_size: int | None = MAX_MESSAGE_SIZE, buffered: bytes = b""):
+                 max_size: int | None = MAX_MESSAGE_SIZE, buffered: bytes = b"",
+                 deflate: dict | None = None):
         self.sock = sock
+        self.deflate = deflate  # the permessage-deflate parameters in force, or None
+        self._inflater = self._deflater = None
+        self._compressed = False  # the message in progress is compressed
         self.close_timeout = CLOSE_TIMEOUT
         self.subprotocol = subprotocol
         self.max_size = max_size
@@ -397,7 +433,7 @@ class WebSocket:
                 subprotocols: Iterable[str] | None = None, timeout: float | None = None,
                 ssl_context: object = None, max_size: int | None = MAX_MESSAGE_SIZE,
                 unix_socket: str | None = None, proxy: str | None = None,
-                _deadline: Deadline | None = None) -> WebSocket:
+                compression: bool = False, _deadline: Deadline | None = None) -> WebSocket:
         """Open a websocket to a ``ws://`` or ``wss://`` URL.
 
         Args:
@@ -409,6 +445,7 @@ class WebSocket:
             max_size: largest message accepted; larger ones fail with code 1009.
             unix_socket: connect to this Unix socket path instead of the URL's host.
             proxy: an ``http://[user:pass@]host:port`` proxy to tunnel through (HTTP CONNECT).
+            compression: offer permessage-deflate (RFC 7692); ``.deflate`` says if the server took it.
         Raises:
             ServerError (AuthError for 401/403) when the server answers another
             status than 101, for network errors and when time runs out;
@@ -436,7 +473,10 @@ class WebSocket:
                 context = ssl_context or ssl.create_default_context()
                 sock = context.wrap_socket(sock, server_hostname=parts.hostname)
             offered = list(subprotocols or [])
-            ws = cls._handshake(sock, parts, offered, headers or {}, deadline, max_size)
+            headers = dict(headers or {})
+            if compression:
+                headers["Sec-WebSocket-Extensions"] = DEFLATE_OFFER
+            ws = cls._handshake(sock, parts, offered, headers, deadline, max_size)
         except BaseException as exc:
             sock.close()
             if isinstance(exc, socket.timeout):
@@ -475,12 +515,15 @@ class WebSocket:
             raise WebSocketError(CloseCode.PROTOCOL_ERROR, "handshake answer lacks 'Connection: Upgrade'")
         if fields.get("sec-websocket-accept") != accept_key(key):
             raise WebSocketError(CloseCode.PROTOCOL_ERROR, "handshake answer has a wrong Sec-WebSocket-Accept")
+        deflate = None
         if fields.get("sec-websocket-extensions"):
-            raise WebSocketError(CloseCode.PROTOCOL_ERROR, "server chose an extension that was not offered")
+            if "Sec-WebSocket-Extensions" not in headers:
+                raise WebSocketError(CloseCode.PROTOCOL_ERROR, "server chose an extension that was not offered")
+            deflate = parse_deflate_answer(fields["sec-websocket-extensions"])
         chosen = fields.get("sec-websocket-protocol") or None
         if chosen is not None and chosen not in offered:
             raise WebSocketError(CloseCode.PROTOCOL_ERROR, f"server chose subprotocol {chosen!r}, which was not offered")
-        return cls(sock, subprotocol=chosen, max_size=max_size, buffered=rest)
+        return cls(sock, subprotocol=chosen, max_size=max_size, buffered=rest, deflate=deflate)
 
     # -- sending --
 
@@ -492,9 +535,21 @@ class WebSocket:
         """
         deadline = Deadline(timeout) if timeout is not None else None
         if isinstance(message, str):
-            self._send_frame(Frame(TEXT, message.encode("utf-8")), deadline)
+            frame = Frame(TEXT, message.encode("utf-8"))
         else:
-            self._send_frame(Frame(BINARY, bytes(message)), deadline)
+            frame = Frame(BINARY, bytes(message))
+        if self.deflate is not None and self.deflate.get("client_max_window_bits", 15) >= 9:
+            # (zlib cannot make raw deflate with an 8-bit window; such messages go uncompressed)
+            frame.payload, frame.rsv = self._compress(frame.payload), RSV1_MASK
+        self._send_frame(frame, deadline)
+
+    def _compress(self, data: bytes) -> bytes:
+        import zlib
+        if self._deflater is None or self.deflate.get("client_no_context_takeover"):
+            bits = self.deflate.get("client_max_window_bits", 15)
+            self._deflater = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -bits)
+        data = self._deflater.compress(data) + self._deflater.flush(zlib.Z_SYNC_FLUSH)
+        return data[:-4] if data.endswith(DEFLATE_TAIL) else data
 
     def ping(self, payload: bytes = b"") -> None:
         """Send a ping; the pong is consumed inside ``recv``."""
@@ -546,7 +601,8 @@ class WebSocket:
 
     def _read_frame(self, deadline: Deadline) -> Frame:
         while True:
-            frame, size = parse_frame(self._buf, max_size=self.max_size)
+            frame, size = parse_frame(self._buf, max_size=self.max_size,
+                                      allowed_rsv=RSV1_MASK if self.deflate is not None else 0)
             if frame is not None:
                 del self._buf[:size]
                 self._checked = 0
@@ -560,9 +616,9 @@ class WebSocket:
         if self._closing or len(buf) < 2:
             return
         op = buf[0] & OPCODE_MASK
-        if not ((op == TEXT and self._message_opcode is None)
-                or (op == CONT and self._message_opcode == TEXT)):
-            return
+        if not ((op == TEXT and self._message_opcode is None and not buf[0] & RSV1_MASK)
+                or (op == CONT and self._message_opcode == TEXT and not self._compressed)):
+            return  # only plain text can be checked before it is whole
         n = buf[1] & PAYLOAD_LENGTH_MASK
         start = 2 if n < PAYLOAD_LENGTH_TWO_BYTE else 4 if n == PAYLOAD_LENGTH_TWO_BYTE else 10
         if len(buf) <= start + self._checked:
@@ -621,6 +677,11 @@ class WebSocket:
             self._message_opcode = frame.opcode
             self._parts, self._size = [], 0
             self._decoder.reset()
+            self._compressed = bool(frame.rsv & RSV1_MASK)
+        if frame.opcode == CONT and frame.rsv:  # RFC 7692 6.1: RSV1 only on a first frame
+            raise WebSocketError(CloseCode.PROTOCOL_ERROR, "continuation frame with reserved bits")
+        if self._compressed:
+            frame.payload = self._inflate(frame.payload, frame.fin)
         self._size += len(frame.payload)
         if self.max_size is not None and self._size > self.max_size:
             raise WebSocketError(CloseCode.MESSAGE_TOO_BIG,
@@ -639,6 +700,25 @@ class WebSocket:
         joiner = "" if self._message_opcode == TEXT else b""
         message, self._parts, self._message_opcode = joiner.join(self._parts), [], None
         return message
+
+    def _inflate(self, data: bytes, fin: bool) -> bytes:
+        """Decompress one fragment, bounded by max_size (no decompression bombs)."""
+        import zlib
+        if self._inflater is None:
+            self._inflater = zlib.decompressobj(-15)  # a 15-bit window reads any smaller one
+        if fin:
+            data += DEFLATE_TAIL
+        limit = 0 if self.max_size is None else self.max_size - self._size + 1
+        try:
+            out = self._inflater.decompress(data, limit)
+        except zlib.error as exc:
+            raise WebSocketError(CloseCode.INVALID_DATA, f"compressed message does not inflate: {exc}") from None
+        if self._inflater.unconsumed_tail:
+            raise WebSocketError(CloseCode.MESSAGE_TOO_BIG,
+                                 f"message inflates beyond the limit of {self.max_size} bytes")
+        if fin and self.deflate.get("server_no_context_takeover"):
+            self._inflater = None
+        return out
 
     # -- closing --
 
@@ -1594,6 +1674,8 @@ class Kernel:
         ssl_context: an ``ssl.SSLContext`` for https servers with a private CA.
         protocol: "auto" (offer the v1 binary protocol, fall back to legacy),
             "v1" or "legacy".
+        compression: offer permessage-deflate; it helps on slow links to
+            servers configured to accept it (``websocket_compression_options``).
     Raises:
         ServerError (AuthError for a refused token; also when starting or
         connecting runs out of time), WebSocketError, JupyterError (an
@@ -1604,7 +1686,7 @@ class Kernel:
                  kernel_id: str | None = None, name: str | None = None,
                  timeout: float | None = None, env: dict | None = None,
                  session: str | None = None, notebook: str | None = None,
-                 ssl_context: object = None, protocol: str = "auto",
+                 ssl_context: object = None, protocol: str = "auto", compression: bool = False,
                  _deadline: Deadline | None = None):
         if protocol not in ("auto", "v1", "legacy"):
             raise ValueError(f"protocol must be 'auto', 'v1' or 'legacy', not {protocol!r}")
@@ -1612,6 +1694,7 @@ class Kernel:
         self.timeout = timeout
         self.session_id = _new_id()
         self.protocol = protocol
+        self.compression = compression
         self._rest = _RestClient(self.url, token, ssl_context=ssl_context)
         self._ws: WebSocket | None = None
         self._owned = False
@@ -1680,7 +1763,7 @@ class Kernel:
         self._ws = WebSocket.connect(url, headers=self._rest.headers(), subprotocols=offered,
                                      ssl_context=self._rest.ssl_context,
                                      unix_socket=self._rest.unix_socket, proxy=_proxy_for(self.url),
-                                     _deadline=Deadline(deadline.remaining(HANDSHAKE_TIMEOUT)))
+                                     compression=self.compression, _deadline=Deadline(deadline.remaining(HANDSHAKE_TIMEOUT)))
         if self.protocol == "v1" and self._ws.subprotocol != V1_SUBPROTOCOL:
             self._ws.close()
             raise ServerError(self.url, "does not speak the v1 kernel websocket protocol (use --protocol legacy)")
@@ -2023,6 +2106,8 @@ def _parser():
                    help="colour tracebacks and streams (default: auto, off when NO_COLOR is set)")
     p.add_argument("--protocol", choices=("auto", "v1", "legacy"), default="auto",
                    help="kernel websocket protocol (default: auto)")
+    p.add_argument("--compress", action="store_true",
+                   help="offer permessage-deflate compression on the websocket")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--list", action="store_true", help="list running servers and their kernels")
     p.add_argument("--spawn", action="store_true",
@@ -2378,7 +2463,8 @@ def _open_kernel(args, url, token, deadline, env, ssl_context) -> Kernel:
     try:
         return Kernel(url, token, kernel_id=args.kernel_id, name=args.kernel, timeout=args.timeout,
                       env=env, session=args.session, notebook=args.notebook,
-                      ssl_context=ssl_context, protocol=args.protocol, _deadline=deadline)
+                      ssl_context=ssl_context, protocol=args.protocol, compression=args.compress,
+                      _deadline=deadline)
     except ServerError as exc:
         if exc.status is None and url is None and resolve_server()[0] == DEFAULT_URL:
             raise JupyterError(f"no Jupyter server found (nothing answers at {DEFAULT_URL}): start one "

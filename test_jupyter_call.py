@@ -2086,3 +2086,53 @@ def test_server_pings_are_answered_during_a_long_silent_cell(remote_server):
         res = k.execute("import time; time.sleep(5); print('awake')")
         assert res.stdout == "awake\n"
         assert k._ws is connection  # never dropped, so never reconnected
+
+
+def test_permessage_deflate_answer_is_checked():
+    assert jc.parse_deflate_answer("permessage-deflate; server_no_context_takeover; client_max_window_bits=10") \
+        == {"server_no_context_takeover": True, "client_max_window_bits": 10}
+    for bad in ("x-webkit-deflate-frame", "permessage-deflate; server_max_window_bits=16",
+                "permessage-deflate; unknown", "permessage-deflate, permessage-deflate",
+                "permessage-deflate; server_no_context_takeover; server_no_context_takeover"):
+        with pytest.raises(WebSocketError) as info:
+            jc.parse_deflate_answer(bad)
+        assert info.value.code == CloseCode.PROTOCOL_ERROR
+
+
+def test_compressed_messages_inflate_and_deflate_with_context_takeover():
+    import zlib
+    ws, peer = _pair(deflate={})
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -15)
+    for text in ("hello hello hello", "hello again"):  # the second reuses the first's window
+        body = deflater.compress(text.encode()) + deflater.flush(zlib.Z_SYNC_FLUSH)
+        peer.sendall(Frame(Opcode.TEXT, body[:-4], rsv=jc.RSV1_MASK).serialize())
+        assert ws.recv(timeout=5) == text
+    ws.send("x" * 1000)
+    frame, _ = parse_frame(peer.recv(65536), masked=True, allowed_rsv=jc.RSV1_MASK)
+    assert frame.rsv == jc.RSV1_MASK and len(frame.payload) < 50
+    assert zlib.decompressobj(-15).decompress(frame.payload + b"\x00\x00\xff\xff") == b"x" * 1000
+
+
+def test_a_compressed_bomb_fails_with_1009_before_it_inflates():
+    import zlib
+    ws, peer = _pair(deflate={}, max_size=1 << 20)
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -15)
+    body = deflater.compress(bytes(64 << 20)) + deflater.flush(zlib.Z_SYNC_FLUSH)  # 64 MB of zeros, ~64 KB
+    peer.sendall(Frame(Opcode.BINARY, body[:-4], rsv=jc.RSV1_MASK).serialize())
+    with pytest.raises(WebSocketError) as info:
+        ws.recv(timeout=5)
+    assert info.value.code == CloseCode.MESSAGE_TOO_BIG
+
+
+def test_compression_against_a_server_that_accepts_it(tmp_path_factory):
+    srv = JupyterServer(tmp_path_factory.mktemp("deflate"),
+                        config="c.ServerApp.websocket_compression_options = {}")
+    try:
+        with jc.Kernel(srv.url, srv.token, timeout=60, compression=True) as k:
+            assert k._ws.deflate is not None
+            res = k.execute(BIG)
+            assert len(res.stdout) == 20 << 20
+        proc = cli("--url", srv.url, "--token", srv.token, "--compress", "print('small')", env=srv.env)
+        assert (proc.returncode, proc.stdout) == (0, "small\n")
+    finally:
+        srv.stop()
