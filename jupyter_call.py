@@ -786,6 +786,11 @@ class WebSocket:
         self.close()
 
 
+def _proxy_parts(proxy: str):
+    """The parts of a proxy URL; a bare host:port means http://host:port."""
+    return urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+
+
 def _open_socket(host: str, port: int, unix_socket: str | None, proxy: str | None,
                  deadline: Deadline) -> socket.socket:
     """A connected stream socket: to a Unix socket, a proxy, or the host itself."""
@@ -799,7 +804,7 @@ def _open_socket(host: str, port: int, unix_socket: str | None, proxy: str | Non
             raise
         return sock
     if proxy:
-        proxy_parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        proxy_parts = _proxy_parts(proxy)
         host, port = proxy_parts.hostname, proxy_parts.port or 80
     sock = socket.create_connection((host, port), timeout=deadline.remaining())
     # Each message leaves in one sendall; no reason to let Nagle hold it back.
@@ -809,7 +814,7 @@ def _open_socket(host: str, port: int, unix_socket: str | None, proxy: str | Non
 
 def _connect_tunnel(sock: socket.socket, proxy: str, host: str, port: int, deadline: Deadline) -> None:
     """Ask an HTTP proxy for a tunnel to host:port (RFC 9110 9.3.6 CONNECT)."""
-    proxy_parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    proxy_parts = _proxy_parts(proxy)
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
     if proxy_parts.username:

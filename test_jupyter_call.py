@@ -1248,6 +1248,15 @@ def test_hostile_peer_errors_are_jupyter_errors_in_the_api():
             fake.close()
 
 
+def _shutdown(*socks):
+    """Shut both directions of each socket, so the threads pumping them stop."""
+    for s in socks:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 class CuttingRelay(LoopbackServer):
     """A TCP relay to the real server that cuts websocket connections at chosen points.
 
@@ -1279,11 +1288,7 @@ class CuttingRelay(LoopbackServer):
                 dst.sendall(data)
         except OSError:
             pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        _shutdown(src, dst)
 
     def _down(self, upstream, client):
         buf, limit, frames, upgraded = bytearray(), None, 0, False
@@ -1292,8 +1297,8 @@ class CuttingRelay(LoopbackServer):
                 data = upstream.recv(65536)
                 if not data:
                     break
+                buf += data
                 if not upgraded:
-                    buf += data
                     if b"\r\n\r\n" not in buf:
                         continue
                     head, _, rest = bytes(buf).partition(b"\r\n\r\n")
@@ -1307,8 +1312,6 @@ class CuttingRelay(LoopbackServer):
                         client.sendall(bytes(buf))
                         self._pump(upstream, client)
                         return
-                else:
-                    buf += data
                 while True:
                     frame, used = parse_frame(buf, max_size=None)
                     if frame is None:
@@ -1322,12 +1325,9 @@ class CuttingRelay(LoopbackServer):
                     break
         except OSError:
             pass
-        for s in (upstream, client):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
+        _shutdown(upstream, client)
+        upstream.close()
+        client.close()
 
 
 NUMBERED_LINES = ("import time\nfor i in range(200):\n    print(f'line {i}', flush=True)\n"
