@@ -22,6 +22,7 @@ import codecs
 import collections
 import dataclasses
 import enum
+import gc
 import json
 import os
 import re
@@ -29,6 +30,7 @@ import socket
 import struct
 import sys
 import time
+import types
 from collections.abc import Callable, Iterable
 from urllib.parse import quote, unquote, urlsplit
 
@@ -210,8 +212,12 @@ DEFLATE_TAIL = b"\x00\x00\xff\xff"  # RFC 7692 7.2.1: stripped after compressing
 
 def accept_key(key: str) -> str:
     """The Sec-WebSocket-Accept value a server must answer to ``key`` (4.2.2)."""
-    import hashlib  # only the handshake needs it
-    digest = hashlib.sha1((key + WEBSOCKET_GUID).encode("ascii")).digest()
+    try:
+        # CPython's own SHA-1: hashlib would load OpenSSL (~4 ms) for this one digest.
+        from _sha1 import sha1
+    except ImportError:
+        from hashlib import sha1
+    digest = sha1((key + WEBSOCKET_GUID).encode("ascii")).digest()
     return base64.b64encode(digest).decode("ascii")
 
 
@@ -806,7 +812,10 @@ def _open_socket(host: str, port: int, unix_socket: str | None, proxy: str | Non
     if proxy:
         proxy_parts = _proxy_parts(proxy)
         host, port = proxy_parts.hostname, proxy_parts.port or 80
-    sock = socket.create_connection((host, port), timeout=deadline.remaining())
+    # getaddrinfo() encodes a str host with the idna codec, an import of ~1.5 ms
+    # that plain ASCII names do not need.
+    name = host.encode("ascii") if host.isascii() else host
+    sock = socket.create_connection((name, port), timeout=deadline.remaining())
     # Each message leaves in one sendall; no reason to let Nagle hold it back.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
@@ -2042,7 +2051,7 @@ def run_code(code: str, url: str | None = None, token: str | None = None, *,
 
 # ---- Command line -------------------------------------------------------------------
 
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+ANSI_ESCAPE = r"\x1b\[[0-9;?]*[ -/]*[@-~]"  # compiled by re on first use
 
 USAGE_EXAMPLES = """\
 recipes:
@@ -2077,48 +2086,129 @@ class _UsageError(Exception):
     """Bad command-line input: one line, exit 2."""
 
 
-def _parser():
-    import argparse
+# Every option: its flags, the value it takes (None: a switch; "a|b": one of
+# these, the first being the default) and its help. argparse would cost a
+# short call ~10 ms of imports and set-up, so the command line is read here.
+OPTIONS = (
+    (("-f", "--file"), "FILE", "run FILE: code, a notebook (.ipynb) or '# %%' cells (.py); '-' reads stdin"),
+    (("--url",), "URL", "server base URL (default: $JUPYTER_URL, a running server, or http://localhost:8888/)"),
+    (("--token",), "TOKEN", "server token (default: $JUPYTER_TOKEN, or the discovered server's)"),
+    (("--kernel",), "NAME", "kernel spec to start (default: the server's)"),
+    (("--kernel-id",), "ID", "run in this running kernel (never deleted)"),
+    (("--session",), "NAME", "run in the kernel of the server session NAME, creating it if needed (kept)"),
+    (("--notebook",), "PATH", "run in the kernel of this open notebook"),
+    (("--keep",), None, "keep the started kernel; print its id on stderr"),
+    (("--timeout",), "SECS", "give up after SECS, interrupting the kernel"),
+    (("--env",), "KEY=VALUE", "environment variable for the started kernel (repeatable)"),
+    (("--cafile",), "PATH", "CA certificates (PEM) to verify an https server with"),
+    (("--insecure",), None, "do not verify the server's TLS certificate"),
+    (("--input",), "TEXT", "answer for input() (repeatable)"),
+    (("--output-dir",), "DIR", "save images and other rich outputs in DIR"),
+    (("--keep-going",), None, "with cells: go on after a cell fails"),
+    (("--write",), "OUT.ipynb", "with cells: write the executed notebook"),
+    (("--color",), "auto|always|never", "colour tracebacks and streams; auto: on a terminal unless NO_COLOR is set"),
+    (("--protocol",), "auto|v1|legacy", "kernel websocket protocol"),
+    (("--compress",), None, "offer permessage-deflate compression on the websocket"),
+    (("--json",), None, "print the result as one JSON object"),
+    (("--list",), None, "list running servers and their kernels"),
+    (("--spawn",), None, "start a private local Jupyter server for this call (needs jupyter_server)"),
+    (("--version",), None, "print the version and exit"),
+    (("-h", "--help"), None, "show this help and exit"),
+)
+REPEATABLE = ("--env", "--input")
 
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):
-            raise _UsageError(message)
 
-    p = Parser(prog="jupyter_call.py", description="Run code on a Jupyter kernel and print the results.",
-               epilog=USAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("code", nargs="?", help="the code to run (or use -f)")
-    p.add_argument("-f", "--file", metavar="FILE",
-                   help="run FILE: code, a notebook (.ipynb) or '# %%%%' cells (.py); '-' reads stdin")
-    p.add_argument("--url", help="server base URL (default: $JUPYTER_URL, a running server, "
-                                 "or http://localhost:8888/)")
-    p.add_argument("--token", help="server token (default: $JUPYTER_TOKEN, or the discovered server's)")
-    p.add_argument("--kernel", metavar="NAME", help="kernel spec to start (default: the server's)")
-    p.add_argument("--kernel-id", metavar="ID", help="run in this running kernel (never deleted)")
-    p.add_argument("--session", metavar="NAME",
-                   help="run in the kernel of the server session NAME, creating it if needed (kept)")
-    p.add_argument("--notebook", metavar="PATH", help="run in the kernel of this open notebook")
-    p.add_argument("--keep", action="store_true", help="keep the started kernel; print its id on stderr")
-    p.add_argument("--timeout", type=float, metavar="SECS", help="give up after SECS, interrupting the kernel")
-    p.add_argument("--env", action="append", metavar="KEY=VALUE",
-                   help="environment variable for the started kernel (repeatable)")
-    p.add_argument("--cafile", metavar="PATH", help="CA certificates (PEM) to verify an https server with")
-    p.add_argument("--insecure", action="store_true", help="do not verify the server's TLS certificate")
-    p.add_argument("--input", action="append", metavar="TEXT", help="answer for input() (repeatable)")
-    p.add_argument("--output-dir", metavar="DIR", help="save images and other rich outputs in DIR")
-    p.add_argument("--keep-going", action="store_true", help="with cells: go on after a cell fails")
-    p.add_argument("--write", metavar="OUT.ipynb", help="with cells: write the executed notebook")
-    p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
-                   help="colour tracebacks and streams (default: auto, off when NO_COLOR is set)")
-    p.add_argument("--protocol", choices=("auto", "v1", "legacy"), default="auto",
-                   help="kernel websocket protocol (default: auto)")
-    p.add_argument("--compress", action="store_true",
-                   help="offer permessage-deflate compression on the websocket")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    p.add_argument("--list", action="store_true", help="list running servers and their kernels")
-    p.add_argument("--spawn", action="store_true",
-                   help="start a private local Jupyter server for this call (needs jupyter_server)")
-    p.add_argument("--version", action="version", version=f"jupyter_call {__version__}")
-    return p
+def _dest(flags: tuple) -> str:
+    return flags[-1][2:].replace("-", "_")
+
+
+def _parse_args(argv: list) -> types.SimpleNamespace:
+    """The command line as attributes named after the long flags (--kernel-id: kernel_id).
+
+    The usual forms: ``--flag VALUE`` and ``--flag=VALUE``, ``-f FILE`` and ``-fFILE``,
+    unique prefixes of long flags, and ``--`` before code that starts with a dash.
+    """
+    args = {_dest(flags): _default(metavar) for flags, metavar, _ in OPTIONS}
+    code = []
+    words = iter(argv)
+    for word in words:
+        if word == "--":
+            code.extend(words)
+            break
+        if not word.startswith("-") or word == "-" or _is_number(word):
+            code.append(word)
+            continue
+        if word.startswith("--"):
+            name, equals, value = word.partition("=")
+        else:
+            name, value = word[:2], word[2:]
+            equals = value
+        flags, metavar = _find_option(name)
+        flag, dest = flags[-1], _dest(flags)
+        if metavar is None:
+            if equals:
+                raise _UsageError(f"{flag} takes no value")
+            args[dest] = True
+            continue
+        if not equals:
+            value = next(words, None)
+            if value is None or value.startswith("-") and value != "-" and not _is_number(value):
+                raise _UsageError(f"{flag} needs a value: {flag} {metavar}")
+        if "|" in metavar and value not in metavar.split("|"):
+            raise _UsageError(f"{flag} must be one of {metavar.replace('|', ', ')}, not {value!r}")
+        if flag == "--timeout":
+            try:
+                value = float(value)
+            except ValueError:
+                raise _UsageError("--timeout must be a positive number of seconds") from None
+        args[dest] = (args[dest] or []) + [value] if flag in REPEATABLE else value
+    if len(code) > 1:
+        raise _UsageError(f"unexpected argument {code[1]!r}: give the code as one quoted argument, "
+                          f"or use -f")
+    args["code"] = code[0] if code else None
+    return types.SimpleNamespace(**args)
+
+
+def _default(metavar: str | None):
+    if metavar is None:
+        return False  # a switch
+    return metavar.split("|")[0] if "|" in metavar else None
+
+
+def _is_number(word: str) -> bool:
+    """True for -1 and -.5: code, not options (as argparse has it)."""
+    return word[1:].replace(".", "", 1).isdigit()
+
+
+def _find_option(name: str) -> tuple:
+    """The (flags, metavar) of option ``name`` or of the one long flag it starts."""
+    found = [option for option in OPTIONS if name in option[0]]
+    if not found and name.startswith("--"):
+        found = [option for option in OPTIONS if option[0][-1].startswith(name)]
+    if len(found) == 1:
+        return found[0][:2]
+    if found:
+        raise _UsageError(f"{name} is ambiguous: it could be {', '.join(o[0][-1] for o in found)}")
+    raise _UsageError(f"unknown option {name} (see --help)")
+
+
+def _help() -> str:
+    import textwrap
+    lines = ["usage: jupyter_call.py [options] CODE", "       jupyter_call.py [options] -f FILE", "",
+             "Run code on a Jupyter kernel and print the results.", "",
+             "arguments:", "  CODE                  the code to run (or use -f)", "", "options:"]
+    for flags, metavar, text in OPTIONS:
+        left = "  " + ", ".join(flags) + (f" {metavar}" if metavar and "|" not in metavar else "")
+        if metavar and "|" in metavar:
+            left += " {" + metavar.replace("|", ",") + "}"
+            text += f" (default: {metavar.split('|')[0]})"
+        wrapped = textwrap.wrap(text, 79 - 24) or [""]
+        if len(left) > 21:
+            lines.append(left)
+        else:
+            lines.append(left.ljust(24) + wrapped.pop(0))
+        lines += [" " * 24 + more for more in wrapped]
+    return "\n".join(lines) + "\n\n" + USAGE_EXAMPLES
 
 
 # Rich outputs: (mime type, file extension, stored as base64 in the mimebundle)
@@ -2145,8 +2235,8 @@ class _Printer:
         if not text:
             return
         self.clear_status()
-        if not self.color[which]:
-            text = _ANSI.sub("", text)
+        if not self.color[which] and "\x1b" in text:
+            text = re.sub(ANSI_ESCAPE, "", text)
         stream = self.out if which == "out" else self.err
         stream.write(text)
         stream.flush()
@@ -2479,7 +2569,13 @@ def _open_kernel(args, url, token, deadline, env, ssl_context) -> Kernel:
 
 
 def _main(argv, out, err) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    if args.help:
+        out.write(_help())
+        return EXIT_OK
+    if args.version:
+        out.write(f"jupyter_call {__version__}\n")
+        return EXIT_OK
     if args.timeout is not None and not 0 < args.timeout < float("inf"):
         raise _UsageError("--timeout must be a positive number of seconds")
     if sum(bool(x) for x in (args.kernel_id, args.session, args.notebook)) > 1:
@@ -2579,4 +2675,8 @@ def _write_notebook(path: str, notebook: dict | None, cells: list, results: list
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    status = main()
+    # The collector's last pass over every object at exit costs a short call
+    # ~7 ms; what is left goes with the process anyway.
+    gc.freeze()
+    raise SystemExit(status)

@@ -1054,7 +1054,13 @@ def test_cli_spawn_runs_on_a_private_server(tmp_path):
     ([], "no code given"),
     (["-f", "/no/such/file.py"], "cannot read /no/such/file.py"),
     (["--timeout", "0", "1"], "--timeout"),
-    (["--no-such-flag", "1"], "unrecognized arguments"),
+    (["--no-such-flag", "1"], "unknown option --no-such-flag"),
+    (["--k", "1"], "--k is ambiguous"),
+    (["--protocol", "v2", "1"], "--protocol must be one of auto, v1, legacy"),
+    (["--timeout", "soon", "1"], "--timeout must be a positive number"),
+    (["--url"], "--url needs a value"),
+    (["--json=yes", "1"], "--json takes no value"),
+    (["print(1)", "print(2)"], "unexpected argument 'print(2)'"),
     (["-f", "x.py", "1"], "not both"),
     (["--timeout", "nan", "1"], "--timeout"),
     (["--keep", "--spawn", "1"], "--keep cannot keep"),
@@ -1064,6 +1070,27 @@ def test_cli_usage_errors_exit_2_with_one_line(args, words):
     proc = cli(*args, timeout=30)
     assert proc.returncode == jc.EXIT_USAGE == 2
     assert len(proc.stderr.splitlines()) == 1 and words in proc.stderr
+
+
+def test_command_line_forms():
+    args = jc._parse_args(["--url=http://h:1/", "--tok", "T", "-fcode.py", "--env", "A=1", "--env=B=2",
+                           "--input", "-", "--input", "-3", "--timeout", "2.5", "--kernel-id", "K",
+                           "--json", "--color", "never"])
+    assert (args.url, args.token, args.file, args.kernel_id) == ("http://h:1/", "T", "code.py", "K")
+    assert args.env == ["A=1", "B=2"] and args.input == ["-", "-3"] and args.timeout == 2.5
+    assert args.json is True and args.keep is False and args.color == "never" and args.protocol == "auto"
+    assert args.code is None and args.kernel is None
+    assert jc._parse_args(["-1"]).code == "-1"
+    assert jc._parse_args(["--json", "--", "--not-an-option"]).code == "--not-an-option"
+    assert jc._parse_args(["--kernel", "python3", "1"]).kernel == "python3"  # exact beats prefix
+
+
+def test_help_lists_every_option():
+    text = jc._help()
+    for flags, _, _ in jc.OPTIONS:
+        assert all(flag in text for flag in flags)
+    options = text.partition("recipes:")[0]
+    assert max(len(line) for line in options.splitlines()) <= 79
 
 
 def test_cli_version_and_help():
