@@ -1192,7 +1192,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "interleaved round-robin over several rounds.")
     p.add_argument("--rounds", type=int, default=5, metavar="N",
                    help="rounds of every measurement (default %(default)s)")
-    p.add_argument("--throughput-rounds", type=int, default=3, metavar="N",
+    p.add_argument("--throughput-rounds", type=int, default=5, metavar="N",
                    help="rounds that include throughput, at most --rounds (default %(default)s)")
     p.add_argument("--latency-n", type=int, default=300, metavar="N",
                    help="timed executes of 'pass' per latency sample (default %(default)s)")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import codecs
 import collections
-import dataclasses
 import enum
 import gc
 import json
@@ -230,13 +229,21 @@ def mask_bytes(data: bytes, key: bytes) -> bytes:
     return (int.from_bytes(data, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
 
 
-@dataclasses.dataclass
 class Frame:
     """One websocket frame; ``rsv`` holds the three reserved bits in place (0x70)."""
-    opcode: Opcode
-    payload: bytes = b""
-    fin: bool = True
-    rsv: int = 0
+    __slots__ = ("opcode", "payload", "fin", "rsv")
+
+    def __init__(self, opcode: Opcode, payload: bytes = b"", fin: bool = True, rsv: int = 0):
+        self.opcode, self.payload, self.fin, self.rsv = opcode, payload, fin, rsv
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Frame):
+            return NotImplemented
+        return (self.opcode, self.payload, self.fin, self.rsv) == \
+            (other.opcode, other.payload, other.fin, other.rsv)
+
+    def __repr__(self) -> str:
+        return f"Frame({self.opcode!r}, {self.payload!r}, fin={self.fin}, rsv=0x{self.rsv:02x})"
 
     def serialize(self, *, mask_key: bytes | None = None) -> bytes:
         """Encode the frame; clients pass a fresh 4-byte ``mask_key`` (5.3)."""
@@ -1308,7 +1315,6 @@ def output_from_msg(msg: dict) -> dict | None:
     return None
 
 
-@dataclasses.dataclass
 class Result:
     """What one execution produced.
 
@@ -1320,11 +1326,17 @@ class Result:
     ``evalue`` and ``traceback``. ``truncated`` is True when the server dropped
     output because of its IOPub rate limits.
     """
-    status: str = "incomplete"
-    execution_count: int | None = None
-    outputs: list = dataclasses.field(default_factory=list)
-    error: dict | None = None
-    truncated: bool = False
+    status: str
+    execution_count: int | None
+    outputs: list
+    error: dict | None
+    truncated: bool
+
+    def __init__(self, status: str = "incomplete", execution_count: int | None = None,
+                 outputs: list | None = None, error: dict | None = None, truncated: bool = False):
+        self.status, self.execution_count, self.error = status, execution_count, error
+        self.outputs = [] if outputs is None else outputs
+        self.truncated = truncated
 
     @property
     def ok(self) -> bool:
@@ -1358,6 +1370,14 @@ class Result:
     def to_dict(self) -> dict:
         return {"status": self.status, "execution_count": self.execution_count,
                 "outputs": self.outputs, "error": self.error, "truncated": self.truncated}
+
+
+if __name__ != "__main__":
+    # Imported, Result is a dataclass (repr, ==, dataclasses.asdict and replace).
+    # The command line hands no Result to anyone, so it skips the ~13 ms that
+    # importing dataclasses costs (it imports inspect, ast, dis and tokenize).
+    import dataclasses
+    Result = dataclasses.dataclass(Result, init=False)  # the __init__ above, shared
 
 
 class _Execution:

@@ -403,6 +403,26 @@ def test_result_to_dict_is_json_ready():
         "outputs": [{"output_type": "stream", "name": "stdout", "text": "1\n"}]}
 
 
+def test_result_is_a_dataclass():
+    import dataclasses
+    out = {"output_type": "stream", "name": "stdout", "text": "1\n"}
+    res = Result(status="ok", execution_count=2, outputs=[out])
+    assert dataclasses.is_dataclass(res)
+    assert [f.name for f in dataclasses.fields(Result)] == [
+        "status", "execution_count", "outputs", "error", "truncated"]
+    assert dataclasses.asdict(res) == res.to_dict()
+    assert dataclasses.replace(res, status="error").to_dict() == {**res.to_dict(), "status": "error"}
+    assert res == Result("ok", 2, [dict(out)]) and res != Result("ok", 3, [out])
+    assert repr(Result()) == "Result(status='incomplete', execution_count=None, outputs=[], error=None, truncated=False)"
+    assert Result().outputs is not Result().outputs  # each its own list
+
+
+def test_frames_compare_by_value():
+    assert Frame(Opcode.TEXT, b"hi") == Frame(Opcode.TEXT, b"hi", True, 0)
+    assert Frame(Opcode.TEXT, b"hi") != Frame(Opcode.TEXT, b"hi", fin=False)
+    assert "TEXT" in repr(Frame(Opcode.TEXT, b"hi"))
+
+
 # ---- 1. Pure: discovery ------------------------------------------------------------
 
 def _runtime_file(folder, name, **info):
@@ -1191,8 +1211,9 @@ class FakeJupyter(LoopbackServer):
                 if m == method and path.startswith(prefix):
                     if callable(answer):
                         answer = answer()
-                    if answer is None:  # silence: hold the connection open
-                        conn.recv(1)
+                    if answer is None:  # silence: read (a request body too) until the client leaves
+                        while conn.recv(65536):
+                            pass
                         return
                     conn.sendall(answer)
                     return
