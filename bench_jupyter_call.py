@@ -543,6 +543,7 @@ class ClientSpec:
 
 
 MEASUREMENTS = ("import", "attach", "cold", "latency", "throughput")
+QUICK = ("import", "attach", "cold")  # short and noisy: --repeat samples per round
 REFERENCE = "zmq-direct"
 CLIENTS = [
     ClientSpec("jupyter_call", ("import", "cold"), imports="jupyter_call"),
@@ -737,8 +738,9 @@ class _Bench:
     # -- whole-process measurements --
 
     def measure_import(self, names: list) -> None:
-        base, _, _, _ = _timed_run([sys.executable, "-c", "pass"], self.server.env)
         for name in names:
+            # each import paired with a `pass` taken just before it, so both see the same machine
+            base, _, _, _ = _timed_run([sys.executable, "-c", "pass"], self.server.env)
             wall, rc, _, err = _timed_run([sys.executable, "-c", f"import {SPECS[name].imports}"],
                                           self.server.env)
             if rc != 0:
@@ -804,13 +806,15 @@ class _Bench:
             for kind in self.kinds:
                 if kind == "throughput" and r >= args.throughput_rounds:
                     continue
-                names = self.names_for(kind, r)
-                if kind == "import":
-                    self.measure_import(names)
-                elif kind == "attach":
-                    self.measure_attach(names)
-                else:
-                    self.measure_in_process(kind, names)
+                repeat = args.repeat if kind in QUICK else 1
+                for k in range(repeat):
+                    names = self.names_for(kind, r * repeat + k)
+                    if kind == "import":
+                        self.measure_import(names)
+                    elif kind == "attach":
+                        self.measure_attach(names)
+                    else:
+                        self.measure_in_process(kind, names)
             print(f"round {r + 1}/{args.rounds} done in {time.perf_counter() - t0:.1f} s",
                   file=sys.stderr, flush=True)
 
@@ -974,8 +978,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"run: {error}; measurements: {', '.join(MEASUREMENTS)}; clients: "
               f"{', '.join(s.name for s in CLIENTS)}", file=sys.stderr)
         return 2
-    if args.rounds < 1 or args.latency_n < 1 or args.mb < 1 or args.latency_budget <= 0:
-        print("run: --rounds, --latency-n and --mb must be at least 1, --latency-budget above 0",
+    if min(args.rounds, args.repeat, args.latency_n, args.mb) < 1 or args.latency_budget <= 0:
+        print("run: --rounds, --repeat, --latency-n and --mb must be at least 1, --latency-budget above 0",
               file=sys.stderr)
         return 2
     args.throughput_rounds = min(args.throughput_rounds, args.rounds)
@@ -995,7 +999,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("note: requests is not installed; websocket-client uses urllib for REST", flush=True)
     t_start, digest = time.perf_counter(), _source_digest()
     print(f"jupyter_call {jupyter_call.__version__} (jupyter_call.py sha256 {digest}) benchmark: {args.rounds} rounds "
-          f"(throughput {args.throughput_rounds}), latency {args.latency_n} x pass, "
+          f"(throughput {args.throughput_rounds}; import, attach, cold {args.repeat} per round), "
+          f"latency {args.latency_n} x pass, "
           f"throughput {args.mb} MB; python {sys.version.split()[0]} on {sys.platform}, "
           f"{os.cpu_count()} cores")
     print(f"with {_versions()}")
@@ -1029,6 +1034,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"config": {"rounds": args.rounds, "throughput_rounds": args.throughput_rounds,
+                                  "repeat": args.repeat,
                                   "latency_n": args.latency_n, "latency_budget": args.latency_budget,
                                   "mb": args.mb,
                                   "jupyter_call_sha256": digest, "python": sys.version.split()[0], "platform": sys.platform,
@@ -1194,6 +1200,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rounds of every measurement (default %(default)s)")
     p.add_argument("--throughput-rounds", type=int, default=5, metavar="N",
                    help="rounds that include throughput, at most --rounds (default %(default)s)")
+    p.add_argument("--repeat", type=int, default=3, metavar="N",
+                   help="samples per round of the short measurements (import, attach, cold), "
+                        "which a busy machine disturbs most (default %(default)s)")
     p.add_argument("--latency-n", type=int, default=300, metavar="N",
                    help="timed executes of 'pass' per latency sample (default %(default)s)")
     p.add_argument("--latency-budget", type=float, default=LATENCY_BUDGET, metavar="S",
@@ -1219,6 +1228,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernel-id", metavar="ID", help="running kernel (latency, throughput)")
     p.add_argument("--runtime-dir", metavar="DIR", default="",
                    help="the server's runtime dir, where zmq-direct finds connection files")
+    p.add_argument("--repeat", type=int, default=3, metavar="N",
+                   help="samples per round of the short measurements (import, attach, cold), "
+                        "which a busy machine disturbs most (default %(default)s)")
     p.add_argument("--latency-n", type=int, default=300, metavar="N")
     p.add_argument("--latency-budget", type=float, default=math.inf, metavar="S")
     p.add_argument("--mb", type=int, default=50, metavar="MB")

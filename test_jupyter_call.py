@@ -302,10 +302,23 @@ def test_legacy_binary_message_with_buffers_decodes():
     assert msg["header"]["msg_type"] == "comm_msg" and msg["buffers"] == [b"\x00\x01", b"xyz"]
 
 
-@pytest.mark.parametrize("wire", ["not json", "[1, 2]", '{"content": {}}', b"\x00\x00"])
+@pytest.mark.parametrize("wire", ["not json", "[1, 2]", '{"content": {}}', b"\x00\x00",
+                                  '{"header": {"msg_type": "status"}} {}'])
 def test_decode_rejects_malformed_messages(wire):
     with pytest.raises(ValueError):
         jc.decode_message(wire)
+
+
+@pytest.mark.parametrize("content, ok", [(b'{"a": 1}', True), (b' {"a": 1}\r\n', True), (b"", True),
+                                         (b'{"a": 1} {}', False), (b'{"a": 1', False), (b"\xff{}", False)])
+def test_v1_parts_are_read_as_json_loads_reads_them(content, ok):
+    header = json.dumps({"msg_type": "status", "msg_id": "m"}).encode()
+    wire = jc._pack_v1("iopub", [header, b"{}", b"{}", content])
+    if ok:
+        assert jc.decode_message(wire, protocol="v1")["content"] == (json.loads(content) if content else {})
+    else:
+        with pytest.raises(ValueError):
+            jc.decode_message(wire, protocol="v1")
 
 
 def _msg(msg_type, content, parent="req", channel="iopub", msg_id=None):
