@@ -1228,9 +1228,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernel-id", metavar="ID", help="running kernel (latency, throughput)")
     p.add_argument("--runtime-dir", metavar="DIR", default="",
                    help="the server's runtime dir, where zmq-direct finds connection files")
-    p.add_argument("--repeat", type=int, default=3, metavar="N",
-                   help="samples per round of the short measurements (import, attach, cold), "
-                        "which a busy machine disturbs most (default %(default)s)")
     p.add_argument("--latency-n", type=int, default=300, metavar="N")
     p.add_argument("--latency-budget", type=float, default=math.inf, metavar="S")
     p.add_argument("--mb", type=int, default=50, metavar="MB")
