@@ -10,13 +10,22 @@ One file, standard library only: copy it into a project, import it, or run it.
 
 It speaks the Jupyter server REST API (start, interrupt, restart and delete
 kernels) over urllib, and the kernel channels over its own RFC 6455 websocket
-client. Layers, top to bottom: errors, websocket frames (no I/O), websocket
-connection, REST, Jupyter messages (no I/O), the public API, the command line.
+client. Layers, top to bottom, each using only those above it: errors,
+websocket frames and messages (no I/O), websocket connection, Jupyter REST
+API, Jupyter messages and results (no I/O), server discovery, the public API
+(Kernel, run_code), the command line.
 
 MIT License. Copyright (c) 2026 the jupyter_call authors. See LICENSE.
 """
 from __future__ import annotations
 
+# Start-up policy: a short command-line call spends more time importing than
+# talking to the server, so what only some calls need loads where it is used:
+# ssl (https and wss), urllib and http.client (REST), zlib (compression),
+# dataclasses never (Result is a plain class); the handshake's one SHA-1 comes
+# from CPython's _sha1 rather than OpenSSL's hashlib, ASCII host names skip the
+# idna codec, and the command line has its own small option parser (argparse
+# would cost more than 5% of a call) and skips the collector's last pass at exit.
 import base64
 import codecs
 import collections
@@ -51,18 +60,6 @@ __all__ = [
     "WebSocketClosed",
 ]
 
-# Exit codes of the command line, one per way a call can end.
-EXIT_OK = 0            # the code ran without error
-EXIT_ERROR = 1         # the code raised; its traceback is on stderr
-EXIT_USAGE = 2         # bad command line or unreadable input
-EXIT_SERVER = 3        # cannot reach the server, token refused, server or protocol error
-EXIT_DIED = 4          # the kernel died while running the code
-EXIT_TIMEOUT = 124     # --timeout expired; the kernel was interrupted (as timeout(1))
-EXIT_INTERRUPTED = 130 # Ctrl-C; the kernel was interrupted (128 + SIGINT)
-EXIT_BROKEN_PIPE = 141 # the reader of stdout went away, as `| head` does (128 + SIGPIPE)
-
-DEFAULT_URL = "http://localhost:8888/"  # where `jupyter server` listens by default
-
 
 # ---- Errors -----------------------------------------------------------------
 
@@ -74,13 +71,28 @@ class ServerError(JupyterError):
     """The server could not be reached or answered with an error.
 
     Attributes: ``url`` (the server's base URL), ``status`` (the HTTP status,
-    or None when there was no HTTP answer) and ``reason``.
+    or None when there was no HTTP answer), ``reason``, and ``fix``: None or a
+    key of ``FIXES``, naming what the caller can do about it.
     """
 
-    def __init__(self, url: str, reason: str, status: int | None = None):
-        self.url, self.reason, self.status = url, reason, status
-        suffix = f" (HTTP {status})" if status is not None else ""
-        super().__init__(f"server at {url} {reason}{suffix}")
+    def __init__(self, url: str, reason: str, status: int | None = None, *, fix: str | None = None):
+        self.url, self.reason, self.status, self.fix = url, reason, status, fix
+        super().__init__(self._describe(FIXES))
+
+    def _describe(self, fixes: dict) -> str:
+        suffix = f" (HTTP {self.status})" if self.status is not None else ""
+        remedy = f": {fixes[self.fix]}" if self.fix else ""
+        return f"server at {self.url} {self.reason}{suffix}{remedy}"
+
+
+# What a caller can do about a ServerError, in the API's words (the command
+# line says the same in its own: _CLI_FIXES).
+FIXES = {
+    "token": "pass token= or set JUPYTER_TOKEN",
+    "tls": "pass an ssl_context that trusts its CA, or set SSL_CERT_FILE",
+    "notebook": "open it in JupyterLab first, or use session=",
+    "protocol": "use protocol='legacy'",
+}
 
 
 class AuthError(ServerError):
@@ -130,25 +142,6 @@ class ExecutionTimeout(JupyterError, TimeoutError):
     def __init__(self, timeout: float, result: Result | None = None):
         self.timeout, self.result = timeout, result
         super().__init__(f"the code did not finish within {timeout:g} s")
-
-
-class Deadline:
-    """One time budget shared by every step of a call; ``None`` means no limit."""
-
-    def __init__(self, timeout: float | None):
-        self.timeout = timeout
-        self._end = None if timeout is None else time.monotonic() + timeout
-
-    def remaining(self, cap: float | None = None) -> float | None:
-        """Seconds left (at most ``cap``), or ``cap`` when there is no limit."""
-        if self._end is None:
-            return cap
-        left = max(0.0, self._end - time.monotonic())
-        return left if cap is None else min(left, cap)
-
-    @property
-    def expired(self) -> bool:
-        return self._end is not None and time.monotonic() >= self._end
 
 
 # ---- WebSocket frames (RFC 6455, no I/O) --------------------------------------
@@ -263,14 +256,26 @@ class Frame:
         return bytes(head) + mask_key + mask_bytes(self.payload, mask_key)
 
 
-def parse_frame(data: bytes | bytearray, *, max_size: int | None = MAX_MESSAGE_SIZE,
-                masked: bool = False, allowed_rsv: int = 0) -> tuple[Frame | None, int]:
-    """Parse one frame from the start of ``data`` without consuming it.
+class FrameHead(collections.namedtuple("FrameHead", "opcode fin rsv start end key")):
+    """A parsed frame header: the payload lies at ``data[start:end]``, masked with ``key``."""
+    __slots__ = ()
 
-    Returns ``(frame, consumed)`` when a whole frame is there, else
-    ``(None, needed)`` with the total byte count needed to go on. ``masked`` says
-    whether frames must be masked (a server reading a client) or must not be.
-    Raises WebSocketError carrying the close code the violation calls for.
+    def frame(self, data: bytes | bytearray) -> Frame:
+        """The whole frame, once ``data`` holds ``end`` bytes."""
+        with memoryview(data) as view:
+            payload = bytes(view[self.start:self.end])
+        return Frame(self.opcode, mask_bytes(payload, self.key) if self.key else payload, self.fin, self.rsv)
+
+
+def parse_head(data: bytes | bytearray, *, max_size: int | None = MAX_MESSAGE_SIZE,
+               masked: bool = False, allowed_rsv: int = 0) -> tuple[FrameHead | None, int]:
+    """Parse the header of the frame at the start of ``data``.
+
+    Returns ``(head, head.end)`` once the header is whole (the payload may
+    still be arriving), else ``(None, needed)`` with the byte count needed to
+    go on. ``masked`` says whether frames must be masked (a server reading a
+    client) or must not be. Raises WebSocketError carrying the close code the
+    violation calls for.
     """
     have = len(data)
     if have < 2:
@@ -317,14 +322,19 @@ def parse_frame(data: bytes | bytearray, *, max_size: int | None = MAX_MESSAGE_S
         if have < pos + 4:
             return None, pos + 4
         key, pos = bytes(data[pos:pos + 4]), pos + 4
-    end = pos + length
-    if have < end:
-        return None, end
-    with memoryview(data) as view:
-        payload = bytes(view[pos:end])
-    if is_masked:
-        payload = mask_bytes(payload, key)
-    return Frame(opcode, payload, fin, rsv), end
+    return FrameHead(opcode, fin, rsv, pos, pos + length, key), pos + length
+
+
+def parse_frame(data: bytes | bytearray, **options) -> tuple[Frame | None, int]:
+    """Parse one whole frame from the start of ``data`` without consuming it.
+
+    Returns ``(frame, consumed)``, or ``(None, needed)`` until ``data`` holds
+    the whole frame. Takes the options of ``parse_head`` and raises as it does.
+    """
+    head, needed = parse_head(data, **options)
+    if head is None or len(data) < needed:
+        return None, needed
+    return head.frame(data), needed
 
 
 def close_payload(code: int | None, reason: str = "") -> bytes:
@@ -376,13 +386,114 @@ def parse_deflate_answer(value: str) -> dict:
     return chosen
 
 
-def close_code_for(exc: BaseException) -> int:
-    """The one place that maps a failure to the close code we send (7.4.1)."""
-    if isinstance(exc, WebSocketError):
-        return exc.code
-    if isinstance(exc, UnicodeDecodeError):
-        return CloseCode.INVALID_DATA
-    return CloseCode.INTERNAL_ERROR
+class _Deflate:
+    """permessage-deflate (RFC 7692) with the parameters the server chose (no I/O)."""
+
+    def __init__(self, params: dict):
+        self.params = params
+        # zlib cannot make raw deflate with an 8-bit window; such messages go uncompressed.
+        self.compresses = params.get("client_max_window_bits", 15) >= 9
+        self._deflater = self._inflater = None
+
+    def compress(self, data: bytes) -> bytes:
+        import zlib
+        if self._deflater is None or self.params.get("client_no_context_takeover"):
+            bits = self.params.get("client_max_window_bits", 15)
+            self._deflater = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -bits)
+        data = self._deflater.compress(data) + self._deflater.flush(zlib.Z_SYNC_FLUSH)
+        return data[:-4] if data.endswith(DEFLATE_TAIL) else data
+
+    def decompress(self, data: bytes, fin: bool, limit: int | None) -> bytes:
+        """Inflate one fragment to at most ``limit`` bytes (no decompression bombs)."""
+        import zlib
+        if self._inflater is None:
+            self._inflater = zlib.decompressobj(-15)  # a 15-bit window reads any smaller one
+        if fin:
+            data += DEFLATE_TAIL
+        try:
+            out = self._inflater.decompress(data, 0 if limit is None else limit + 1)
+        except zlib.error as exc:
+            raise WebSocketError(CloseCode.INVALID_DATA, f"compressed message does not inflate: {exc}") from None
+        if self._inflater.unconsumed_tail or (limit is not None and len(out) > limit):
+            raise WebSocketError(CloseCode.MESSAGE_TOO_BIG, "message inflates beyond the size limit")
+        if fin and self.params.get("server_no_context_takeover"):
+            self._inflater = None
+        return out
+
+
+class _MessageReader:
+    """Whole messages from data frames (no I/O).
+
+    Joins fragments, checks text as UTF-8 while it arrives, inflates
+    permessage-deflate and enforces ``max_size``. Every error is a
+    WebSocketError carrying the close code it calls for. A message being
+    joined costs at most ``max_size`` bytes, however many frames carry it.
+    """
+
+    def __init__(self, *, max_size: int | None = MAX_MESSAGE_SIZE, deflate: _Deflate | None = None):
+        self.max_size = max_size
+        self.deflate = deflate
+        self.allowed_rsv = RSV1_MASK if deflate is not None else 0
+        self._opcode: Opcode | None = None  # of a fragmented message in progress
+        self._compressed = False            # the message in progress is compressed
+        self._joined = bytearray()
+        self._text = codecs.getincrementaldecoder("utf-8")()   # the message's fragments so far
+        self._probe = codecs.getincrementaldecoder("utf-8")()  # a frame still arriving
+        self._checked = 0  # payload bytes of the frame still arriving that the probe has read
+
+    def receive(self, frame: Frame) -> str | bytes | None:
+        """Take a data frame; return the message it completes, else None."""
+        if frame.opcode == CONT:
+            if self._opcode is None:
+                raise WebSocketError(CloseCode.PROTOCOL_ERROR, "continuation frame with no message to continue")
+            if frame.rsv:  # RFC 7692 6.1: RSV1 only on a first frame
+                raise WebSocketError(CloseCode.PROTOCOL_ERROR, "continuation frame with reserved bits")
+        elif self._opcode is not None:
+            # 5.4: fragments of one message MUST NOT interleave with another message.
+            raise WebSocketError(CloseCode.PROTOCOL_ERROR, "new message began inside a fragmented one")
+        else:
+            self._opcode, self._compressed = frame.opcode, bool(frame.rsv & RSV1_MASK)
+            self._text.reset()
+        self._checked = 0
+        payload = frame.payload
+        room = None if self.max_size is None else self.max_size - len(self._joined)
+        if self._compressed:
+            payload = self.deflate.decompress(payload, frame.fin, room)
+        elif room is not None and len(payload) > room:
+            raise WebSocketError(CloseCode.MESSAGE_TOO_BIG, f"message exceeds the limit of {self.max_size} bytes")
+        if frame.fin and not self._joined:  # the common case: a message in one frame
+            opcode, self._opcode = self._opcode, None
+            return _utf8(payload) if opcode == TEXT else payload
+        if self._opcode == TEXT:
+            # 8.1: text MUST be UTF-8; checked per fragment so a bad byte fails at once.
+            _utf8(payload, self._text, frame.fin)
+        self._joined += payload
+        if not frame.fin:
+            return None
+        data, self._joined, opcode, self._opcode = self._joined, bytearray(), self._opcode, None
+        return data.decode("utf-8") if opcode == TEXT else bytes(data)
+
+    def check_partial(self, head: FrameHead, buf: bytes | bytearray) -> None:
+        """8.1 fail fast: check a plain text frame's UTF-8 while its payload still arrives."""
+        if head.key or head.rsv or not (head.opcode == TEXT and self._opcode is None
+                                        or head.opcode == CONT and self._opcode == TEXT and not self._compressed):
+            return
+        start = head.start + self._checked
+        if len(buf) <= start:
+            return
+        if self._checked == 0:
+            self._probe.setstate(self._text.getstate() if head.opcode == CONT else (b"", 0))
+        with memoryview(buf) as view:
+            _utf8(view[start:], self._probe)
+        self._checked = len(buf) - head.start
+
+
+def _utf8(data, decoder=None, final: bool = False) -> str:
+    """Decode UTF-8 (through an incremental ``decoder`` when given); bad bytes are close code 1007."""
+    try:
+        return decoder.decode(data, final) if decoder is not None else str(data, "utf-8")
+    except UnicodeDecodeError:
+        raise WebSocketError(CloseCode.INVALID_DATA, "text message is not valid UTF-8") from None
 
 
 # ---- WebSocket connection (socket I/O) ------------------------------------------
@@ -393,6 +504,25 @@ def close_code_for(exc: BaseException) -> int:
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 RECV_SIZE = 256 * 1024          # bytes asked of one recv() while waiting for a frame
 RECV_SIZE_MAX = 4 * 2**20       # at most this much in one recv() for a large frame
+
+
+class Deadline:
+    """One time budget shared by every step of a call; ``None`` means no limit."""
+
+    def __init__(self, timeout: float | None):
+        self.timeout = timeout
+        self._end = None if timeout is None else time.monotonic() + timeout
+
+    def remaining(self, cap: float | None = None) -> float | None:
+        """Seconds left (at most ``cap``), or ``cap`` when there is no limit."""
+        if self._end is None:
+            return cap
+        left = max(0.0, self._end - time.monotonic())
+        return left if cap is None else min(left, cap)
+
+    @property
+    def expired(self) -> bool:
+        return self._end is not None and time.monotonic() >= self._end
 
 
 def _ssl_module():
@@ -422,22 +552,16 @@ class WebSocket:
                  max_size: int | None = MAX_MESSAGE_SIZE, buffered: bytes = b"",
                  deflate: dict | None = None):
         self.sock = sock
-        self.deflate = deflate  # the permessage-deflate parameters in force, or None
-        self._inflater = self._deflater = None
-        self._compressed = False  # the message in progress is compressed
-        self.close_timeout = CLOSE_TIMEOUT
         self.subprotocol = subprotocol
+        self.deflate = deflate  # the permessage-deflate parameters in force, or None
         self.max_size = max_size
+        self.close_timeout = CLOSE_TIMEOUT
         self.close_code: int | None = None
         self.close_reason = ""
-        self._buf = bytearray(buffered)
         self._closing = False
-        self._message_opcode: Opcode | None = None  # opcode of a fragmented message in progress
-        self._parts: list = []
-        self._size = 0
-        self._decoder = codecs.getincrementaldecoder("utf-8")()
-        self._probe = codecs.getincrementaldecoder("utf-8")()  # checks text frames still arriving
-        self._checked = 0  # payload bytes of the partial frame in _buf already checked
+        self._buf = bytearray(buffered)
+        self._deflate = _Deflate(deflate) if deflate is not None else None
+        self._reader = _MessageReader(max_size=max_size, deflate=self._deflate)
 
     # -- opening --
 
@@ -446,7 +570,7 @@ class WebSocket:
                 subprotocols: Iterable[str] | None = None, timeout: float | None = None,
                 ssl_context: object = None, max_size: int | None = MAX_MESSAGE_SIZE,
                 unix_socket: str | None = None, proxy: str | None = None,
-                compression: bool = False, _deadline: Deadline | None = None) -> WebSocket:
+                compression: bool = False) -> WebSocket:
         """Open a websocket to a ``ws://`` or ``wss://`` URL.
 
         Args:
@@ -464,7 +588,7 @@ class WebSocket:
             status than 101, for network errors and when time runs out;
             WebSocketError when the answer breaks RFC 6455.
         """
-        deadline = _deadline or Deadline(timeout)
+        deadline = Deadline(timeout)
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         if scheme not in ("ws", "wss") or not parts.hostname:
@@ -475,9 +599,9 @@ class WebSocket:
         try:
             sock = _open_socket(parts.hostname, port, unix_socket, proxy, deadline)
         except socket.timeout:
-            raise ServerError(origin, f"did not accept a connection{_within(deadline.timeout)}") from None
+            raise ServerError(origin, f"did not accept a connection{_within(timeout)}") from None
         except OSError as exc:
-            raise ServerError(origin, f"is not reachable: {_os_reason(exc)}") from exc
+            raise _unreachable(origin, exc) from exc
         try:
             if proxy:
                 _connect_tunnel(sock, proxy, parts.hostname, port, deadline)
@@ -489,16 +613,14 @@ class WebSocket:
             headers = dict(headers or {})
             if compression:
                 headers["Sec-WebSocket-Extensions"] = DEFLATE_OFFER
-            ws = cls._handshake(sock, parts, offered, headers, deadline, max_size)
+            return cls._handshake(sock, parts, offered, headers, deadline, max_size)
         except BaseException as exc:
             sock.close()
             if isinstance(exc, socket.timeout):
-                raise ServerError(origin, f"did not complete the websocket handshake"
-                                          f"{_within(deadline.timeout)}") from None
+                raise ServerError(origin, f"did not complete the websocket handshake{_within(timeout)}") from None
             if isinstance(exc, OSError):
-                raise ServerError(origin, f"is not reachable: {_os_reason(exc)}") from exc
+                raise _unreachable(origin, exc) from exc
             raise
-        return ws
 
     @classmethod
     def _handshake(cls, sock, parts, offered, headers, deadline, max_size) -> WebSocket:
@@ -517,10 +639,8 @@ class WebSocket:
         status, fields = _parse_http_head(head)
         origin = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/"
         if status != 101:
-            reason = _error_reason(rest)
-            if status in (401, 403):
-                raise AuthError(origin, f"refused the websocket handshake{reason}", status)
-            raise ServerError(origin, f"refused the websocket handshake{reason}", status)
+            error = AuthError if status in (401, 403) else ServerError
+            raise error(origin, f"refused the websocket handshake{_error_reason(rest)}", status)
         # 4.1: the client MUST fail the connection when these checks fail.
         if fields.get("upgrade", "").lower() != "websocket":
             raise WebSocketError(CloseCode.PROTOCOL_ERROR, "handshake answer lacks 'Upgrade: websocket'")
@@ -546,40 +666,30 @@ class WebSocket:
         With ``timeout``, a send that cannot finish in time closes the connection
         and raises WebSocketClosed.
         """
-        deadline = Deadline(timeout) if timeout is not None else None
         if isinstance(message, str):
             frame = Frame(TEXT, message.encode("utf-8"))
         else:
             frame = Frame(BINARY, bytes(message))
-        if self.deflate is not None and self.deflate.get("client_max_window_bits", 15) >= 9:
-            # (zlib cannot make raw deflate with an 8-bit window; such messages go uncompressed)
-            frame.payload, frame.rsv = self._compress(frame.payload), RSV1_MASK
-        self._send_frame(frame, deadline)
+        if self._deflate is not None and self._deflate.compresses:
+            frame.payload, frame.rsv = self._deflate.compress(frame.payload), RSV1_MASK
+        self._send_frame(frame, Deadline(timeout))
 
-    def _compress(self, data: bytes) -> bytes:
-        import zlib
-        if self._deflater is None or self.deflate.get("client_no_context_takeover"):
-            bits = self.deflate.get("client_max_window_bits", 15)
-            self._deflater = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -bits)
-        data = self._deflater.compress(data) + self._deflater.flush(zlib.Z_SYNC_FLUSH)
-        return data[:-4] if data.endswith(DEFLATE_TAIL) else data
-
-    def ping(self, payload: bytes = b"") -> None:
+    def ping(self, payload: bytes = b"", *, timeout: float | None = None) -> None:
         """Send a ping; the pong is consumed inside ``recv``."""
-        self._send_frame(Frame(PING, bytes(payload)))
+        self._send_frame(Frame(PING, bytes(payload)), Deadline(timeout))
 
-    def _send_frame(self, frame: Frame, deadline: Deadline | None = None) -> None:
+    def _send_frame(self, frame: Frame, deadline: Deadline) -> None:
         if self.close_code is not None or (self._closing and frame.opcode != CLOSE):
             raise WebSocketClosed(self.close_code or CloseCode.ABNORMAL, "the websocket is closed")
         # 5.3: the masking key MUST be unpredictable: a fresh one per frame.
         data = frame.serialize(mask_key=os.urandom(4))
         try:
-            self.sock.settimeout(deadline.remaining() if deadline else None)
+            self.sock.settimeout(deadline.remaining())
             self.sock.sendall(data)
         except socket.timeout:  # part of the frame may be out: the connection is unusable
-            self._abort(f"a send did not finish{_within(deadline.timeout if deadline else None)}")
+            self._lost(f"a send did not finish{_within(deadline.timeout)}")
         except OSError as exc:
-            self._abort(f"send failed: {_os_reason(exc)}")
+            self._lost(f"send failed: {_os_reason(exc)}")
 
     # -- receiving --
 
@@ -597,179 +707,86 @@ class WebSocket:
             while True:
                 frame = self._read_frame(deadline)
                 if frame.opcode in CONTROL_OPCODES:
-                    self._on_control(frame)
+                    self._on_control(frame, deadline)
                     continue
-                message = self._on_data(frame)
+                message = self._reader.receive(frame)
                 if message is not None:
                     return message
         except socket.timeout:
             raise TimeoutError(f"no websocket message{_within(timeout)}") from None
-        except WebSocketClosed:
+        except WebSocketError as exc:
+            if self.close_code is None:  # 7.1.7: fail the connection, with the code the error carries
+                self.close(exc.code, exc.reason)
             raise
-        except (WebSocketError, UnicodeDecodeError) as exc:
-            code = close_code_for(exc)
-            reason = exc.reason if isinstance(exc, WebSocketError) else "text message is not valid UTF-8"
-            self._fail(code, reason)
-            raise WebSocketError(code, reason) from None
 
-    def _read_frame(self, deadline: Deadline) -> Frame:
+    def _read_frame(self, deadline: Deadline, *, closing: bool = False) -> Frame:
+        """The next frame; the payload of a text frame is checked while it arrives."""
         while True:
-            frame, size = parse_frame(self._buf, max_size=self.max_size,
-                                      allowed_rsv=RSV1_MASK if self.deflate is not None else 0)
-            if frame is not None:
-                del self._buf[:size]
-                self._checked = 0
+            head, needed = parse_head(self._buf, max_size=self.max_size, allowed_rsv=self._reader.allowed_rsv)
+            if head is not None and len(self._buf) >= needed:
+                frame = head.frame(self._buf)
+                del self._buf[:needed]
                 return frame
-            self._check_partial_text()
-            self._fill(size, deadline)
-
-    def _check_partial_text(self) -> None:
-        """8.1 fail fast: check the UTF-8 of a text frame's payload as it arrives."""
-        buf = self._buf
-        if self._closing or len(buf) < 2:
-            return
-        op = buf[0] & OPCODE_MASK
-        if not ((op == TEXT and self._message_opcode is None and not buf[0] & RSV1_MASK)
-                or (op == CONT and self._message_opcode == TEXT and not self._compressed)):
-            return  # only plain text can be checked before it is whole
-        n = buf[1] & PAYLOAD_LENGTH_MASK
-        start = 2 if n < PAYLOAD_LENGTH_TWO_BYTE else 4 if n == PAYLOAD_LENGTH_TWO_BYTE else 10
-        if len(buf) <= start + self._checked:
-            return
-        if self._checked == 0:
-            if op == TEXT:
-                self._probe.reset()
-            else:
-                self._probe.setstate(self._decoder.getstate())
-        with memoryview(buf) as view:
-            self._probe.decode(view[start + self._checked:], False)
-        self._checked = len(buf) - start
+            if head is not None and not closing:
+                self._reader.check_partial(head, self._buf)
+            self._fill(needed, deadline)
 
     def _fill(self, needed: int, deadline: Deadline) -> None:
         """One receive towards ``needed`` buffered bytes; a timeout loses nothing."""
         sock = self.sock
-        if len(self._buf) < needed:
-            _set_timeout(sock, deadline)
-            if _TCP_QUICKACK is not None:
-                try:
-                    sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
-                except OSError:
-                    pass
+        _set_timeout(sock, deadline)
+        if _TCP_QUICKACK is not None:
             try:
-                chunk = sock.recv(min(max(needed - len(self._buf), RECV_SIZE), RECV_SIZE_MAX))
-            except socket.timeout:
-                raise
-            except OSError as exc:
-                self._abort(f"connection lost: {_os_reason(exc)}")
-            if not chunk:
-                self._abort("connection closed without a close frame")
-            self._buf += chunk
+                sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+            except OSError:
+                pass
+        try:
+            chunk = sock.recv(min(max(needed - len(self._buf), RECV_SIZE), RECV_SIZE_MAX))
+        except socket.timeout:
+            raise
+        except OSError as exc:
+            self._lost(f"connection lost: {_os_reason(exc)}")
+        if not chunk:
+            self._lost("connection closed without a close frame")
+        self._buf += chunk
 
-    def _on_control(self, frame: Frame) -> None:
+    def _on_control(self, frame: Frame, deadline: Deadline) -> None:
         if frame.opcode == PING:
             # 5.5.2: on a Ping an endpoint MUST send a Pong with the same payload.
-            if not self._closing:
-                self._send_frame(Frame(PONG, frame.payload))
+            self._send_frame(Frame(PONG, frame.payload), deadline)
         elif frame.opcode == CLOSE:
             code, reason = parse_close(frame.payload)
-            if not self._closing:
-                # 5.5.1: answer a Close with a Close, echoing its code.
-                self._closing = True
-                self._try_send(Frame(CLOSE, close_payload(code)))
+            # 5.5.1: answer a Close with a Close, echoing its code.
+            self._closing = True
+            self._send_close(code, "")
             self._finish(code, reason)
             raise WebSocketClosed(code, reason or "closed by the server")
-
-    def _on_data(self, frame: Frame) -> str | bytes | None:
-        if frame.opcode == CONT:
-            if self._message_opcode is None:
-                raise WebSocketError(CloseCode.PROTOCOL_ERROR, "continuation frame with no message to continue")
-        else:
-            # 5.4: fragments of one message MUST NOT interleave with another message.
-            if self._message_opcode is not None:
-                raise WebSocketError(CloseCode.PROTOCOL_ERROR, "new message began inside a fragmented one")
-            self._message_opcode = frame.opcode
-            self._parts, self._size = [], 0
-            self._decoder.reset()
-            self._compressed = bool(frame.rsv & RSV1_MASK)
-        if frame.opcode == CONT and frame.rsv:  # RFC 7692 6.1: RSV1 only on a first frame
-            raise WebSocketError(CloseCode.PROTOCOL_ERROR, "continuation frame with reserved bits")
-        if self._compressed:
-            frame.payload = self._inflate(frame.payload, frame.fin)
-        self._size += len(frame.payload)
-        if self.max_size is not None and self._size > self.max_size:
-            raise WebSocketError(CloseCode.MESSAGE_TOO_BIG,
-                                 f"message exceeds the limit of {self.max_size} bytes")
-        # 8.1: text MUST be UTF-8; checked per fragment so a bad byte fails at once.
-        if self._message_opcode == TEXT:
-            if frame.fin and not self._parts:
-                text = frame.payload.decode("utf-8")
-                self._message_opcode = None
-                return text
-            self._parts.append(self._decoder.decode(frame.payload, frame.fin))
-        else:
-            self._parts.append(frame.payload)
-        if not frame.fin:
-            return None
-        joiner = "" if self._message_opcode == TEXT else b""
-        message, self._parts, self._message_opcode = joiner.join(self._parts), [], None
-        return message
-
-    def _inflate(self, data: bytes, fin: bool) -> bytes:
-        """Decompress one fragment, bounded by max_size (no decompression bombs)."""
-        import zlib
-        if self._inflater is None:
-            self._inflater = zlib.decompressobj(-15)  # a 15-bit window reads any smaller one
-        if fin:
-            data += DEFLATE_TAIL
-        limit = 0 if self.max_size is None else self.max_size - self._size + 1
-        try:
-            out = self._inflater.decompress(data, limit)
-        except zlib.error as exc:
-            raise WebSocketError(CloseCode.INVALID_DATA, f"compressed message does not inflate: {exc}") from None
-        if self._inflater.unconsumed_tail:
-            raise WebSocketError(CloseCode.MESSAGE_TOO_BIG,
-                                 f"message inflates beyond the limit of {self.max_size} bytes")
-        if fin and self.deflate.get("server_no_context_takeover"):
-            self._inflater = None
-        return out
 
     # -- closing --
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
-        """Start the close handshake, wait briefly for the peer's answer, then close."""
+        """Close: send a close frame with ``code``, wait briefly for the peer's, close the socket.
+
+        This is also how a protocol error fails the connection (7.1.7).
+        """
         if self.close_code is not None:
             return
         if not self._closing:
             self._closing = True
-            self._try_send(Frame(CLOSE, close_payload(code, reason)))
-        self._drain_until_close()
+            self._send_close(code, reason)
+        try:  # read (bounded) until the peer's close frame or EOF, dropping data
+            deadline = Deadline(self.close_timeout)
+            while self._read_frame(deadline, closing=True).opcode != CLOSE:
+                pass
+        except (OSError, WebSocketError):
+            pass
         self._finish(code, reason)
 
-    def _fail(self, code: int, reason: str) -> None:
-        """7.1.7 Fail the connection: send a close frame with ``code`` and close."""
-        if self.close_code is not None:
-            return
-        self._closing = True
-        self._try_send(Frame(CLOSE, close_payload(code, reason)))
-        self._drain_until_close()
-        self._finish(code, reason)
-
-    def _try_send(self, frame: Frame) -> None:
+    def _send_close(self, code: int, reason: str) -> None:
         try:
             self.sock.settimeout(self.close_timeout)
-            self.sock.sendall(frame.serialize(mask_key=os.urandom(4)))
+            self.sock.sendall(Frame(CLOSE, close_payload(code, reason)).serialize(mask_key=os.urandom(4)))
         except OSError:
-            pass
-
-    def _drain_until_close(self) -> None:
-        """Read (bounded) until the peer's close frame or EOF, dropping data."""
-        deadline = Deadline(self.close_timeout)
-        try:
-            while True:
-                frame = self._read_frame(deadline)
-                if frame.opcode == CLOSE:
-                    break
-        except (OSError, WebSocketError):
             pass
 
     def _finish(self, code: int, reason: str) -> None:
@@ -778,18 +795,22 @@ class WebSocket:
         try:
             self.sock.settimeout(self.close_timeout)
             self.sock.shutdown(socket.SHUT_WR)
-            deadline = time.monotonic() + self.close_timeout
-            while time.monotonic() < deadline and self.sock.recv(RECV_SIZE):
+            deadline = Deadline(self.close_timeout)
+            while not deadline.expired and self.sock.recv(RECV_SIZE):
                 pass
         except OSError:
             pass
         self.sock.close()
 
-    def _abort(self, reason: str) -> None:
-        """The connection is gone (7.1.5: code 1006); raise WebSocketClosed."""
-        self.close_code = self.close_code or CloseCode.ABNORMAL
-        self.close_reason = reason
+    def abort(self, reason: str = "aborted") -> None:
+        """Drop the connection at once, without the close handshake (code 1006)."""
+        if self.close_code is None:
+            self.close_code, self.close_reason = CloseCode.ABNORMAL, reason
         self.sock.close()
+
+    def _lost(self, reason: str) -> None:
+        """7.1.5: the connection is gone (code 1006); raise WebSocketClosed."""
+        self.abort(reason)
         raise WebSocketClosed(CloseCode.ABNORMAL, reason)
 
     def __enter__(self) -> WebSocket:
@@ -893,11 +914,19 @@ def _os_reason(exc: BaseException) -> str:
         return "connection reset"
     if isinstance(exc, socket.gaierror):
         return f"unknown host ({exc.strerror})"
-    if type(exc).__name__ == "SSLCertVerificationError":  # without importing ssl
-        return (f"its TLS certificate is not trusted ({getattr(exc, 'verify_message', exc)}): "
-                f"pass --cafile or set SSL_CERT_FILE for a private CA, or --insecure")
+    if _untrusted(exc):
+        return f"its TLS certificate is not trusted ({getattr(exc, 'verify_message', exc)})"
     text = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc) or type(exc).__name__
     return str(text)
+
+
+def _untrusted(exc: BaseException) -> bool:
+    return type(exc).__name__ == "SSLCertVerificationError"  # asked without importing ssl
+
+
+def _unreachable(url: str, exc: BaseException) -> ServerError:
+    """The ServerError for a network error."""
+    return ServerError(url, f"is not reachable: {_os_reason(exc)}", fix="tls" if _untrusted(exc) else None)
 
 
 # ---- Jupyter REST API ---------------------------------------------------------
@@ -959,7 +988,7 @@ class _RestClient:
             reason = getattr(exc, "reason", exc)
             if isinstance(reason, socket.timeout):
                 raise ServerError(self.url, f"did not answer {method} {path} within {timeout:g} s") from None
-            raise ServerError(self.url, f"is not reachable: {_os_reason(reason)}") from exc
+            raise _unreachable(self.url, reason) from exc
         except http.client.HTTPException as exc:  # a bad URL or an answer that is not HTTP
             raise ServerError(self.url, f"broke HTTP ({type(exc).__name__}: {exc})") from None
         if len(raw) > MAX_REST_BODY:
@@ -1021,7 +1050,7 @@ class _RestClient:
         if not self.token:
             if "xsrf" in detail.lower():
                 return AuthError(self.url, f"rejected the request: its _xsrf cookie check failed{detail}", status)
-            return AuthError(self.url, "requires a token: pass --token or set JUPYTER_TOKEN", status)
+            return AuthError(self.url, "requires a token", status, fix="token")
         if probe:
             # A refusal does not say why; a plain authenticated GET tells the causes apart.
             try:
@@ -1183,7 +1212,7 @@ def _redirect_handler():
     return SameOriginRedirects()
 
 
-# ---- Jupyter messages (no I/O) --------------------------------------------------
+# ---- Jupyter messages and results (no I/O) --------------------------------------
 
 PROTOCOL_VERSION = "5.3"                      # the message spec version we speak
 V1_SUBPROTOCOL = "v1.kernel.websocket.jupyter.org"
@@ -1421,7 +1450,8 @@ class _Execution:
         return self.reply is not None and self.idle
 
     @property
-    def started(self) -> bool:
+    def answered(self) -> bool:
+        """One of execute_reply and the idle status is in."""
         return self.reply is not None or self.idle
 
     def feed(self, msg: dict) -> None:
@@ -1565,6 +1595,7 @@ def _pid_alive(pid: object) -> bool:
     return True
 
 
+DEFAULT_URL = "http://localhost:8888/"  # where `jupyter server` listens by default
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]", "*")
 
 
@@ -1684,15 +1715,36 @@ def resolve_server(url: str | None = None, token: str | None = None) -> tuple[st
     return url, token if token is not None else url_token
 
 
-# ---- Public API: Result, Kernel, run_code -------------------------------------------
+# ---- Public API: Kernel, run_code ----------------------------------------------------
 
-COMPLETION_GRACE = 3.0   # after reply or idle, how long a silence ends the wait for the other
-INTERRUPT_GRACE = 5.0    # after an interrupt, how long to wait for the cell to unwind
-SILENCE_CHECK = 10.0     # with no message for this long, ask the server if the kernel lives
-RECONNECT_ATTEMPTS = 5   # websocket reconnects per execution before giving up
-HANDSHAKE_TIMEOUT = 120.0 # bound on connect + handshake when the call has no deadline
-STATUS_TICK = 0.5        # how often a waiting caller's on_wait hook runs
-NUDGE_INTERVAL = 0.5     # resend kernel_info_request this often while a kernel starts
+# Strategy. While code runs, four clocks tick:
+# - the caller's deadline (``timeout``), the only one the caller sets;
+# - the completion grace: once one of execute_reply and the idle status is in,
+#   COMPLETION_GRACE of silence ends the wait for the other, which a dropped
+#   connection may have lost (silence, not time since the reply: a server that
+#   lags behind the kernel still streams output after the reply);
+# - the silence check: after SILENCE_CHECK without a message, ask the REST API
+#   whether the kernel still lives, since a dead kernel says nothing;
+# - the status tick: a waiting caller's hook (the live status line) runs every
+#   STATUS_TICK.
+# A dropped websocket is reopened with the same session id, so the server
+# replays what it buffered meanwhile: up to RECONNECTS_PER_CALL drops a call,
+# CONNECT_TRIES attempts each. A request sent into a dying connection never
+# reached the kernel; when the kernel idles without having answered it, it is
+# sent once more. After a timeout, Ctrl-C or a failure, cleanup runs outside
+# the caller's budget on small budgets of its own, as subprocess.run kills and
+# reaps the child after its timeout: interrupt and settle (INTERRUPT_GRACE
+# each), close (CLOSE_TIMEOUT), delete (HTTP_TIMEOUT, DELETE_RETRIES).
+COMPLETION_GRACE = 3.0     # silence that ends the wait for the second of reply and idle
+INTERRUPT_GRACE = 5.0      # after an interrupt, how long to wait for the cell to unwind
+SILENCE_CHECK = 10.0       # with no message for this long, ask the server if the kernel lives
+STATUS_TICK = 0.5          # how often a waiting caller's on_wait hook runs
+RECONNECTS_PER_CALL = 5    # websocket drops survived during one call
+CONNECT_TRIES = 5          # attempts to reopen the websocket after one drop
+RECONNECT_BACKOFF = 0.1    # first pause between attempts; doubles, up to RECONNECT_BACKOFF_MAX
+RECONNECT_BACKOFF_MAX = 2.0
+HANDSHAKE_TIMEOUT = 120.0  # bound on connect + handshake without a deadline (servers hold the 101 up to 60 s)
+NUDGE_INTERVAL = 0.5       # resend kernel_info_request this often while a kernel starts
 
 
 class Kernel:
@@ -1734,8 +1786,7 @@ class Kernel:
                  kernel_id: str | None = None, name: str | None = None,
                  timeout: float | None = None, env: dict | None = None,
                  session: str | None = None, notebook: str | None = None,
-                 ssl_context: object = None, protocol: str = "auto", compression: bool = False,
-                 _deadline: Deadline | None = None):
+                 ssl_context: object = None, protocol: str = "auto", compression: bool = False):
         if protocol not in ("auto", "v1", "legacy"):
             raise ValueError(f"protocol must be 'auto', 'v1' or 'legacy', not {protocol!r}")
         self.url, token = resolve_server(url, token)
@@ -1747,13 +1798,12 @@ class Kernel:
         self._ws: WebSocket | None = None
         self._owned = False
         self.id: str | None = None
-        deadline = _deadline or Deadline(timeout)
+        deadline = Deadline(timeout)
         try:
             if notebook:
                 kernel_id = self._rest.find_session(notebook, deadline=deadline)
                 if kernel_id is None:
-                    raise ServerError(self.url, f"has no open notebook {notebook}: open it in "
-                                                f"JupyterLab first (or use --session)", 404)
+                    raise ServerError(self.url, f"has no open notebook {notebook}", 404, fix="notebook")
             elif session:
                 kernel_id = self._rest.find_session(session, deadline=deadline) or \
                     self._rest.create_session(session, name, deadline=deadline)
@@ -1801,31 +1851,29 @@ class Kernel:
         parts = urlsplit(self.url)
         scheme = "wss" if parts.scheme == "https" else "ws"
         netloc = "localhost" if self._rest.unix_socket else parts.netloc
-        return f"{scheme}://{netloc}{parts.path}api/kernels/{quote(self.id)}/channels" \
-               f"?session_id={self.session_id}"
+        return (f"{scheme}://{netloc}{parts.path}api/kernels/{quote(self.id, safe='')}/channels"
+                f"?session_id={self.session_id}")
 
     def _connect(self, deadline: Deadline) -> None:
-        url = self._channels_url()
         offered = [] if self.protocol == "legacy" else [V1_SUBPROTOCOL]
-        # The server may hold the 101 for up to 60 s while the kernel gets ready.
-        self._ws = WebSocket.connect(url, headers=self._rest.headers(), subprotocols=offered,
-                                     ssl_context=self._rest.ssl_context,
-                                     unix_socket=self._rest.unix_socket, proxy=_proxy_for(self.url),
-                                     compression=self.compression, _deadline=Deadline(deadline.remaining(HANDSHAKE_TIMEOUT)))
+        self._ws = WebSocket.connect(self._channels_url(), headers=self._rest.headers(), subprotocols=offered,
+                                     timeout=deadline.remaining(HANDSHAKE_TIMEOUT),
+                                     ssl_context=self._rest.ssl_context, unix_socket=self._rest.unix_socket,
+                                     proxy=_proxy_for(self.url), compression=self.compression)
         if self.protocol == "v1" and self._ws.subprotocol != V1_SUBPROTOCOL:
             self._ws.close()
-            raise ServerError(self.url, "does not speak the v1 kernel websocket protocol (use --protocol legacy)")
+            raise ServerError(self.url, "does not speak the v1 kernel websocket protocol", fix="protocol")
         self._wire = "v1" if self._ws.subprotocol == V1_SUBPROTOCOL else "legacy"
 
-    def _reconnect(self, deadline: Deadline, attempts: int) -> None:
+    def _reconnect(self, deadline: Deadline) -> None:
         """Reopen the websocket with the same session, so the server replays what we missed."""
         if self._ws is not None:
-            self._ws.close_code = self._ws.close_code or CloseCode.ABNORMAL
-            self._ws.sock.close()
+            self._ws.abort()
         last: BaseException | None = None
-        for attempt in range(attempts):
+        for attempt in range(CONNECT_TRIES):
             if attempt:
-                time.sleep(min(0.1 * 2**attempt, 2.0, deadline.remaining(2.0) or 0))
+                time.sleep(min(RECONNECT_BACKOFF * 2**attempt, RECONNECT_BACKOFF_MAX,
+                               deadline.remaining(RECONNECT_BACKOFF_MAX) or 0))
             try:
                 self._connect(deadline)
                 return
@@ -1838,14 +1886,27 @@ class Kernel:
     def _send(self, msg: dict) -> None:
         self._ws.send(encode_message(msg, protocol=self._wire), timeout=HTTP_TIMEOUT)
 
+    def _next_message(self, timeout: float | None) -> dict | None:
+        """The next kernel message, or None if ``timeout`` passes first.
+
+        Raises WebSocketClosed when the connection drops, ServerError for a
+        message that is not a kernel message.
+        """
+        try:
+            raw = self._ws.recv(timeout=timeout)
+        except TimeoutError:
+            return None
+        try:
+            return decode_message(raw, protocol=self._wire)
+        except (ValueError, UnicodeDecodeError, KeyError) as exc:
+            raise ServerError(self.url, f"sent a malformed kernel message ({exc})") from None
+
     # -- execution --
 
     def execute(self, code: str, *, timeout: float | None = None,
                 on_output: Callable[[dict], object] | None = None,
                 stdin: Iterable[str] | Callable[[str, bool], str] | None = None,
-                silent: bool = False, store_history: bool = True,
-                _deadline: Deadline | None = None, _keep_outputs: bool = True,
-                _on_wait: Callable[[float, float], object] | None = None) -> Result:
+                silent: bool = False, store_history: bool = True) -> Result:
         """Run ``code`` and return its Result once the kernel is done with it.
 
         Args:
@@ -1866,20 +1927,30 @@ class Kernel:
             ServerError, WebSocketError, JupyterError (the Kernel is closed).
             On Ctrl-C the kernel is interrupted and KeyboardInterrupt re-raised.
         """
+        deadline = Deadline(timeout if timeout is not None else self.timeout)
+        return self._execute(code, deadline, on_output=on_output, stdin=stdin, silent=silent,
+                             store_history=store_history)
+
+    def _execute(self, code: str, deadline: Deadline, *, on_output=None, stdin=None, silent: bool = False,
+                 store_history: bool = True, keep_outputs: bool = True, on_wait=None) -> Result:
+        """``execute`` within a deadline shared with other steps of a call.
+
+        ``keep_outputs=False`` keeps no output in the Result (a streaming caller
+        has seen them); ``on_wait(quiet, elapsed)`` runs every STATUS_TICK.
+        """
         if self._ws is None:
             raise JupyterError("the kernel is closed")
-        deadline = _deadline or Deadline(timeout if timeout is not None else self.timeout)
         answer = _stdin_answerer(stdin)
         request = execute_request(code, session=self.session_id, silent=silent,
                                   store_history=store_history, allow_stdin=answer is not None)
-        run = _Execution(request["header"]["msg_id"], on_output, keep_outputs=_keep_outputs)
+        run = _Execution(request["header"]["msg_id"], on_output, keep_outputs=keep_outputs)
         try:
             self._send(request)
         except WebSocketClosed:  # the idle connection dropped since the last call
-            self._reconnect(deadline, RECONNECT_ATTEMPTS)
+            self._reconnect(deadline)
             self._send(request)
         try:
-            self._wait(run, deadline, answer, _on_wait, request)
+            self._wait(run, deadline, answer, on_wait, request)
         except ExecutionTimeout as exc:
             self._interrupt_and_settle(run)
             exc.result = run.finish()
@@ -1900,61 +1971,51 @@ class Kernel:
             raise
         return run.finish()
 
-    def _wait(self, run: _Execution, deadline: Deadline, answer, on_wait=None,
-              request: dict | None = None) -> None:
-        grace_end: float | None = None
-        reconnects = 0
+    def _wait(self, run: _Execution, deadline: Deadline, answer, on_wait, request: dict | None) -> None:
+        """Feed ``run`` until it is done, under the clocks of the Strategy above."""
+        drops = 0
         started = quiet_since = time.monotonic()
         while not run.done:
-            now = time.monotonic()
-            if run.started:
-                # The grace counts silence, not time since the reply: a server that
-                # lags behind the kernel still streams output after the reply came.
-                grace_end = quiet_since + COMPLETION_GRACE
             if deadline.expired:
                 raise ExecutionTimeout(deadline.timeout)
             wait = deadline.remaining(STATUS_TICK if on_wait else SILENCE_CHECK)
-            if grace_end is not None:
-                wait = min(wait, max(0.0, grace_end - now))
+            if run.answered:
+                wait = min(wait, max(0.0, quiet_since + COMPLETION_GRACE - time.monotonic()))
             try:
-                raw = self._ws.recv(timeout=wait)
-            except TimeoutError:
-                now = time.monotonic()
-                if deadline.expired:
-                    raise ExecutionTimeout(deadline.timeout) from None
-                if on_wait is not None:
-                    on_wait(now - quiet_since, now - started)
-                ending = grace_end is not None and now >= grace_end
-                if ending or now - quiet_since >= SILENCE_CHECK:
-                    state = self._check_alive(deadline)
-                    quiet_since = time.monotonic()
-                    if reconnects and not run.heard and state == "idle" and request is not None:
-                        # A request sent into a connection that was dying never
-                        # reached the kernel: nothing answered and the kernel idles.
-                        self._send(request)
-                        request = None
-                if ending:
-                    return  # one of reply/idle never came; what arrived is the result
-                continue
+                msg = self._next_message(wait)
             except WebSocketClosed:
-                reconnects += 1
-                if reconnects > RECONNECT_ATTEMPTS:
+                drops += 1
+                if drops > RECONNECTS_PER_CALL:
                     raise
-                self._reconnect(deadline, RECONNECT_ATTEMPTS)
+                self._reconnect(deadline)
                 continue
-            quiet_since = time.monotonic()
-            try:
-                msg = decode_message(raw, protocol=self._wire)
-            except (ValueError, UnicodeDecodeError, KeyError) as exc:
-                raise ServerError(self.url, f"sent a malformed kernel message ({exc})") from None
-            run.feed(msg)
-            if run.died:
-                raise KernelDied(self.id, run.died)
-            if run.input_request is not None:
-                prompt, run.input_request = run.input_request, None
-                self._answer_input(prompt, answer)
+            now = time.monotonic()
+            if msg is not None:
+                quiet_since = now
+                run.feed(msg)
+                if run.died:
+                    raise KernelDied(self.id, run.died)
+                self._serve_input(run, answer)
+                continue
+            if deadline.expired:
+                raise ExecutionTimeout(deadline.timeout)
+            if on_wait is not None:
+                on_wait(now - quiet_since, now - started)
+            ending = run.answered and now >= quiet_since + COMPLETION_GRACE
+            if ending or now - quiet_since >= SILENCE_CHECK:
+                state = self._check_alive(deadline)
+                quiet_since = time.monotonic()
+                if drops and not run.heard and state == "idle" and request is not None:
+                    self._send(request)  # it went into a dying connection and never arrived
+                    request = None
+            if ending:
+                return  # one of reply/idle never came; what arrived is the result
 
-    def _answer_input(self, request: dict, answer) -> None:
+    def _serve_input(self, run: _Execution, answer) -> None:
+        """Answer the kernel's input_request, if one came (EOF without an ``answer``)."""
+        if run.input_request is None:
+            return
+        request, run.input_request = run.input_request, None
         content = request["content"]
         value = answer(content.get("prompt", ""), bool(content.get("password"))) if answer else EOF_ANSWER
         self._send(input_reply(value, session=self.session_id, parent_header=request["header"]))
@@ -1986,16 +2047,13 @@ class Kernel:
         try:
             self._rest.interrupt_kernel(self.id, deadline=Deadline(INTERRUPT_GRACE))
             settle = Deadline(INTERRUPT_GRACE)
-            while not run.done and not settle.expired and not run.died:
-                try:
-                    raw = self._ws.recv(timeout=settle.remaining())
-                except TimeoutError:
+            while not run.done and not run.died and not settle.expired:
+                msg = self._next_message(settle.remaining())
+                if msg is None:
                     break
-                run.feed(decode_message(raw, protocol=self._wire))
-                if run.input_request is not None:
-                    request, run.input_request = run.input_request, None
-                    self._answer_input(request, None)
-        except (JupyterError, ValueError, OSError):
+                run.feed(msg)
+                self._serve_input(run, None)
+        except (JupyterError, OSError):
             pass  # best effort: the caller is already on its way out with an error
 
     # -- control --
@@ -2019,19 +2077,20 @@ class Kernel:
         while True:
             request = new_message("kernel_info_request", {}, session=self.session_id)
             self._send(request)
-            probe = Deadline(deadline.remaining(NUDGE_INTERVAL))
-            while not probe.expired:
-                try:
-                    msg = decode_message(self._ws.recv(timeout=probe.remaining()), protocol=self._wire)
-                except TimeoutError:
+            nudge = Deadline(deadline.remaining(NUDGE_INTERVAL))
+            while not nudge.expired:
+                msg = self._next_message(nudge.remaining())
+                if msg is None:
                     break
-                except (ValueError, UnicodeDecodeError) as exc:
-                    raise ServerError(self.url, f"sent a malformed kernel message ({exc})") from None
-                if msg.get("channel") == "iopub" and \
-                        msg["parent_header"].get("msg_id") == request["header"]["msg_id"]:
+                if (msg.get("channel") == "iopub"
+                        and msg["parent_header"].get("msg_id") == request["header"]["msg_id"]):
                     return
             if deadline.expired:
                 raise ServerError(self.url, f"kernel {self.id} did not answer within {deadline.timeout:g} s")
+
+    def detach(self) -> None:
+        """Leave the kernel running after ``close()``, as an attached kernel is; ``.id`` names it."""
+        self._owned = False
 
     def close(self) -> None:
         """Close the connection, and delete the kernel if this object started it."""
@@ -2077,13 +2136,30 @@ def run_code(code: str, url: str | None = None, token: str | None = None, *,
         An error raised by the code is not raised: check ``result.ok`` or call
         ``result.raise_for_error()``.
     """
-    deadline = Deadline(timeout)
-    with Kernel(url, token, kernel_id=kernel_id, name=kernel_name, timeout=timeout,
-                _deadline=deadline) as kernel:
-        return kernel.execute(code, on_output=on_output, stdin=stdin, _deadline=deadline)
+    deadline = Deadline(timeout)  # one budget for the whole call
+    with Kernel(url, token, kernel_id=kernel_id, name=kernel_name, timeout=timeout) as kernel:
+        return kernel._execute(code, deadline, on_output=on_output, stdin=stdin)
 
 
 # ---- Command line -------------------------------------------------------------------
+
+# Exit codes, one per way a call can end.
+EXIT_OK = 0             # the code ran without error
+EXIT_ERROR = 1          # the code raised; its traceback is on stderr
+EXIT_USAGE = 2          # bad command line or unreadable input
+EXIT_SERVER = 3         # cannot reach the server, token refused, server or protocol error
+EXIT_DIED = 4           # the kernel died while running the code
+EXIT_TIMEOUT = 124      # --timeout expired; the kernel was interrupted (as timeout(1))
+EXIT_INTERRUPTED = 130  # Ctrl-C; the kernel was interrupted (128 + SIGINT)
+EXIT_BROKEN_PIPE = 141  # the reader of stdout went away, as `| head` does (128 + SIGPIPE)
+
+# FIXES, in the command line's words.
+_CLI_FIXES = {
+    "token": "set JUPYTER_TOKEN or pass --token",
+    "tls": "pass --cafile or set SSL_CERT_FILE for a private CA, or --insecure",
+    "notebook": "open it in JupyterLab first, or use --session",
+    "protocol": "use --protocol legacy",
+}
 
 ANSI_ESCAPE = r"\x1b\[[0-9;?]*[ -/]*[@-~]"  # compiled by re on first use
 
@@ -2533,7 +2609,8 @@ def main(argv: list | None = None) -> int:
         err.write("jupyter_call: interrupted\n")
         return EXIT_INTERRUPTED
     except JupyterError as exc:
-        err.write(f"jupyter_call: error: {exc}\n")
+        text = exc._describe(_CLI_FIXES) if isinstance(exc, ServerError) else str(exc)
+        err.write(f"jupyter_call: error: {text}\n")
         return EXIT_SERVER
     except BrokenPipeError:
         # The reader went away (`| head`): stop quietly, as a process killed by SIGPIPE.
@@ -2590,10 +2667,9 @@ def _executed_notebook(notebook: dict | None, cells: list, results: list) -> dic
 
 def _open_kernel(args, url, token, deadline, env, ssl_context) -> Kernel:
     try:
-        return Kernel(url, token, kernel_id=args.kernel_id, name=args.kernel, timeout=args.timeout,
+        return Kernel(url, token, kernel_id=args.kernel_id, name=args.kernel, timeout=deadline.remaining(),
                       env=env, session=args.session, notebook=args.notebook,
-                      ssl_context=ssl_context, protocol=args.protocol, compression=args.compress,
-                      _deadline=deadline)
+                      ssl_context=ssl_context, protocol=args.protocol, compression=args.compress)
     except ServerError as exc:
         if exc.status is None and url is None and resolve_server()[0] == DEFAULT_URL:
             raise JupyterError(f"no Jupyter server found (nothing answers at {DEFAULT_URL}): start one "
@@ -2640,8 +2716,8 @@ def _main(argv, out, err) -> int:
         kernel = _open_kernel(args, url, token, deadline, env, ssl_context)
         try:
             with kernel:  # deletes a kernel it started, whatever happens
-                if args.keep and kernel._owned:
-                    kernel._owned = False
+                if args.keep and not (args.kernel_id or args.session or args.notebook):
+                    kernel.detach()
                     err.write(f"jupyter_call: kernel {kernel.id} kept running at {kernel.url}\n")
                 _run_cells(kernel, cells, args, printer, stdin, deadline, results)
         except BaseException as exc:
@@ -2681,8 +2757,8 @@ def _run_cells(kernel: Kernel, cells: list, args, printer, stdin, deadline: Dead
         if printer is not None and len(cells) > 1:
             printer.header(number, len(cells))
         try:
-            result = kernel.execute(code, on_output=printer, stdin=stdin, _deadline=deadline,
-                                    _keep_outputs=keep, _on_wait=on_wait)
+            result = kernel._execute(code, deadline, on_output=printer, stdin=stdin,
+                                     keep_outputs=keep, on_wait=on_wait)
         finally:
             if printer is not None:
                 printer.finish()

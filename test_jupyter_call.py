@@ -40,6 +40,30 @@ pytestmark = pytest.mark.timeout(180)
 
 # ---- 1. Pure: the frame codec (RFC 6455 vectors) -------------------------------
 
+def _client_frames(sock, timeout=5.0):
+    """Yield the frames a client sends to ``sock`` (masked, as RFC 6455 requires) until EOF or a pause."""
+    sock.settimeout(timeout)
+    buf = bytearray()
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except OSError:
+            return
+        if not chunk:
+            return
+        buf += chunk
+        while True:
+            frame, used = parse_frame(buf, masked=True)
+            if frame is None:
+                break
+            del buf[:used]
+            yield frame
+
+
+def _read_frames(sock, timeout=5.0):
+    return list(_client_frames(sock, timeout))
+
+
 def test_accept_key_matches_rfc_section_1_3_example():
     assert jc.accept_key("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
 
@@ -136,40 +160,104 @@ def test_close_payload_and_parse_close():
     assert info.value.code == CloseCode.INVALID_DATA
 
 
-def test_close_code_for_maps_each_failure_once():
-    assert jc.close_code_for(WebSocketError(1009, "big")) == 1009
-    assert jc.close_code_for(UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad")) == 1007
-    assert jc.close_code_for(RuntimeError()) == 1011
+# ---- 1. Pure: the message reader (fragments, UTF-8, size limit, compression) ----------
+
+def _feed(reader, wire):
+    """Every message that the frames in ``wire`` complete."""
+    messages, buf = [], bytearray(wire)
+    while buf:
+        frame, used = parse_frame(buf, allowed_rsv=reader.allowed_rsv)
+        del buf[:used]
+        message = reader.receive(frame)
+        if message is not None:
+            messages.append(message)
+    return messages
 
 
-# ---- 1. Pure: the websocket receive path over a socketpair ----------------------
+def _fails_with(code, call, *args):
+    with pytest.raises(WebSocketError) as info:
+        call(*args)
+    assert info.value.code == code
+    return info.value
+
+
+def test_reader_joins_fragments_into_one_message():
+    reader = jc._MessageReader()
+    assert _feed(reader, b"\x01\x03Hel" + b"\x00\x01l" + b"\x80\x01o") == ["Hello"]
+    assert _feed(reader, b"\x02\x01\x00" + b"\x80\x01\x01" + b"\x82\x00") == [b"\x00\x01", b""]
+
+
+def test_reader_validates_utf8_split_across_fragments():
+    euro = "€".encode("utf-8")  # three bytes, split 1 + 2 across two fragments
+    assert _feed(jc._MessageReader(), b"\x01\x01" + euro[:1] + b"\x80\x02" + euro[1:]) == ["€"]
+
+
+def test_reader_fails_invalid_utf8_in_a_first_fragment_with_1007():
+    # not final, but 0xC3 0x28 can never be UTF-8
+    _fails_with(CloseCode.INVALID_DATA, _feed, jc._MessageReader(), b"\x01\x02\xc3\x28")
+
+
+def test_reader_fails_invalid_utf8_before_the_rest_of_a_frame_arrives():
+    reader = jc._MessageReader()
+    partial = b"\x81\x0a" + b"ok" + b"\xf4\x90\x80\x80"  # 6 of 10 bytes; U+110000 is invalid
+    head, needed = jc.parse_head(partial)
+    assert needed == 12 and head.start == 2
+    reader.check_partial(head, partial[:4])  # "ok" so far: fine
+    _fails_with(CloseCode.INVALID_DATA, reader.check_partial, head, partial)
+
+
+def test_reader_rejects_a_continuation_without_a_message_and_an_interleaved_message():
+    error = _fails_with(CloseCode.PROTOCOL_ERROR, _feed, jc._MessageReader(), b"\x80\x01x")
+    assert "no message to continue" in error.reason
+    error = _fails_with(CloseCode.PROTOCOL_ERROR, _feed, jc._MessageReader(), b"\x01\x01a\x81\x01b")
+    assert "inside a fragmented one" in error.reason
+
+
+def test_reader_rejects_a_fragmented_message_over_max_size_with_1009():
+    reader = jc._MessageReader(max_size=10)
+    _fails_with(CloseCode.MESSAGE_TOO_BIG, _feed, reader, b"\x02\x06aaaaaa\x80\x06bbbbbb")
+
+
+def test_permessage_deflate_answer_is_checked():
+    assert (jc.parse_deflate_answer("permessage-deflate; server_no_context_takeover; client_max_window_bits=10")
+            == {"server_no_context_takeover": True, "client_max_window_bits": 10})
+    for bad in ("x-webkit-deflate-frame", "permessage-deflate; server_max_window_bits=16",
+                "permessage-deflate; unknown", "permessage-deflate, permessage-deflate",
+                "permessage-deflate; server_no_context_takeover; server_no_context_takeover"):
+        _fails_with(CloseCode.PROTOCOL_ERROR, jc.parse_deflate_answer, bad)
+
+
+def _compressed(deflater, data: bytes, opcode=Opcode.TEXT) -> bytes:
+    import zlib
+    body = deflater.compress(data) + deflater.flush(zlib.Z_SYNC_FLUSH)
+    return Frame(opcode, body[:-4], rsv=jc.RSV1_MASK).serialize()
+
+
+def test_compressed_messages_inflate_and_deflate_with_context_takeover():
+    import zlib
+    deflate = jc._Deflate({})
+    reader = jc._MessageReader(deflate=deflate)
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -15)
+    for text in ("hello hello hello", "hello again"):  # the second reuses the first's window
+        assert _feed(reader, _compressed(deflater, text.encode())) == [text]
+    body = deflate.compress(b"x" * 1000)
+    assert len(body) < 50 and zlib.decompressobj(-15).decompress(body + b"\x00\x00\xff\xff") == b"x" * 1000
+
+
+def test_a_compressed_bomb_fails_with_1009_before_it_inflates():
+    import zlib
+    reader = jc._MessageReader(deflate=jc._Deflate({}), max_size=1 << 20)
+    bomb = _compressed(zlib.compressobj(9, zlib.DEFLATED, -15), bytes(64 << 20), Opcode.BINARY)  # ~64 KB
+    _fails_with(CloseCode.MESSAGE_TOO_BIG, _feed, reader, bomb)
+
+
+# ---- 2. Loopback: the websocket connection over a socketpair ------------------------
 
 def _pair(**kwargs):
     a, b = socket.socketpair()
     ws = WebSocket(a, **kwargs)
     ws.close_timeout = 0.05  # the raw peer never answers a close; do not wait for it
     return ws, b
-
-
-def _frames_from(sock, timeout=5.0):
-    """Client frames that reached the peer socket (masked, as the RFC requires)."""
-    sock.settimeout(timeout)
-    buf, frames = bytearray(), []
-    while True:
-        try:
-            chunk = sock.recv(65536)
-        except (socket.timeout, OSError):
-            break
-        if not chunk:
-            break
-        buf += chunk
-        while True:
-            frame, used = parse_frame(buf, masked=True)
-            if frame is None:
-                break
-            del buf[:used]
-            frames.append(frame)
-    return frames
 
 
 def test_recv_joins_fragments_and_answers_interleaved_ping():
@@ -179,25 +267,17 @@ def test_recv_joins_fragments_and_answers_interleaved_ping():
     peer.sendall(b"\x88\x02\x03\xe8")
     with pytest.raises(WebSocketClosed):
         ws.recv(timeout=5)
-    frames = _frames_from(peer)
+    frames = _read_frames(peer)
     assert (frames[0].opcode, frames[0].payload) == (Opcode.PONG, b"ping")
     assert frames[1].opcode == Opcode.CLOSE and frames[1].payload == b"\x03\xe8"
 
 
-def test_recv_validates_utf8_split_across_fragments():
-    ws, peer = _pair()
-    euro = "€".encode("utf-8")  # three bytes, split 1 + 2 across two fragments
-    peer.sendall(b"\x01\x01" + euro[:1] + b"\x80\x02" + euro[1:])
-    assert ws.recv(timeout=5) == "€"
-
-
-def test_recv_fails_invalid_utf8_in_a_first_fragment_with_1007():
-    ws, peer = _pair()
-    peer.sendall(b"\x01\x02\xc3\x28")  # not final, but 0xC3 0x28 can never be UTF-8
-    with pytest.raises(WebSocketError) as info:
-        ws.recv(timeout=5)
-    assert info.value.code == CloseCode.INVALID_DATA
-    assert _frames_from(peer)[0].payload[:2] == b"\x03\xef"
+def test_recv_fails_the_connection_with_the_code_of_the_error():
+    ws, peer = _pair(max_size=10)
+    peer.sendall(b"\x02\x06aaaaaa\x80\x06bbbbbb")
+    _fails_with(CloseCode.MESSAGE_TOO_BIG, ws.recv)
+    assert _read_frames(peer)[0].payload[:2] == (1009).to_bytes(2, "big")
+    assert ws.close_code == CloseCode.MESSAGE_TOO_BIG
 
 
 def test_recv_fails_invalid_utf8_before_the_rest_of_a_frame_arrives():
@@ -206,6 +286,7 @@ def test_recv_fails_invalid_utf8_before_the_rest_of_a_frame_arrives():
     with pytest.raises(WebSocketError) as info:
         ws.recv(timeout=30)  # the rest never comes: only an early check can fail it
     assert info.value.code == CloseCode.INVALID_DATA
+    assert _read_frames(peer)[0].payload[:2] == b"\x03\xef"
 
 
 def test_recv_keeps_a_partial_frame_across_a_timeout():
@@ -226,28 +307,6 @@ def test_recv_raises_closed_1006_on_eof_in_the_middle_of_a_frame():
     assert info.value.code == CloseCode.ABNORMAL
 
 
-def test_recv_rejects_a_continuation_without_a_message_and_an_interleaved_message():
-    ws, peer = _pair()
-    peer.sendall(b"\x80\x01x")
-    with pytest.raises(WebSocketError) as info:
-        ws.recv(timeout=5)
-    assert info.value.code == CloseCode.PROTOCOL_ERROR
-    ws, peer = _pair()
-    peer.sendall(b"\x01\x01a\x81\x01b")
-    with pytest.raises(WebSocketError) as info:
-        ws.recv(timeout=5)
-    assert info.value.code == CloseCode.PROTOCOL_ERROR
-
-
-def test_recv_rejects_a_fragmented_message_over_max_size_with_1009():
-    ws, peer = _pair(max_size=10)
-    peer.sendall(b"\x02\x06aaaaaa\x80\x06bbbbbb")
-    with pytest.raises(WebSocketError) as info:
-        ws.recv(timeout=5)
-    assert info.value.code == CloseCode.MESSAGE_TOO_BIG
-    assert _frames_from(peer)[0].payload[:2] == (1009).to_bytes(2, "big")
-
-
 def test_send_masks_text_and_binary_with_fresh_keys():
     ws, peer = _pair()
     ws.send("hé")
@@ -259,6 +318,24 @@ def test_send_masks_text_and_binary_with_fresh_keys():
     assert (first.opcode, first.payload) == (Opcode.TEXT, "hé".encode())
     assert (second.opcode, second.payload) == (Opcode.BINARY, b"\x00\x01")
     assert wire[0] == 0x81 and wire[1] & 0x80 and wire[2:6] != wire[used + 2:used + 6]
+
+
+def test_send_compresses_when_the_server_took_permessage_deflate():
+    ws, peer = _pair(deflate={})
+    ws.send("x" * 1000)
+    peer.settimeout(5)
+    frame, _ = parse_frame(peer.recv(65536), masked=True, allowed_rsv=jc.RSV1_MASK)
+    assert frame.rsv == jc.RSV1_MASK and len(frame.payload) < 50
+    reader = jc._MessageReader(deflate=jc._Deflate({}))
+    assert _feed(reader, Frame(Opcode.TEXT, frame.payload, rsv=frame.rsv).serialize()) == ["x" * 1000]
+
+
+def test_abort_drops_the_connection_without_a_close_frame():
+    ws, peer = _pair()
+    ws.abort()
+    assert ws.close_code == CloseCode.ABNORMAL
+    peer.settimeout(5)
+    assert peer.recv(10) == b""
 
 
 # ---- 1. Pure: Jupyter messages and output collection ------------------------------
@@ -535,25 +612,14 @@ class ScriptedServer:
             self.script(conn, self)
 
     def read_frames(self, conn, count=None):
-        """Read client frames until EOF (or ``count`` frames); they must be masked."""
-        buf = bytearray()
-        while count is None or len(self.received) < count:
-            try:
-                chunk = conn.recv(65536)
-            except OSError:
+        """Read client frames until EOF (or ``count`` frames), answering a close."""
+        for frame in _client_frames(conn, timeout=10):
+            self.received.append(frame)
+            if frame.opcode == Opcode.CLOSE:
+                conn.sendall(Frame(Opcode.CLOSE, frame.payload).serialize())
                 return
-            if not chunk:
+            if count is not None and len(self.received) >= count:
                 return
-            buf += chunk
-            while True:
-                frame, used = parse_frame(buf, masked=True)
-                if frame is None:
-                    break
-                del buf[:used]
-                self.received.append(frame)
-                if frame.opcode == Opcode.CLOSE:
-                    conn.sendall(Frame(Opcode.CLOSE, frame.payload).serialize())
-                    return
 
     def join(self):
         self.thread.join(10)
@@ -2147,42 +2213,6 @@ def test_server_pings_are_answered_during_a_long_silent_cell(remote_server):
         res = k.execute("import time; time.sleep(5); print('awake')")
         assert res.stdout == "awake\n"
         assert k._ws is connection  # never dropped, so never reconnected
-
-
-def test_permessage_deflate_answer_is_checked():
-    assert jc.parse_deflate_answer("permessage-deflate; server_no_context_takeover; client_max_window_bits=10") \
-        == {"server_no_context_takeover": True, "client_max_window_bits": 10}
-    for bad in ("x-webkit-deflate-frame", "permessage-deflate; server_max_window_bits=16",
-                "permessage-deflate; unknown", "permessage-deflate, permessage-deflate",
-                "permessage-deflate; server_no_context_takeover; server_no_context_takeover"):
-        with pytest.raises(WebSocketError) as info:
-            jc.parse_deflate_answer(bad)
-        assert info.value.code == CloseCode.PROTOCOL_ERROR
-
-
-def test_compressed_messages_inflate_and_deflate_with_context_takeover():
-    import zlib
-    ws, peer = _pair(deflate={})
-    deflater = zlib.compressobj(9, zlib.DEFLATED, -15)
-    for text in ("hello hello hello", "hello again"):  # the second reuses the first's window
-        body = deflater.compress(text.encode()) + deflater.flush(zlib.Z_SYNC_FLUSH)
-        peer.sendall(Frame(Opcode.TEXT, body[:-4], rsv=jc.RSV1_MASK).serialize())
-        assert ws.recv(timeout=5) == text
-    ws.send("x" * 1000)
-    frame, _ = parse_frame(peer.recv(65536), masked=True, allowed_rsv=jc.RSV1_MASK)
-    assert frame.rsv == jc.RSV1_MASK and len(frame.payload) < 50
-    assert zlib.decompressobj(-15).decompress(frame.payload + b"\x00\x00\xff\xff") == b"x" * 1000
-
-
-def test_a_compressed_bomb_fails_with_1009_before_it_inflates():
-    import zlib
-    ws, peer = _pair(deflate={}, max_size=1 << 20)
-    deflater = zlib.compressobj(9, zlib.DEFLATED, -15)
-    body = deflater.compress(bytes(64 << 20)) + deflater.flush(zlib.Z_SYNC_FLUSH)  # 64 MB of zeros, ~64 KB
-    peer.sendall(Frame(Opcode.BINARY, body[:-4], rsv=jc.RSV1_MASK).serialize())
-    with pytest.raises(WebSocketError) as info:
-        ws.recv(timeout=5)
-    assert info.value.code == CloseCode.MESSAGE_TOO_BIG
 
 
 def test_compression_against_a_server_that_accepts_it(tmp_path_factory):
