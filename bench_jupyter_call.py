@@ -266,12 +266,7 @@ class _Server:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.delete_all_kernels()
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            jupyter_call._stop_server(self.proc)
         shutil.rmtree(self.root, ignore_errors=True)
 
 

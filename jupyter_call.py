@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import codecs
 import collections
+import contextlib
 import enum
 import gc
 import json
@@ -222,21 +223,9 @@ def mask_bytes(data: bytes, key: bytes) -> bytes:
     return (int.from_bytes(data, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
 
 
-class Frame:
+class Frame(collections.namedtuple("Frame", "opcode payload fin rsv", defaults=(b"", True, 0))):
     """One websocket frame; ``rsv`` holds the three reserved bits in place (0x70)."""
-    __slots__ = ("opcode", "payload", "fin", "rsv")
-
-    def __init__(self, opcode: Opcode, payload: bytes = b"", fin: bool = True, rsv: int = 0):
-        self.opcode, self.payload, self.fin, self.rsv = opcode, payload, fin, rsv
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Frame):
-            return NotImplemented
-        return (self.opcode, self.payload, self.fin, self.rsv) == \
-            (other.opcode, other.payload, other.fin, other.rsv)
-
-    def __repr__(self) -> str:
-        return f"Frame({self.opcode!r}, {self.payload!r}, fin={self.fin}, rsv=0x{self.rsv:02x})"
+    __slots__ = ()
 
     def serialize(self, *, mask_key: bytes | None = None) -> bytes:
         """Encode the frame; clients pass a fresh 4-byte ``mask_key`` (5.3)."""
@@ -269,13 +258,10 @@ class FrameHead(collections.namedtuple("FrameHead", "opcode fin rsv start end ke
 
 def parse_head(data: bytes | bytearray, *, max_size: int | None = MAX_MESSAGE_SIZE,
                masked: bool = False, allowed_rsv: int = 0) -> tuple[FrameHead | None, int]:
-    """Parse the header of the frame at the start of ``data``.
+    """``(head, head.end)`` once the header at the start of ``data`` is whole, else ``(None, needed)``.
 
-    Returns ``(head, head.end)`` once the header is whole (the payload may
-    still be arriving), else ``(None, needed)`` with the byte count needed to
-    go on. ``masked`` says whether frames must be masked (a server reading a
-    client) or must not be. Raises WebSocketError carrying the close code the
-    violation calls for.
+    ``masked``: whether frames must be masked (a server reading a client) or
+    must not be. Raises WebSocketError with the close code a violation calls for.
     """
     have = len(data)
     if have < 2:
@@ -326,11 +312,7 @@ def parse_head(data: bytes | bytearray, *, max_size: int | None = MAX_MESSAGE_SI
 
 
 def parse_frame(data: bytes | bytearray, **options) -> tuple[Frame | None, int]:
-    """Parse one whole frame from the start of ``data`` without consuming it.
-
-    Returns ``(frame, consumed)``, or ``(None, needed)`` until ``data`` holds
-    the whole frame. Takes the options of ``parse_head`` and raises as it does.
-    """
+    """``(frame, consumed)`` for the whole frame at the start of ``data``, else ``(None, needed)``."""
     head, needed = parse_head(data, **options)
     if head is None or len(data) < needed:
         return None, needed
@@ -422,12 +404,9 @@ class _Deflate:
 
 
 class _MessageReader:
-    """Whole messages from data frames (no I/O).
-
-    Joins fragments, checks text as UTF-8 while it arrives, inflates
-    permessage-deflate and enforces ``max_size``. Every error is a
-    WebSocketError carrying the close code it calls for. A message being
-    joined costs at most ``max_size`` bytes, however many frames carry it.
+    """Whole messages from data frames (no I/O): joins fragments, checks UTF-8 as it arrives,
+    inflates permessage-deflate, enforces ``max_size`` (a message being joined costs at most
+    that, however many frames carry it). Errors are WebSocketErrors with their close code.
     """
 
     def __init__(self, *, max_size: int | None = MAX_MESSAGE_SIZE, deflate: _Deflate | None = None):
@@ -438,8 +417,8 @@ class _MessageReader:
         self._compressed = False            # the message in progress is compressed
         self._joined = bytearray()
         self._text = codecs.getincrementaldecoder("utf-8")()   # the message's fragments so far
-        self._probe = codecs.getincrementaldecoder("utf-8")()  # a frame still arriving
-        self._checked = 0  # payload bytes of the frame still arriving that the probe has read
+        self._partial = codecs.getincrementaldecoder("utf-8")()  # a text frame still arriving
+        self._checked = 0  # payload bytes of that frame already checked
 
     def receive(self, frame: Frame) -> str | bytes | None:
         """Take a data frame; return the message it completes, else None."""
@@ -482,9 +461,9 @@ class _MessageReader:
         if len(buf) <= start:
             return
         if self._checked == 0:
-            self._probe.setstate(self._text.getstate() if head.opcode == CONT else (b"", 0))
+            self._partial.setstate(self._text.getstate() if head.opcode == CONT else (b"", 0))
         with memoryview(buf) as view:
-            _utf8(view[start:], self._probe)
+            _utf8(view[start:], self._partial)
         self._checked = len(buf) - head.start
 
 
@@ -596,28 +575,24 @@ class WebSocket:
         secure = scheme == "wss"
         port = parts.port or (443 if secure else 80)
         origin = f"{scheme}://{parts.netloc}/"
+        sock = None
         try:
             sock = _open_socket(parts.hostname, port, unix_socket, proxy, deadline)
-        except socket.timeout:
-            raise ServerError(origin, f"did not accept a connection{_within(timeout)}") from None
-        except OSError as exc:
-            raise _unreachable(origin, exc) from exc
-        try:
             if proxy:
                 _connect_tunnel(sock, proxy, parts.hostname, port, deadline)
             if secure:
                 ssl = _ssl_module()
-                context = ssl_context or ssl.create_default_context()
-                sock = context.wrap_socket(sock, server_hostname=parts.hostname)
-            offered = list(subprotocols or [])
+                sock = (ssl_context or ssl.create_default_context()).wrap_socket(sock, server_hostname=parts.hostname)
             headers = dict(headers or {})
             if compression:
                 headers["Sec-WebSocket-Extensions"] = DEFLATE_OFFER
-            return cls._handshake(sock, parts, offered, headers, deadline, max_size)
+            return cls._handshake(sock, parts, list(subprotocols or []), headers, deadline, max_size)
         except BaseException as exc:
-            sock.close()
+            if sock is not None:
+                sock.close()
             if isinstance(exc, socket.timeout):
-                raise ServerError(origin, f"did not complete the websocket handshake{_within(timeout)}") from None
+                step = "complete the websocket handshake" if sock is not None else "accept a connection"
+                raise ServerError(origin, f"did not {step}{_within(timeout)}") from None
             if isinstance(exc, OSError):
                 raise _unreachable(origin, exc) from exc
             raise
@@ -632,11 +607,7 @@ class WebSocket:
         if offered:
             lines.append(f"Sec-WebSocket-Protocol: {', '.join(offered)}")
         lines += [f"{name}: {value}" for name, value in headers.items()]
-        _set_timeout(sock, deadline)
-        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-
-        head, rest = _read_http_head(sock, deadline)
-        status, fields = _parse_http_head(head)
+        status, fields, rest = _http_exchange(sock, lines, deadline)
         origin = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/"
         if status != 101:
             error = AuthError if status in (401, 403) else ServerError
@@ -666,13 +637,9 @@ class WebSocket:
         With ``timeout``, a send that cannot finish in time closes the connection
         and raises WebSocketClosed.
         """
-        if isinstance(message, str):
-            frame = Frame(TEXT, message.encode("utf-8"))
-        else:
-            frame = Frame(BINARY, bytes(message))
-        if self._deflate is not None and self._deflate.compresses:
-            frame.payload, frame.rsv = self._deflate.compress(frame.payload), RSV1_MASK
-        self._send_frame(frame, Deadline(timeout))
+        opcode, payload = (TEXT, message.encode("utf-8")) if isinstance(message, str) else (BINARY, bytes(message))
+        rsv = RSV1_MASK if self._deflate is not None and self._deflate.compresses else 0
+        self._send_frame(Frame(opcode, self._deflate.compress(payload) if rsv else payload, rsv=rsv), Deadline(timeout))
 
     def ping(self, payload: bytes = b"", *, timeout: float | None = None) -> None:
         """Send a ping; the pong is consumed inside ``recv``."""
@@ -736,10 +703,8 @@ class WebSocket:
         sock = self.sock
         _set_timeout(sock, deadline)
         if _TCP_QUICKACK is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
-            except OSError:
-                pass
         try:
             chunk = sock.recv(min(max(needed - len(self._buf), RECV_SIZE), RECV_SIZE_MAX))
         except socket.timeout:
@@ -774,32 +739,26 @@ class WebSocket:
         if not self._closing:
             self._closing = True
             self._send_close(code, reason)
-        try:  # read (bounded) until the peer's close frame or EOF, dropping data
+        with contextlib.suppress(OSError, WebSocketError):  # read (bounded) to the peer's close or EOF
             deadline = Deadline(self.close_timeout)
             while self._read_frame(deadline, closing=True).opcode != CLOSE:
                 pass
-        except (OSError, WebSocketError):
-            pass
         self._finish(code, reason)
 
     def _send_close(self, code: int, reason: str) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.settimeout(self.close_timeout)
             self.sock.sendall(Frame(CLOSE, close_payload(code, reason)).serialize(mask_key=os.urandom(4)))
-        except OSError:
-            pass
 
     def _finish(self, code: int, reason: str) -> None:
         """7.1.1: after the close handshake the client waits for the server's TCP close."""
         self.close_code, self.close_reason = code, reason
-        try:
+        with contextlib.suppress(OSError):
             self.sock.settimeout(self.close_timeout)
             self.sock.shutdown(socket.SHUT_WR)
             deadline = Deadline(self.close_timeout)
             while not deadline.expired and self.sock.recv(RECV_SIZE):
                 pass
-        except OSError:
-            pass
         self.sock.close()
 
     def abort(self, reason: str = "aborted") -> None:
@@ -857,17 +816,16 @@ def _connect_tunnel(sock: socket.socket, proxy: str, host: str, port: int, deadl
     if proxy_parts.username:
         creds = f"{unquote(proxy_parts.username)}:{unquote(proxy_parts.password or '')}"
         lines.append("Proxy-Authorization: Basic " + base64.b64encode(creds.encode("utf-8")).decode("ascii"))
-    _set_timeout(sock, deadline)
-    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-    head = _read_http_head(sock, deadline)[0]
-    status, _ = _parse_http_head(head)
+    status = _http_exchange(sock, lines, deadline)[0]
     if status != 200:
         raise ServerError(f"{proxy_parts.scheme}://{proxy_parts.hostname}:{proxy_parts.port or 80}/",
                           f"(the proxy) refused a tunnel to {target}", status)
 
 
-def _read_http_head(sock: socket.socket, deadline: Deadline) -> tuple[bytes, bytes]:
-    """Read an HTTP answer head (bounded); return it and the bytes after it."""
+def _http_exchange(sock: socket.socket, lines: list, deadline: Deadline) -> tuple[int, dict, bytes]:
+    """Send a request head; return the answer's status, header fields and the bytes after its head."""
+    _set_timeout(sock, deadline)
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
     buf = bytearray()
     while b"\r\n\r\n" not in buf:
         if len(buf) > MAX_HANDSHAKE:
@@ -878,7 +836,8 @@ def _read_http_head(sock: socket.socket, deadline: Deadline) -> tuple[bytes, byt
             raise WebSocketClosed(CloseCode.ABNORMAL, "connection closed during the handshake")
         buf += chunk
     head, _, rest = bytes(buf).partition(b"\r\n\r\n")
-    return head, rest
+    status, fields = _parse_http_head(head)
+    return status, fields, rest
 
 
 def _parse_http_head(head: bytes) -> tuple[int, dict]:
@@ -934,6 +893,8 @@ def _unreachable(url: str, exc: BaseException) -> ServerError:
 HTTP_TIMEOUT = 90.0         # per request when the call has no deadline; gateways can take 40 s+ to start a kernel
 MAX_REST_BODY = 16 * 2**20  # bound on one REST answer
 DELETE_RETRIES = 5          # a DELETE racing an automatic restart answers 500; try again
+DELETE_BACKOFF = 0.2        # first pause between DELETE attempts; doubles
+SIDE_REQUEST_TIMEOUT = 10.0 # a request that only diagnoses or lists must not hold a call up longer
 
 
 class _RestClient:
@@ -944,6 +905,8 @@ class _RestClient:
         self.token = token
         self.ssl_context = ssl_context
         self.unix_socket = _unix_socket_path(url)
+        # Requests over a Unix socket go to http://localhost/ (the Host the server expects).
+        self._base = f"http://localhost{urlsplit(url).path}" if self.unix_socket else url
         self._opener = None
         self._xsrf: str | None = None
 
@@ -952,7 +915,7 @@ class _RestClient:
 
     def request(self, method: str, path: str, body: object = None, *,
                 deadline: Deadline | None = None, host: str | None = None,
-                probe: bool = True) -> object:
+                diagnose: bool = True) -> object:
         """Send one request; return the decoded JSON answer (None for 204)."""
         import http.client
         import urllib.error
@@ -963,8 +926,6 @@ class _RestClient:
         headers = {"Accept": "application/json", **self.headers()}
         if data is not None:
             headers["Content-Type"] = "application/json"
-        if self.unix_socket:
-            headers["Host"] = "localhost"
         if host:
             headers["Host"] = host
         if method != "GET" and not self.token:
@@ -972,7 +933,7 @@ class _RestClient:
             xsrf = self._xsrf_cookie(deadline)
             if xsrf:
                 headers.update({"Cookie": f"_xsrf={xsrf}", "X-XSRFToken": xsrf})
-        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
+        req = urllib.request.Request(self._base + path, data=data, method=method, headers=headers)
         timeout = (deadline or Deadline(None)).remaining(HTTP_TIMEOUT)
         if timeout is not None and timeout <= 0:
             raise ServerError(self.url, f"could not be asked {method} {path}: no time left")
@@ -981,7 +942,7 @@ class _RestClient:
                 raw = resp.read(MAX_REST_BODY + 1)
                 self._note_cookies(resp.headers)
         except urllib.error.HTTPError as exc:
-            raise self._http_error(exc.code, exc.read(4096), method, path, probe=probe) from None
+            raise self._http_error(exc.code, exc.read(4096), method, path, diagnose=diagnose) from None
         except socket.timeout:
             raise ServerError(self.url, f"did not answer {method} {path} within {timeout:g} s") from None
         except (urllib.error.URLError, OSError) as exc:
@@ -1023,7 +984,7 @@ class _RestClient:
     def _xsrf_cookie(self, deadline: Deadline | None) -> str | None:
         if self._xsrf is None:
             import urllib.request
-            req = urllib.request.Request(self.url + "login", headers={"Host": "localhost"} if self.unix_socket else {})
+            req = urllib.request.Request(self._base + "login")
             try:
                 with self._open(req, (deadline or Deadline(None)).remaining(HTTP_TIMEOUT)) as resp:
                     self._note_cookies(resp.headers)
@@ -1034,10 +995,10 @@ class _RestClient:
         return self._xsrf or None
 
     def _http_error(self, status: int, body: bytes, method: str, path: str, *,
-                    probe: bool = True) -> ServerError:
+                    diagnose: bool = True) -> ServerError:
         detail = _error_reason(body)
         if status in (401, 403):
-            return self._auth_error(status, detail, method, path, probe)
+            return self._auth_error(status, detail, method, path, diagnose)
         if status == 424:
             return ServerError(self.url, "is a JupyterHub server that is not running: start it from the "
                                          "hub's home page (/hub/home) or with the hub's REST API", status)
@@ -1045,16 +1006,16 @@ class _RestClient:
             return ServerError(self.url, f"has no {path}{detail}", status)
         return ServerError(self.url, f"answered an error for {method} {path}{detail}", status)
 
-    def _auth_error(self, status: int, detail: str, method: str, path: str, probe: bool) -> ServerError:
+    def _auth_error(self, status: int, detail: str, method: str, path: str, diagnose: bool) -> ServerError:
         """Say which rule refused us: the token, the Host header, the xsrf check, or another one."""
         if not self.token:
             if "xsrf" in detail.lower():
                 return AuthError(self.url, f"rejected the request: its _xsrf cookie check failed{detail}", status)
             return AuthError(self.url, "requires a token", status, fix="token")
-        if probe:
+        if diagnose:
             # A refusal does not say why; a plain authenticated GET tells the causes apart.
             try:
-                self.request("GET", "api/kernelspecs", deadline=Deadline(10.0), probe=False)
+                self.request("GET", "api/kernelspecs", deadline=Deadline(SIDE_REQUEST_TIMEOUT), diagnose=False)
                 return AuthError(self.url, f"refused {method} {path}{detail}", status)  # the token is fine
             except ServerError as exc:
                 if exc.status == 424:  # JupyterHub: the user's server is stopped
@@ -1063,7 +1024,8 @@ class _RestClient:
             if not self.unix_socket and not _is_loopback(host):
                 # A server that allows only local names refuses a right token too.
                 try:
-                    self.request("GET", "api/status", deadline=Deadline(10.0), host="localhost", probe=False)
+                    self.request("GET", "api/status", deadline=Deadline(SIDE_REQUEST_TIMEOUT), host="localhost",
+                                 diagnose=False)
                     return AuthError(self.url, f"blocked the request because its Host '{host}' is not a "
                                                f"local name: connect as localhost, or start the server "
                                                f"with --ServerApp.allow_remote_access=True", status)
@@ -1133,7 +1095,7 @@ class _RestClient:
                     return
                 if exc.status is None or exc.status < 500 or attempt == DELETE_RETRIES - 1:
                     raise
-            time.sleep(0.2 * 2**attempt)
+            time.sleep(DELETE_BACKOFF * 2**attempt)
 
 
 def _session_path(path: str) -> str:
@@ -1156,29 +1118,19 @@ def _unix_socket_path(url: str) -> str | None:
 
 
 def _unix_handler(path: str):
-    """A urllib handler for ``http+unix://`` URLs: HTTP over a Unix socket."""
+    """A urllib handler that sends every http:// request over the Unix socket at ``path``."""
     import http.client
     import urllib.request
 
     class UnixConnection(http.client.HTTPConnection):
-        def __init__(self, host, **kwargs):
-            super().__init__("localhost", **kwargs)
-
         def connect(self):
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.sock.settimeout(self.timeout)
             self.sock.connect(path)
 
-    class UnixHandler(urllib.request.AbstractHTTPHandler):
-        def unix_open(self, req):
+    class UnixHandler(urllib.request.HTTPHandler):
+        def http_open(self, req):
             return self.do_open(UnixConnection, req)
-
-        def unix_response(self, request, response):  # error statuses raise, as for http
-            return urllib.request.HTTPErrorProcessor.http_response(self, request, response)
-
-    setattr(UnixHandler, "http+unix_open", UnixHandler.unix_open)
-    setattr(UnixHandler, "http+unix_request", urllib.request.AbstractHTTPHandler.do_request_)
-    setattr(UnixHandler, "http+unix_response", UnixHandler.unix_response)
     return UnixHandler()
 
 
@@ -1359,7 +1311,7 @@ def output_from_msg(msg: dict) -> dict | None:
 
 
 class Result:
-    """What one execution produced.
+    """What one execution produced (a plain class, as subprocess.CompletedProcess is).
 
     ``status`` is "ok", "error" or "aborted" (or "incomplete" on the partial
     result that ExecutionTimeout and KernelDied carry when no reply arrived).
@@ -1369,17 +1321,21 @@ class Result:
     ``evalue`` and ``traceback``. ``truncated`` is True when the server dropped
     output because of its IOPub rate limits.
     """
-    status: str
-    execution_count: int | None
-    outputs: list
-    error: dict | None
-    truncated: bool
 
     def __init__(self, status: str = "incomplete", execution_count: int | None = None,
                  outputs: list | None = None, error: dict | None = None, truncated: bool = False):
         self.status, self.execution_count, self.error = status, execution_count, error
         self.outputs = [] if outputs is None else outputs
         self.truncated = truncated
+
+    def __repr__(self) -> str:
+        return (f"Result(status={self.status!r}, execution_count={self.execution_count!r}, "
+                f"outputs=<{len(self.outputs)}>, error={self.error!r}, truncated={self.truncated!r})")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Result):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
 
     @property
     def ok(self) -> bool:
@@ -1411,16 +1367,10 @@ class Result:
             raise ExecutionError(self)
 
     def to_dict(self) -> dict:
-        return {"status": self.status, "execution_count": self.execution_count,
-                "outputs": self.outputs, "error": self.error, "truncated": self.truncated}
-
-
-if __name__ != "__main__":
-    # Imported, Result is a dataclass (repr, ==, dataclasses.asdict and replace).
-    # The command line hands no Result to anyone, so it skips the ~13 ms that
-    # importing dataclasses costs (it imports inspect, ast, dis and tokenize).
-    import dataclasses
-    Result = dataclasses.dataclass(Result, init=False)  # the __init__ above, shared
+        """Every field and property as plain JSON data (what ``--json`` prints)."""
+        return {"status": self.status, "ok": self.ok, "execution_count": self.execution_count,
+                "stdout": self.stdout, "stderr": self.stderr, "data": self.data, "error": self.error,
+                "outputs": self.outputs, "truncated": self.truncated}
 
 
 class _Execution:
@@ -1505,8 +1455,7 @@ class _Execution:
             self._clear()
         out = output_from_msg(msg)
         kind, res = out["output_type"], self.result
-        if kind == "stream" and out["name"] == "stderr" \
-                and any(marker in out["text"] for marker in RATE_LIMIT_MARKERS):
+        if kind == "stream" and out["name"] == "stderr" and any(m in out["text"] for m in RATE_LIMIT_MARKERS):
             res.truncated = True
         elif kind == "execute_result":
             res.execution_count = out["execution_count"]
@@ -1638,8 +1587,8 @@ def list_servers(runtime_dir: str | None = None) -> list:
             mtime = os.path.getmtime(path)
         except (OSError, ValueError):
             continue
-        if not isinstance(info, dict) or not (info.get("port") or info.get("sock")) \
-                or not _pid_alive(info.get("pid")):
+        if (not isinstance(info, dict) or not (info.get("port") or info.get("sock"))
+                or not _pid_alive(info.get("pid"))):
             continue
         info["url"] = _server_url(info)
         info.setdefault("root_dir", info.get("notebook_dir"))
@@ -1717,23 +1666,19 @@ def resolve_server(url: str | None = None, token: str | None = None) -> tuple[st
 
 # ---- Public API: Kernel, run_code ----------------------------------------------------
 
-# Strategy. While code runs, four clocks tick:
-# - the caller's deadline (``timeout``), the only one the caller sets;
-# - the completion grace: once one of execute_reply and the idle status is in,
-#   COMPLETION_GRACE of silence ends the wait for the other, which a dropped
-#   connection may have lost (silence, not time since the reply: a server that
-#   lags behind the kernel still streams output after the reply);
-# - the silence check: after SILENCE_CHECK without a message, ask the REST API
-#   whether the kernel still lives, since a dead kernel says nothing;
-# - the status tick: a waiting caller's hook (the live status line) runs every
-#   STATUS_TICK.
-# A dropped websocket is reopened with the same session id, so the server
-# replays what it buffered meanwhile: up to RECONNECTS_PER_CALL drops a call,
-# CONNECT_TRIES attempts each. A request sent into a dying connection never
-# reached the kernel; when the kernel idles without having answered it, it is
-# sent once more. After a timeout, Ctrl-C or a failure, cleanup runs outside
-# the caller's budget on small budgets of its own, as subprocess.run kills and
-# reaps the child after its timeout: interrupt and settle (INTERRUPT_GRACE
+# Strategy. While code runs, four clocks tick: the caller's deadline (the only
+# one the caller sets); the completion grace (once one of execute_reply and the
+# idle status is in, COMPLETION_GRACE of silence ends the wait for the other,
+# which a dropped connection may have lost; silence, since a server that lags
+# behind the kernel still streams output after the reply); the silence check
+# (after SILENCE_CHECK without a message, ask REST whether the kernel lives: a
+# dead one says nothing); the status tick of a waiting caller's hook. A dropped
+# websocket is reopened with the same session id, so the server replays what it
+# buffered: RECONNECTS_PER_CALL drops a call, CONNECT_TRIES attempts each; a
+# request sent into a dying connection is sent again once the kernel idles
+# without having heard it. After a timeout, Ctrl-C or a failure, cleanup runs
+# outside the caller's budget on small budgets of its own, as subprocess.run
+# kills and reaps after its timeout: interrupt and settle (INTERRUPT_GRACE
 # each), close (CLOSE_TIMEOUT), delete (HTTP_TIMEOUT, DELETE_RETRIES).
 COMPLETION_GRACE = 3.0     # silence that ends the wait for the second of reply and idle
 INTERRUPT_GRACE = 5.0      # after an interrupt, how long to wait for the cell to unwind
@@ -1805,8 +1750,8 @@ class Kernel:
                 if kernel_id is None:
                     raise ServerError(self.url, f"has no open notebook {notebook}", 404, fix="notebook")
             elif session:
-                kernel_id = self._rest.find_session(session, deadline=deadline) or \
-                    self._rest.create_session(session, name, deadline=deadline)
+                kernel_id = (self._rest.find_session(session, deadline=deadline)
+                             or self._rest.create_session(session, name, deadline=deadline))
             if kernel_id:
                 # No REST call: the websocket handshake answers 404 for an unknown
                 # kernel, and attaching stays one round trip (no urllib import).
@@ -1962,8 +1907,7 @@ class Kernel:
             exc.result = run.finish()
             raise
         except JupyterError:
-            # the connection or the server misbehaved: stop the cell, wait for nothing
-            self._interrupt_quietly()
+            self._interrupt_and_settle(run, settle=False)  # the connection or server misbehaved
             raise
         except Exception:
             if not run.done:  # e.g. on_output raised: stop the cell, leave the kernel usable
@@ -2032,29 +1976,21 @@ class Kernel:
             raise KernelDied(self.id, "the server reports it dead")
         return info.get("execution_state")
 
-    def _interrupt_quietly(self) -> None:
-        try:
-            self._rest.interrupt_kernel(self.id, deadline=Deadline(INTERRUPT_GRACE))
-        except JupyterError:
-            pass
-
-    def _interrupt_and_settle(self, run: _Execution) -> None:
-        """Interrupt the kernel and wait (bounded) for the cell to unwind.
+    def _interrupt_and_settle(self, run: _Execution, *, settle: bool = True) -> None:
+        """Interrupt the kernel; with ``settle``, wait (bounded) for the cell to unwind.
 
         The kernel aborts requests that arrive while it still unwinds, so the
         next execute would fail if we returned at once.
         """
-        try:
+        with contextlib.suppress(JupyterError, OSError):  # best effort: the caller is leaving with an error
             self._rest.interrupt_kernel(self.id, deadline=Deadline(INTERRUPT_GRACE))
-            settle = Deadline(INTERRUPT_GRACE)
-            while not run.done and not run.died and not settle.expired:
-                msg = self._next_message(settle.remaining())
+            until = Deadline(INTERRUPT_GRACE if settle else 0.0)
+            while not run.done and not run.died and not until.expired:
+                msg = self._next_message(until.remaining())
                 if msg is None:
                     break
                 run.feed(msg)
                 self._serve_input(run, None)
-        except (JupyterError, OSError):
-            pass  # best effort: the caller is already on its way out with an error
 
     # -- control --
 
@@ -2097,10 +2033,8 @@ class Kernel:
         ws, self._ws = self._ws, None
         try:
             if ws is not None:
-                try:
+                with contextlib.suppress(Exception):
                     ws.close()
-                except Exception:
-                    pass
         finally:
             if self._owned and self.id:
                 self._owned = False
@@ -2196,40 +2130,43 @@ class _UsageError(Exception):
     """Bad command-line input: one line, exit 2."""
 
 
-# Every option: its flags, the value it takes (None: a switch; "a|b": one of
-# these, the first being the default) and its help. argparse would cost a
-# short call ~10 ms of imports and set-up, so the command line is read here.
+# One command-line option: its flags; the name of the value it takes (None: a
+# switch); its help; the values it allows (the first is the default); whether
+# it may be repeated (a list) and whether its value is a number of seconds.
+_Option = collections.namedtuple("_Option", "flags metavar help choices repeat seconds",
+                                 defaults=((), False, False))
+
 OPTIONS = (
-    (("-f", "--file"), "FILE", "run FILE: code, a notebook (.ipynb) or '# %%' cells (.py); '-' reads stdin"),
-    (("--url",), "URL", "server base URL (default: $JUPYTER_URL, a running server, or http://localhost:8888/)"),
-    (("--token",), "TOKEN", "server token (default: $JUPYTER_TOKEN, or the discovered server's)"),
-    (("--kernel",), "NAME", "kernel spec to start (default: the server's)"),
-    (("--kernel-id",), "ID", "run in this running kernel (never deleted)"),
-    (("--session",), "NAME", "run in the kernel of the server session NAME, creating it if needed (kept)"),
-    (("--notebook",), "PATH", "run in the kernel of this open notebook"),
-    (("--keep",), None, "keep the started kernel; print its id on stderr"),
-    (("--timeout",), "SECS", "give up after SECS, interrupting the kernel"),
-    (("--env",), "KEY=VALUE", "environment variable for the started kernel (repeatable)"),
-    (("--cafile",), "PATH", "CA certificates (PEM) to verify an https server with"),
-    (("--insecure",), None, "do not verify the server's TLS certificate"),
-    (("--input",), "TEXT", "answer for input() (repeatable)"),
-    (("--output-dir",), "DIR", "save images and other rich outputs in DIR"),
-    (("--keep-going",), None, "with cells: go on after a cell fails"),
-    (("--write",), "OUT.ipynb", "with cells: write the executed notebook"),
-    (("--color",), "auto|always|never", "colour tracebacks and streams; auto: on a terminal unless NO_COLOR is set"),
-    (("--protocol",), "auto|v1|legacy", "kernel websocket protocol"),
-    (("--compress",), None, "offer permessage-deflate compression on the websocket"),
-    (("--json",), None, "print the result as one JSON object"),
-    (("--list",), None, "list running servers and their kernels"),
-    (("--spawn",), None, "start a private local Jupyter server for this call (needs jupyter_server)"),
-    (("--version",), None, "print the version and exit"),
-    (("-h", "--help"), None, "show this help and exit"),
+    _Option(("-f", "--file"), "FILE", "run FILE: code, a notebook (.ipynb) or '# %%' cells (.py); '-' reads stdin"),
+    _Option(("--url",), "URL", "server base URL (default: $JUPYTER_URL, a running server, or http://localhost:8888/)"),
+    _Option(("--token",), "TOKEN", "server token (default: $JUPYTER_TOKEN, or the discovered server's)"),
+    _Option(("--kernel",), "NAME", "kernel spec to start (default: the server's)"),
+    _Option(("--kernel-id",), "ID", "run in this running kernel (never deleted)"),
+    _Option(("--session",), "NAME", "run in the kernel of the server session NAME, creating it if needed (kept)"),
+    _Option(("--notebook",), "PATH", "run in the kernel of this open notebook"),
+    _Option(("--keep",), None, "keep the started kernel; print its id on stderr"),
+    _Option(("--timeout",), "SECS", "give up after SECS, interrupting the kernel", seconds=True),
+    _Option(("--env",), "KEY=VALUE", "environment variable for the started kernel (repeatable)", repeat=True),
+    _Option(("--cafile",), "PATH", "CA certificates (PEM) to verify an https server with"),
+    _Option(("--insecure",), None, "do not verify the server's TLS certificate"),
+    _Option(("--input",), "TEXT", "answer for input() (repeatable)", repeat=True),
+    _Option(("--output-dir",), "DIR", "save images and other rich outputs in DIR"),
+    _Option(("--keep-going",), None, "with cells: go on after a cell fails"),
+    _Option(("--write",), "OUT.ipynb", "with cells: write the executed notebook"),
+    _Option(("--color",), "WHEN", "colour tracebacks and streams; auto: on a terminal unless NO_COLOR is set",
+            choices=("auto", "always", "never")),
+    _Option(("--protocol",), "NAME", "kernel websocket protocol", choices=("auto", "v1", "legacy")),
+    _Option(("--compress",), None, "offer permessage-deflate compression on the websocket"),
+    _Option(("--json",), None, "print the result as one JSON object"),
+    _Option(("--list",), None, "list running servers and their kernels"),
+    _Option(("--spawn",), None, "start a private local Jupyter server for this call (needs jupyter_server)"),
+    _Option(("--version",), None, "print the version and exit"),
+    _Option(("-h", "--help"), None, "show this help and exit"),
 )
-REPEATABLE = ("--env", "--input")
 
 
-def _dest(flags: tuple) -> str:
-    return flags[-1][2:].replace("-", "_")
+def _dest(option: _Option) -> str:
+    return option.flags[-1][2:].replace("-", "_")
 
 
 def _parse_args(argv: list) -> types.SimpleNamespace:
@@ -2237,8 +2174,9 @@ def _parse_args(argv: list) -> types.SimpleNamespace:
 
     The usual forms: ``--flag VALUE`` and ``--flag=VALUE``, ``-f FILE`` and ``-fFILE``,
     unique prefixes of long flags, and ``--`` before code that starts with a dash.
+    (argparse would cost a short call more than 5% of its time in imports and set-up.)
     """
-    args = {_dest(flags): _default(metavar) for flags, metavar, _ in OPTIONS}
+    args = {_dest(o): (o.choices[0] if o.choices else None if o.metavar else False) for o in OPTIONS}
     code = []
     words = iter(argv)
     for word in words:
@@ -2253,9 +2191,9 @@ def _parse_args(argv: list) -> types.SimpleNamespace:
         else:
             name, value = word[:2], word[2:]
             equals = value
-        flags, metavar = _find_option(name)
-        flag, dest = flags[-1], _dest(flags)
-        if metavar is None:
+        option = _find_option(name)
+        flag, dest = option.flags[-1], _dest(option)
+        if option.metavar is None:
             if equals:
                 raise _UsageError(f"{flag} takes no value")
             args[dest] = True
@@ -2263,15 +2201,15 @@ def _parse_args(argv: list) -> types.SimpleNamespace:
         if not equals:
             value = next(words, None)
             if value is None or value.startswith("-") and value != "-" and not _is_number(value):
-                raise _UsageError(f"{flag} needs a value: {flag} {metavar}")
-        if "|" in metavar and value not in metavar.split("|"):
-            raise _UsageError(f"{flag} must be one of {metavar.replace('|', ', ')}, not {value!r}")
-        if flag == "--timeout":
+                raise _UsageError(f"{flag} needs a value: {flag} {option.metavar}")
+        if option.choices and value not in option.choices:
+            raise _UsageError(f"{flag} must be one of {', '.join(option.choices)}, not {value!r}")
+        if option.seconds:
             try:
                 value = float(value)
             except ValueError:
-                raise _UsageError("--timeout must be a positive number of seconds") from None
-        args[dest] = (args[dest] or []) + [value] if flag in REPEATABLE else value
+                raise _UsageError(f"{flag} must be a positive number of seconds") from None
+        args[dest] = (args[dest] or []) + [value] if option.repeat else value
     if len(code) > 1:
         raise _UsageError(f"unexpected argument {code[1]!r}: give the code as one quoted argument, "
                           f"or use -f")
@@ -2279,26 +2217,20 @@ def _parse_args(argv: list) -> types.SimpleNamespace:
     return types.SimpleNamespace(**args)
 
 
-def _default(metavar: str | None):
-    if metavar is None:
-        return False  # a switch
-    return metavar.split("|")[0] if "|" in metavar else None
-
-
 def _is_number(word: str) -> bool:
     """True for -1 and -.5: code, not options (as argparse has it)."""
     return word[1:].replace(".", "", 1).isdigit()
 
 
-def _find_option(name: str) -> tuple:
-    """The (flags, metavar) of option ``name`` or of the one long flag it starts."""
-    found = [option for option in OPTIONS if name in option[0]]
+def _find_option(name: str) -> _Option:
+    """Option ``name``, or the one whose long flag ``name`` starts."""
+    found = [option for option in OPTIONS if name in option.flags]
     if not found and name.startswith("--"):
-        found = [option for option in OPTIONS if option[0][-1].startswith(name)]
+        found = [option for option in OPTIONS if option.flags[-1].startswith(name)]
     if len(found) == 1:
-        return found[0][:2]
+        return found[0]
     if found:
-        raise _UsageError(f"{name} is ambiguous: it could be {', '.join(o[0][-1] for o in found)}")
+        raise _UsageError(f"{name} is ambiguous: it could be {', '.join(o.flags[-1] for o in found)}")
     raise _UsageError(f"unknown option {name} (see --help)")
 
 
@@ -2307,11 +2239,13 @@ def _help() -> str:
     lines = ["usage: jupyter_call.py [options] CODE", "       jupyter_call.py [options] -f FILE", "",
              "Run code on a Jupyter kernel and print the results.", "",
              "arguments:", "  CODE                  the code to run (or use -f)", "", "options:"]
-    for flags, metavar, text in OPTIONS:
-        left = "  " + ", ".join(flags) + (f" {metavar}" if metavar and "|" not in metavar else "")
-        if metavar and "|" in metavar:
-            left += " {" + metavar.replace("|", ",") + "}"
-            text += f" (default: {metavar.split('|')[0]})"
+    for option in OPTIONS:
+        left, text = "  " + ", ".join(option.flags), option.help
+        if option.choices:
+            left += " {" + ",".join(option.choices) + "}"
+            text += f" (default: {option.choices[0]})"
+        elif option.metavar:
+            left += f" {option.metavar}"
         wrapped = textwrap.wrap(text, 79 - 24) or [""]
         if len(left) > 21:
             lines.append(left)
@@ -2325,7 +2259,10 @@ def _help() -> str:
 RICH_TYPES = (("image/png", "png", True), ("image/jpeg", "jpg", True), ("image/gif", "gif", True),
               ("application/pdf", "pdf", True), ("image/svg+xml", "svg", False),
               ("text/html", "html", False), ("text/markdown", "md", False), ("text/latex", "tex", False))
-STATUS_DELAY = 2.0  # seconds of silence before the live status line shows
+STATUS_DELAY = 2.0   # seconds of silence before the live status line shows
+SPAWN_TIMEOUT = 60.0 # --spawn: a new jupyter_server answers within seconds; give up after this
+SPAWN_POLL = 0.05    # how often to ask whether the spawned server answers yet
+SPAWN_STOP_GRACE = 10.0  # a server that has not exited this long after SIGTERM is killed
 
 
 class _Printer:
@@ -2465,17 +2402,16 @@ def _read_code(args) -> tuple[str, bool]:
 
 def _spawn_server(deadline: Deadline):
     """Start a private jupyter_server on a free loopback port; return (process, url, token, folder)."""
-    import secrets
     import subprocess
     import tempfile
     import importlib.util
     if importlib.util.find_spec("jupyter_server") is None:
         raise JupyterError("--spawn needs jupyter_server: pip install notebook (or jupyter_server)")
-    token = secrets.token_hex(24)
+    token = os.urandom(24).hex()
     folder = tempfile.mkdtemp(prefix="jupyter_call-")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
     env = dict(os.environ, JUPYTER_TOKEN=token, JUPYTER_RUNTIME_DIR=os.path.join(folder, "runtime"))
     log = open(os.path.join(folder, "server.log"), "wb")
     proc = subprocess.Popen(
@@ -2487,7 +2423,7 @@ def _spawn_server(deadline: Deadline):
     log.close()
     url = f"http://127.0.0.1:{port}/"
     rest = _RestClient(url, token)
-    wait = Deadline(deadline.remaining(60.0))
+    wait = Deadline(deadline.remaining(SPAWN_TIMEOUT))
     try:
         while True:
             if proc.poll() is not None:
@@ -2501,22 +2437,24 @@ def _spawn_server(deadline: Deadline):
                 if wait.expired:
                     raise JupyterError(f"the spawned Jupyter server did not answer within "
                                        f"{wait.timeout:g} s") from None
-            time.sleep(0.05)
+            time.sleep(SPAWN_POLL)
     except BaseException:
         _stop_server(proc, folder)
         raise
 
 
-def _stop_server(proc, folder: str) -> None:
+def _stop_server(proc, folder: str | None = None) -> None:
+    """Terminate a server process (killed if it lingers), then remove its ``folder``."""
     import shutil
     import subprocess
     proc.terminate()
     try:
-        proc.wait(10)
+        proc.wait(SPAWN_STOP_GRACE)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-    shutil.rmtree(folder, ignore_errors=True)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _list(args, out, ssl_context=None) -> int:
@@ -2531,10 +2469,10 @@ def _list(args, out, ssl_context=None) -> int:
         rest = _RestClient(info["url"], info.get("token") or None, ssl_context=ssl_context)
         try:
             if not entry["version"]:
-                about = rest.request("GET", "api", deadline=Deadline(10.0)) or {}
+                about = rest.request("GET", "api", deadline=Deadline(SIDE_REQUEST_TIMEOUT)) or {}
                 # gateways report their own version beside that of the server they build on
                 entry["version"] = about.get("gateway_version") or about.get("version")
-            entry["kernels"] = rest.list_kernels(deadline=Deadline(10.0))
+            entry["kernels"] = rest.list_kernels(deadline=Deadline(SIDE_REQUEST_TIMEOUT))
         except (JupyterError, OSError, AttributeError) as exc:
             entry["error"] = str(exc)
         rows.append(entry)
@@ -2614,10 +2552,8 @@ def main(argv: list | None = None) -> int:
         return EXIT_SERVER
     except BrokenPipeError:
         # The reader went away (`| head`): stop quietly, as a process killed by SIGPIPE.
-        try:
+        with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass
         return EXIT_BROKEN_PIPE
 
 
@@ -2768,9 +2704,11 @@ def _run_cells(kernel: Kernel, cells: list, args, printer, stdin, deadline: Dead
 
 
 def _print_json(out, results: list, many: bool) -> None:
+    """One Result.to_dict(), or for cells {"status", "ok", "cells": [Result.to_dict(), ...]}."""
     if many:
-        status = "ok" if all(r.ok for r in results) else next(r.status for r in results if not r.ok)
-        out.write(json.dumps({"status": status, "cells": [r.to_dict() for r in results]}) + "\n")
+        status = next((r.status for r in results if not r.ok), "ok")
+        out.write(json.dumps({"status": status, "ok": status == "ok",
+                              "cells": [r.to_dict() for r in results]}) + "\n")
     elif results:
         out.write(json.dumps(results[0].to_dict()) + "\n")
 

@@ -1,9 +1,14 @@
 """Tests for jupyter_call, in the order of the module's layers.
 
-1. Pure tests on byte and dict literals: frame codec, messages, output collection.
-2. Loopback tests against a small scripted websocket server in a thread.
+1. Pure tests on byte, dict and file literals, no sockets: the frame codec, the
+   message reader, Jupyter messages and output collection, discovery, the
+   command-line parser, the module itself.
+2. Loopback tests on 127.0.0.1 with threads, no Jupyter server: the websocket
+   connection over a socketpair, a scripted websocket server, a fake Jupyter
+   server and hostile peers.
 3. Integration tests against a real jupyter_server started once per session
-   on a free 127.0.0.1 port with a random token and isolated Jupyter dirs.
+   on a free 127.0.0.1 port with a random token and isolated Jupyter dirs:
+   the Python API, faults, every kind of server, the command line.
 
 Run: python -m pytest -q test_jupyter_call.py
 """
@@ -38,31 +43,20 @@ MODULE = HERE / "jupyter_call.py"
 pytestmark = pytest.mark.timeout(180)
 
 
-# ---- 1. Pure: the frame codec (RFC 6455 vectors) -------------------------------
+# ---- Shared helpers: the command line as a user runs it (tiers 2 and 3) --------------
 
-def _client_frames(sock, timeout=5.0):
-    """Yield the frames a client sends to ``sock`` (masked, as RFC 6455 requires) until EOF or a pause."""
-    sock.settimeout(timeout)
-    buf = bytearray()
-    while True:
-        try:
-            chunk = sock.recv(65536)
-        except OSError:
-            return
-        if not chunk:
-            return
-        buf += chunk
-        while True:
-            frame, used = parse_frame(buf, masked=True)
-            if frame is None:
-                break
-            del buf[:used]
-            yield frame
+def cli(*args, server=None, python=None, input=None, env=None, timeout=120):
+    """Run the command line as a user would; returns the CompletedProcess."""
+    full_env = dict(server.env if server else os.environ)
+    full_env.update(env or {})
+    cmd = [python or sys.executable, str(MODULE)]
+    if server is not None:
+        cmd += ["--url", server.url, "--token", server.token]
+    return subprocess.run(cmd + list(args), input=input, env=full_env, capture_output=True,
+                          text=True, timeout=timeout, cwd=str(HERE))
 
 
-def _read_frames(sock, timeout=5.0):
-    return list(_client_frames(sock, timeout))
-
+# ---- 1. Pure: the frame codec (RFC 6455 vectors) -------------------------------------
 
 def test_accept_key_matches_rfc_section_1_3_example():
     assert jc.accept_key("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
@@ -160,7 +154,13 @@ def test_close_payload_and_parse_close():
     assert info.value.code == CloseCode.INVALID_DATA
 
 
-# ---- 1. Pure: the message reader (fragments, UTF-8, size limit, compression) ----------
+def test_frames_compare_by_value():
+    assert Frame(Opcode.TEXT, b"hi") == Frame(Opcode.TEXT, b"hi", True, 0)
+    assert Frame(Opcode.TEXT, b"hi") != Frame(Opcode.TEXT, b"hi", fin=False)
+    assert "TEXT" in repr(Frame(Opcode.TEXT, b"hi"))
+
+
+# ---- 1. Pure: the message reader (fragments, UTF-8, size limit, compression) ---------
 
 def _feed(reader, wire):
     """Every message that the frames in ``wire`` complete."""
@@ -251,94 +251,7 @@ def test_a_compressed_bomb_fails_with_1009_before_it_inflates():
     _fails_with(CloseCode.MESSAGE_TOO_BIG, _feed, reader, bomb)
 
 
-# ---- 2. Loopback: the websocket connection over a socketpair ------------------------
-
-def _pair(**kwargs):
-    a, b = socket.socketpair()
-    ws = WebSocket(a, **kwargs)
-    ws.close_timeout = 0.05  # the raw peer never answers a close; do not wait for it
-    return ws, b
-
-
-def test_recv_joins_fragments_and_answers_interleaved_ping():
-    ws, peer = _pair()
-    peer.sendall(b"\x01\x03Hel" + b"\x89\x04ping" + b"\x80\x02lo")
-    assert ws.recv(timeout=5) == "Hello"
-    peer.sendall(b"\x88\x02\x03\xe8")
-    with pytest.raises(WebSocketClosed):
-        ws.recv(timeout=5)
-    frames = _read_frames(peer)
-    assert (frames[0].opcode, frames[0].payload) == (Opcode.PONG, b"ping")
-    assert frames[1].opcode == Opcode.CLOSE and frames[1].payload == b"\x03\xe8"
-
-
-def test_recv_fails_the_connection_with_the_code_of_the_error():
-    ws, peer = _pair(max_size=10)
-    peer.sendall(b"\x02\x06aaaaaa\x80\x06bbbbbb")
-    _fails_with(CloseCode.MESSAGE_TOO_BIG, ws.recv)
-    assert _read_frames(peer)[0].payload[:2] == (1009).to_bytes(2, "big")
-    assert ws.close_code == CloseCode.MESSAGE_TOO_BIG
-
-
-def test_recv_fails_invalid_utf8_before_the_rest_of_a_frame_arrives():
-    ws, peer = _pair()
-    peer.sendall(b"\x81\x0a" + "ok".encode() + b"\xf4\x90\x80\x80")  # 6 of 10 bytes; U+110000 is invalid
-    with pytest.raises(WebSocketError) as info:
-        ws.recv(timeout=30)  # the rest never comes: only an early check can fail it
-    assert info.value.code == CloseCode.INVALID_DATA
-    assert _read_frames(peer)[0].payload[:2] == b"\x03\xef"
-
-
-def test_recv_keeps_a_partial_frame_across_a_timeout():
-    ws, peer = _pair()
-    peer.sendall(b"\x82\x04ab")
-    with pytest.raises(TimeoutError):
-        ws.recv(timeout=0.05)
-    peer.sendall(b"cd")
-    assert ws.recv(timeout=5) == b"abcd"
-
-
-def test_recv_raises_closed_1006_on_eof_in_the_middle_of_a_frame():
-    ws, peer = _pair()
-    peer.sendall(b"\x82\x7e\x01\x00abc")
-    peer.close()
-    with pytest.raises(WebSocketClosed) as info:
-        ws.recv(timeout=5)
-    assert info.value.code == CloseCode.ABNORMAL
-
-
-def test_send_masks_text_and_binary_with_fresh_keys():
-    ws, peer = _pair()
-    ws.send("hé")
-    ws.send(b"\x00\x01")
-    peer.settimeout(5)
-    wire = peer.recv(100)
-    first, used = parse_frame(wire, masked=True)
-    second, _ = parse_frame(wire[used:], masked=True)
-    assert (first.opcode, first.payload) == (Opcode.TEXT, "hé".encode())
-    assert (second.opcode, second.payload) == (Opcode.BINARY, b"\x00\x01")
-    assert wire[0] == 0x81 and wire[1] & 0x80 and wire[2:6] != wire[used + 2:used + 6]
-
-
-def test_send_compresses_when_the_server_took_permessage_deflate():
-    ws, peer = _pair(deflate={})
-    ws.send("x" * 1000)
-    peer.settimeout(5)
-    frame, _ = parse_frame(peer.recv(65536), masked=True, allowed_rsv=jc.RSV1_MASK)
-    assert frame.rsv == jc.RSV1_MASK and len(frame.payload) < 50
-    reader = jc._MessageReader(deflate=jc._Deflate({}))
-    assert _feed(reader, Frame(Opcode.TEXT, frame.payload, rsv=frame.rsv).serialize()) == ["x" * 1000]
-
-
-def test_abort_drops_the_connection_without_a_close_frame():
-    ws, peer = _pair()
-    ws.abort()
-    assert ws.close_code == CloseCode.ABNORMAL
-    peer.settimeout(5)
-    assert peer.recv(10) == b""
-
-
-# ---- 1. Pure: Jupyter messages and output collection ------------------------------
+# ---- 1. Pure: Jupyter messages and output collection ---------------------------------
 
 def test_execute_request_has_every_key_the_server_needs():
     msg = jc.execute_request("1+1", session="s1")
@@ -485,35 +398,25 @@ def test_execution_notes_rate_limit_and_kernel_death():
     assert run.died
 
 
-def test_result_to_dict_is_json_ready():
+def test_result_to_dict_mirrors_every_field_and_property():
     res = Result(status="ok", execution_count=2,
-                 outputs=[{"output_type": "stream", "name": "stdout", "text": "1\n"}])
+                 outputs=[{"output_type": "stream", "name": "stdout", "text": "1\n"},
+                          {"output_type": "execute_result", "execution_count": 2,
+                           "data": {"text/plain": "3"}, "metadata": {}}])
     assert json.loads(json.dumps(res.to_dict())) == {
-        "status": "ok", "execution_count": 2, "error": None, "truncated": False,
-        "outputs": [{"output_type": "stream", "name": "stdout", "text": "1\n"}]}
+        "status": "ok", "ok": True, "execution_count": 2, "stdout": "1\n", "stderr": "",
+        "data": {"text/plain": "3"}, "error": None, "truncated": False, "outputs": res.outputs}
 
 
-def test_result_is_a_dataclass():
-    import dataclasses
+def test_result_is_a_plain_class_that_compares_by_value():
     out = {"output_type": "stream", "name": "stdout", "text": "1\n"}
     res = Result(status="ok", execution_count=2, outputs=[out])
-    assert dataclasses.is_dataclass(res)
-    assert [f.name for f in dataclasses.fields(Result)] == [
-        "status", "execution_count", "outputs", "error", "truncated"]
-    assert dataclasses.asdict(res) == res.to_dict()
-    assert dataclasses.replace(res, status="error").to_dict() == {**res.to_dict(), "status": "error"}
     assert res == Result("ok", 2, [dict(out)]) and res != Result("ok", 3, [out])
-    assert repr(Result()) == "Result(status='incomplete', execution_count=None, outputs=[], error=None, truncated=False)"
+    assert repr(Result()) == "Result(status='incomplete', execution_count=None, outputs=<0>, error=None, truncated=False)"
     assert Result().outputs is not Result().outputs  # each its own list
 
 
-def test_frames_compare_by_value():
-    assert Frame(Opcode.TEXT, b"hi") == Frame(Opcode.TEXT, b"hi", True, 0)
-    assert Frame(Opcode.TEXT, b"hi") != Frame(Opcode.TEXT, b"hi", fin=False)
-    assert "TEXT" in repr(Frame(Opcode.TEXT, b"hi"))
-
-
-# ---- 1. Pure: discovery ------------------------------------------------------------
+# ---- 1. Pure: discovery from runtime files and environment variables -----------------
 
 def _runtime_file(folder, name, **info):
     path = folder / name
@@ -553,6 +456,43 @@ def test_resolve_server_prefers_arguments_then_environment_then_discovery(tmp_pa
     assert jc.resolve_server("http://h:2/", "arg") == ("http://h:2/", "arg")
 
 
+def test_discovery_reads_unix_sockets_and_jupyterhub_variables(tmp_path, monkeypatch):
+    _runtime_file(tmp_path, "jpserver-7.json", sock="/tmp/j s.sock", port=0, pid=os.getpid(), token="u",
+                  base_url="/")
+    assert [s["url"] for s in jc.list_servers(str(tmp_path))] == ["http+unix://%2Ftmp%2Fj%20s.sock/"]
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "empty"))
+    for var in ("JUPYTER_URL", "JUPYTER_TOKEN", "JUPYTER_TOKEN_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("JUPYTERHUB_SERVICE_URL", "http://0.0.0.0:8888/user/ann")
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "hubtok")
+    assert jc.resolve_server() == ("http://127.0.0.1:8888/user/ann/", "hubtok")
+
+
+# ---- 1. Pure: the command-line parser and help ---------------------------------------
+
+def test_command_line_forms():
+    args = jc._parse_args(["--url=http://h:1/", "--tok", "T", "-fcode.py", "--env", "A=1", "--env=B=2",
+                           "--input", "-", "--input", "-3", "--timeout", "2.5", "--kernel-id", "K",
+                           "--json", "--color", "never"])
+    assert (args.url, args.token, args.file, args.kernel_id) == ("http://h:1/", "T", "code.py", "K")
+    assert args.env == ["A=1", "B=2"] and args.input == ["-", "-3"] and args.timeout == 2.5
+    assert args.json is True and args.keep is False and args.color == "never" and args.protocol == "auto"
+    assert args.code is None and args.kernel is None
+    assert jc._parse_args(["-1"]).code == "-1"
+    assert jc._parse_args(["--json", "--", "--not-an-option"]).code == "--not-an-option"
+    assert jc._parse_args(["--kernel", "python3", "1"]).kernel == "python3"  # exact beats prefix
+
+
+def test_help_lists_every_option():
+    text = jc._help()
+    for flags, *_ in jc.OPTIONS:
+        assert all(flag in text for flag in flags)
+    options = text.partition("recipes:")[0]
+    assert max(len(line) for line in options.splitlines()) <= 79
+
+
+# ---- 1. Pure: the module itself (standard library only, __all__) ---------------------
+
 def test_module_imports_only_the_standard_library():
     tree = ast.parse(MODULE.read_text(encoding="utf-8"))
     names = set()
@@ -576,7 +516,118 @@ def test_all_lists_exactly_the_public_api():
             assert issubclass(obj, jc.JupyterError)
 
 
-# ---- 2. Loopback: a scripted websocket server --------------------------------------
+# ---- 2. Loopback: the websocket connection over a socketpair -------------------------
+
+def _client_frames(sock, timeout=5.0):
+    """Yield the frames a client sends to ``sock`` (masked, as RFC 6455 requires) until EOF or a pause."""
+    sock.settimeout(timeout)
+    buf = bytearray()
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except OSError:
+            return
+        if not chunk:
+            return
+        buf += chunk
+        while True:
+            frame, used = parse_frame(buf, masked=True)
+            if frame is None:
+                break
+            del buf[:used]
+            yield frame
+
+
+def _read_frames(sock, timeout=5.0):
+    return list(_client_frames(sock, timeout))
+
+
+def _pair(**kwargs):
+    a, b = socket.socketpair()
+    ws = WebSocket(a, **kwargs)
+    ws.close_timeout = 0.05  # the raw peer never answers a close; do not wait for it
+    return ws, b
+
+
+def test_recv_joins_fragments_and_answers_interleaved_ping():
+    ws, peer = _pair()
+    peer.sendall(b"\x01\x03Hel" + b"\x89\x04ping" + b"\x80\x02lo")
+    assert ws.recv(timeout=5) == "Hello"
+    peer.sendall(b"\x88\x02\x03\xe8")
+    with pytest.raises(WebSocketClosed):
+        ws.recv(timeout=5)
+    frames = _read_frames(peer)
+    assert (frames[0].opcode, frames[0].payload) == (Opcode.PONG, b"ping")
+    assert frames[1].opcode == Opcode.CLOSE and frames[1].payload == b"\x03\xe8"
+
+
+def test_recv_fails_the_connection_with_the_code_of_the_error():
+    ws, peer = _pair(max_size=10)
+    peer.sendall(b"\x02\x06aaaaaa\x80\x06bbbbbb")
+    _fails_with(CloseCode.MESSAGE_TOO_BIG, ws.recv)
+    assert _read_frames(peer)[0].payload[:2] == (1009).to_bytes(2, "big")
+    assert ws.close_code == CloseCode.MESSAGE_TOO_BIG
+
+
+def test_recv_fails_invalid_utf8_before_the_rest_of_a_frame_arrives():
+    ws, peer = _pair()
+    peer.sendall(b"\x81\x0a" + "ok".encode() + b"\xf4\x90\x80\x80")  # 6 of 10 bytes; U+110000 is invalid
+    with pytest.raises(WebSocketError) as info:
+        ws.recv(timeout=30)  # the rest never comes: only an early check can fail it
+    assert info.value.code == CloseCode.INVALID_DATA
+    assert _read_frames(peer)[0].payload[:2] == b"\x03\xef"
+
+
+def test_recv_keeps_a_partial_frame_across_a_timeout():
+    ws, peer = _pair()
+    peer.sendall(b"\x82\x04ab")
+    with pytest.raises(TimeoutError):
+        ws.recv(timeout=0.05)
+    peer.sendall(b"cd")
+    assert ws.recv(timeout=5) == b"abcd"
+
+
+def test_recv_raises_closed_1006_on_eof_in_the_middle_of_a_frame():
+    ws, peer = _pair()
+    peer.sendall(b"\x82\x7e\x01\x00abc")
+    peer.close()
+    with pytest.raises(WebSocketClosed) as info:
+        ws.recv(timeout=5)
+    assert info.value.code == CloseCode.ABNORMAL
+
+
+def test_send_masks_text_and_binary_with_fresh_keys():
+    ws, peer = _pair()
+    ws.send("hé")
+    ws.send(b"\x00\x01")
+    peer.settimeout(5)
+    wire = peer.recv(100)
+    first, used = parse_frame(wire, masked=True)
+    second, _ = parse_frame(wire[used:], masked=True)
+    assert (first.opcode, first.payload) == (Opcode.TEXT, "hé".encode())
+    assert (second.opcode, second.payload) == (Opcode.BINARY, b"\x00\x01")
+    assert wire[0] == 0x81 and wire[1] & 0x80 and wire[2:6] != wire[used + 2:used + 6]
+
+
+def test_send_compresses_when_the_server_took_permessage_deflate():
+    ws, peer = _pair(deflate={})
+    ws.send("x" * 1000)
+    peer.settimeout(5)
+    frame, _ = parse_frame(peer.recv(65536), masked=True, allowed_rsv=jc.RSV1_MASK)
+    assert frame.rsv == jc.RSV1_MASK and len(frame.payload) < 50
+    reader = jc._MessageReader(deflate=jc._Deflate({}))
+    assert _feed(reader, Frame(Opcode.TEXT, frame.payload, rsv=frame.rsv).serialize()) == ["x" * 1000]
+
+
+def test_abort_drops_the_connection_without_a_close_frame():
+    ws, peer = _pair()
+    ws.abort()
+    assert ws.close_code == CloseCode.ABNORMAL
+    peer.settimeout(5)
+    assert peer.recv(10) == b""
+
+
+# ---- 2. Loopback: a scripted websocket server ----------------------------------------
 
 class ScriptedServer:
     """Accepts one websocket client and runs ``script(conn, request_head)`` in a thread."""
@@ -726,7 +777,230 @@ def test_ping_sends_a_ping_and_the_pong_is_consumed():
     assert (server.received[0].opcode, server.received[0].payload) == (Opcode.PING, b"abc")
 
 
-# ---- 3. Integration: a real Jupyter server ------------------------------------------
+# ---- 2. Loopback: a fake Jupyter server: retries, redirects, late output, hostile peers ----
+
+def _http_response(status, body=b"", content_type="application/json"):
+    return (b"HTTP/1.1 %d X\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (status, content_type.encode(), len(body), body))
+
+
+class LoopbackServer:
+    """Listens on a free 127.0.0.1 port and serves each connection in a thread (``_serve``)."""
+
+    def __init__(self):
+        self.conns: list = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        raise NotImplementedError
+
+    def close(self):
+        self.listener.close()
+        for conn in self.conns:
+            conn.close()
+
+
+class FakeJupyter(LoopbackServer):
+    """A hostile or broken stand-in for a Jupyter server.
+
+    It answers the REST calls of one kernel ``fake`` (unless ``rest`` overrides a
+    call with raw bytes, or None for silence) and runs ``ws(conn, key)`` on every
+    channels websocket. It records the requests, so tests can see the DELETE.
+    """
+
+    def __init__(self, ws=None, rest=None):
+        self.ws, self.rest = ws, rest or {}
+        self.requests: list = []
+        self.heads: list = []
+        super().__init__()
+        self.url = f"http://127.0.0.1:{self.port}/"
+
+    def _serve(self, conn):
+        try:
+            conn.settimeout(30)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                head += chunk
+            line = head.split(b"\r\n", 1)[0].decode()
+            method, path = line.split()[:2]
+            self.requests.append(f"{method} {path.split('?')[0]}")
+            self.heads.append(head.decode("latin-1"))
+            key = re.search(rb"Sec-WebSocket-Key: (\S+)", head)
+            for (m, prefix), answer in self.rest.items():
+                if m == method and path.startswith(prefix):
+                    if callable(answer):
+                        answer = answer()
+                    if answer is None:  # silence: read (a request body too) until the client leaves
+                        while conn.recv(65536):
+                            pass
+                        return
+                    conn.sendall(answer)
+                    return
+            if path.startswith("/api/kernels/fake/channels") and key:
+                self.ws(conn, key.group(1).decode())
+            elif method == "POST" and path == "/api/kernels":
+                conn.sendall(_http_response(201, b'{"id": "fake", "name": "python3"}'))
+            elif method == "GET" and path.startswith("/api/kernels/fake"):
+                conn.sendall(_http_response(200, b'{"id": "fake", "execution_state": "busy"}'))
+            else:
+                conn.sendall(_http_response(204))
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+
+def _upgrade(conn, key, accept=None, extra_headers=""):
+    conn.sendall(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  f"Sec-WebSocket-Accept: {accept or jc.accept_key(key)}\r\n{extra_headers}\r\n").encode())
+
+
+def _then(data, *, upgrade=True, accept=None, extra_headers="", hold=True):
+    """A channels script: upgrade, send ``data``, then hold the connection until the client leaves."""
+    def script(conn, key):
+        if upgrade:
+            _upgrade(conn, key, accept, extra_headers)
+        conn.sendall(data)
+        while hold and conn.recv(65536):
+            pass
+    return script
+
+
+def test_delete_retries_the_500_of_a_restart_race_then_gives_up():
+    answers = iter([_http_response(500, b'{"message": "restarting"}')] * 2 + [_http_response(204)])
+    fake = FakeJupyter(rest={("DELETE", "/api/kernels/"): lambda: next(answers)})
+    try:
+        fake_rest = jc._RestClient(fake.url, "t")
+        fake_rest.delete_kernel("k1")  # two 500s, then deleted: no error
+        assert fake.requests.count("DELETE /api/kernels/k1") == 3
+    finally:
+        fake.close()
+    fake = FakeJupyter(rest={("DELETE", "/api/kernels/"): _http_response(500, b'{"message": "stuck"}')})
+    try:
+        with pytest.raises(jc.ServerError, match="stuck"):
+            jc._RestClient(fake.url, "t").delete_kernel("k2")
+        assert fake.requests.count("DELETE /api/kernels/k2") == jc.DELETE_RETRIES
+    finally:
+        fake.close()
+
+
+def test_redirect_to_another_origin_drops_the_token():
+    other = FakeJupyter(rest={("GET", "/api/kernels"): _http_response(200, b"[]")})
+    first = FakeJupyter(rest={("GET", "/api/kernels"): (
+        b"HTTP/1.1 302 Found\r\nLocation: " + other.url.encode() + b"api/kernels\r\nContent-Length: 0\r\n\r\n")})
+    try:
+        rest = jc._RestClient(first.url, "secret-token")
+        assert rest.list_kernels(deadline=jc.Deadline(10)) == []
+    finally:
+        first.close()
+        other.close()
+    assert other.requests == ["GET /api/kernels"]
+    assert "authorization: token secret-token" in first.heads[0].lower()
+    assert "authorization" not in other.heads[0].lower()
+
+
+def test_output_that_lags_behind_the_reply_is_not_cut_off():
+    """A server that falls behind sends the reply first and streams for longer than the grace."""
+    def script(conn, key):
+        _upgrade(conn, key)
+        buf = bytearray()
+        while True:
+            frame, used = parse_frame(buf, masked=True)
+            if frame is not None:
+                break
+            buf += conn.recv(65536)
+        request = json.loads(frame.payload)
+        parent = request["header"]
+
+        def send(msg_type, content, channel="iopub"):
+            msg = {"header": {"msg_id": secrets.token_hex(8), "msg_type": msg_type}, "parent_header": parent,
+                   "metadata": {}, "content": content, "channel": channel}
+            conn.sendall(Frame(Opcode.TEXT, json.dumps(msg).encode()).serialize())
+        send("status", {"execution_state": "busy"})
+        send("execute_reply", {"status": "ok", "execution_count": 1}, channel="shell")
+        stop = time.monotonic() + jc.COMPLETION_GRACE + 1.5
+        n = 0
+        while time.monotonic() < stop:  # the lagging server: output keeps coming after the reply
+            send("stream", {"name": "stdout", "text": f"{n}\n"})
+            n += 1
+            time.sleep(0.25)
+        send("stream", {"name": "stdout", "text": "last\n"})
+        send("status", {"execution_state": "idle"})
+        while conn.recv(65536):
+            pass
+    fake = FakeJupyter(ws=script)
+    try:
+        res = jc.run_code("print(...)", fake.url, "t", timeout=30)
+    finally:
+        fake.close()
+    lines = res.stdout.splitlines()
+    assert res.ok and lines[-1] == "last" and lines[:-1] == [str(i) for i in range(len(lines) - 1)]
+
+
+HOSTILE = {
+    "handshake error status": (dict(ws=_then(_http_response(500, b'{"message": "boom"}'), upgrade=False)),
+                               "refused the websocket handshake: boom (HTTP 500)"),
+    "wrong accept key": (dict(ws=_then(b"", accept="AAAAAAAAAAAAAAAAAAAAAAAAAAA=")), "Sec-WebSocket-Accept"),
+    "subprotocol not offered": (dict(ws=_then(b"", extra_headers="Sec-WebSocket-Protocol: chat\r\n")),
+                                "not offered"),
+    "oversized frame": (dict(ws=_then(b"\x82\x7f" + (1 << 40).to_bytes(8, "big"))), "code 1009"),
+    "invalid utf-8": (dict(ws=_then(b"\x81\x02\xc3\x28")), "code 1007"),
+    "reserved opcode": (dict(ws=_then(b"\x83\x00")), "code 1002"),
+    "reserved bits": (dict(ws=_then(b"\xf1\x00")), "code 1002"),
+    "cut in the middle of a frame": (dict(ws=_then(b"\x81\x7e\x01\x00{", hold=False)), "code 1006"),
+    "non-JSON message": (dict(ws=_then(b"\x81\x05hello")), "malformed kernel message"),
+    "wrongly shaped message": (dict(ws=_then(b'\x81\x0f{"header": [1]}')), "malformed kernel message"),
+    "HTML error page": (dict(rest={("POST", "/api/kernels"): _http_response(
+        502, b"<html>Bad Gateway</html>", "text/html")}), "answered an error for POST api/kernels (HTTP 502)"),
+    "HTML instead of JSON": (dict(rest={("POST", "/api/kernels"): _http_response(
+        200, b"<html>login</html>", "text/html")}), "not JSON"),
+    "silent after accepting": (dict(rest={("POST", "/api/kernels"): None}),
+                               "did not answer POST api/kernels within"),
+}
+
+
+def test_hostile_peer_errors_are_jupyter_errors_in_the_api():
+    for case, (kwargs, words) in HOSTILE.items():
+        fake = FakeJupyter(**kwargs)
+        try:
+            with pytest.raises(jc.JupyterError, match=re.escape(words.split(" (HTTP")[0])):
+                jc.run_code("print(1)", fake.url, "t", timeout=5)
+        finally:
+            fake.close()
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_peer_ends_in_one_line_and_exit_3(case):
+    kwargs, words = HOSTILE[case]
+    fake = FakeJupyter(**kwargs)
+    try:
+        start = time.monotonic()
+        proc = cli("--url", fake.url, "--token", "t", "--timeout", "5", "print(1)", timeout=60)
+        assert time.monotonic() - start < 40
+    finally:
+        fake.close()
+    assert proc.returncode == jc.EXIT_SERVER, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jupyter_call: error: ") and words in lines[0], lines
+    if "POST /api/kernels" in fake.requests and kwargs.get("ws"):
+        assert "DELETE /api/kernels/fake" in fake.requests  # the started kernel is not left behind
+
+
+# ---- 3. Integration: a real Jupyter server; the Python API ---------------------------
 
 def _free_port():
     with socket.socket() as s:
@@ -803,12 +1077,7 @@ class JupyterServer:
 
     def stop(self):
         if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            jc._stop_server(self.proc)
 
 
 @pytest.fixture(scope="session")
@@ -833,17 +1102,6 @@ def no_leaks(server):
 def kernel(server):
     with jc.Kernel(server.url, server.token, timeout=60) as k:
         yield k
-
-
-def cli(*args, server=None, python=None, input=None, env=None, timeout=120):
-    """Run the command line as a user would; returns the CompletedProcess."""
-    full_env = dict(server.env if server else os.environ)
-    full_env.update(env or {})
-    cmd = [python or sys.executable, str(MODULE)]
-    if server is not None:
-        cmd += ["--url", server.url, "--token", server.token]
-    return subprocess.run(cmd + list(args), input=input, env=full_env, capture_output=True,
-                          text=True, timeout=timeout, cwd=str(HERE))
 
 
 # -- the Python API
@@ -1028,352 +1286,7 @@ def test_environment_variables_choose_the_server(server, monkeypatch, tmp_path, 
     assert jc.run_code("2 + 2", timeout=60).data["text/plain"] == "4"
 
 
-# -- the command line
-
-def test_cli_prints_output_and_exits_0(server, no_leaks):
-    proc = cli("print(1)", server=server)
-    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "1\n", "")
-
-
-def test_cli_prints_the_value_of_the_last_expression(server, no_leaks):
-    proc = cli("x = 20\nx + 1", server=server)
-    assert proc.returncode == 0 and proc.stdout == "21\n"
-
-
-def test_cli_error_prints_traceback_on_stderr_and_exits_1(server, no_leaks):
-    proc = cli("print('partial')\n1/0", server=server)
-    assert proc.returncode == jc.EXIT_ERROR == 1
-    assert proc.stdout == "partial\n"
-    assert "ZeroDivisionError: division by zero" in proc.stderr
-    assert "\x1b[" not in proc.stderr  # colours stripped when not a terminal
-
-
-def test_cli_wrong_token_exits_3_with_one_line(server):
-    proc = cli("--url", server.url, "--token", "nope", "print(1)", env=server.env)
-    assert proc.returncode == jc.EXIT_SERVER == 3
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and "refused the token" in lines[0] and server.url in lines[0]
-    assert "nope" not in proc.stderr and proc.stdout == ""
-
-
-def test_cli_unused_port_exits_3_quickly():
-    url = f"http://127.0.0.1:{_free_port()}/"
-    start = time.monotonic()
-    proc = cli("--url", url, "--token", "t", "print(1)", timeout=30)
-    assert proc.returncode == 3 and time.monotonic() - start < 30
-    assert proc.stderr.splitlines() == [f"jupyter_call: error: server at {url} is not reachable: connection refused"]
-
-
-def test_cli_json_prints_the_result_object(server, no_leaks):
-    proc = cli("--json", "print('a')\n1/0", server=server)
-    assert proc.returncode == 1
-    obj = json.loads(proc.stdout)
-    assert obj["status"] == "error" and obj["error"]["ename"] == "ZeroDivisionError"
-    assert obj["outputs"][0] == {"output_type": "stream", "name": "stdout", "text": "a\n"}
-    assert set(obj) >= {"status", "execution_count", "outputs", "error"}
-
-
-def test_cli_reads_code_from_a_file_and_from_stdin(server, tmp_path, no_leaks):
-    script = tmp_path / "s.py"
-    script.write_text("print('from file')\n", encoding="utf-8")
-    assert cli("-f", str(script), server=server).stdout == "from file\n"
-    assert cli("-f", "-", server=server, input="print('from stdin')\n").stdout == "from stdin\n"
-
-
-def test_cli_kernel_id_attaches_and_keep_keeps(server):
-    proc = cli("--keep", "z = 'kept'", server=server)
-    assert proc.returncode == 0
-    kernel_id = re.search(r"kernel (\S+) kept", proc.stderr).group(1)
-    try:
-        assert kernel_id in server.kernels()
-        again = cli("--kernel-id", kernel_id, "print(z)", server=server)
-        assert again.stdout == "kept\n" and kernel_id in server.kernels()
-    finally:
-        server.rest().delete_kernel(kernel_id)
-
-
-def test_cli_kernel_chooses_the_spec(server, no_leaks):
-    assert cli("--kernel", "python3", "print(2)", server=server).stdout == "2\n"
-    proc = cli("--kernel", "nope", "print(2)", server=server)
-    assert proc.returncode == 3 and len(proc.stderr.splitlines()) == 1
-
-
-def test_cli_timeout_exits_124_after_printing_what_arrived(server, no_leaks):
-    proc = cli("--timeout", "3", "print('started', flush=True)\nimport time; time.sleep(60)", server=server)
-    assert proc.returncode == jc.EXIT_TIMEOUT == 124
-    assert proc.stdout == "started\n"
-    assert "timeout" in proc.stderr and "interrupted" in proc.stderr
-
-
-def test_cli_ctrl_c_interrupts_deletes_the_kernel_and_exits_130(server, no_leaks):
-    cmd = [sys.executable, str(MODULE), "--url", server.url, "--token", server.token,
-           "print('running', flush=True)\nimport time; time.sleep(60)"]
-    proc = subprocess.Popen(cmd, env=server.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline() == "running\n"
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(60) == jc.EXIT_INTERRUPTED == 130
-        assert "interrupted" in proc.stderr.read()
-    finally:
-        proc.kill()
-        proc.wait()
-
-
-def test_cli_kernel_death_exits_4(server, no_leaks):
-    proc = cli("import os; os._exit(1)", server=server)
-    assert proc.returncode == jc.EXIT_DIED == 4 and "died" in proc.stderr
-
-
-def test_cli_stdin_answers_from_input_flags(server, no_leaks):
-    proc = cli("--input", "ann", "print('hi', input('name? '))", server=server)
-    assert proc.returncode == 0 and "hi ann" in proc.stdout
-
-
-def test_cli_list_shows_servers_and_kernels(server, kernel):
-    proc = cli("--list", env=server.env)
-    assert proc.returncode == 0
-    assert server.url in proc.stdout and kernel.id in proc.stdout
-    rows = json.loads(cli("--list", "--json", env=server.env).stdout)
-    assert rows[0]["url"] == server.url and kernel.id in [k["id"] for k in rows[0]["kernels"]]
-
-
-def test_cli_discovers_the_server_without_url_or_token(server, no_leaks):
-    proc = cli("print('found')", env=server.env)
-    assert proc.returncode == 0 and proc.stdout == "found\n"
-
-
-def test_cli_spawn_runs_on_a_private_server(tmp_path):
-    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path / "rt"), HOME=str(tmp_path))
-    proc = cli("--spawn", "import os\nprint('spawned', os.getcwd())", env=env, timeout=180)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("spawned ")
-
-
-@pytest.mark.parametrize("args, words", [
-    ([], "no code given"),
-    (["-f", "/no/such/file.py"], "cannot read /no/such/file.py"),
-    (["--timeout", "0", "1"], "--timeout"),
-    (["--no-such-flag", "1"], "unknown option --no-such-flag"),
-    (["--k", "1"], "--k is ambiguous"),
-    (["--protocol", "v2", "1"], "--protocol must be one of auto, v1, legacy"),
-    (["--timeout", "soon", "1"], "--timeout must be a positive number"),
-    (["--url"], "--url needs a value"),
-    (["--json=yes", "1"], "--json takes no value"),
-    (["print(1)", "print(2)"], "unexpected argument 'print(2)'"),
-    (["-f", "x.py", "1"], "not both"),
-    (["--timeout", "nan", "1"], "--timeout"),
-    (["--keep", "--spawn", "1"], "--keep cannot keep"),
-    (["--session", "a", "--kernel-id", "b", "1"], "choose one of"),
-])
-def test_cli_usage_errors_exit_2_with_one_line(args, words):
-    proc = cli(*args, timeout=30)
-    assert proc.returncode == jc.EXIT_USAGE == 2
-    assert len(proc.stderr.splitlines()) == 1 and words in proc.stderr
-
-
-def test_command_line_forms():
-    args = jc._parse_args(["--url=http://h:1/", "--tok", "T", "-fcode.py", "--env", "A=1", "--env=B=2",
-                           "--input", "-", "--input", "-3", "--timeout", "2.5", "--kernel-id", "K",
-                           "--json", "--color", "never"])
-    assert (args.url, args.token, args.file, args.kernel_id) == ("http://h:1/", "T", "code.py", "K")
-    assert args.env == ["A=1", "B=2"] and args.input == ["-", "-3"] and args.timeout == 2.5
-    assert args.json is True and args.keep is False and args.color == "never" and args.protocol == "auto"
-    assert args.code is None and args.kernel is None
-    assert jc._parse_args(["-1"]).code == "-1"
-    assert jc._parse_args(["--json", "--", "--not-an-option"]).code == "--not-an-option"
-    assert jc._parse_args(["--kernel", "python3", "1"]).kernel == "python3"  # exact beats prefix
-
-
-def test_help_lists_every_option():
-    text = jc._help()
-    for flags, _, _ in jc.OPTIONS:
-        assert all(flag in text for flag in flags)
-    options = text.partition("recipes:")[0]
-    assert max(len(line) for line in options.splitlines()) <= 79
-
-
-def test_cli_version_and_help():
-    proc = cli("--version", timeout=30)
-    assert proc.returncode == 0 and proc.stdout.strip() == f"jupyter_call {jc.__version__}"
-    proc = cli("--help", timeout=30)
-    assert proc.returncode == 0
-    for words in ("--spawn", "--kernel-id", "--timeout", "exit codes", "124", "130"):
-        assert words in proc.stdout
-
-
-def _pyenv_python(version):
-    found = shutil.which(f"python{version}")
-    if found:
-        try:
-            subprocess.run([found, "-c", "pass"], check=True, capture_output=True, timeout=30)
-            return found
-        except (subprocess.SubprocessError, OSError):
-            pass
-    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
-    for candidate in sorted(root.glob(f"{version}.*/bin/python{version}"), reverse=True):
-        return str(candidate)
-    pytest.skip(f"python{version} is not installed")
-
-
-@pytest.mark.parametrize("version", ["3.9", "3.13"])
-def test_cli_runs_under_oldest_and_newest_python(server, version, no_leaks):
-    python = _pyenv_python(version)
-    proc = cli("print('é', 1 + 1)", server=server, python=python)
-    assert (proc.returncode, proc.stdout) == (0, "é 2\n"), proc.stderr
-    assert cli("1/0", server=server, python=python).returncode == 1
-
-
-# ---- 3. Faults injected for real: hostile peers, cut connections, dying kernels ----------
-
-def _http_response(status, body=b"", content_type="application/json"):
-    return (b"HTTP/1.1 %d X\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
-            % (status, content_type.encode(), len(body), body))
-
-
-class LoopbackServer:
-    """Listens on a free 127.0.0.1 port and serves each connection in a thread (``_serve``)."""
-
-    def __init__(self):
-        self.conns: list = []
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn):
-        raise NotImplementedError
-
-    def close(self):
-        self.listener.close()
-        for conn in self.conns:
-            conn.close()
-
-
-class FakeJupyter(LoopbackServer):
-    """A hostile or broken stand-in for a Jupyter server.
-
-    It answers the REST calls of one kernel ``fake`` (unless ``rest`` overrides a
-    call with raw bytes, or None for silence) and runs ``ws(conn, key)`` on every
-    channels websocket. It records the requests, so tests can see the DELETE.
-    """
-
-    def __init__(self, ws=None, rest=None):
-        self.ws, self.rest = ws, rest or {}
-        self.requests: list = []
-        self.heads: list = []
-        super().__init__()
-        self.url = f"http://127.0.0.1:{self.port}/"
-
-    def _serve(self, conn):
-        try:
-            conn.settimeout(30)
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                head += chunk
-            line = head.split(b"\r\n", 1)[0].decode()
-            method, path = line.split()[:2]
-            self.requests.append(f"{method} {path.split('?')[0]}")
-            self.heads.append(head.decode("latin-1"))
-            key = re.search(rb"Sec-WebSocket-Key: (\S+)", head)
-            for (m, prefix), answer in self.rest.items():
-                if m == method and path.startswith(prefix):
-                    if callable(answer):
-                        answer = answer()
-                    if answer is None:  # silence: read (a request body too) until the client leaves
-                        while conn.recv(65536):
-                            pass
-                        return
-                    conn.sendall(answer)
-                    return
-            if path.startswith("/api/kernels/fake/channels") and key:
-                self.ws(conn, key.group(1).decode())
-            elif method == "POST" and path == "/api/kernels":
-                conn.sendall(_http_response(201, b'{"id": "fake", "name": "python3"}'))
-            elif method == "GET" and path.startswith("/api/kernels/fake"):
-                conn.sendall(_http_response(200, b'{"id": "fake", "execution_state": "busy"}'))
-            else:
-                conn.sendall(_http_response(204))
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-
-def _upgrade(conn, key, accept=None, extra_headers=""):
-    conn.sendall(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                  f"Sec-WebSocket-Accept: {accept or jc.accept_key(key)}\r\n{extra_headers}\r\n").encode())
-
-
-def _then(data, *, upgrade=True, accept=None, extra_headers="", hold=True):
-    """A channels script: upgrade, send ``data``, then hold the connection until the client leaves."""
-    def script(conn, key):
-        if upgrade:
-            _upgrade(conn, key, accept, extra_headers)
-        conn.sendall(data)
-        while hold and conn.recv(65536):
-            pass
-    return script
-
-
-HOSTILE = {
-    "handshake error status": (dict(ws=_then(_http_response(500, b'{"message": "boom"}'), upgrade=False)),
-                               "refused the websocket handshake: boom (HTTP 500)"),
-    "wrong accept key": (dict(ws=_then(b"", accept="AAAAAAAAAAAAAAAAAAAAAAAAAAA=")), "Sec-WebSocket-Accept"),
-    "subprotocol not offered": (dict(ws=_then(b"", extra_headers="Sec-WebSocket-Protocol: chat\r\n")),
-                                "not offered"),
-    "oversized frame": (dict(ws=_then(b"\x82\x7f" + (1 << 40).to_bytes(8, "big"))), "code 1009"),
-    "invalid utf-8": (dict(ws=_then(b"\x81\x02\xc3\x28")), "code 1007"),
-    "reserved opcode": (dict(ws=_then(b"\x83\x00")), "code 1002"),
-    "reserved bits": (dict(ws=_then(b"\xf1\x00")), "code 1002"),
-    "cut in the middle of a frame": (dict(ws=_then(b"\x81\x7e\x01\x00{", hold=False)), "code 1006"),
-    "non-JSON message": (dict(ws=_then(b"\x81\x05hello")), "malformed kernel message"),
-    "wrongly shaped message": (dict(ws=_then(b'\x81\x0f{"header": [1]}')), "malformed kernel message"),
-    "HTML error page": (dict(rest={("POST", "/api/kernels"): _http_response(
-        502, b"<html>Bad Gateway</html>", "text/html")}), "answered an error for POST api/kernels (HTTP 502)"),
-    "HTML instead of JSON": (dict(rest={("POST", "/api/kernels"): _http_response(
-        200, b"<html>login</html>", "text/html")}), "not JSON"),
-    "silent after accepting": (dict(rest={("POST", "/api/kernels"): None}),
-                               "did not answer POST api/kernels within"),
-}
-
-
-@pytest.mark.parametrize("case", list(HOSTILE))
-def test_hostile_peer_ends_in_one_line_and_exit_3(case):
-    kwargs, words = HOSTILE[case]
-    fake = FakeJupyter(**kwargs)
-    try:
-        start = time.monotonic()
-        proc = cli("--url", fake.url, "--token", "t", "--timeout", "5", "print(1)", timeout=60)
-        assert time.monotonic() - start < 40
-    finally:
-        fake.close()
-    assert proc.returncode == jc.EXIT_SERVER, proc.stderr
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("jupyter_call: error: ") and words in lines[0], lines
-    if "POST /api/kernels" in fake.requests and kwargs.get("ws"):
-        assert "DELETE /api/kernels/fake" in fake.requests  # the started kernel is not left behind
-
-
-def test_hostile_peer_errors_are_jupyter_errors_in_the_api():
-    for case, (kwargs, words) in HOSTILE.items():
-        fake = FakeJupyter(**kwargs)
-        try:
-            with pytest.raises(jc.JupyterError, match=re.escape(words.split(" (HTTP")[0])):
-                jc.run_code("print(1)", fake.url, "t", timeout=5)
-        finally:
-            fake.close()
-
+# ---- 3. Faults on a real server: cut connections, deleted kernels, rate limits, pings ----
 
 def _shutdown(*socks):
     """Shut both directions of each socket, so the threads pumping them stop."""
@@ -1488,6 +1401,17 @@ def test_api_resumes_after_a_cut_with_the_same_session(server, no_leaks, protoco
     assert "".join(o["text"] for o in seen) == res.stdout
 
 
+def test_a_request_sent_as_an_idle_connection_drops_is_delivered(server, no_leaks):
+    relay = CuttingRelay(server.port, cut_after=[5])  # busy, input, result, idle, reply: then cut
+    try:
+        with jc.Kernel(relay.url, server.token, timeout=60) as k:
+            assert k.execute("1").ok
+            res = k.execute("print('again')")
+    finally:
+        relay.close()
+    assert relay.cuts == 1 and res.ok and res.stdout == "again\n"
+
+
 def test_kernel_deleted_by_someone_else_mid_cell_raises_kernel_died(server, no_leaks):
     with jc.Kernel(server.url, server.token, timeout=60) as k:
         def delete_when_running(out):
@@ -1542,38 +1466,28 @@ def test_rate_limited_output_sets_truncated_and_the_cli_warns(limited_server):
     assert "--ZMQChannelsWebsocketConnection.iopub_data_rate_limit" in proc.stderr.splitlines()[-1]
 
 
-def test_cli_prompts_on_a_terminal_and_hides_passwords(server, no_leaks):
-    import pty
-    code = "import getpass\nname = input('name? ')\npw = getpass.getpass('pw? ')\nprint('got', name, len(pw))"
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: the CLI with a terminal on stdin, stdout and stderr
-        os.environ.clear()
-        os.environ.update(server.env)
-        os.execv(sys.executable, [sys.executable, str(MODULE), "--url", server.url, "--token",
-                                  server.token, code])
-    screen = b""
-
-    def read_until(words):
-        nonlocal screen
-        while words not in screen:
-            chunk = os.read(fd, 1024)
-            if not chunk:
-                raise AssertionError(f"CLI ended before {words!r}: {screen!r}")
-            screen += chunk
+@pytest.fixture(scope="module")
+def remote_server(tmp_path_factory):
+    srv = JupyterServer(tmp_path_factory.mktemp("remote"), ["--ZMQChannelsWebsocketConnection.limit_rate=False",
+                                                            "--ServerApp.allow_remote_access=True"],
+                        # ping every 0.5 s; drop a client whose pong is 1.5 s late
+                        config="c.ServerApp.tornado_settings = {'ws_ping_interval': 500, 'ws_ping_timeout': 1500}")
     try:
-        read_until(b"name? ")
-        os.write(fd, b"ada\n")
-        read_until(b"pw? ")
-        os.write(fd, b"hunter2\n")
-        read_until(b"got ada 7")
+        yield srv
     finally:
-        _, status = os.waitpid(pid, 0)
-        os.close(fd)
-    assert os.waitstatus_to_exitcode(status) == 0
-    assert screen.count(b"hunter2") == 0  # the password was not echoed
+        srv.stop()
 
 
-# ---- 3. Every kind of server: base URLs, TLS, Unix sockets, no token, gateways, proxies --------
+def test_server_pings_are_answered_during_a_long_silent_cell(remote_server):
+    """The server pings every 0.5 s and drops a client whose pong is 1.5 s late."""
+    with jc.Kernel(remote_server.url, remote_server.token, timeout=60) as k:
+        connection = k._ws
+        res = k.execute("import time; time.sleep(5); print('awake')")
+        assert res.stdout == "awake\n"
+        assert k._ws is connection  # never dropped, so never reconnected
+
+
+# ---- 3. Every kind of server: base URLs, TLS, Unix sockets, no token, gateways, proxies ----
 
 def _make_certificate(folder: Path) -> tuple:
     cert, key = folder / "cert.pem", folder / "key.pem"
@@ -1724,11 +1638,6 @@ def test_https_is_verified_by_default_and_insecure_says_so(https_kind):
     assert proc.returncode == 0 and proc.stdout == "2\n"
 
 
-def test_env_pairs_must_be_key_equals_value():
-    proc = cli("--env", "novalue", "1", timeout=30)
-    assert proc.returncode == 2 and "--env wants KEY=VALUE" in proc.stderr
-
-
 def test_no_token_server_without_xsrf_cookie_names_the_rule(tmp_path_factory):
     k = _start_kind("no_token", tmp_path_factory)
     try:
@@ -1807,18 +1716,6 @@ class ConnectProxy(LoopbackServer):
         CuttingRelay._pump(upstream, conn)
 
 
-@pytest.fixture(scope="module")
-def remote_server(tmp_path_factory):
-    srv = JupyterServer(tmp_path_factory.mktemp("remote"), ["--ZMQChannelsWebsocketConnection.limit_rate=False",
-                                                            "--ServerApp.allow_remote_access=True"],
-                        # ping every 0.5 s; drop a client whose pong is 1.5 s late
-                        config="c.ServerApp.tornado_settings = {'ws_ping_interval': 500, 'ws_ping_timeout': 1500}")
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
 def test_proxy_carries_rest_and_websocket_with_credentials(remote_server):
     proxy = ConnectProxy()
     try:
@@ -1854,31 +1751,237 @@ def test_non_local_host_header_blocked_is_named(server):
     assert "Host 'jupyter.test' is not a local name" in proc.stderr
 
 
-def test_redirect_to_another_origin_drops_the_token():
-    other = FakeJupyter(rest={("GET", "/api/kernels"): _http_response(200, b"[]")})
-    first = FakeJupyter(rest={("GET", "/api/kernels"): (
-        b"HTTP/1.1 302 Found\r\nLocation: " + other.url.encode() + b"api/kernels\r\nContent-Length: 0\r\n\r\n")})
+def test_compression_against_a_server_that_accepts_it(tmp_path_factory):
+    srv = JupyterServer(tmp_path_factory.mktemp("deflate"),
+                        config="c.ServerApp.websocket_compression_options = {}")
     try:
-        rest = jc._RestClient(first.url, "secret-token")
-        assert rest.list_kernels(deadline=jc.Deadline(10)) == []
+        with jc.Kernel(srv.url, srv.token, timeout=60, compression=True) as k:
+            assert k._ws.deflate is not None
+            res = k.execute(BIG)
+            assert len(res.stdout) == 20 << 20
+        proc = cli("--url", srv.url, "--token", srv.token, "--compress", "print('small')", env=srv.env)
+        assert (proc.returncode, proc.stdout) == (0, "small\n")
     finally:
-        first.close()
-        other.close()
-    assert other.requests == ["GET /api/kernels"]
-    assert "authorization: token secret-token" in first.heads[0].lower()
-    assert "authorization" not in other.heads[0].lower()
+        srv.stop()
 
 
-def test_discovery_reads_unix_sockets_and_jupyterhub_variables(tmp_path, monkeypatch):
-    _runtime_file(tmp_path, "jpserver-7.json", sock="/tmp/j s.sock", port=0, pid=os.getpid(), token="u",
-                  base_url="/")
-    assert [s["url"] for s in jc.list_servers(str(tmp_path))] == ["http+unix://%2Ftmp%2Fj%20s.sock/"]
-    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "empty"))
-    for var in ("JUPYTER_URL", "JUPYTER_TOKEN", "JUPYTER_TOKEN_FILE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("JUPYTERHUB_SERVICE_URL", "http://0.0.0.0:8888/user/ann")
-    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "hubtok")
-    assert jc.resolve_server() == ("http://127.0.0.1:8888/user/ann/", "hubtok")
+# ---- 3. The command line: exit codes, flags, discovery, usage errors, other Pythons ----
+
+def test_cli_prints_output_and_exits_0(server, no_leaks):
+    proc = cli("print(1)", server=server)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "1\n", "")
+
+
+def test_cli_prints_the_value_of_the_last_expression(server, no_leaks):
+    proc = cli("x = 20\nx + 1", server=server)
+    assert proc.returncode == 0 and proc.stdout == "21\n"
+
+
+def test_cli_error_prints_traceback_on_stderr_and_exits_1(server, no_leaks):
+    proc = cli("print('partial')\n1/0", server=server)
+    assert proc.returncode == jc.EXIT_ERROR == 1
+    assert proc.stdout == "partial\n"
+    assert "ZeroDivisionError: division by zero" in proc.stderr
+    assert "\x1b[" not in proc.stderr  # colours stripped when not a terminal
+
+
+def test_cli_wrong_token_exits_3_with_one_line(server):
+    proc = cli("--url", server.url, "--token", "nope", "print(1)", env=server.env)
+    assert proc.returncode == jc.EXIT_SERVER == 3
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and "refused the token" in lines[0] and server.url in lines[0]
+    assert "nope" not in proc.stderr and proc.stdout == ""
+
+
+def test_cli_unused_port_exits_3_quickly():
+    url = f"http://127.0.0.1:{_free_port()}/"
+    start = time.monotonic()
+    proc = cli("--url", url, "--token", "t", "print(1)", timeout=30)
+    assert proc.returncode == 3 and time.monotonic() - start < 30
+    assert proc.stderr.splitlines() == [f"jupyter_call: error: server at {url} is not reachable: connection refused"]
+
+
+def test_cli_json_prints_the_result_object(server, no_leaks):
+    proc = cli("--json", "print('a')\n1/0", server=server)
+    assert proc.returncode == 1
+    obj = json.loads(proc.stdout)
+    assert obj["status"] == "error" and obj["error"]["ename"] == "ZeroDivisionError"
+    assert obj["outputs"][0] == {"output_type": "stream", "name": "stdout", "text": "a\n"}
+    assert (obj["ok"], obj["stdout"], obj["data"], obj["truncated"]) == (False, "a\n", None, False)
+    assert set(obj) == {"status", "ok", "execution_count", "stdout", "stderr", "data", "error",
+                        "outputs", "truncated"}
+
+
+def test_cli_reads_code_from_a_file_and_from_stdin(server, tmp_path, no_leaks):
+    script = tmp_path / "s.py"
+    script.write_text("print('from file')\n", encoding="utf-8")
+    assert cli("-f", str(script), server=server).stdout == "from file\n"
+    assert cli("-f", "-", server=server, input="print('from stdin')\n").stdout == "from stdin\n"
+
+
+def test_cli_kernel_id_attaches_and_keep_keeps(server):
+    proc = cli("--keep", "z = 'kept'", server=server)
+    assert proc.returncode == 0
+    kernel_id = re.search(r"kernel (\S+) kept", proc.stderr).group(1)
+    try:
+        assert kernel_id in server.kernels()
+        again = cli("--kernel-id", kernel_id, "print(z)", server=server)
+        assert again.stdout == "kept\n" and kernel_id in server.kernels()
+    finally:
+        server.rest().delete_kernel(kernel_id)
+
+
+def test_cli_kernel_chooses_the_spec(server, no_leaks):
+    assert cli("--kernel", "python3", "print(2)", server=server).stdout == "2\n"
+    proc = cli("--kernel", "nope", "print(2)", server=server)
+    assert proc.returncode == 3 and len(proc.stderr.splitlines()) == 1
+
+
+def test_cli_timeout_exits_124_after_printing_what_arrived(server, no_leaks):
+    proc = cli("--timeout", "3", "print('started', flush=True)\nimport time; time.sleep(60)", server=server)
+    assert proc.returncode == jc.EXIT_TIMEOUT == 124
+    assert proc.stdout == "started\n"
+    assert "timeout" in proc.stderr and "interrupted" in proc.stderr
+
+
+def test_cli_ctrl_c_interrupts_deletes_the_kernel_and_exits_130(server, no_leaks):
+    cmd = [sys.executable, str(MODULE), "--url", server.url, "--token", server.token,
+           "print('running', flush=True)\nimport time; time.sleep(60)"]
+    proc = subprocess.Popen(cmd, env=server.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "running\n"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == jc.EXIT_INTERRUPTED == 130
+        assert "interrupted" in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_cli_stops_quietly_when_the_reader_goes_away(server, no_leaks):
+    cmd = [sys.executable, str(MODULE), "--url", server.url, "--token", server.token,
+           "import time\nfor i in range(100000):\n    print(i, flush=True)\n    time.sleep(0.001)"]
+    proc = subprocess.Popen(cmd, env=server.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"0\n"
+        proc.stdout.close()  # as `| head -1` does
+        assert proc.wait(60) == jc.EXIT_BROKEN_PIPE == 141
+        assert b'jupyter_call.py", line' not in proc.stderr.read()  # no Python traceback of ours
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_cli_kernel_death_exits_4(server, no_leaks):
+    proc = cli("import os; os._exit(1)", server=server)
+    assert proc.returncode == jc.EXIT_DIED == 4 and "died" in proc.stderr
+
+
+def test_cli_stdin_answers_from_input_flags(server, no_leaks):
+    proc = cli("--input", "ann", "print('hi', input('name? '))", server=server)
+    assert proc.returncode == 0 and "hi ann" in proc.stdout
+
+
+def test_cli_list_shows_servers_and_kernels(server, kernel):
+    proc = cli("--list", env=server.env)
+    assert proc.returncode == 0
+    assert server.url in proc.stdout and kernel.id in proc.stdout
+    rows = json.loads(cli("--list", "--json", env=server.env).stdout)
+    assert rows[0]["url"] == server.url and kernel.id in [k["id"] for k in rows[0]["kernels"]]
+
+
+def test_cli_discovers_the_server_without_url_or_token(server, no_leaks):
+    proc = cli("print('found')", env=server.env)
+    assert proc.returncode == 0 and proc.stdout == "found\n"
+
+
+def test_a_url_copied_from_jupyters_log_works_and_its_token_is_never_shown(server, no_leaks):
+    assert jc.resolve_server("http://h:1/lab?token=abc") == ("http://h:1/", "abc")
+    assert jc.resolve_server("http://h:1/base/tree?token=a%2Fb", "given") == ("http://h:1/base/", "given")
+    proc = cli("--url", f"{server.url}lab?token={server.token}", "print('from log url')", env=server.env)
+    assert (proc.returncode, proc.stdout) == (0, "from log url\n"), proc.stderr
+    proc = cli("--url", f"{server.url}lab?token=secret-in-url", "print(1)", env=server.env)
+    assert proc.returncode == 3 and "refused the token" in proc.stderr and "secret-in-url" not in proc.stderr
+
+
+def test_no_server_found_suggests_how_to_get_one(tmp_path):
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path)}
+    for var in ("JUPYTER_URL", "JUPYTER_TOKEN", "JUPYTERHUB_SERVICE_URL"):
+        env.pop(var, None)
+    with socket.socket() as s:
+        try:
+            s.connect(("127.0.0.1", 8888))
+            pytest.skip("something listens on port 8888")
+        except OSError:
+            pass
+    proc = cli("print(1)", env=env, timeout=60)
+    assert proc.returncode == 3 and len(proc.stderr.splitlines()) == 1
+    assert "no Jupyter server found" in proc.stderr and "--spawn" in proc.stderr and "--url" in proc.stderr
+
+
+def test_cli_spawn_runs_on_a_private_server(tmp_path):
+    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path / "rt"), HOME=str(tmp_path))
+    proc = cli("--spawn", "import os\nprint('spawned', os.getcwd())", env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("spawned ")
+
+
+@pytest.mark.parametrize("args, words", [
+    ([], "no code given"),
+    (["-f", "/no/such/file.py"], "cannot read /no/such/file.py"),
+    (["--timeout", "0", "1"], "--timeout"),
+    (["--no-such-flag", "1"], "unknown option --no-such-flag"),
+    (["--k", "1"], "--k is ambiguous"),
+    (["--protocol", "v2", "1"], "--protocol must be one of auto, v1, legacy"),
+    (["--timeout", "soon", "1"], "--timeout must be a positive number"),
+    (["--url"], "--url needs a value"),
+    (["--json=yes", "1"], "--json takes no value"),
+    (["print(1)", "print(2)"], "unexpected argument 'print(2)'"),
+    (["-f", "x.py", "1"], "not both"),
+    (["--timeout", "nan", "1"], "--timeout"),
+    (["--keep", "--spawn", "1"], "--keep cannot keep"),
+    (["--session", "a", "--kernel-id", "b", "1"], "choose one of"),
+])
+def test_cli_usage_errors_exit_2_with_one_line(args, words):
+    proc = cli(*args, timeout=30)
+    assert proc.returncode == jc.EXIT_USAGE == 2
+    assert len(proc.stderr.splitlines()) == 1 and words in proc.stderr
+
+
+def test_env_pairs_must_be_key_equals_value():
+    proc = cli("--env", "novalue", "1", timeout=30)
+    assert proc.returncode == 2 and "--env wants KEY=VALUE" in proc.stderr
+
+
+def test_cli_version_and_help():
+    proc = cli("--version", timeout=30)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"jupyter_call {jc.__version__}"
+    proc = cli("--help", timeout=30)
+    assert proc.returncode == 0
+    for words in ("--spawn", "--kernel-id", "--timeout", "exit codes", "124", "130"):
+        assert words in proc.stdout
+
+
+def _pyenv_python(version):
+    found = shutil.which(f"python{version}")
+    if found:
+        try:
+            subprocess.run([found, "-c", "pass"], check=True, capture_output=True, timeout=30)
+            return found
+        except (subprocess.SubprocessError, OSError):
+            pass
+    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    for candidate in sorted(root.glob(f"{version}.*/bin/python{version}"), reverse=True):
+        return str(candidate)
+    pytest.skip(f"python{version} is not installed")
+
+
+@pytest.mark.parametrize("version", ["3.9", "3.13"])
+def test_cli_runs_under_oldest_and_newest_python(server, version, no_leaks):
+    python = _pyenv_python(version)
+    proc = cli("print('é', 1 + 1)", server=server, python=python)
+    assert (proc.returncode, proc.stdout) == (0, "é 2\n"), proc.stderr
+    assert cli("1/0", server=server, python=python).returncode == 1
 
 
 # ---- 3. The command line people meet: rich outputs, colour, terminals, sessions, notebooks ----
@@ -1911,6 +2014,14 @@ def test_cli_saves_rich_outputs_byte_for_byte_or_says_what_was_not_shown(server,
     assert (tmp_path / "out" / "out-1.png").read_bytes() == png
     assert (tmp_path / "out" / "out-2.html").read_bytes() == b"<b>bold</b>"
     assert f"[image/png {len(png)} B saved to {tmp_path / 'out' / 'out-1.png'}]" in proc.stdout
+
+
+def test_unwritable_output_dir_is_a_usage_error_and_the_kernel_is_deleted(server, tmp_path, no_leaks):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code = f"from IPython.display import display\ndisplay({{'image/png': {base64.b64encode(_tiny_png()).decode()!r}}}, raw=True)"
+    proc = cli("--output-dir", str(blocker / "sub"), code, server=server)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and "cannot write" in proc.stderr
 
 
 def test_cli_color_flag_keeps_or_strips_ansi(server, no_leaks):
@@ -1972,6 +2083,37 @@ def _pty_run(server, args, *, until=None, env=None):
         _, status = os.waitpid(pid, 0)
         os.close(fd)
     return before, data, os.waitstatus_to_exitcode(status)
+
+
+def test_cli_prompts_on_a_terminal_and_hides_passwords(server, no_leaks):
+    import pty
+    code = "import getpass\nname = input('name? ')\npw = getpass.getpass('pw? ')\nprint('got', name, len(pw))"
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the CLI with a terminal on stdin, stdout and stderr
+        os.environ.clear()
+        os.environ.update(server.env)
+        os.execv(sys.executable, [sys.executable, str(MODULE), "--url", server.url, "--token",
+                                  server.token, code])
+    screen = b""
+
+    def read_until(words):
+        nonlocal screen
+        while words not in screen:
+            chunk = os.read(fd, 1024)
+            if not chunk:
+                raise AssertionError(f"CLI ended before {words!r}: {screen!r}")
+            screen += chunk
+    try:
+        read_until(b"name? ")
+        os.write(fd, b"ada\n")
+        read_until(b"pw? ")
+        os.write(fd, b"hunter2\n")
+        read_until(b"got ada 7")
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert screen.count(b"hunter2") == 0  # the password was not echoed
 
 
 def test_terminal_shows_a_transient_status_line_while_a_cell_is_silent(server, no_leaks):
@@ -2065,6 +2207,7 @@ def test_whole_notebook_keep_going_runs_every_cell(server, tmp_path, no_leaks):
     assert proc.stdout.splitlines() == ["-- cell 1/3 --", "-- cell 2/3 --", "b", "-- cell 3/3 --", "c"]
     obj = json.loads(cli("-f", str(path), "--keep-going", "--json", server=server).stdout)
     assert obj["status"] == "error" and [c["status"] for c in obj["cells"]] == ["error", "ok", "ok"]
+    assert obj["ok"] is False and obj["cells"][2]["stdout"] == "c\n"
 
 
 def test_percent_cells_in_a_py_file_run_one_by_one(server, tmp_path, no_leaks):
@@ -2078,118 +2221,6 @@ def test_percent_cells_in_a_py_file_run_one_by_one(server, tmp_path, no_leaks):
     assert written["cells"][1]["outputs"][0]["text"] == "2\n"
 
 
-def test_not_a_notebook_is_a_usage_error(tmp_path):
-    bad = tmp_path / "bad.ipynb"
-    bad.write_text("{}")
-    proc = cli("-f", str(bad), timeout=30)
-    assert proc.returncode == 2 and "is not a Jupyter notebook" in proc.stderr
-
-
-def test_no_server_found_suggests_how_to_get_one(tmp_path):
-    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path)}
-    for var in ("JUPYTER_URL", "JUPYTER_TOKEN", "JUPYTERHUB_SERVICE_URL"):
-        env.pop(var, None)
-    with socket.socket() as s:
-        try:
-            s.connect(("127.0.0.1", 8888))
-            pytest.skip("something listens on port 8888")
-        except OSError:
-            pass
-    proc = cli("print(1)", env=env, timeout=60)
-    assert proc.returncode == 3 and len(proc.stderr.splitlines()) == 1
-    assert "no Jupyter server found" in proc.stderr and "--spawn" in proc.stderr and "--url" in proc.stderr
-
-
-def test_delete_retries_the_500_of_a_restart_race_then_gives_up():
-    answers = iter([_http_response(500, b'{"message": "restarting"}')] * 2 + [_http_response(204)])
-    fake = FakeJupyter(rest={("DELETE", "/api/kernels/"): lambda: next(answers)})
-    try:
-        fake_rest = jc._RestClient(fake.url, "t")
-        fake_rest.delete_kernel("k1")  # two 500s, then deleted: no error
-        assert fake.requests.count("DELETE /api/kernels/k1") == 3
-    finally:
-        fake.close()
-    fake = FakeJupyter(rest={("DELETE", "/api/kernels/"): _http_response(500, b'{"message": "stuck"}')})
-    try:
-        with pytest.raises(jc.ServerError, match="stuck"):
-            jc._RestClient(fake.url, "t").delete_kernel("k2")
-        assert fake.requests.count("DELETE /api/kernels/k2") == jc.DELETE_RETRIES
-    finally:
-        fake.close()
-
-
-def test_a_request_sent_as_an_idle_connection_drops_is_delivered(server, no_leaks):
-    relay = CuttingRelay(server.port, cut_after=[5])  # busy, input, result, idle, reply: then cut
-    try:
-        with jc.Kernel(relay.url, server.token, timeout=60) as k:
-            assert k.execute("1").ok
-            res = k.execute("print('again')")
-    finally:
-        relay.close()
-    assert relay.cuts == 1 and res.ok and res.stdout == "again\n"
-
-
-def test_cli_stops_quietly_when_the_reader_goes_away(server, no_leaks):
-    cmd = [sys.executable, str(MODULE), "--url", server.url, "--token", server.token,
-           "import time\nfor i in range(100000):\n    print(i, flush=True)\n    time.sleep(0.001)"]
-    proc = subprocess.Popen(cmd, env=server.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        assert proc.stdout.readline() == b"0\n"
-        proc.stdout.close()  # as `| head -1` does
-        assert proc.wait(60) == jc.EXIT_BROKEN_PIPE == 141
-        assert b'jupyter_call.py", line' not in proc.stderr.read()  # no Python traceback of ours
-    finally:
-        proc.kill()
-        proc.wait()
-
-
-def test_output_that_lags_behind_the_reply_is_not_cut_off():
-    """A server that falls behind sends the reply first and streams for longer than the grace."""
-    def script(conn, key):
-        _upgrade(conn, key)
-        buf = bytearray()
-        while True:
-            frame, used = parse_frame(buf, masked=True)
-            if frame is not None:
-                break
-            buf += conn.recv(65536)
-        request = json.loads(frame.payload)
-        parent = request["header"]
-
-        def send(msg_type, content, channel="iopub"):
-            msg = {"header": {"msg_id": secrets.token_hex(8), "msg_type": msg_type}, "parent_header": parent,
-                   "metadata": {}, "content": content, "channel": channel}
-            conn.sendall(Frame(Opcode.TEXT, json.dumps(msg).encode()).serialize())
-        send("status", {"execution_state": "busy"})
-        send("execute_reply", {"status": "ok", "execution_count": 1}, channel="shell")
-        stop = time.monotonic() + jc.COMPLETION_GRACE + 1.5
-        n = 0
-        while time.monotonic() < stop:  # the lagging server: output keeps coming after the reply
-            send("stream", {"name": "stdout", "text": f"{n}\n"})
-            n += 1
-            time.sleep(0.25)
-        send("stream", {"name": "stdout", "text": "last\n"})
-        send("status", {"execution_state": "idle"})
-        while conn.recv(65536):
-            pass
-    fake = FakeJupyter(ws=script)
-    try:
-        res = jc.run_code("print(...)", fake.url, "t", timeout=30)
-    finally:
-        fake.close()
-    lines = res.stdout.splitlines()
-    assert res.ok and lines[-1] == "last" and lines[:-1] == [str(i) for i in range(len(lines) - 1)]
-
-
-def test_a_url_copied_from_jupyters_log_works_and_its_token_is_never_shown(server, no_leaks):
-    assert jc.resolve_server("http://h:1/lab?token=abc") == ("http://h:1/", "abc")
-    assert jc.resolve_server("http://h:1/base/tree?token=a%2Fb", "given") == ("http://h:1/base/", "given")
-    proc = cli("--url", f"{server.url}lab?token={server.token}", "print('from log url')", env=server.env)
-    assert (proc.returncode, proc.stdout) == (0, "from log url\n"), proc.stderr
-    proc = cli("--url", f"{server.url}lab?token=secret-in-url", "print(1)", env=server.env)
-    assert proc.returncode == 3 and "refused the token" in proc.stderr and "secret-in-url" not in proc.stderr
-
-
 def test_input_answers_carry_over_from_cell_to_cell(server, tmp_path, no_leaks):
     path = tmp_path / "ask.py"
     path.write_text("# %%\nprint(input())\n# %%\nprint(input())\n")
@@ -2198,32 +2229,8 @@ def test_input_answers_carry_over_from_cell_to_cell(server, tmp_path, no_leaks):
     assert proc.stdout.splitlines() == ["-- cell 1/2 --", "first", "-- cell 2/2 --", "second"]
 
 
-def test_unwritable_output_dir_is_a_usage_error_and_the_kernel_is_deleted(server, tmp_path, no_leaks):
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    code = f"from IPython.display import display\ndisplay({{'image/png': {base64.b64encode(_tiny_png()).decode()!r}}}, raw=True)"
-    proc = cli("--output-dir", str(blocker / "sub"), code, server=server)
-    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and "cannot write" in proc.stderr
-
-
-def test_server_pings_are_answered_during_a_long_silent_cell(remote_server):
-    """The server pings every 0.5 s and drops a client whose pong is 1.5 s late."""
-    with jc.Kernel(remote_server.url, remote_server.token, timeout=60) as k:
-        connection = k._ws
-        res = k.execute("import time; time.sleep(5); print('awake')")
-        assert res.stdout == "awake\n"
-        assert k._ws is connection  # never dropped, so never reconnected
-
-
-def test_compression_against_a_server_that_accepts_it(tmp_path_factory):
-    srv = JupyterServer(tmp_path_factory.mktemp("deflate"),
-                        config="c.ServerApp.websocket_compression_options = {}")
-    try:
-        with jc.Kernel(srv.url, srv.token, timeout=60, compression=True) as k:
-            assert k._ws.deflate is not None
-            res = k.execute(BIG)
-            assert len(res.stdout) == 20 << 20
-        proc = cli("--url", srv.url, "--token", srv.token, "--compress", "print('small')", env=srv.env)
-        assert (proc.returncode, proc.stdout) == (0, "small\n")
-    finally:
-        srv.stop()
+def test_not_a_notebook_is_a_usage_error(tmp_path):
+    bad = tmp_path / "bad.ipynb"
+    bad.write_text("{}")
+    proc = cli("-f", str(bad), timeout=30)
+    assert proc.returncode == 2 and "is not a Jupyter notebook" in proc.stderr
