@@ -71,9 +71,8 @@ class JupyterError(Exception):
 class ServerError(JupyterError):
     """The server could not be reached or answered with an error.
 
-    Attributes: ``url`` (the server's base URL), ``status`` (the HTTP status,
-    or None when there was no HTTP answer), ``reason``, and ``fix``: None or a
-    key of ``FIXES``, naming what the caller can do about it.
+    Attributes: ``url`` (the server's base URL), ``status`` (the HTTP status, or None without
+    an HTTP answer), ``reason``, ``fix`` (None or a key of ``FIXES``: what the caller can do).
     """
 
     def __init__(self, url: str, reason: str, status: int | None = None, *, fix: str | None = None):
@@ -118,11 +117,8 @@ class ExecutionError(JupyterError):
     def __init__(self, result: Result):
         self.result = result
         err = result.error or {}
-        if result.status == "aborted":
-            message = "execution was aborted by the kernel"
-        else:
-            message = f"{err.get('ename', 'Error')}: {err.get('evalue', '')}".rstrip(": ")
-        super().__init__(message)
+        super().__init__("execution was aborted by the kernel" if result.status == "aborted"
+                         else f"{err.get('ename', 'Error')}: {err.get('evalue', '')}".rstrip(": "))
 
 
 class KernelDied(JupyterError):
@@ -136,8 +132,8 @@ class KernelDied(JupyterError):
 class ExecutionTimeout(JupyterError, TimeoutError):
     """The code did not finish in time; the kernel was interrupted.
 
-    ``result`` holds what arrived before the deadline; ``timeout`` is the limit.
-    (Running out of time before the code was sent is a ServerError.)
+    ``result`` holds what arrived before the deadline; ``timeout`` is the limit. (Running out
+    of time before the code was sent is a ServerError.)
     """
 
     def __init__(self, timeout: float, result: Result | None = None):
@@ -373,8 +369,7 @@ class _Deflate:
 
     def __init__(self, params: dict):
         self.params = params
-        # zlib cannot make raw deflate with an 8-bit window; such messages go uncompressed.
-        self.compresses = params.get("client_max_window_bits", 15) >= 9
+        self.compresses = params.get("client_max_window_bits", 15) >= 9  # zlib makes no 8-bit windows
         self._deflater = self._inflater = None
 
     def compress(self, data: bytes) -> bytes:
@@ -1374,11 +1369,8 @@ class Result:
 
 
 class _Execution:
-    """Follows one execute_request through the messages that answer it (no I/O).
-
-    ``feed`` takes every incoming message; ``done`` turns true once both the
-    shell execute_reply and the iopub idle status for our request are in.
-    """
+    """Follows one execute_request through the messages that answer it (no I/O): ``feed`` takes
+    every message; ``done`` once both the execute_reply and the idle status for it are in."""
 
     def __init__(self, msg_id: str, on_output: Callable[[dict], object] | None = None,
                  keep_outputs: bool = True):
@@ -1426,8 +1418,7 @@ class _Execution:
         if msg_type == "execute_reply" and channel != "iopub":
             self._on_reply(content)
         elif msg_type == "status":
-            if content.get("execution_state") == "idle":
-                self.idle = True
+            self.idle = self.idle or content.get("execution_state") == "idle"
         elif msg_type == "input_request":
             self.input_request = msg
         elif msg_type == "clear_output":
@@ -1535,10 +1526,8 @@ def _pid_alive(pid: object) -> bool:
         return True  # os.kill(pid, 0) would terminate on Windows; trust the file
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
     except PermissionError:
-        return True
+        return True  # alive, run by another user
     except OSError:
         return False
     return True
@@ -1550,8 +1539,7 @@ _WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]", "*")
 
 def _server_url(info: dict) -> str:
     """A URL to reach a server described by a runtime file; wildcards mean loopback."""
-    base = "/" + (info.get("base_url") or "/").strip("/") + "/"
-    base = base.replace("//", "/")
+    base = ("/" + (info.get("base_url") or "/").strip("/") + "/").replace("//", "/")
     if info.get("sock"):
         return f"http+unix://{quote(info['sock'], safe='')}{base}"
     host = info.get("hostname") or info.get("ip") or "localhost"
@@ -1585,12 +1573,11 @@ def list_servers(runtime_dir: str | None = None) -> list:
             with open(path, encoding="utf-8") as f:
                 info = json.load(f)
             mtime = os.path.getmtime(path)
-        except (OSError, ValueError):
-            continue
-        if (not isinstance(info, dict) or not (info.get("port") or info.get("sock"))
-                or not _pid_alive(info.get("pid"))):
-            continue
-        info["url"] = _server_url(info)
+            if not (info.get("port") or info.get("sock")) or not _pid_alive(info.get("pid")):
+                continue
+            info["url"] = _server_url(info)
+        except (OSError, ValueError, TypeError, AttributeError, RecursionError):
+            continue  # unreadable, or not the shape a server writes
         info.setdefault("root_dir", info.get("notebook_dir"))
         found.append((mtime, info))
     found.sort(key=lambda pair: pair[0], reverse=True)
@@ -2208,7 +2195,9 @@ def _parse_args(argv: list) -> types.SimpleNamespace:
             try:
                 value = float(value)
             except ValueError:
-                raise _UsageError(f"{flag} must be a positive number of seconds") from None
+                value = -1.0
+            if not 0 < value < float("inf"):
+                raise _UsageError(f"{flag} must be a positive number of seconds")
         args[dest] = (args[dest] or []) + [value] if option.repeat else value
     if len(code) > 1:
         raise _UsageError(f"unexpected argument {code[1]!r}: give the code as one quoted argument, "
@@ -2306,9 +2295,7 @@ class _Printer:
         for mime, ext, encoded in RICH_TYPES:
             if mime not in data:
                 continue
-            raw = data[mime]
-            if isinstance(raw, list):
-                raw = "".join(raw)
+            raw = "".join(data[mime]) if isinstance(data[mime], list) else data[mime]
             try:
                 blob = base64.b64decode(raw) if encoded else str(raw).encode("utf-8")
             except (ValueError, TypeError):
@@ -2622,8 +2609,6 @@ def _main(argv, out, err) -> int:
     if args.version:
         out.write(f"jupyter_call {__version__}\n")
         return EXIT_OK
-    if args.timeout is not None and not 0 < args.timeout < float("inf"):
-        raise _UsageError("--timeout must be a positive number of seconds")
     if sum(bool(x) for x in (args.kernel_id, args.session, args.notebook)) > 1:
         raise _UsageError("choose one of --kernel-id, --session and --notebook")
     if args.keep and args.spawn:

@@ -433,6 +433,10 @@ def test_list_servers_reads_runtime_files_newest_first_and_skips_dead_ones(tmp_p
     _runtime_file(tmp_path, "jpserver-3.json", port=8003, hostname="localhost", pid=2**22 + 12345)
     (tmp_path / "jpserver-4.json").write_text("{not json")
     (tmp_path / "kernel-5.json").write_text("{}")
+    for odd in ({"base_url": 5}, {"sock": 7, "port": None}, {"hostname": 5}):  # the shape no server writes
+        _runtime_file(tmp_path, f"jpserver-{len(odd)}{id(odd)}.json", **{"port": 9, "pid": os.getpid(), **odd})
+    (tmp_path / "jpserver-6.json").write_text("[1, 2]")
+    (tmp_path / "jpserver-7.json").write_text("[" * 100000 + "]" * 100000)
     servers = jc.list_servers(str(tmp_path))
     assert [s["url"] for s in servers] == ["http://localhost:8002/lab/", "http://127.0.0.1:8001/"]
     assert servers[1]["root_dir"] == "/nb" and servers[0]["token"] == "t2"
@@ -1262,6 +1266,14 @@ def test_wrong_token_raises_auth_error(server):
         jc.run_code("1", server.url, "wrong-token", timeout=30)
     assert info.value.status == 403 and "refused the token" in str(info.value)
     assert "wrong-token" not in str(info.value)
+
+
+def test_library_errors_name_api_arguments_and_the_cli_its_flags(server):
+    with pytest.raises(jc.AuthError) as info:
+        jc.Kernel(server.url, "", timeout=30)
+    assert info.value.fix == "token" and str(info.value).endswith(": pass token= or set JUPYTER_TOKEN")
+    proc = cli("--url", server.url, "--token", "", "1", env=server.env)
+    assert proc.returncode == 3 and proc.stderr.endswith(": set JUPYTER_TOKEN or pass --token\n")
 
 
 def test_unreachable_server_raises_server_error():
