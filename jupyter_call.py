@@ -9,8 +9,8 @@ One file, standard library only: copy it into a project, import it, or run it.
     print(run_code("1 + 1").data["text/plain"])
 
 It speaks the Jupyter server REST API (start, interrupt, restart and delete
-kernels) over urllib, and the kernel channels over its own RFC 6455 websocket
-client. Layers, top to bottom, each using only those above it: errors,
+kernels) and the kernel channels over its own HTTP/1.1 and RFC 6455 websocket
+client, so that one time budget bounds every step. Layers, top to bottom, each using only those above it: errors,
 websocket frames and messages (no I/O), websocket connection, Jupyter REST
 API, Jupyter messages and results (no I/O), server discovery, the public API
 (Kernel, run_code), the command line.
@@ -21,11 +21,12 @@ from __future__ import annotations
 
 # Start-up policy: a short command-line call spends more time importing than
 # talking to the server, so what only some calls need loads where it is used:
-# ssl (https and wss), urllib and http.client (REST), zlib (compression),
-# dataclasses never (Result is a plain class); the handshake's one SHA-1 comes
-# from CPython's _sha1 rather than OpenSSL's hashlib, ASCII host names skip the
-# idna codec, and the command line has its own small option parser (argparse
-# would cost more than 5% of a call) and skips the collector's last pass at exit.
+# ssl (https and wss), urllib.request (proxy settings, for remote servers only),
+# zlib (compression); dataclasses never (Result is a plain class). The one SHA-1
+# of the handshake comes from CPython's _sha1 rather than OpenSSL's hashlib,
+# ASCII host names skip the idna codec, and the command line has its own small
+# option parser (argparse would cost more than 5% of a call) and skips the
+# collector's last pass at exit.
 import base64
 import codecs
 import collections
@@ -41,7 +42,7 @@ import sys
 import time
 import types
 from collections.abc import Callable, Iterable
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit
 
 __version__ = "0.1.0"
 
@@ -54,6 +55,7 @@ __all__ = [
     "JupyterError",
     "ServerError",
     "AuthError",
+    "ConfigError",
     "ExecutionError",
     "KernelDied",
     "ExecutionTimeout",
@@ -66,6 +68,10 @@ __all__ = [
 
 class JupyterError(Exception):
     """Root of every error jupyter_call raises."""
+
+
+def _seconds(timeout: float) -> str:
+    return f"{round(timeout, 2):g} s"  # a budget that began a moment after the call's reads as the call's
 
 
 class ServerError(JupyterError):
@@ -97,6 +103,11 @@ FIXES = {
 
 class AuthError(ServerError):
     """The server refused the token (HTTP 401 or 403)."""
+
+
+class ConfigError(JupyterError, ValueError):
+    """A setting cannot be used as given (a token or header with a control character, a
+    malformed URL); nothing was sent. Also a ValueError."""
 
 
 class WebSocketError(JupyterError):
@@ -138,7 +149,7 @@ class ExecutionTimeout(JupyterError, TimeoutError):
 
     def __init__(self, timeout: float, result: Result | None = None):
         self.timeout, self.result = timeout, result
-        super().__init__(f"the code did not finish within {timeout:g} s")
+        super().__init__(f"the code did not finish within {_seconds(timeout)}")
 
 
 # ---- WebSocket frames (RFC 6455, no I/O) --------------------------------------
@@ -193,7 +204,9 @@ RSV1_MASK = 0x40  # RFC 7692 6: marks the first frame of a compressed message
 WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 MAX_MESSAGE_SIZE = 256 * 2**20  # default bound on one message: fits a 100 MB notebook output
-MAX_HANDSHAKE = 64 * 1024       # bound on the HTTP 101 answer (status line + headers)
+MAX_HANDSHAKE = 64 * 1024       # bound on an HTTP answer's head (status line + headers)
+MAX_CHUNK_LINE = 1024           # bound on the size line of a chunked body (size + extensions)
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")  # never allowed in a header value (RFC 9110 5.5)
 CLOSE_TIMEOUT = 2.0             # how long to wait for the peer's side of the close handshake
 DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
 DEFLATE_TAIL = b"\x00\x00\xff\xff"  # RFC 7692 7.2.1: stripped after compressing, added back before inflating
@@ -505,7 +518,7 @@ def _ssl_module():
 
 
 def _within(timeout: float | None) -> str:
-    return f" within {timeout:g} s" if timeout is not None else " (the system's timeout)"
+    return f" within {_seconds(timeout)}" if timeout is not None else " (the system's timeout)"
 
 
 def _set_timeout(sock: socket.socket, deadline: Deadline) -> None:
@@ -572,12 +585,7 @@ class WebSocket:
         origin = f"{scheme}://{parts.netloc}/"
         sock = None
         try:
-            sock = _open_socket(parts.hostname, port, unix_socket, proxy, deadline)
-            if proxy:
-                _connect_tunnel(sock, proxy, parts.hostname, port, deadline)
-            if secure:
-                ssl = _ssl_module()
-                sock = (ssl_context or ssl.create_default_context()).wrap_socket(sock, server_hostname=parts.hostname)
+            sock = _open_stream(parts.hostname, port, secure, ssl_context, unix_socket, proxy, deadline)
             headers = dict(headers or {})
             if compression:
                 headers["Sec-WebSocket-Extensions"] = DEFLATE_OFFER
@@ -670,10 +678,12 @@ class WebSocket:
                 frame = self._read_frame(deadline)
                 if frame.opcode in CONTROL_OPCODES:
                     self._on_control(frame, deadline)
-                    continue
-                message = self._reader.receive(frame)
-                if message is not None:
-                    return message
+                else:
+                    message = self._reader.receive(frame)
+                    if message is not None:
+                        return message
+                if deadline.expired:  # a flood of pings or fragments must not outlast the timeout
+                    raise socket.timeout("timed out")
         except socket.timeout:
             raise TimeoutError(f"no websocket message{_within(timeout)}") from None
         except WebSocketError as exc:
@@ -718,42 +728,44 @@ class WebSocket:
             code, reason = parse_close(frame.payload)
             # 5.5.1: answer a Close with a Close, echoing its code.
             self._closing = True
-            self._send_close(code, "")
-            self._finish(code, reason)
+            deadline = Deadline(self.close_timeout)
+            self._send_close(code, "", deadline)
+            self._finish(code, reason, deadline)
             raise WebSocketClosed(code, reason or "closed by the server")
 
     # -- closing --
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
-        """Close: send a close frame with ``code``, wait briefly for the peer's, close the socket.
+        """Close: send a close frame with ``code``, wait for the peer's, close the socket.
 
-        This is also how a protocol error fails the connection (7.1.7).
+        All of it takes at most ``close_timeout`` seconds. This is also how a
+        protocol error fails the connection (7.1.7).
         """
         if self.close_code is not None:
             return
+        deadline = Deadline(self.close_timeout)
         if not self._closing:
             self._closing = True
-            self._send_close(code, reason)
-        with contextlib.suppress(OSError, WebSocketError):  # read (bounded) to the peer's close or EOF
-            deadline = Deadline(self.close_timeout)
+            self._send_close(code, reason, deadline)
+        with contextlib.suppress(OSError, WebSocketError):  # read to the peer's close or EOF, dropping data
             while self._read_frame(deadline, closing=True).opcode != CLOSE:
                 pass
-        self._finish(code, reason)
+        self._finish(code, reason, deadline)
 
-    def _send_close(self, code: int, reason: str) -> None:
+    def _send_close(self, code: int, reason: str, deadline: Deadline) -> None:
         with contextlib.suppress(OSError):
-            self.sock.settimeout(self.close_timeout)
+            _set_timeout(self.sock, deadline)
             self.sock.sendall(Frame(CLOSE, close_payload(code, reason)).serialize(mask_key=os.urandom(4)))
 
-    def _finish(self, code: int, reason: str) -> None:
+    def _finish(self, code: int, reason: str, deadline: Deadline) -> None:
         """7.1.1: after the close handshake the client waits for the server's TCP close."""
         self.close_code, self.close_reason = code, reason
         with contextlib.suppress(OSError):
-            self.sock.settimeout(self.close_timeout)
             self.sock.shutdown(socket.SHUT_WR)
-            deadline = Deadline(self.close_timeout)
-            while not deadline.expired and self.sock.recv(RECV_SIZE):
-                pass
+            while True:
+                _set_timeout(self.sock, deadline)
+                if not self.sock.recv(RECV_SIZE):
+                    break
         self.sock.close()
 
     def abort(self, reason: str = "aborted") -> None:
@@ -797,30 +809,58 @@ def _open_socket(host: str, port: int, unix_socket: str | None, proxy: str | Non
     # getaddrinfo() encodes a str host with the idna codec, an import of ~1.5 ms
     # that plain ASCII names do not need.
     name = host.encode("ascii") if host.isascii() else host
-    sock = socket.create_connection((name, port), timeout=deadline.remaining())
+    left = deadline.remaining()
+    if left is not None and left <= 0:
+        raise socket.timeout("timed out")  # (a zero timeout would make the connect non-blocking)
+    sock = socket.create_connection((name, port), timeout=left)
     # Each message leaves in one sendall; no reason to let Nagle hold it back.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
+
+
+def _open_stream(host: str, port: int, secure: bool, ssl_context: object, unix_socket: str | None,
+                 proxy: str | None, deadline: Deadline, *, tunnel: bool = True) -> socket.socket:
+    """A connected socket to host:port, through a proxy's CONNECT tunnel if ``tunnel``, with TLS if ``secure``."""
+    sock = _open_socket(host, port, unix_socket, proxy, deadline)
+    try:
+        if proxy and tunnel:
+            _connect_tunnel(sock, proxy, host, port, deadline)
+        if secure:
+            _set_timeout(sock, deadline)
+            sock = (ssl_context or _ssl_module().create_default_context()).wrap_socket(sock, server_hostname=host)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
 
 
 def _connect_tunnel(sock: socket.socket, proxy: str, host: str, port: int, deadline: Deadline) -> None:
     """Ask an HTTP proxy for a tunnel to host:port (RFC 9110 9.3.6 CONNECT)."""
     proxy_parts = _proxy_parts(proxy)
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
-    if proxy_parts.username:
-        creds = f"{unquote(proxy_parts.username)}:{unquote(proxy_parts.password or '')}"
-        lines.append("Proxy-Authorization: Basic " + base64.b64encode(creds.encode("utf-8")).decode("ascii"))
-    status = _http_exchange(sock, lines, deadline)[0]
+    status = _http_exchange(sock, [f"CONNECT {target} HTTP/1.1", f"Host: {target}",
+                                   *_proxy_authorization(proxy)], deadline)[0]
     if status != 200:
         raise ServerError(f"{proxy_parts.scheme}://{proxy_parts.hostname}:{proxy_parts.port or 80}/",
                           f"(the proxy) refused a tunnel to {target}", status)
 
 
-def _http_exchange(sock: socket.socket, lines: list, deadline: Deadline) -> tuple[int, dict, bytes]:
-    """Send a request head; return the answer's status, header fields and the bytes after its head."""
+def _proxy_authorization(proxy: str) -> list:
+    """The Proxy-Authorization header line for a proxy URL with credentials, if it has them."""
+    parts = _proxy_parts(proxy)
+    if not parts.username:
+        return []
+    creds = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+    return ["Proxy-Authorization: Basic " + base64.b64encode(creds.encode("utf-8")).decode("ascii")]
+
+
+def _http_exchange(sock: socket.socket, lines: list, deadline: Deadline,
+                   body: bytes = b"") -> tuple[int, dict, bytes]:
+    """Send a request; return the answer's status, header fields and the bytes after its head."""
+    if any(_CONTROL_CHARS.search(line) for line in lines):
+        raise ConfigError("a request header holds a control character (CR, LF, NUL, ...); nothing was sent")
     _set_timeout(sock, deadline)
-    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
     buf = bytearray()
     while b"\r\n\r\n" not in buf:
         if len(buf) > MAX_HANDSHAKE:
@@ -839,7 +879,7 @@ def _parse_http_head(head: bytes) -> tuple[int, dict]:
     """Status code and lower-cased header fields of an HTTP answer head."""
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not (parts[1].isascii() and parts[1].isdigit()):
         raise WebSocketError(CloseCode.PROTOCOL_ERROR, f"not an HTTP answer: {lines[0][:80]!r}")
     fields: dict = {}
     for line in lines[1:]:
@@ -850,12 +890,66 @@ def _parse_http_head(head: bytes) -> tuple[int, dict]:
     return int(parts[1]), fields
 
 
+def _read_http_body(sock: socket.socket, fields: dict, buffered: bytes, deadline: Deadline, limit: int) -> bytes:
+    """The body of an HTTP answer, by Content-Length, chunks, or up to EOF; at most ``limit`` bytes.
+
+    The whole read shares ``deadline``, however slowly the bytes drip in; raises ValueError for
+    a body that is too big or malformed, whatever its headers claim.
+    """
+    buf = bytearray(buffered)
+
+    def more() -> None:
+        _set_timeout(sock, deadline)
+        chunk = sock.recv(RECV_SIZE)
+        if not chunk:
+            raise ValueError("the connection closed in the middle of the answer")
+        buf.extend(chunk)
+
+    if "chunked" in fields.get("transfer-encoding", "").lower():  # RFC 9112 7.1
+        body, pos = bytearray(), 0
+        while True:
+            while buf.find(b"\r\n", pos) < 0:
+                if len(buf) - pos > MAX_CHUNK_LINE:
+                    raise ValueError("a chunk size line is too long")
+                more()
+            end = buf.find(b"\r\n", pos)
+            size = bytes(buf[pos:end]).split(b";")[0].strip()
+            if not re.fullmatch(rb"[0-9a-fA-F]{1,15}", size):
+                raise ValueError(f"bad chunk size {size[:20]!r}")
+            size, pos = int(size, 16), end + 2
+            if size == 0:
+                return bytes(body)
+            if len(body) + size > limit:
+                raise ValueError(f"more than {limit} bytes")
+            while len(buf) < pos + size + 2:
+                more()
+            body += buf[pos:pos + size]
+            del buf[:pos + size + 2]
+            pos = 0
+    length = fields.get("content-length")
+    if length is not None:
+        if not (length.isascii() and length.isdigit()):
+            raise ValueError(f"bad Content-Length {length[:20]!r}")
+        if int(length) > limit:
+            raise ValueError(f"more than {limit} bytes")
+        while len(buf) < int(length):
+            more()
+        return bytes(buf[:int(length)])
+    while len(buf) <= limit:  # no length: the body ends with the connection
+        _set_timeout(sock, deadline)
+        chunk = sock.recv(RECV_SIZE)
+        if not chunk:
+            return bytes(buf)
+        buf.extend(chunk)
+    raise ValueError(f"more than {limit} bytes")
+
+
 def _error_reason(body: bytes) -> str:
     """': <message>' from a Jupyter JSON error body (or its 'reason'), or '' when there is none."""
     try:
         info = json.loads(body.decode("utf-8"))
         message = info.get("message") or info.get("reason")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return ""
     return f": {str(message)[:300]}" if message else ""
 
@@ -887,13 +981,19 @@ def _unreachable(url: str, exc: BaseException) -> ServerError:
 
 HTTP_TIMEOUT = 90.0         # per request when the call has no deadline; gateways can take 40 s+ to start a kernel
 MAX_REST_BODY = 16 * 2**20  # bound on one REST answer
+MAX_REDIRECTS = 10          # as urllib allows
 DELETE_RETRIES = 5          # a DELETE racing an automatic restart answers 500; try again
 DELETE_BACKOFF = 0.2        # first pause between DELETE attempts; doubles
 SIDE_REQUEST_TIMEOUT = 10.0 # a request that only diagnoses or lists must not hold a call up longer
 
 
 class _RestClient:
-    """The few calls of the Jupyter server REST API that jupyter_call needs."""
+    """The few calls of the Jupyter server REST API that jupyter_call needs.
+
+    HTTP/1.1 over the same sockets as the websocket (TCP, TLS, Unix sockets,
+    HTTP proxies), one connection a request, every read bounded in size and
+    every request, redirects included, in one time budget.
+    """
 
     def __init__(self, url: str, token: str | None, *, ssl_context: object = None):
         self.url = url
@@ -902,7 +1002,6 @@ class _RestClient:
         self.unix_socket = _unix_socket_path(url)
         # Requests over a Unix socket go to http://localhost/ (the Host the server expects).
         self._base = f"http://localhost{urlsplit(url).path}" if self.unix_socket else url
-        self._opener = None
         self._xsrf: str | None = None
 
     def headers(self) -> dict:
@@ -911,10 +1010,7 @@ class _RestClient:
     def request(self, method: str, path: str, body: object = None, *,
                 deadline: Deadline | None = None, host: str | None = None,
                 diagnose: bool = True) -> object:
-        """Send one request; return the decoded JSON answer (None for 204)."""
-        import http.client
-        import urllib.error
-        import urllib.request
+        """Send one request; return the decoded JSON answer (None for an empty one)."""
         data = json.dumps(body).encode("utf-8") if body is not None else None
         if data is None and method in ("POST", "PUT", "PATCH"):
             data = b""
@@ -928,64 +1024,79 @@ class _RestClient:
             xsrf = self._xsrf_cookie(deadline)
             if xsrf:
                 headers.update({"Cookie": f"_xsrf={xsrf}", "X-XSRFToken": xsrf})
-        req = urllib.request.Request(self._base + path, data=data, method=method, headers=headers)
-        timeout = (deadline or Deadline(None)).remaining(HTTP_TIMEOUT)
-        if timeout is not None and timeout <= 0:
+        budget = Deadline((deadline or Deadline(None)).remaining(HTTP_TIMEOUT))
+        if budget.expired:
             raise ServerError(self.url, f"could not be asked {method} {path}: no time left")
         try:
-            with self._open(req, timeout) as resp:
-                raw = resp.read(MAX_REST_BODY + 1)
-                self._note_cookies(resp.headers)
-        except urllib.error.HTTPError as exc:
-            raise self._http_error(exc.code, exc.read(4096), method, path, diagnose=diagnose) from None
+            status, raw = self._fetch(method, self._base + path, headers, data, budget)
         except socket.timeout:
-            raise ServerError(self.url, f"did not answer {method} {path} within {timeout:g} s") from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            if isinstance(reason, socket.timeout):
-                raise ServerError(self.url, f"did not answer {method} {path} within {timeout:g} s") from None
-            raise _unreachable(self.url, reason) from exc
-        except http.client.HTTPException as exc:  # a bad URL or an answer that is not HTTP
-            raise ServerError(self.url, f"broke HTTP ({type(exc).__name__}: {exc})") from None
-        if len(raw) > MAX_REST_BODY:
-            raise ServerError(self.url, f"sent more than {MAX_REST_BODY} bytes for {path}")
+            raise ServerError(self.url, f"did not answer {method} {path} within {_seconds(budget.timeout)}") from None
+        except OSError as exc:
+            raise _unreachable(self.url, exc) from exc
+        except (ValueError, WebSocketError) as exc:  # not HTTP, too big, too many redirects
+            reason = exc.reason if isinstance(exc, WebSocketError) else exc
+            raise ServerError(self.url, f"broke HTTP answering {method} {path}: {reason}") from None
+        if status >= 400:
+            raise self._http_error(status, raw[:4096], method, path, diagnose=diagnose)
         if not raw.strip():
             return None
         try:
             return json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ServerError(self.url, f"answered {path} with something that is not JSON "
                                         f"(is this a Jupyter server?)") from None
 
-    def _open(self, req, timeout):
-        if self._opener is None:
-            import urllib.request
-            handlers: list = [_redirect_handler()]
-            if self.ssl_context is not None:
-                handlers.append(urllib.request.HTTPSHandler(context=self.ssl_context))
-            if self.unix_socket or _is_loopback(urlsplit(self.url).hostname):
-                handlers.append(urllib.request.ProxyHandler({}))  # loopback never goes through a proxy
-            if self.unix_socket:
-                handlers.append(_unix_handler(self.unix_socket))
-            self._opener = urllib.request.build_opener(*handlers)
-        return self._opener.open(req, timeout=timeout)
-
-    def _note_cookies(self, headers) -> None:
-        for cookie in headers.get_all("Set-Cookie") or ():
-            match = re.match(r"\s*_xsrf=([^;]+)", cookie)
-            if match:
+    def _fetch(self, method: str, url: str, headers: dict, data: bytes | None,
+               deadline: Deadline) -> tuple[int, bytes]:
+        """One request, following redirects; the token never goes to another origin."""
+        for _ in range(MAX_REDIRECTS + 1):
+            status, fields, raw = self._exchange(method, url, headers, data, deadline)
+            for match in re.finditer(r"(?:^|,)\s*_xsrf=([^;,\s]+)", fields.get("set-cookie", "")):
                 self._xsrf = match.group(1)
+            location = fields.get("location")
+            if status not in (301, 302, 303, 307, 308) or not location:
+                return status, raw
+            new = urljoin(url, location)
+            if not _same_origin(new, url):
+                if self.unix_socket:
+                    raise ValueError(f"a redirect away from the Unix socket, to {new}")
+                headers = {k: v for k, v in headers.items() if k not in ("Authorization", "Cookie", "X-XSRFToken")}
+            if status == 303 or status in (301, 302) and method == "POST":  # as browsers and urllib do
+                method, data = "GET", None
+                headers.pop("Content-Type", None)
+            url = new
+        raise ValueError(f"more than {MAX_REDIRECTS} redirects")
+
+    def _exchange(self, method: str, url: str, headers: dict, data: bytes | None,
+                  deadline: Deadline) -> tuple[int, dict, bytes]:
+        parts = urlsplit(url)
+        secure = parts.scheme == "https"
+        port = parts.port or (443 if secure else 80)
+        proxy = None if self.unix_socket else _proxy_for(url)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        extra = []
+        if proxy and not secure:  # RFC 9112 3.2.2: a proxy takes plain HTTP in the absolute form
+            target, extra = f"http://{parts.netloc.rpartition('@')[2]}{target}", _proxy_authorization(proxy)
+        sock = _open_stream(parts.hostname, port, secure, self.ssl_context, self.unix_socket, proxy, deadline,
+                            tunnel=secure)
+        try:
+            head = {"Host": parts.netloc.rpartition("@")[2], **headers, "Connection": "close"}
+            if data is not None:
+                head["Content-Length"] = str(len(data))
+            lines = [f"{method} {target} HTTP/1.1", *extra, *(f"{k}: {v}" for k, v in head.items())]
+            status, fields, rest = _http_exchange(sock, lines, deadline, data or b"")
+            if method == "HEAD" or status in (204, 304) or status < 200:
+                return status, fields, b""
+            return status, fields, _read_http_body(sock, fields, rest, deadline, MAX_REST_BODY)
+        finally:
+            sock.close()
 
     def _xsrf_cookie(self, deadline: Deadline | None) -> str | None:
         if self._xsrf is None:
-            import urllib.request
-            req = urllib.request.Request(self._base + "login")
-            try:
-                with self._open(req, (deadline or Deadline(None)).remaining(HTTP_TIMEOUT)) as resp:
-                    self._note_cookies(resp.headers)
-            except (OSError, ValueError) as exc:  # jupyter_server sets it even on its 404 login page
-                if getattr(exc, "headers", None) is not None:
-                    self._note_cookies(exc.headers)
+            # jupyter_server sets the cookie even on its 404 login page
+            with contextlib.suppress(OSError, ValueError, WebSocketError):
+                self._fetch("GET", self._base + "login", {}, None,
+                            Deadline((deadline or Deadline(None)).remaining(HTTP_TIMEOUT)))
             self._xsrf = self._xsrf or ""
         return self._xsrf or None
 
@@ -1036,13 +1147,19 @@ class _RestClient:
         if env:
             body["env"] = {str(k): str(v) for k, v in env.items()}
         info = self.request("POST", "api/kernels", body, deadline=deadline)
-        if not isinstance(info, dict) or not isinstance(info.get("id"), str):
+        if not isinstance(info, dict) or not self._plain_id(info.get("id")):
             raise ServerError(self.url, "answered a kernel start without a kernel id")
         return info
 
+    def _plain_id(self, kernel_id: object) -> str:
+        """A kernel id from the server, which must be a plain token (a UUID, as servers make them)."""
+        if isinstance(kernel_id, str) and re.fullmatch(r"[A-Za-z0-9._~:-]{1,128}", kernel_id):
+            return kernel_id
+        raise ServerError(self.url, f"answered a kernel id that is not a plain token: {str(kernel_id)[:80]!r}")
+
     def get_kernel(self, kernel_id: str, *, deadline: Deadline | None = None) -> dict:
         try:
-            info = self.request("GET", f"api/kernels/{quote(kernel_id)}", deadline=deadline)
+            info = self.request("GET", f"api/kernels/{quote(kernel_id, safe='')}", deadline=deadline)
         except ServerError as exc:
             if exc.status == 404:
                 raise ServerError(self.url, f"has no kernel {kernel_id}", 404) from None
@@ -1055,9 +1172,11 @@ class _RestClient:
         """The kernel id of the session at ``path`` (relative to the server root), or None."""
         wanted = _session_path(path)
         sessions = self.request("GET", "api/sessions", deadline=deadline)
-        found = [s for s in sessions or [] if isinstance(s, dict) and s.get("kernel")
-                 and _session_path(str(s.get("path", ""))) == wanted]
-        return found[0]["kernel"].get("id") if found else None
+        for session in sessions if isinstance(sessions, list) else []:
+            if (isinstance(session, dict) and isinstance(session.get("kernel"), dict)
+                    and _session_path(str(session.get("path", ""))) == wanted):
+                return self._plain_id(session["kernel"].get("id"))
+        return None
 
     def create_session(self, path: str, kernel_name: str | None, *,
                        deadline: Deadline | None = None) -> str:
@@ -1067,30 +1186,31 @@ class _RestClient:
         kernel = info.get("kernel") if isinstance(info, dict) else None
         if not isinstance(kernel, dict) or not kernel.get("id"):
             raise ServerError(self.url, "answered a session start without a kernel")
-        return kernel["id"]
+        return self._plain_id(kernel["id"])
 
     def list_kernels(self, *, deadline: Deadline | None = None) -> list:
         kernels = self.request("GET", "api/kernels", deadline=deadline)
         return kernels if isinstance(kernels, list) else []
 
     def interrupt_kernel(self, kernel_id: str, *, deadline: Deadline | None = None) -> None:
-        self.request("POST", f"api/kernels/{quote(kernel_id)}/interrupt", deadline=deadline)
+        self.request("POST", f"api/kernels/{quote(kernel_id, safe='')}/interrupt", deadline=deadline)
 
     def restart_kernel(self, kernel_id: str, *, deadline: Deadline | None = None) -> None:
-        self.request("POST", f"api/kernels/{quote(kernel_id)}/restart", deadline=deadline)
+        self.request("POST", f"api/kernels/{quote(kernel_id, safe='')}/restart", deadline=deadline)
 
-    def delete_kernel(self, kernel_id: str) -> None:
+    def delete_kernel(self, kernel_id: str, *, deadline: Deadline | None = None) -> None:
         """Delete a kernel; gone already is fine. Retries the 500 a restart race answers."""
+        deadline = deadline or Deadline(HTTP_TIMEOUT)
         for attempt in range(DELETE_RETRIES):
             try:
-                self.request("DELETE", f"api/kernels/{quote(kernel_id)}", deadline=Deadline(HTTP_TIMEOUT))
+                self.request("DELETE", f"api/kernels/{quote(kernel_id, safe='')}", deadline=deadline)
                 return
             except ServerError as exc:
                 if exc.status == 404:
                     return
-                if exc.status is None or exc.status < 500 or attempt == DELETE_RETRIES - 1:
+                if exc.status is None or exc.status < 500 or attempt == DELETE_RETRIES - 1 or deadline.expired:
                     raise
-            time.sleep(DELETE_BACKOFF * 2**attempt)
+            time.sleep(deadline.remaining(DELETE_BACKOFF * 2**attempt))
 
 
 def _session_path(path: str) -> str:
@@ -1112,23 +1232,6 @@ def _unix_socket_path(url: str) -> str | None:
     return unquote(parts.netloc) if parts.scheme == "http+unix" else None
 
 
-def _unix_handler(path: str):
-    """A urllib handler that sends every http:// request over the Unix socket at ``path``."""
-    import http.client
-    import urllib.request
-
-    class UnixConnection(http.client.HTTPConnection):
-        def connect(self):
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.settimeout(self.timeout)
-            self.sock.connect(path)
-
-    class UnixHandler(urllib.request.HTTPHandler):
-        def http_open(self, req):
-            return self.do_open(UnixConnection, req)
-    return UnixHandler()
-
-
 def _proxy_for(url: str) -> str | None:
     """The proxy URL the environment sets for ``url`` (HTTPS_PROXY, HTTP_PROXY, NO_PROXY)."""
     parts = urlsplit(url)
@@ -1144,19 +1247,6 @@ def _proxy_for(url: str) -> str | None:
 def _same_origin(a: str, b: str) -> bool:
     pa, pb = urlsplit(a), urlsplit(b)
     return (pa.scheme, pa.hostname, pa.port) == (pb.scheme, pb.hostname, pb.port)
-
-
-def _redirect_handler():
-    """A urllib redirect handler that never carries the token to another origin."""
-    import urllib.request
-
-    class SameOriginRedirects(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, req, fp, code, msg, headers, newurl):
-            new = super().redirect_request(req, fp, code, msg, headers, newurl)
-            if new is not None and not _same_origin(req.full_url, newurl):
-                new.remove_header("Authorization")
-            return new
-    return SameOriginRedirects()
 
 
 # ---- Jupyter messages and results (no I/O) --------------------------------------
@@ -1224,21 +1314,54 @@ def _pack_v1(channel: str, parts: list) -> bytes:
 
 
 def decode_message(data: str | bytes, *, protocol: str = "legacy") -> dict:
-    """Parse a websocket message into a message dict; raises ValueError if malformed."""
-    if protocol == "v1":
-        msg = _unpack_v1(data)
-    elif isinstance(data, str):
-        msg = _loads(data)
-    else:
-        msg = _unpack_legacy_binary(data)
+    """Parse a websocket message into a message dict; raises ValueError if malformed.
+
+    Every field jupyter_call reads is checked for its type here, where messages
+    enter, so that an odd message is a ValueError and never a crash further on.
+    """
+    try:
+        if protocol == "v1":
+            msg = _unpack_v1(data)
+        elif isinstance(data, str):
+            msg = _loads(data)
+        else:
+            msg = _unpack_legacy_binary(data)
+    except RecursionError:
+        raise ValueError("message nested too deeply") from None
     if not isinstance(msg, dict) or "header" not in msg:
         raise ValueError("message is not an object with a header")
     for key in ("header", "parent_header", "metadata", "content"):
         if not isinstance(msg.setdefault(key, {}), dict):
             raise ValueError(f"message {key} is not an object")
-    if not isinstance(msg["header"].get("msg_type"), str):
+    header, content = msg["header"], msg["content"]
+    if not isinstance(header.get("msg_type"), str):
         raise ValueError("message header has no msg_type")
+    fields = [("msg_id", header.get("msg_id"), str), ("parent msg_id", msg["parent_header"].get("msg_id"), str)]
+    fields += [(key, content.get(key), kind) for key, kind in _CONTENT_TYPES.get(header["msg_type"], ())]
+    transient = content.get("transient")
+    if isinstance(transient, dict):
+        fields.append(("display_id", transient.get("display_id"), str))
+    for name, value, kind in fields:
+        if value is not None and not isinstance(value, kind):
+            raise ValueError(f"{header['msg_type']} message with a {type(value).__name__} as {name}")
+    if any(not isinstance(line, str) for line in content.get("traceback") or ()):
+        raise ValueError(f"{header['msg_type']} message with a traceback that is not text")
     return msg
+
+
+_OUTPUT_FIELDS = (("data", dict), ("metadata", dict), ("transient", dict))
+# The content fields read, by message type, and the types they must have (None is let through).
+_CONTENT_TYPES = {
+    "stream": (("name", str), ("text", str)),
+    "display_data": _OUTPUT_FIELDS,
+    "update_display_data": _OUTPUT_FIELDS,
+    "execute_result": (*_OUTPUT_FIELDS, ("execution_count", int)),
+    "error": (("ename", str), ("evalue", str), ("traceback", list)),
+    "execute_reply": (("status", str), ("execution_count", int), ("ename", str), ("evalue", str),
+                      ("traceback", list)),
+    "status": (("execution_state", str),),
+    "input_request": (("prompt", str),),
+}
 
 
 def _unpack_legacy_binary(data: bytes) -> dict:
@@ -1291,17 +1414,15 @@ def output_from_msg(msg: dict) -> dict | None:
     """The nbformat v4 output dict for an iopub output message, else None."""
     msg_type, content = msg["header"].get("msg_type"), msg["content"]
     if msg_type == "stream":
-        return {"output_type": "stream", "name": str(content.get("name", "stdout")),
-                "text": str(content.get("text", ""))}
-    if msg_type == "display_data":
-        return {"output_type": "display_data", "data": content.get("data", {}),
-                "metadata": content.get("metadata", {})}
-    if msg_type == "execute_result":
-        return {"output_type": "execute_result", "execution_count": content.get("execution_count"),
-                "data": content.get("data", {}), "metadata": content.get("metadata", {})}
+        return {"output_type": "stream", "name": content.get("name") or "stdout", "text": content.get("text") or ""}
+    if msg_type in ("display_data", "execute_result"):
+        out = {"output_type": msg_type, "data": content.get("data") or {}, "metadata": content.get("metadata") or {}}
+        if msg_type == "execute_result":
+            out["execution_count"] = content.get("execution_count")
+        return out
     if msg_type == "error":
-        return {"output_type": "error", "ename": content.get("ename", ""),
-                "evalue": content.get("evalue", ""), "traceback": content.get("traceback", [])}
+        return {"output_type": "error", "ename": content.get("ename") or "", "evalue": content.get("evalue") or "",
+                "traceback": content.get("traceback") or []}
     return None
 
 
@@ -1435,11 +1556,11 @@ class _Execution:
     def _on_reply(self, content: dict) -> None:
         self.reply = content
         res = self.result
-        res.status = content.get("status", "error")
+        res.status = content.get("status") or "error"
         res.execution_count = content.get("execution_count", res.execution_count)
         if res.status == "error":
-            res.error = {"ename": content.get("ename", ""), "evalue": content.get("evalue", ""),
-                         "traceback": content.get("traceback", [])}
+            res.error = {"ename": content.get("ename") or "", "evalue": content.get("evalue") or "",
+                         "traceback": content.get("traceback") or []}
 
     def _add_output(self, msg: dict) -> None:
         if self._clear_pending:
@@ -1477,10 +1598,10 @@ class _Execution:
     def _update_display(self, content: dict) -> None:
         display_id = (content.get("transient") or {}).get("display_id")
         for index in self._display_index.get(display_id, ()):
-            self.result.outputs[index]["data"] = content.get("data", {})
-            self.result.outputs[index]["metadata"] = content.get("metadata", {})
+            self.result.outputs[index]["data"] = content.get("data") or {}
+            self.result.outputs[index]["metadata"] = content.get("metadata") or {}
         self._notify({"output_type": "update_display_data", "display_id": display_id,
-                      "data": content.get("data", {}), "metadata": content.get("metadata", {})})
+                      "data": content.get("data") or {}, "metadata": content.get("metadata") or {}})
 
     def _clear(self) -> None:
         self.result.outputs.clear()
@@ -1594,7 +1715,11 @@ def _normalize_url(url: str) -> tuple[str, str | None]:
     url = url.strip()
     if "://" not in url:
         url = "http://" + url
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (checks it)
+    except ValueError as exc:
+        raise ConfigError(f"the server URL is malformed ({exc})") from None
     token = None
     for pair in parts.query.split("&"):
         key, _, value = pair.partition("=")
@@ -1611,7 +1736,7 @@ def _normalize_url(url: str) -> tuple[str, str | None]:
 
 
 def _env_token() -> str | None:
-    if os.environ.get("JUPYTER_TOKEN"):
+    if os.environ.get("JUPYTER_TOKEN", "").strip():
         return os.environ["JUPYTER_TOKEN"]
     path = os.environ.get("JUPYTER_TOKEN_FILE")
     if path:
@@ -1648,7 +1773,18 @@ def resolve_server(url: str | None = None, token: str | None = None) -> tuple[st
                     token = info.get("token") or None
                     break
     url, url_token = _normalize_url(url)
-    return url, token if token is not None else url_token
+    return url, _clean_token(token if token is not None else url_token)
+
+
+def _clean_token(token: object) -> str | None:
+    """The token as sent: without surrounding whitespace (the newline a file or secret ends
+    with); one that still holds a control character is refused, and never shown."""
+    if token is None:
+        return None
+    token = str(token).strip()
+    if _CONTROL_CHARS.search(token):
+        raise ConfigError("the token holds a control character (CR, LF, NUL, ...); nothing was sent")
+    return token
 
 
 # ---- Public API: Kernel, run_code ----------------------------------------------------
@@ -1664,11 +1800,13 @@ def resolve_server(url: str | None = None, token: str | None = None) -> tuple[st
 # buffered: RECONNECTS_PER_CALL drops a call, CONNECT_TRIES attempts each; a
 # request sent into a dying connection is sent again once the kernel idles
 # without having heard it. After a timeout, Ctrl-C or a failure, cleanup runs
-# outside the caller's budget on small budgets of its own, as subprocess.run
-# kills and reaps after its timeout: interrupt and settle (INTERRUPT_GRACE
-# each), close (CLOSE_TIMEOUT), delete (HTTP_TIMEOUT, DELETE_RETRIES).
+# outside the caller's budget, as subprocess.run kills and reaps after its
+# timeout, on one small budget of its own, CLEANUP_TIMEOUT: interrupt, settle,
+# close the websocket, delete a kernel we started (DELETE_RESERVE is kept for
+# that), and delete a kernel whose start was answered too late.
 COMPLETION_GRACE = 3.0     # silence that ends the wait for the second of reply and idle
-INTERRUPT_GRACE = 5.0      # after an interrupt, how long to wait for the cell to unwind
+CLEANUP_TIMEOUT = 6.0      # interrupt, settle, close and delete, all told (documented in the README)
+DELETE_RESERVE = 2.5       # of that budget, kept for the DELETE
 SILENCE_CHECK = 10.0       # with no message for this long, ask the server if the kernel lives
 STATUS_TICK = 0.5          # how often a waiting caller's on_wait hook runs
 RECONNECTS_PER_CALL = 5    # websocket drops survived during one call
@@ -1729,6 +1867,7 @@ class Kernel:
         self._rest = _RestClient(self.url, token, ssl_context=ssl_context)
         self._ws: WebSocket | None = None
         self._owned = False
+        self._cleanup: Deadline | None = None  # the cleanup budget, once cleanup has begun
         self.id: str | None = None
         deadline = Deadline(timeout)
         try:
@@ -1741,10 +1880,10 @@ class Kernel:
                              or self._rest.create_session(session, name, deadline=deadline))
             if kernel_id:
                 # No REST call: the websocket handshake answers 404 for an unknown
-                # kernel, and attaching stays one round trip (no urllib import).
+                # kernel, and attaching stays one round trip.
                 self.id, self._name = kernel_id, None
             else:
-                info = self._rest.start_kernel(name, env=env, deadline=deadline)
+                info = self._start(name, env, deadline)
                 self._owned = True
                 self.id, self._name = info["id"], info.get("name")
             try:
@@ -1756,6 +1895,21 @@ class Kernel:
         except BaseException:
             self.close()
             raise
+
+    def _start(self, name: str | None, env: dict | None, deadline: Deadline) -> dict:
+        """Start a kernel; one whose start is answered only after ``deadline`` is deleted, not left behind."""
+        late = Deadline(None if deadline.timeout is None else deadline.remaining() + CLEANUP_TIMEOUT)
+        try:
+            info = self._rest.start_kernel(name, env=env, deadline=late)
+        except ServerError as exc:
+            if exc.status is None and deadline.expired:
+                raise ServerError(self.url, f"did not start a kernel within {_seconds(deadline.timeout)}") from None
+            raise
+        if deadline.expired:
+            with contextlib.suppress(JupyterError):
+                self._rest.delete_kernel(info["id"], deadline=late)
+            raise ServerError(self.url, f"did not start a kernel within {_seconds(deadline.timeout)}")
+        return info
 
     def __repr__(self) -> str:
         return f"<Kernel {self.id} at {self.url}>"
@@ -1815,8 +1969,8 @@ class Kernel:
                 last = exc
         raise last  # type: ignore[misc]
 
-    def _send(self, msg: dict) -> None:
-        self._ws.send(encode_message(msg, protocol=self._wire), timeout=HTTP_TIMEOUT)
+    def _send(self, msg: dict, deadline: Deadline) -> None:
+        self._ws.send(encode_message(msg, protocol=self._wire), timeout=deadline.remaining(HTTP_TIMEOUT))
 
     def _next_message(self, timeout: float | None) -> dict | None:
         """The next kernel message, or None if ``timeout`` passes first.
@@ -1872,15 +2026,16 @@ class Kernel:
         """
         if self._ws is None:
             raise JupyterError("the kernel is closed")
+        self._cleanup = None
         answer = _stdin_answerer(stdin)
         request = execute_request(code, session=self.session_id, silent=silent,
                                   store_history=store_history, allow_stdin=answer is not None)
         run = _Execution(request["header"]["msg_id"], on_output, keep_outputs=keep_outputs)
         try:
-            self._send(request)
+            self._send(request, deadline)
         except WebSocketClosed:  # the idle connection dropped since the last call
             self._reconnect(deadline)
-            self._send(request)
+            self._send(request, deadline)
         try:
             self._wait(run, deadline, answer, on_wait, request)
         except ExecutionTimeout as exc:
@@ -1918,7 +2073,12 @@ class Kernel:
                 drops += 1
                 if drops > RECONNECTS_PER_CALL:
                     raise
-                self._reconnect(deadline)
+                try:
+                    self._reconnect(deadline)
+                except (ServerError, WebSocketError):
+                    if deadline.expired:  # the time ran out while reconnecting
+                        raise ExecutionTimeout(deadline.timeout) from None
+                    raise
                 continue
             now = time.monotonic()
             if msg is not None:
@@ -1926,7 +2086,7 @@ class Kernel:
                 run.feed(msg)
                 if run.died:
                     raise KernelDied(self.id, run.died)
-                self._serve_input(run, answer)
+                self._serve_input(run, answer, deadline)
                 continue
             if deadline.expired:
                 raise ExecutionTimeout(deadline.timeout)
@@ -1937,19 +2097,19 @@ class Kernel:
                 state = self._check_alive(deadline)
                 quiet_since = time.monotonic()
                 if drops and not run.heard and state == "idle" and request is not None:
-                    self._send(request)  # it went into a dying connection and never arrived
+                    self._send(request, deadline)  # it went into a dying connection and never arrived
                     request = None
             if ending:
                 return  # one of reply/idle never came; what arrived is the result
 
-    def _serve_input(self, run: _Execution, answer) -> None:
+    def _serve_input(self, run: _Execution, answer, deadline: Deadline) -> None:
         """Answer the kernel's input_request, if one came (EOF without an ``answer``)."""
         if run.input_request is None:
             return
         request, run.input_request = run.input_request, None
         content = request["content"]
         value = answer(content.get("prompt", ""), bool(content.get("password"))) if answer else EOF_ANSWER
-        self._send(input_reply(value, session=self.session_id, parent_header=request["header"]))
+        self._send(input_reply(value, session=self.session_id, parent_header=request["header"]), deadline)
 
     def _check_alive(self, deadline: Deadline) -> str | None:
         """Ask the server about the kernel: raise KernelDied if gone; else its state."""
@@ -1969,15 +2129,16 @@ class Kernel:
         The kernel aborts requests that arrive while it still unwinds, so the
         next execute would fail if we returned at once.
         """
+        budget = self._cleanup = self._cleanup or Deadline(CLEANUP_TIMEOUT)
         with contextlib.suppress(JupyterError, OSError):  # best effort: the caller is leaving with an error
-            self._rest.interrupt_kernel(self.id, deadline=Deadline(INTERRUPT_GRACE))
-            until = Deadline(INTERRUPT_GRACE if settle else 0.0)
+            self._rest.interrupt_kernel(self.id, deadline=Deadline(max(0.0, budget.remaining() - DELETE_RESERVE)))
+            until = Deadline(max(0.0, budget.remaining() - DELETE_RESERVE) if settle else 0.0)
             while not run.done and not run.died and not until.expired:
                 msg = self._next_message(until.remaining())
                 if msg is None:
                     break
                 run.feed(msg)
-                self._serve_input(run, None)
+                self._serve_input(run, None, until)
 
     # -- control --
 
@@ -1999,7 +2160,7 @@ class Kernel:
         """
         while True:
             request = new_message("kernel_info_request", {}, session=self.session_id)
-            self._send(request)
+            self._send(request, deadline)
             nudge = Deadline(deadline.remaining(NUDGE_INTERVAL))
             while not nudge.expired:
                 msg = self._next_message(nudge.remaining())
@@ -2009,23 +2170,30 @@ class Kernel:
                         and msg["parent_header"].get("msg_id") == request["header"]["msg_id"]):
                     return
             if deadline.expired:
-                raise ServerError(self.url, f"kernel {self.id} did not answer within {deadline.timeout:g} s")
+                raise ServerError(self.url, f"kernel {self.id} did not answer within {_seconds(deadline.timeout)}")
 
     def detach(self) -> None:
         """Leave the kernel running after ``close()``, as an attached kernel is; ``.id`` names it."""
         self._owned = False
 
     def close(self) -> None:
-        """Close the connection, and delete the kernel if this object started it."""
+        """Close the connection, and delete the kernel if this object started it.
+
+        Takes at most CLEANUP_TIMEOUT seconds (after a timeout or Ctrl-C, the
+        rest of the budget its interrupt began).
+        """
+        budget = self._cleanup if self._cleanup is not None and not self._cleanup.expired else None
+        budget, self._cleanup = budget or Deadline(CLEANUP_TIMEOUT), None
         ws, self._ws = self._ws, None
         try:
             if ws is not None:
+                ws.close_timeout = min(ws.close_timeout, max(0.0, budget.remaining() - DELETE_RESERVE))
                 with contextlib.suppress(Exception):
                     ws.close()
         finally:
             if self._owned and self.id:
                 self._owned = False
-                self._rest.delete_kernel(self.id)
+                self._rest.delete_kernel(self.id, deadline=budget)
 
 
 def _stdin_answerer(stdin) -> Callable[[str, bool], str] | None:
@@ -2072,6 +2240,7 @@ EXIT_SERVER = 3         # cannot reach the server, token refused, server or prot
 EXIT_DIED = 4           # the kernel died while running the code
 EXIT_TIMEOUT = 124      # --timeout expired; the kernel was interrupted (as timeout(1))
 EXIT_INTERRUPTED = 130  # Ctrl-C; the kernel was interrupted (128 + SIGINT)
+# SIGTERM and SIGHUP end a call as Ctrl-C does, with 128 + their number: 143, 129.
 EXIT_BROKEN_PIPE = 141  # the reader of stdout went away, as `| head` does (128 + SIGPIPE)
 
 # FIXES, in the command line's words.
@@ -2087,7 +2256,7 @@ ANSI_ESCAPE = r"\x1b\[[0-9;?]*[ -/]*[@-~]"  # compiled by re on first use
 USAGE_EXAMPLES = """\
 recipes:
   jupyter_call.py --spawn "print('hello')"         private local server for one call
-  jupyter_call.py --url http://127.0.0.1:8888/ --token T "1 + 1"
+  JUPYTER_TOKEN=T jupyter_call.py --url http://127.0.0.1:8888/ "1 + 1"
   jupyter_call.py -f script.py                       run a file ('-f -' reads stdin)
   jupyter_call.py -f analysis.ipynb --write out.ipynb
                                                      run a notebook's code cells, save the results
@@ -2110,6 +2279,7 @@ exit codes:
   124  timeout (the kernel was interrupted)
   130  Ctrl-C (the kernel was interrupted; a second Ctrl-C gives up at once)
   141  the reader of stdout went away (as with | head)
+  143  SIGTERM, 129 SIGHUP: as Ctrl-C (the kernel interrupted, what was started deleted)
 """
 
 
@@ -2126,7 +2296,8 @@ _Option = collections.namedtuple("_Option", "flags metavar help choices repeat s
 OPTIONS = (
     _Option(("-f", "--file"), "FILE", "run FILE: code, a notebook (.ipynb) or '# %%' cells (.py); '-' reads stdin"),
     _Option(("--url",), "URL", "server base URL (default: $JUPYTER_URL, a running server, or http://localhost:8888/)"),
-    _Option(("--token",), "TOKEN", "server token (default: $JUPYTER_TOKEN, or the discovered server's)"),
+    _Option(("--token",), "TOKEN", "server token (default: $JUPYTER_TOKEN, $JUPYTER_TOKEN_FILE, or the discovered "
+            "server's); other users can see it in the process list, so prefer the variables"),
     _Option(("--kernel",), "NAME", "kernel spec to start (default: the server's)"),
     _Option(("--kernel-id",), "ID", "run in this running kernel (never deleted)"),
     _Option(("--session",), "NAME", "run in the kernel of the server session NAME, creating it if needed (kept)"),
@@ -2423,7 +2594,7 @@ def _spawn_server(deadline: Deadline):
             except ServerError:
                 if wait.expired:
                     raise JupyterError(f"the spawned Jupyter server did not answer within "
-                                       f"{wait.timeout:g} s") from None
+                                       f"{_seconds(wait.timeout)}") from None
             time.sleep(SPAWN_POLL)
     except BaseException:
         _stop_server(proc, folder)
@@ -2464,7 +2635,7 @@ def _list(args, out, ssl_context=None) -> int:
             entry["error"] = str(exc)
         rows.append(entry)
     if args.json:
-        out.write(json.dumps(rows, indent=2) + "\n")
+        out.write(_strict_json(rows, indent=2) + "\n")
         return EXIT_OK
     if not rows:
         out.write("no running Jupyter servers found\n")
@@ -2474,8 +2645,8 @@ def _list(args, out, ssl_context=None) -> int:
         if entry["error"]:
             out.write(f"  ({entry['error']})\n")
         for k in entry["kernels"] or []:
-            out.write(f"  {k.get('id')}  {k.get('name', '?'):<12} {k.get('execution_state', '?'):<8} "
-                      f"{k.get('last_activity', '?')}\n")
+            name, state, seen = (str(k.get(key) or "?") for key in ("name", "execution_state", "last_activity"))
+            out.write(f"  {k.get('id')}  {name:<12} {state:<8} {seen}\n")
     return EXIT_OK
 
 
@@ -2516,12 +2687,29 @@ def _terminal_stdin(prompt: str, password: bool) -> str:
         return EOF_ANSWER
 
 
+class _Signalled(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, handled as Ctrl-C is: the kernel is interrupted, what was started deleted."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum: int, frame) -> None:
+    raise _Signalled(signum)
+
+
 def main(argv: list | None = None) -> int:
     """Run the command line; return the exit code."""
+    import signal
     out, err = sys.stdout, sys.stderr
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP"):  # CI cancellations, timeout(1), systemd, closed terminals
+        with contextlib.suppress(AttributeError, ValueError, OSError):  # absent here, or not the main thread
+            previous[name] = signal.signal(getattr(signal, name), _on_signal)
     try:
         return _main(argv, out, err)
-    except _UsageError as exc:
+    except (_UsageError, ConfigError) as exc:
         err.write(f"jupyter_call: usage error: {exc}\n")
         return EXIT_USAGE
     except ExecutionTimeout as exc:
@@ -2530,6 +2718,9 @@ def main(argv: list | None = None) -> int:
     except KernelDied as exc:
         err.write(f"jupyter_call: {exc}\n")
         return EXIT_DIED
+    except _Signalled as exc:
+        err.write(f"jupyter_call: ended by {signal.Signals(exc.signum).name}; the kernel was interrupted\n")
+        return 128 + exc.signum
     except KeyboardInterrupt:
         err.write("jupyter_call: interrupted\n")
         return EXIT_INTERRUPTED
@@ -2542,6 +2733,9 @@ def main(argv: list | None = None) -> int:
         with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
 
 
 def _split_cells(text: str, path: str | None) -> tuple[list, dict | None]:
@@ -2692,16 +2886,33 @@ def _print_json(out, results: list, many: bool) -> None:
     """One Result.to_dict(), or for cells {"status", "ok", "cells": [Result.to_dict(), ...]}."""
     if many:
         status = next((r.status for r in results if not r.ok), "ok")
-        out.write(json.dumps({"status": status, "ok": status == "ok",
-                              "cells": [r.to_dict() for r in results]}) + "\n")
+        out.write(_strict_json({"status": status, "ok": status == "ok", "cells": [r.to_dict() for r in results]})
+                  + "\n")
     elif results:
-        out.write(json.dumps(results[0].to_dict()) + "\n")
+        out.write(_strict_json(results[0].to_dict()) + "\n")
+
+
+def _strict_json(obj: object, **options) -> str:
+    """JSON that every parser takes: NaN and the infinities (a server's 1e400 reads as one) are
+    written as the strings "NaN", "Infinity" and "-Infinity"."""
+    try:
+        return json.dumps(obj, allow_nan=False, **options)
+    except ValueError:
+        return json.dumps(_finite(obj), allow_nan=False, **options)
+
+
+def _finite(value: object) -> object:
+    if isinstance(value, float) and value - value != 0:  # NaN or an infinity
+        return "NaN" if value != value else "Infinity" if value > 0 else "-Infinity"
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    return [_finite(item) for item in value] if isinstance(value, (list, tuple)) else value
 
 
 def _write_notebook(path: str, notebook: dict | None, cells: list, results: list) -> None:
     try:
         with open(path, "w", encoding="utf-8") as f:
-            json.dump(_executed_notebook(notebook, cells, results), f, indent=1, ensure_ascii=False)
+            f.write(_strict_json(_executed_notebook(notebook, cells, results), indent=1, ensure_ascii=False))
             f.write("\n")
     except OSError as exc:
         raise _UsageError(f"cannot write {path}: {exc.strerror}") from None

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import ast
 import base64
+import contextlib
+import io
 import json
 import os
 import re
@@ -218,6 +220,24 @@ def test_reader_rejects_a_fragmented_message_over_max_size_with_1009():
     _fails_with(CloseCode.MESSAGE_TOO_BIG, _feed, reader, b"\x02\x06aaaaaa\x80\x06bbbbbb")
 
 
+def test_many_tiny_fragments_cost_no_more_memory_than_the_message():
+    import tracemalloc
+    reader = jc._MessageReader(max_size=1 << 18)
+    tracemalloc.start()
+    try:
+        assert reader.receive(Frame(Opcode.BINARY, b"", fin=False)) is None
+        for _ in range(200_000):  # empty continuations cost nothing
+            reader.receive(Frame(Opcode.CONT, b"", fin=False))
+        with pytest.raises(WebSocketError) as info:
+            for _ in range((1 << 18) + 1):  # one byte each, one past the limit
+                reader.receive(Frame(Opcode.CONT, b"x", fin=False))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert info.value.code == CloseCode.MESSAGE_TOO_BIG
+    assert peak < 4 * (1 << 18), peak  # was ~50 bytes a fragment: 13 MB here
+
+
 def test_permessage_deflate_answer_is_checked():
     assert (jc.parse_deflate_answer("permessage-deflate; server_no_context_takeover; client_max_window_bits=10")
             == {"server_no_context_takeover": True, "client_max_window_bits": 10})
@@ -416,6 +436,15 @@ def test_result_is_a_plain_class_that_compares_by_value():
     assert Result().outputs is not Result().outputs  # each its own list
 
 
+def test_json_output_is_strict_even_for_infinities_from_the_server():
+    res = Result("ok", 1, [{"output_type": "execute_result", "execution_count": 1, "metadata": {},
+                             "data": {"application/json": {"big": float("inf"), "nan": float("nan")}}}])
+    out = io.StringIO()
+    jc._print_json(out, [res], False)
+    strict = json.loads(out.getvalue(), parse_constant=lambda name: pytest.fail(f"{name} in the output"))
+    assert strict["data"]["application/json"] == {"big": "Infinity", "nan": "NaN"}
+
+
 # ---- 1. Pure: discovery from runtime files and environment variables -----------------
 
 def _runtime_file(folder, name, **info):
@@ -511,9 +540,9 @@ def test_module_imports_only_the_standard_library():
 
 def test_all_lists_exactly_the_public_api():
     assert set(jc.__all__) == {"run_code", "Kernel", "Result", "list_servers", "WebSocket",
-                               "JupyterError", "ServerError", "AuthError", "ExecutionError",
+                               "JupyterError", "ServerError", "AuthError", "ConfigError", "ExecutionError",
                                "KernelDied", "ExecutionTimeout", "WebSocketError", "WebSocketClosed"}
-    assert issubclass(jc.ExecutionTimeout, TimeoutError)
+    assert issubclass(jc.ExecutionTimeout, TimeoutError) and issubclass(jc.ConfigError, ValueError)
     for name in jc.__all__:
         obj = getattr(jc, name)
         if isinstance(obj, type) and issubclass(obj, Exception):
@@ -815,6 +844,21 @@ class LoopbackServer:
             conn.close()
 
 
+class Paced:
+    """A hostile server's answer: ``delay`` s of silence, then ``data`` in ``piece``-byte pieces,
+    ``every`` s apart (the server's pace; a client that leaves ends it)."""
+
+    def __init__(self, data, *, delay=0.0, piece=None, every=0.0):
+        self.data, self.delay, self.piece, self.every = data, delay, piece or len(data), every
+
+    def send(self, conn):
+        pause = threading.Event()
+        pause.wait(self.delay)
+        for start in range(0, len(self.data), self.piece):
+            conn.sendall(self.data[start:start + self.piece])
+            pause.wait(self.every)
+
+
 class FakeJupyter(LoopbackServer):
     """A hostile or broken stand-in for a Jupyter server.
 
@@ -852,6 +896,9 @@ class FakeJupyter(LoopbackServer):
                         while conn.recv(65536):
                             pass
                         return
+                    if isinstance(answer, Paced):
+                        answer.send(conn)
+                        return
                     conn.sendall(answer)
                     return
             if path.startswith("/api/kernels/fake/channels") and key:
@@ -866,6 +913,15 @@ class FakeJupyter(LoopbackServer):
             pass
         finally:
             conn.close()
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000  # valid JSON, nested past any recursion limit
+
+
+def _kernel_message(msg_type, content, *, msg_id="m1"):
+    """A legacy websocket frame carrying one kernel message (parented to nothing)."""
+    msg = {"header": {"msg_type": msg_type, "msg_id": msg_id}, "parent_header": {}, "content": content}
+    return Frame(Opcode.TEXT, json.dumps(msg).encode()).serialize()
 
 
 def _upgrade(conn, key, accept=None, extra_headers=""):
@@ -972,8 +1028,29 @@ HOSTILE = {
         502, b"<html>Bad Gateway</html>", "text/html")}), "answered an error for POST api/kernels (HTTP 502)"),
     "HTML instead of JSON": (dict(rest={("POST", "/api/kernels"): _http_response(
         200, b"<html>login</html>", "text/html")}), "not JSON"),
-    "silent after accepting": (dict(rest={("POST", "/api/kernels"): None}),
-                               "did not answer POST api/kernels within"),
+    "silent after accepting": (dict(rest={("POST", "/api/kernels"): None}), "did not start a kernel within 5 s"),
+    # Odd but valid JSON, and answers that lie about their framing.
+    "data not an object": (dict(ws=_then(_kernel_message("display_data", {"data": 5}))), "int as data"),
+    "traceback an int": (dict(ws=_then(_kernel_message("error", {"traceback": 5}))), "int as traceback"),
+    "a list as msg_id": (dict(ws=_then(_kernel_message("stream", {}, msg_id=[1]))), "list as msg_id"),
+    "transient a string": (dict(ws=_then(_kernel_message("display_data", {"transient": "x"}))), "str as transient"),
+    "a list as display_id": (dict(ws=_then(_kernel_message("display_data", {"transient": {"display_id": [1]}}))),
+                             "list as display_id"),
+    "kernel message nested past the recursion limit": (
+        dict(ws=_then(Frame(Opcode.TEXT, DEEP).serialize())), "malformed kernel message"),
+    "REST answer nested past the recursion limit": (
+        dict(rest={("POST", "/api/kernels"): _http_response(201, DEEP)}), "not JSON"),
+    "refused handshake with a deeply nested body": (
+        dict(ws=_then(_http_response(500, DEEP), upgrade=False)), "refused the websocket handshake (HTTP 500)"),
+    "status in non-ASCII digits": (
+        dict(ws=_then(b"HTTP/1.1 \xb9\xb2\xb3 Switching\r\n\r\n", upgrade=False)), "not an HTTP answer"),  # latin-1 superscripts
+    "chunk size -1": (dict(rest={("POST", "/api/kernels"): b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n"
+                                 b"\r\n-1\r\n" + b"x" * 65536}), "bad chunk size"),
+    "a chunk larger than any answer": (
+        dict(rest={("POST", "/api/kernels"): b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   b"ffffffffffff\r\n" + b"x" * 65536}), "more than 16777216 bytes"),
+    "a kernel id that is a path": (dict(rest={("POST", "/api/kernels"): _http_response(201, b'{"id": "../../api/x"}')}),
+                                   "not a plain token"),
 }
 
 
@@ -1002,6 +1079,55 @@ def test_hostile_peer_ends_in_one_line_and_exit_3(case):
     assert len(lines) == 1 and lines[0].startswith("jupyter_call: error: ") and words in lines[0], lines
     if "POST /api/kernels" in fake.requests and kwargs.get("ws"):
         assert "DELETE /api/kernels/fake" in fake.requests  # the started kernel is not left behind
+    assert all(r.startswith(("POST /api/kernels", "GET /api/kernels/fake", "DELETE /api/kernels/fake", "GET /login"))
+               for r in fake.requests), fake.requests  # no id from the server led anywhere else
+
+
+def _timed_cli(fake, *args, timeout):
+    """Run the CLI against ``fake`` with --timeout; return (process, wall seconds)."""
+    start = time.monotonic()
+    try:
+        proc = cli("--url", fake.url, "--token", "t", "--timeout", str(timeout), *args, timeout=120)
+    finally:
+        fake.close()
+    return proc, time.monotonic() - start
+
+
+def test_a_slow_drip_of_rest_headers_or_body_cannot_outlast_the_timeout():
+    head = b"HTTP/1.1 201 Created\r\nContent-Length: 40\r\n\r\n"
+    for answer in (Paced(head, piece=1, every=0.5), Paced(head + b'{"id": "fake"}' + b" " * 26, piece=1, every=0.2)):
+        fake = FakeJupyter(rest={("POST", "/api/kernels"): answer})
+        proc, took = _timed_cli(fake, "1", timeout=2)
+        assert proc.returncode == jc.EXIT_SERVER and "did not start a kernel within 2 s" in proc.stderr
+        assert took < 2 + 8, took  # the bound the README gives: --timeout plus the cleanup budget
+
+
+def test_a_ping_flood_from_a_server_that_stops_reading_cannot_outlast_the_timeout():
+    def flood(conn, key):
+        _upgrade(conn, key)
+        ping = Frame(Opcode.PING, b"p" * 125).serialize()
+        with contextlib.suppress(OSError):
+            while True:
+                conn.sendall(ping * 64)  # never reads, so the client's pongs back up
+
+    proc, took = _timed_cli(FakeJupyter(ws=flood), "1", timeout=3)
+    assert proc.returncode == jc.EXIT_TIMEOUT and len(proc.stderr.splitlines()) == 1
+    assert took < 3 + 8, took
+
+
+def test_cleanup_after_a_timeout_keeps_to_its_budget_when_the_server_stops_answering():
+    fake = FakeJupyter(ws=_then(b""), rest={("POST", "/api/kernels/fake/interrupt"): None,
+                                            ("DELETE", "/api/kernels/fake"): None})
+    proc, took = _timed_cli(fake, "1", timeout=2)
+    assert proc.returncode == jc.EXIT_TIMEOUT and len(proc.stderr.splitlines()) == 1
+    assert "DELETE /api/kernels/fake" in fake.requests and took < 2 + 8, took
+
+
+def test_a_kernel_start_answered_after_the_timeout_is_deleted():
+    fake = FakeJupyter(rest={("POST", "/api/kernels"): Paced(_http_response(201, b'{"id": "late"}'), delay=2.5)})
+    proc, took = _timed_cli(fake, "1", timeout=1)
+    assert proc.returncode == jc.EXIT_SERVER and "did not start a kernel within 1 s" in proc.stderr
+    assert "DELETE /api/kernels/late" in fake.requests and took < 1 + 8, took
 
 
 # ---- 3. Integration: a real Jupyter server; the Python API ---------------------------
@@ -1856,15 +1982,19 @@ def test_cli_timeout_exits_124_after_printing_what_arrived(server, no_leaks):
     assert "timeout" in proc.stderr and "interrupted" in proc.stderr
 
 
-def test_cli_ctrl_c_interrupts_deletes_the_kernel_and_exits_130(server, no_leaks):
-    cmd = [sys.executable, str(MODULE), "--url", server.url, "--token", server.token,
+@pytest.mark.parametrize("signum, code, words", [(signal.SIGINT, 130, "interrupted"),
+                                                 (signal.SIGTERM, 143, "ended by SIGTERM"),
+                                                 (signal.SIGHUP, 129, "ended by SIGHUP")])
+def test_cli_ctrl_c_sigterm_and_sighup_interrupt_and_delete_the_kernel(server, no_leaks, signum, code, words):
+    cmd = [sys.executable, str(MODULE), "--url", server.url,
            "print('running', flush=True)\nimport time; time.sleep(60)"]
-    proc = subprocess.Popen(cmd, env=server.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env={**server.env, "JUPYTER_TOKEN": server.token},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline() == "running\n"
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(60) == jc.EXIT_INTERRUPTED == 130
-        assert "interrupted" in proc.stderr.read()
+        proc.send_signal(signum)
+        assert proc.wait(60) == code
+        assert words in proc.stderr.read()
     finally:
         proc.kill()
         proc.wait()
@@ -1900,6 +2030,34 @@ def test_cli_list_shows_servers_and_kernels(server, kernel):
     assert server.url in proc.stdout and kernel.id in proc.stdout
     rows = json.loads(cli("--list", "--json", env=server.env).stdout)
     assert rows[0]["url"] == server.url and kernel.id in [k["id"] for k in rows[0]["kernels"]]
+
+
+def test_token_whitespace_is_dropped_and_control_characters_are_refused_unseen(server, no_leaks):
+    proc = cli("--url", server.url, "print(1)", env={**server.env, "JUPYTER_TOKEN": f" {server.token}\n"})
+    assert (proc.returncode, proc.stdout) == (0, "1\n")
+    proc = cli("--url", server.url, "print(1)", env={**server.env, "JUPYTER_TOKEN": "secret\r\nX-Evil: 1"})
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and "secret" not in proc.stderr
+    with pytest.raises(ValueError) as info:  # a ConfigError, raised before anything is sent
+        jc.Kernel(server.url, "a\x00b", timeout=30)
+    assert isinstance(info.value, jc.ConfigError) and "a\x00b" not in str(info.value)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        with pytest.raises(jc.ConfigError):
+            WebSocket.connect(f"ws://127.0.0.1:{listener.getsockname()[1]}/", headers={"X": "a\r\nb"}, timeout=10)
+        conn, _ = listener.accept()
+        conn.settimeout(10)
+        assert conn.recv(100) == b""  # the handshake never left
+        conn.close()
+
+
+def test_cli_list_survives_kernels_with_null_fields():
+    rows = [{"id": "k1", "name": None, "execution_state": None, "last_activity": None}]
+    fake = FakeJupyter(rest={("GET", "/api/kernels"): _http_response(200, json.dumps(rows).encode()),
+                             ("GET", "/api"): _http_response(200, b'{"version": "2.0"}')})
+    try:
+        proc = cli("--list", "--url", fake.url, "--token", "t", timeout=30)
+    finally:
+        fake.close()
+    assert proc.returncode == 0 and "k1  ?" in proc.stdout
 
 
 def test_cli_discovers_the_server_without_url_or_token(server, no_leaks):
@@ -1953,6 +2111,9 @@ def test_cli_spawn_runs_on_a_private_server(tmp_path):
     (["--timeout", "nan", "1"], "--timeout"),
     (["--keep", "--spawn", "1"], "--keep cannot keep"),
     (["--session", "a", "--kernel-id", "b", "1"], "choose one of"),
+    (["--url", "http://[::1", "1"], "the server URL is malformed"),
+    (["--url", "http://127.0.0.1:99999/", "1"], "the server URL is malformed"),
+    (["--url", "http://127.0.0.1:9/", "--token", "a\r\nX-Evil: 1", "1"], "the token holds a control character"),
 ])
 def test_cli_usage_errors_exit_2_with_one_line(args, words):
     proc = cli(*args, timeout=30)
