@@ -846,10 +846,12 @@ class LoopbackServer:
 
 class Paced:
     """A hostile server's answer: ``delay`` s of silence, then ``data`` in ``piece``-byte pieces,
-    ``every`` s apart (the server's pace; a client that leaves ends it)."""
+    ``every`` s apart, then ``then`` sent ``times`` times (the server's pace; a client that
+    leaves ends it)."""
 
-    def __init__(self, data, *, delay=0.0, piece=None, every=0.0):
+    def __init__(self, data, *, delay=0.0, piece=None, every=0.0, then=b"", times=0):
         self.data, self.delay, self.piece, self.every = data, delay, piece or len(data), every
+        self.then, self.times = then, times
 
     def send(self, conn):
         pause = threading.Event()
@@ -857,6 +859,8 @@ class Paced:
         for start in range(0, len(self.data), self.piece):
             conn.sendall(self.data[start:start + self.piece])
             pause.wait(self.every)
+        for _ in range(self.times):
+            conn.sendall(self.then)
 
 
 class FakeJupyter(LoopbackServer):
@@ -1100,6 +1104,24 @@ def test_a_slow_drip_of_rest_headers_or_body_cannot_outlast_the_timeout():
         proc, took = _timed_cli(fake, "1", timeout=2)
         assert proc.returncode == jc.EXIT_SERVER and "did not start a kernel within 2 s" in proc.stderr
         assert took < 2 + 8, took  # the bound the README gives: --timeout plus the cleanup budget
+
+
+def test_rest_bodies_are_bounded_whatever_their_framing_claims():
+    """Measured in the child itself (VmHWM), as a user would see it with `time -v`."""
+    code = ("import runpy, sys\nsys.argv = sys.argv[1:]\ntry:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "finally:\n    print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].strip(), file=sys.stderr)\n")
+    mb = b"x" * (1 << 20)
+    for head, words in ((b"Transfer-Encoding: chunked\r\n\r\n-1\r\n", "bad chunk size"),
+                        (b"\r\n", "more than 16777216 bytes")):  # no length: read to the end
+        fake = FakeJupyter(rest={("POST", "/api/kernels"): Paced(b"HTTP/1.1 201 Created\r\n" + head, then=mb, times=200)})
+        try:
+            proc = subprocess.run([sys.executable, "-c", code, str(MODULE), "--url", fake.url, "--token", "t", "1"],
+                                  capture_output=True, text=True, timeout=60)
+        finally:
+            fake.close()
+        error, peak = proc.stderr.splitlines()
+        assert proc.returncode == jc.EXIT_SERVER and words in error
+        assert int(peak.split()[1]) < 64 * 1024, peak  # kB: 200 MB were on offer
 
 
 def test_a_ping_flood_from_a_server_that_stops_reading_cannot_outlast_the_timeout():
