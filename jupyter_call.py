@@ -35,6 +35,7 @@ import enum
 import gc
 import json
 import os
+import posixpath
 import re
 import socket
 import struct
@@ -48,6 +49,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "run_code",
+    "run_notebook",
     "Kernel",
     "Result",
     "list_servers",
@@ -1009,8 +1011,11 @@ class _RestClient:
 
     def request(self, method: str, path: str, body: object = None, *,
                 deadline: Deadline | None = None, host: str | None = None,
-                diagnose: bool = True) -> object:
-        """Send one request; return the decoded JSON answer (None for an empty one)."""
+                diagnose: bool = True, missing: str | None = None) -> object:
+        """Send one request; return the decoded JSON answer (None for an empty one).
+
+        ``missing`` is the reason a 404 gives (e.g. "has no kernel K").
+        """
         data = json.dumps(body).encode("utf-8") if body is not None else None
         if data is None and method in ("POST", "PUT", "PATCH"):
             data = b""
@@ -1036,6 +1041,8 @@ class _RestClient:
         except (ValueError, WebSocketError) as exc:  # not HTTP, too big, too many redirects
             reason = exc.reason if isinstance(exc, WebSocketError) else exc
             raise ServerError(self.url, f"broke HTTP answering {method} {path}: {reason}") from None
+        if status == 404 and missing:
+            raise ServerError(self.url, missing, 404)
         if status >= 400:
             raise self._http_error(status, raw[:4096], method, path, diagnose=diagnose)
         if not raw.strip():
@@ -1141,9 +1148,11 @@ class _RestClient:
 
     # -- kernels --
 
-    def start_kernel(self, name: str | None, *, env: dict | None = None,
+    def start_kernel(self, name: str | None, *, env: dict | None = None, path: str | None = None,
                      deadline: Deadline | None = None) -> dict:
         body: dict = {"name": name} if name else {}
+        if path is not None:  # the working directory, relative to the server's root (jupyter_server 2)
+            body["path"] = _session_path(path)
         if env:
             body["env"] = {str(k): str(v) for k, v in env.items()}
         info = self.request("POST", "api/kernels", body, deadline=deadline)
@@ -1158,12 +1167,8 @@ class _RestClient:
         raise ServerError(self.url, f"answered a kernel id that is not a plain token: {str(kernel_id)[:80]!r}")
 
     def get_kernel(self, kernel_id: str, *, deadline: Deadline | None = None) -> dict:
-        try:
-            info = self.request("GET", f"api/kernels/{quote(kernel_id, safe='')}", deadline=deadline)
-        except ServerError as exc:
-            if exc.status == 404:
-                raise ServerError(self.url, f"has no kernel {kernel_id}", 404) from None
-            raise
+        info = self.request("GET", f"api/kernels/{quote(kernel_id, safe='')}", deadline=deadline,
+                            missing=f"has no kernel {kernel_id}")
         if not isinstance(info, dict):
             raise ServerError(self.url, f"answered kernel {kernel_id} with something that is not a kernel")
         return info
@@ -1282,11 +1287,11 @@ def new_message(msg_type: str, content: dict, *, session: str, channel: str = "s
     }
 
 
-def execute_request(code: str, *, session: str, silent: bool = False,
-                    store_history: bool = True, allow_stdin: bool = False) -> dict:
+def execute_request(code: str, *, session: str, silent: bool = False, store_history: bool = True,
+                    allow_stdin: bool = False, stop_on_error: bool = True) -> dict:
     return new_message("execute_request", {
         "code": code, "silent": silent, "store_history": store_history,
-        "user_expressions": {}, "allow_stdin": allow_stdin, "stop_on_error": True,
+        "user_expressions": {}, "allow_stdin": allow_stdin, "stop_on_error": stop_on_error,
     }, session=session)
 
 
@@ -1494,7 +1499,7 @@ class _Execution:
     every message; ``done`` once both the execute_reply and the idle status for it are in."""
 
     def __init__(self, msg_id: str, on_output: Callable[[dict], object] | None = None,
-                 keep_outputs: bool = True):
+                 keep_outputs: bool = True, displays: dict | None = None):
         self.msg_id = msg_id
         self.on_output = on_output
         self.keep_outputs = keep_outputs  # False: a streaming caller keeps nothing it has seen
@@ -1505,7 +1510,7 @@ class _Execution:
         self.heard = False  # any message answering our request has arrived
         self.result = Result()
         self._seen = collections.OrderedDict()  # recent msg_ids, to drop replays
-        self._display_index: dict = {}            # display_id -> indexes into outputs
+        self.displays: dict = {} if displays is None else displays  # display_id -> the outputs showing it
         self._clear_pending = False
 
     @property
@@ -1592,20 +1597,23 @@ class _Execution:
             return
         outputs.append(out)
         display_id = (msg["content"].get("transient") or {}).get("display_id")
-        if display_id:
-            self._display_index.setdefault(display_id, []).append(len(outputs) - 1)
+        if display_id:  # as nbclient does: every output showing this id shows the latest data
+            for earlier in self.displays.get(display_id, ()):
+                earlier["data"], earlier["metadata"] = out["data"], out["metadata"]
+            self.displays.setdefault(display_id, []).append(out)
 
     def _update_display(self, content: dict) -> None:
         display_id = (content.get("transient") or {}).get("display_id")
-        for index in self._display_index.get(display_id, ()):
-            self.result.outputs[index]["data"] = content.get("data") or {}
-            self.result.outputs[index]["metadata"] = content.get("metadata") or {}
+        for out in self.displays.get(display_id, ()):
+            out["data"], out["metadata"] = content.get("data") or {}, content.get("metadata") or {}
         self._notify({"output_type": "update_display_data", "display_id": display_id,
                       "data": content.get("data") or {}, "metadata": content.get("metadata") or {}})
 
     def _clear(self) -> None:
+        cleared = {id(out) for out in self.result.outputs}
+        for shown in self.displays.values():
+            shown[:] = [out for out in shown if id(out) not in cleared]
         self.result.outputs.clear()
-        self._display_index.clear()
         self._clear_pending = False
 
     def _notify(self, out: dict) -> None:
@@ -1839,6 +1847,8 @@ class Kernel:
             there is none; the kernel outlives this object.
         notebook: use the kernel of this open notebook (a path relative to the
             server's root), sharing the state its user sees.
+        path: start the kernel in this directory (relative to the server's
+            root; jupyter_server 2 and its gateways honour it, Notebook 6 does not).
         timeout: seconds for starting and connecting, and the default for each
             ``execute`` (None: no limit).
         ssl_context: an ``ssl.SSLContext`` for https servers with a private CA.
@@ -1855,7 +1865,7 @@ class Kernel:
     def __init__(self, url: str | None = None, token: str | None = None, *,
                  kernel_id: str | None = None, name: str | None = None,
                  timeout: float | None = None, env: dict | None = None,
-                 session: str | None = None, notebook: str | None = None,
+                 session: str | None = None, notebook: str | None = None, path: str | None = None,
                  ssl_context: object = None, protocol: str = "auto", compression: bool = False):
         if protocol not in ("auto", "v1", "legacy"):
             raise ValueError(f"protocol must be 'auto', 'v1' or 'legacy', not {protocol!r}")
@@ -1883,7 +1893,7 @@ class Kernel:
                 # kernel, and attaching stays one round trip.
                 self.id, self._name = kernel_id, None
             else:
-                info = self._start(name, env, deadline)
+                info = self._start(name, env, path, deadline)
                 self._owned = True
                 self.id, self._name = info["id"], info.get("name")
             try:
@@ -1896,11 +1906,11 @@ class Kernel:
             self.close()
             raise
 
-    def _start(self, name: str | None, env: dict | None, deadline: Deadline) -> dict:
+    def _start(self, name: str | None, env: dict | None, path: str | None, deadline: Deadline) -> dict:
         """Start a kernel; one whose start is answered only after ``deadline`` is deleted, not left behind."""
         late = Deadline(None if deadline.timeout is None else deadline.remaining() + CLEANUP_TIMEOUT)
         try:
-            info = self._rest.start_kernel(name, env=env, deadline=late)
+            info = self._rest.start_kernel(name, env=env, path=path, deadline=late)
         except ServerError as exc:
             if exc.status is None and deadline.expired:
                 raise ServerError(self.url, f"did not start a kernel within {_seconds(deadline.timeout)}") from None
@@ -2018,19 +2028,21 @@ class Kernel:
                              store_history=store_history)
 
     def _execute(self, code: str, deadline: Deadline, *, on_output=None, stdin=None, silent: bool = False,
-                 store_history: bool = True, keep_outputs: bool = True, on_wait=None) -> Result:
+                 store_history: bool = True, keep_outputs: bool = True, on_wait=None,
+                 stop_on_error: bool = True, displays: dict | None = None) -> Result:
         """``execute`` within a deadline shared with other steps of a call.
 
         ``keep_outputs=False`` keeps no output in the Result (a streaming caller
-        has seen them); ``on_wait(quiet, elapsed)`` runs every STATUS_TICK.
+        has seen them); ``on_wait(quiet, elapsed)`` runs every STATUS_TICK;
+        ``displays`` (display_id -> outputs) is shared by the cells of a notebook.
         """
         if self._ws is None:
             raise JupyterError("the kernel is closed")
         self._cleanup = None
         answer = _stdin_answerer(stdin)
-        request = execute_request(code, session=self.session_id, silent=silent,
-                                  store_history=store_history, allow_stdin=answer is not None)
-        run = _Execution(request["header"]["msg_id"], on_output, keep_outputs=keep_outputs)
+        request = execute_request(code, session=self.session_id, silent=silent, store_history=store_history,
+                                  allow_stdin=answer is not None, stop_on_error=stop_on_error)
+        run = _Execution(request["header"]["msg_id"], on_output, keep_outputs=keep_outputs, displays=displays)
         try:
             self._send(request, deadline)
         except WebSocketClosed:  # the idle connection dropped since the last call
@@ -2172,6 +2184,24 @@ class Kernel:
             if deadline.expired:
                 raise ServerError(self.url, f"kernel {self.id} did not answer within {_seconds(deadline.timeout)}")
 
+    def info(self) -> dict:
+        """The kernel's kernel_info reply: ``language_info``, ``implementation``, ``banner``, ..."""
+        return self._ask("kernel_info_request", {})
+
+    def _ask(self, msg_type: str, content: dict) -> dict:
+        """Send a shell request and return its reply's content, within the Kernel's timeout."""
+        deadline = Deadline(self.timeout)
+        request = new_message(msg_type, content, session=self.session_id)
+        self._send(request, deadline)
+        while True:
+            msg = self._next_message(deadline.remaining(SILENCE_CHECK))
+            if msg is None:
+                if deadline.expired:
+                    raise ServerError(self.url, f"kernel {self.id} did not answer within {_seconds(deadline.timeout)}")
+                self._check_alive(deadline)
+            elif msg.get("channel") == "shell" and msg["parent_header"].get("msg_id") == request["header"]["msg_id"]:
+                return msg["content"]
+
     def detach(self) -> None:
         """Leave the kernel running after ``close()``, as an attached kernel is; ``.id`` names it."""
         self._owned = False
@@ -2228,6 +2258,214 @@ def run_code(code: str, url: str | None = None, token: str | None = None, *,
     deadline = Deadline(timeout)  # one budget for the whole call
     with Kernel(url, token, kernel_id=kernel_id, name=kernel_name, timeout=timeout) as kernel:
         return kernel._execute(code, deadline, on_output=on_output, stdin=stdin)
+
+
+# ---- Notebooks ------------------------------------------------------------------
+#
+# A notebook runs as nbclient runs it (cell by cell on one kernel, display ids
+# spanning the notebook) and takes parameters as papermill does.
+
+SKIP_TAG = "skip-execution"        # nbclient: the cell is not run; its stored outputs stay
+RAISES_TAG = "raises-exception"    # nbclient: the cell may fail and the run goes on
+PARAMETERS_TAG = "parameters"      # papermill: parameters are injected after this cell
+INJECTED_TAG = "injected-parameters"
+PERCENT_CELL = re.compile(r"^# %%(.*)$", re.M)  # a cell marker of the '# %%' (percent) format
+
+
+def _source(cell: dict) -> str:
+    source = cell.get("source", "")
+    return "".join(source) if isinstance(source, list) else str(source)
+
+
+def _tags(cell: dict) -> list:
+    tags = (cell.get("metadata") or {}).get("tags")
+    return tags if isinstance(tags, list) else []
+
+
+def _new_cell(kind: str, source: str, tags: list | None = None) -> dict:
+    cell = {"cell_type": kind, "id": _new_id()[:8], "metadata": {"tags": tags} if tags else {}, "source": source}
+    if kind == "code":
+        cell.update(execution_count=None, outputs=[])
+    return cell
+
+
+def notebook_from(text: str, path: str | None = None) -> dict:
+    """An nbformat 4 notebook from a file's text: a notebook (.ipynb), '# %%' cells (.py), or one cell."""
+    suffix = (path or "").lower().rpartition(".")[2]
+    if suffix == "ipynb":
+        try:
+            notebook = json.loads(text)
+            if not isinstance(notebook.get("cells"), list) or not all(isinstance(c, dict) for c in notebook["cells"]):
+                raise ValueError("no list of cells")
+        except (ValueError, AttributeError, RecursionError):
+            raise ConfigError(f"{path} is not a Jupyter notebook (nbformat 4 JSON)") from None
+        return notebook
+    cells = []
+    if suffix == "py" and PERCENT_CELL.search(text):
+        parts = PERCENT_CELL.split(text)  # [before, marker, body, marker, body, ...]
+        if parts[0].strip():
+            cells.append(_new_cell("code", parts[0]))
+        for marker, body in zip(parts[1::2], parts[2::2]):
+            kind = "markdown" if "[markdown]" in marker else "raw" if "[raw]" in marker else "code"
+            tags = re.search(r"tags=(\[.*?\])", marker)
+            try:
+                tags = [str(t) for t in json.loads(tags.group(1))] if tags else None
+            except ValueError:
+                tags = None
+            if kind != "code":  # their lines are comments: '# text'
+                body = re.sub(r"^# ?", "", body.strip("\n"), flags=re.M)
+            cells.append(_new_cell(kind, body.lstrip("\n"), tags))
+    else:
+        cells.append(_new_cell("code", text))
+    return {"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+
+
+def python_literal(value: object) -> str:
+    """``value`` in Python source, written exactly as papermill's Python translator writes it."""
+    if value is None or isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value - value == 0:
+            return str(value)
+        return "float('nan')" if value != value else "float('inf')" if value > 0 else "float('-inf')"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{python_literal(str(k))}: {python_literal(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(python_literal(v) for v in value) + "]"
+    escaped = str(value).encode("unicode_escape").decode("utf-8").replace('"', r'\"')
+    return f'"{escaped}"'
+
+
+def parameter_value(text: str) -> object:
+    """A ``-p`` value read as papermill reads it: True, False, None, an int, a float, else the text."""
+    if text in ("True", "False", "None"):
+        return {"True": True, "False": False, "None": None}[text]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def inject_parameters(notebook: dict, parameters: dict) -> None:
+    """Put papermill's parameters cell in ``notebook``: after the first cell tagged 'parameters'
+    (at the top without one), or in place of a cell injected before."""
+    cell = _new_cell("code", "# Parameters\n" + "".join(f"{name} = {python_literal(value)}\n"
+                                                       for name, value in parameters.items()), [INJECTED_TAG])
+    cells = notebook["cells"]
+    tagged = [[i for i, c in enumerate(cells) if tag in _tags(c)] for tag in (INJECTED_TAG, PARAMETERS_TAG)]
+    if tagged[0]:
+        cells[tagged[0][0]] = cell
+    else:
+        cells.insert(tagged[1][0] + 1 if tagged[1] else 0, cell)
+    notebook.setdefault("metadata", {}).setdefault("papermill", {})["parameters"] = parameters
+
+
+def _kernel_dir(url: str, path: str, root: str | None = None) -> str | None:
+    """The directory of the local file ``path`` relative to the root of the server at ``url``
+    (found by discovery unless given), when the file lies inside it; else None."""
+    if root is None:
+        root = next((s.get("root_dir") for s in list_servers() if _same_origin(s["url"], url)
+                     and urlsplit(s["url"]).path == urlsplit(url).path), None)
+    if not isinstance(root, str) or not root:
+        return None
+    where = os.path.relpath(os.path.dirname(os.path.realpath(path)), os.path.realpath(root))
+    if where == "." or where == os.pardir or where.startswith(os.pardir + os.sep):
+        return None
+    return where.replace(os.sep, "/")
+
+
+def _execute_notebook(kernel: Kernel, notebook: dict, deadline: Deadline, results: list, *,
+                      keep_going: bool = False, cell_timeout: float | None = None, stdin=None,
+                      on_output=None, on_cell=None, keep_outputs: bool = True, on_wait=None) -> int:
+    """Run the code cells in order, as nbclient does, writing outputs and counts into them.
+
+    Appends to ``results`` the Result of each cell that ran (also of one that
+    ended the run by an exception) and returns how many failed without a
+    'raises-exception' tag. Empty cells and cells tagged 'skip-execution' are
+    left as they are; the others lose their old outputs before the run starts.
+    """
+    code = [cell for cell in notebook["cells"] if cell.get("cell_type") == "code"]
+    runs = {id(cell) for cell in code if _source(cell).strip() and SKIP_TAG not in _tags(cell)}
+    for cell in code:
+        if id(cell) in runs:
+            cell["outputs"], cell["execution_count"] = [], None
+    failed, displays = 0, {}
+    for number, cell in enumerate(code, 1):
+        if id(cell) not in runs:
+            continue
+        if on_cell is not None:
+            on_cell(number, len(code))
+        allowed = RAISES_TAG in _tags(cell)
+        limit = Deadline(deadline.remaining(cell_timeout)) if cell_timeout else deadline
+        try:
+            result = kernel._execute(_source(cell), limit, on_output=on_output, stdin=stdin, keep_outputs=keep_outputs,
+                                     on_wait=on_wait, stop_on_error=not allowed, displays=displays)
+        except (ExecutionTimeout, KernelDied) as exc:
+            result = exc.result or Result()
+            if not isinstance(exc, ExecutionTimeout) or not cell_timeout or deadline.expired:
+                cell["outputs"], cell["execution_count"] = result.outputs, result.execution_count
+                results.append(result)
+                raise
+            if result.error is None:  # the cell's own limit ran out: an error of that cell, as in nbclient
+                result.error = {"ename": "CellTimeoutError", "evalue": f"the cell did not finish within "
+                                f"{_seconds(cell_timeout)}", "traceback": []}
+                result.outputs.append({"output_type": "error", **result.error})
+            result.status = "error"
+        cell["outputs"], cell["execution_count"] = result.outputs, result.execution_count
+        results.append(result)
+        if not result.ok and not allowed:
+            failed += 1
+            if not keep_going:
+                break
+    return failed
+
+
+def run_notebook(notebook: str | dict, url: str | None = None, token: str | None = None, *,
+                 parameters: dict | None = None, keep_going: bool = False, cell_timeout: float | None = None,
+                 timeout: float | None = None, kernel_name: str | None = None) -> dict:
+    """Run a notebook on a new kernel, as nbclient and papermill do, and return the executed notebook.
+
+    Args:
+        notebook: a path (.ipynb, or a .py file of '# %%' cells) or a notebook dict (not changed).
+        url, token: the server, as for ``Kernel``.
+        parameters: injected as papermill injects them (after the cell tagged 'parameters').
+        keep_going: run every cell even after one fails (nbclient's allow_errors).
+        cell_timeout: seconds for each cell; a cell that runs longer is interrupted and is an error.
+        timeout: seconds for the whole run, kernel start included.
+        kernel_name: the kernel spec (default: the notebook's, else the server's).
+    Returns:
+        the executed notebook: outputs and execution counts filled in, ``metadata.language_info``
+        from the kernel, ``metadata.papermill.parameters`` when there were parameters.
+    Raises:
+        ExecutionError unless ``keep_going``: ``.result`` is the failing cell's, ``.notebook``
+        the notebook as far as it ran; otherwise as ``Kernel``.
+    """
+    notebook_path = notebook
+    if isinstance(notebook, dict):
+        notebook = json.loads(json.dumps(notebook))  # a deep copy made of plain JSON
+    else:
+        with open(notebook, encoding="utf-8-sig") as f:
+            notebook = notebook_from(f.read(), notebook)
+    if parameters:
+        inject_parameters(notebook, parameters)
+    deadline = Deadline(timeout)
+    url, token = resolve_server(url, token)
+    name = kernel_name or ((notebook.get("metadata") or {}).get("kernelspec") or {}).get("name")
+    where = None if isinstance(notebook_path, dict) else _kernel_dir(url, notebook_path)
+    with Kernel(url, token, name=name, timeout=timeout, path=where) as kernel:
+        notebook.setdefault("metadata", {})["language_info"] = kernel.info().get("language_info", {})
+        results: list = []
+        failed = _execute_notebook(kernel, notebook, deadline, results, keep_going=keep_going,
+                                   cell_timeout=cell_timeout)
+    if failed and not keep_going:
+        error = ExecutionError(next(r for r in results if not r.ok))
+        error.notebook = notebook  # what ran, up to the failing cell
+        raise error
+    return notebook
 
 
 # ---- Command line -------------------------------------------------------------------
@@ -2289,12 +2527,14 @@ class _UsageError(Exception):
 
 # One command-line option: its flags; the name of the value it takes (None: a
 # switch); its help; the values it allows (the first is the default); whether
-# it may be repeated (a list) and whether its value is a number of seconds.
-_Option = collections.namedtuple("_Option", "flags metavar help choices repeat seconds",
-                                 defaults=((), False, False))
+# it may be repeated (a list), whether its value is a number of seconds, and
+# how many values it takes (more than one: a list of them).
+_Option = collections.namedtuple("_Option", "flags metavar help choices repeat seconds values",
+                                 defaults=((), False, False, 1))
 
 OPTIONS = (
-    _Option(("-f", "--file"), "FILE", "run FILE: code, a notebook (.ipynb) or '# %%' cells (.py); '-' reads stdin"),
+    _Option(("-f", "--file"), "FILE", "run FILE: code, a notebook (.ipynb) or '# %%' cells (.py); '-' reads stdin; "
+            "server:PATH is a file on the server"),
     _Option(("--url",), "URL", "server base URL (default: $JUPYTER_URL, a running server, or http://localhost:8888/)"),
     _Option(("--token",), "TOKEN", "server token (default: $JUPYTER_TOKEN, $JUPYTER_TOKEN_FILE, or the discovered "
             "server's); other users can see it in the process list, so prefer the variables"),
@@ -2310,7 +2550,13 @@ OPTIONS = (
     _Option(("--input",), "TEXT", "answer for input() (repeatable)", repeat=True),
     _Option(("--output-dir",), "DIR", "save images and other rich outputs in DIR"),
     _Option(("--keep-going",), None, "with cells: go on after a cell fails"),
-    _Option(("--write",), "OUT.ipynb", "with cells: write the executed notebook"),
+    _Option(("--write",), "OUT.ipynb", "write the executed notebook (server:PATH saves it on the server)"),
+    _Option(("-p", "--parameters"), "NAME VALUE", "a parameter, injected as papermill does (True, False, None, "
+            "numbers, else text; repeatable)", repeat=True, values=2),
+    _Option(("-r", "--parameters-raw"), "NAME VALUE", "a parameter whose value is always text (repeatable)",
+            repeat=True, values=2),
+    _Option(("--parameters-file",), "FILE", "parameters from a JSON object (papermill's YAML files hold the same)"),
+    _Option(("--cell-timeout",), "SECS", "interrupt a cell that runs longer; it counts as an error", seconds=True),
     _Option(("--color",), "WHEN", "colour tracebacks and streams; auto: on a terminal unless NO_COLOR is set",
             choices=("auto", "always", "never")),
     _Option(("--protocol",), "NAME", "kernel websocket protocol", choices=("auto", "v1", "legacy")),
@@ -2360,6 +2606,10 @@ def _parse_args(argv: list) -> types.SimpleNamespace:
             value = next(words, None)
             if value is None or value.startswith("-") and value != "-" and not _is_number(value):
                 raise _UsageError(f"{flag} needs a value: {flag} {option.metavar}")
+        if option.values > 1:
+            value = [value, *(next(words, None) for _ in range(option.values - 1))]
+            if None in value:
+                raise _UsageError(f"{flag} needs {option.values} values: {flag} {option.metavar}")
         if option.choices and value not in option.choices:
             raise _UsageError(f"{flag} must be one of {', '.join(option.choices)}, not {value!r}")
         if option.seconds:
@@ -2437,6 +2687,7 @@ class _Printer:
         self.count = 0                 # rich outputs of the current cell
         self.live = _isatty(err)       # a terminal can show a transient status line
         self.status_shown = False
+        self.position = ""             # "cell 3/40 | " while the cells of a notebook run
 
     def _write(self, which: str, text: str) -> None:
         if not text:
@@ -2491,10 +2742,20 @@ class _Printer:
         line = f"-- cell {cell}/{total} --"
         self._write("out", f"\x1b[2m{line}\x1b[0m\n" if self.color["out"] else line + "\n")
 
+    def progress(self, cell: int, total: int) -> None:
+        """Which cell runs, on a terminal's status line (never in pipes)."""
+        if total > 1:
+            self.position = f"cell {cell}/{total} | "
+            self._status(f"[cell {cell}/{total}]")
+
     def status(self, quiet: float, elapsed: float) -> None:
         """The transient status line on a terminal, after a while without output."""
-        if self.live and quiet >= STATUS_DELAY:
-            self.err.write(f"\r\x1b[2K[running {elapsed:.0f}s | kernel busy | Ctrl-C to interrupt]")
+        if quiet >= STATUS_DELAY:
+            self._status(f"[{self.position}running {elapsed:.0f}s | kernel busy | Ctrl-C to interrupt]")
+
+    def _status(self, line: str) -> None:
+        if self.live:
+            self.err.write(f"\r\x1b[2K{line}")
             self.err.flush()
             self.status_shown = True
 
@@ -2538,8 +2799,11 @@ def _use_color(stream, choice: str) -> bool:
     return _isatty(stream) and not os.environ.get("NO_COLOR")
 
 
-def _read_code(args) -> tuple[str, bool]:
-    """The code to run and whether it came from stdin."""
+SERVER_PREFIX = "server:"  # -f and --write: a path in the server's contents API, relative to its root
+
+
+def _read_code(args, remote: _RestClient | None, deadline: Deadline) -> tuple[str, bool]:
+    """The code to run and whether it came from stdin. Python source and notebooks are UTF-8."""
     if args.file is not None and args.code is not None:
         raise _UsageError("give the code as an argument or with -f, not both")
     if args.file == "-":
@@ -2547,6 +2811,8 @@ def _read_code(args) -> tuple[str, bool]:
             return sys.stdin.read(), True
         except UnicodeDecodeError:
             raise _UsageError("the code on stdin is not valid UTF-8") from None
+    if args.file is not None and args.file.startswith(SERVER_PREFIX):
+        return _read_server_file(remote, args.file[len(SERVER_PREFIX):], deadline), False
     if args.file is not None:
         try:
             with open(args.file, encoding="utf-8") as f:
@@ -2556,6 +2822,40 @@ def _read_code(args) -> tuple[str, bool]:
     if args.code is None:
         raise _UsageError("no code given: pass CODE, or -f FILE (see --help)")
     return args.code, False
+
+
+def _read_server_file(rest: _RestClient, path: str, deadline: Deadline) -> str:
+    """A notebook (as JSON text) or a text file from the server's contents API."""
+    model = rest.request("GET", f"api/contents/{quote(_session_path(path))}?content=1", deadline=deadline,
+                         missing=f"has no file {path}")
+    model = model if isinstance(model, dict) else {}
+    content = model.get("content")
+    if model.get("type") == "notebook" and isinstance(content, dict):
+        return json.dumps(content)
+    if model.get("type") == "file" and model.get("format") == "text" and isinstance(content, str):
+        return content
+    raise ServerError(rest.url, f"has no notebook or text file at {path} (it is a {model.get('type')})")
+
+
+def _parameters(args) -> dict:
+    """The parameters, merged as papermill merges them: the file, then -p, then -r."""
+    parameters: dict = {}
+    if args.parameters_file:
+        try:
+            with open(args.parameters_file, encoding="utf-8-sig") as f:
+                loaded = json.load(f)
+        except (OSError, ValueError, RecursionError) as exc:
+            raise _UsageError(f"cannot read --parameters-file {args.parameters_file}: "
+                              f"{getattr(exc, 'strerror', None) or exc}") from None
+        if not isinstance(loaded, dict):
+            raise _UsageError(f"--parameters-file {args.parameters_file} does not hold a JSON object")
+        parameters.update(loaded)
+    parameters.update((name, parameter_value(value)) for name, value in args.parameters or ())
+    parameters.update((name, value) for name, value in args.parameters_raw or ())
+    for name in parameters:
+        if not name.isidentifier():
+            raise _UsageError(f"parameter name {name!r} is not a Python name")
+    return parameters
 
 
 def _spawn_server(deadline: Deadline):
@@ -2738,54 +3038,10 @@ def main(argv: list | None = None) -> int:
             signal.signal(getattr(signal, name), handler)
 
 
-def _split_cells(text: str, path: str | None) -> tuple[list, dict | None]:
-    """The code cells to run, and the notebook they come from (None unless .ipynb)."""
-    if path and path.endswith(".ipynb"):
-        try:
-            notebook = json.loads(text)
-            cells = [c for c in notebook["cells"] if c.get("cell_type") == "code"]
-            return ["".join(c.get("source", "")) if isinstance(c.get("source"), list)
-                    else str(c.get("source", "")) for c in cells], notebook
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise _UsageError(f"{path} is not a Jupyter notebook (nbformat 4 JSON)") from None
-    if path and path.endswith(".py") and re.search(r"^# %%", text, re.M):
-        cells, current, skip = [], [], False
-        for line in text.splitlines(keepends=True):
-            if line.startswith("# %%"):
-                if current and not skip and "".join(current).strip():
-                    cells.append("".join(current))
-                current, skip = [], "[markdown]" in line or "[raw]" in line
-            else:
-                current.append(line)
-        if current and not skip and "".join(current).strip():
-            cells.append("".join(current))
-        return cells, None
-    return [text], None
-
-
-def _executed_notebook(notebook: dict | None, cells: list, results: list) -> dict:
-    """An nbformat v4 notebook with the outputs and execution counts of ``results``."""
-    if notebook is None:
-        notebook = {"cells": [{"cell_type": "code", "source": code, "metadata": {}} for code in cells],
-                    "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
-    else:
-        notebook = json.loads(json.dumps(notebook))  # a deep copy made of plain JSON
-    code_cells = [c for c in notebook["cells"] if c.get("cell_type") == "code"]
-    for index, cell in enumerate(code_cells):
-        result = results[index] if index < len(results) else None
-        cell["outputs"] = result.outputs if result is not None else []
-        cell["execution_count"] = result.execution_count if result is not None else None
-    notebook["nbformat"] = 4
-    if notebook.setdefault("nbformat_minor", 5) >= 5:
-        for cell in notebook["cells"]:
-            cell.setdefault("id", _new_id()[:8])
-    return notebook
-
-
-def _open_kernel(args, url, token, deadline, env, ssl_context) -> Kernel:
+def _open_kernel(args, url, token, deadline, env, ssl_context, path) -> Kernel:
     try:
         return Kernel(url, token, kernel_id=args.kernel_id, name=args.kernel, timeout=deadline.remaining(),
-                      env=env, session=args.session, notebook=args.notebook,
+                      env=env, session=args.session, notebook=args.notebook, path=path,
                       ssl_context=ssl_context, protocol=args.protocol, compression=args.compress)
     except ServerError as exc:
         if exc.status is None and url is None and resolve_server()[0] == DEFAULT_URL:
@@ -2810,83 +3066,104 @@ def _main(argv, out, err) -> int:
     ssl_context = _ssl_context_from(args, err)
     if args.list:
         return _list(args, out, ssl_context)
-    text, code_from_stdin = _read_code(args)
-    cells, notebook = _split_cells(text, args.file)
+    parameters = _parameters(args)
     env = _parse_env(args.env)
-    if args.input is not None:
-        stdin = iter(args.input)  # one iterator: later cells get the answers that are left
-    elif not code_from_stdin and _isatty(sys.stdin):
-        stdin = _terminal_stdin
-    else:
-        stdin = None
     deadline = Deadline(args.timeout)
     spawned = None
     url, token = args.url, args.token
     if args.spawn:
         spawned = _spawn_server(deadline)
         url, token = spawned[1], spawned[2]
-    printer = None if args.json else _Printer(out, err, color=args.color, output_dir=args.output_dir)
-    results: list = []
     try:
-        kernel = _open_kernel(args, url, token, deadline, env, ssl_context)
-        try:
-            with kernel:  # deletes a kernel it started, whatever happens
-                if args.keep and not (args.kernel_id or args.session or args.notebook):
-                    kernel.detach()
-                    err.write(f"jupyter_call: kernel {kernel.id} kept running at {kernel.url}\n")
-                _run_cells(kernel, cells, args, printer, stdin, deadline, results)
-        except BaseException as exc:
-            # What did arrive is still printed (--json) and written (--write).
-            if isinstance(exc, (ExecutionTimeout, KernelDied)) and exc.result is not None:
-                results.append(exc.result)
-            if args.json:
-                _print_json(out, results, len(cells) > 1 or notebook is not None)
-            if args.write:
-                try:
-                    _write_notebook(args.write, notebook, cells, results)
-                except _UsageError as write_error:
-                    err.write(f"jupyter_call: {write_error}\n")
-            raise
-        if args.write:
-            _write_notebook(args.write, notebook, cells, results)
+        return _run(args, out, err, url, token, deadline, env, ssl_context, parameters,
+                    os.getcwd() if spawned else None)
     finally:
         if spawned is not None:
             _stop_server(spawned[0], spawned[3])
+
+
+def _run(args, out, err, url, token, deadline, env, ssl_context, parameters, root) -> int:
+    """Read the code or notebook, run it, print and write what it produced."""
+    on_server = [p[len(SERVER_PREFIX):] for p in (args.file, args.write) if p and p.startswith(SERVER_PREFIX)]
+    remote = _RestClient(*resolve_server(url, token), ssl_context=ssl_context) if on_server else None
+    text, code_from_stdin = _read_code(args, remote, deadline)
+    path = None if code_from_stdin else args.file
+    notebook = notebook_from(text.lstrip("\ufeff"), path)
+    code_cells = [c for c in notebook["cells"] if c.get("cell_type") == "code"]
+    many = (path or "").lower().endswith(".ipynb") or len(code_cells) > 1
+    if parameters:
+        meta = notebook.get("metadata") or {}
+        language = ((meta.get("kernelspec") or {}).get("language") or (meta.get("language_info") or {}).get("name")
+                    or "python")
+        if str(language).lower() != "python":
+            raise _UsageError(f"parameters are written as Python (as papermill writes them); this notebook's "
+                              f"language is {language}")
+        inject_parameters(notebook, parameters)
+    if path and path.startswith(SERVER_PREFIX):
+        where = posixpath.dirname(_session_path(path[len(SERVER_PREFIX):])) or None
+    elif path and not (args.kernel_id or args.session or args.notebook):
+        where = _kernel_dir(resolve_server(url, token)[0], path, root)
+    else:
+        where = None
+    if args.input is not None:
+        stdin = iter(args.input)  # one iterator: later cells get the answers that are left
+    elif not code_from_stdin and _isatty(sys.stdin):
+        stdin = _terminal_stdin
+    else:
+        stdin = None
+    printer = None if args.json else _Printer(out, err, color=args.color, output_dir=args.output_dir)
+
+    def on_cell(number: int, total: int) -> None:
+        if printer is not None:
+            if many:
+                printer.header(number, total)
+            printer.progress(number, total)
+
+    results: list = []
+    failed = 0
+    try:
+        with _open_kernel(args, url, token, deadline, env, ssl_context, where) as kernel:  # deletes what it started
+            if args.keep and not (args.kernel_id or args.session or args.notebook):
+                kernel.detach()
+                err.write(f"jupyter_call: kernel {kernel.id} kept running at {kernel.url}\n")
+            if args.write:
+                notebook.setdefault("metadata", {})["language_info"] = kernel.info().get("language_info", {})
+            # Streaming to a terminal keeps nothing already printed (bounded memory),
+            # unless the outputs are wanted again for --json or --write.
+            failed = _execute_notebook(
+                kernel, notebook, deadline, results, keep_going=args.keep_going, cell_timeout=args.cell_timeout,
+                stdin=stdin, on_output=printer, on_cell=on_cell, keep_outputs=bool(args.json or args.write),
+                on_wait=printer.status if printer is not None and printer.live else None)
+    except BaseException:
+        # What did arrive is still printed (--json) and written (--write).
+        if args.json:
+            _print_json(out, results, many, failed=True)
+        if args.write:
+            try:
+                _write_notebook(args.write, notebook, remote, deadline)
+            except (_UsageError, JupyterError) as write_error:
+                err.write(f"jupyter_call: {write_error}\n")
+        raise
+    finally:
+        if printer is not None:
+            printer.finish()
+    if args.write:
+        _write_notebook(args.write, notebook, remote, deadline)
     if args.json:
-        _print_json(out, results, len(cells) > 1 or notebook is not None)
+        _print_json(out, results, many, failed=bool(failed))
     elif any(r.truncated for r in results):
         err.write("jupyter_call: warning: the server dropped output (IOPub rate limit); raise it with "
                   "--ZMQChannelsWebsocketConnection.iopub_data_rate_limit (--ServerApp. on older servers)\n")
     if any(r.status == "aborted" for r in results):
         err.write("jupyter_call: the kernel aborted the execution\n")
-    return EXIT_OK if all(r.ok for r in results) else EXIT_ERROR
+    return EXIT_ERROR if failed else EXIT_OK
 
 
-def _run_cells(kernel: Kernel, cells: list, args, printer, stdin, deadline: Deadline,
-               results: list) -> None:
-    # Streaming to the terminal keeps nothing already printed (bounded memory),
-    # unless the outputs are wanted again for --json or --write.
-    keep = bool(args.json or args.write)
-    on_wait = printer.status if printer is not None and printer.live else None
-    for number, code in enumerate(cells, 1):
-        if printer is not None and len(cells) > 1:
-            printer.header(number, len(cells))
-        try:
-            result = kernel._execute(code, deadline, on_output=printer, stdin=stdin,
-                                     keep_outputs=keep, on_wait=on_wait)
-        finally:
-            if printer is not None:
-                printer.finish()
-        results.append(result)
-        if not result.ok and not args.keep_going:
-            break
-
-
-def _print_json(out, results: list, many: bool) -> None:
+def _print_json(out, results: list, many: bool, *, failed: bool) -> None:
     """One Result.to_dict(), or for cells {"status", "ok", "cells": [Result.to_dict(), ...]}."""
     if many:
-        status = next((r.status for r in results if not r.ok), "ok")
-        out.write(_strict_json({"status": status, "ok": status == "ok", "cells": [r.to_dict() for r in results]})
+        status = next((r.status for r in results if not r.ok), "error") if failed else "ok"
+        out.write(_strict_json({"status": status, "ok": not failed, "cells": [r.to_dict() for r in results]})
                   + "\n")
     elif results:
         out.write(_strict_json(results[0].to_dict()) + "\n")
@@ -2909,10 +3186,21 @@ def _finite(value: object) -> object:
     return [_finite(item) for item in value] if isinstance(value, (list, tuple)) else value
 
 
-def _write_notebook(path: str, notebook: dict | None, cells: list, results: list) -> None:
+def _write_notebook(path: str, notebook: dict, remote: _RestClient | None, deadline: Deadline) -> None:
+    """Write the executed notebook to a local file, or to the server for server:PATH."""
+    notebook["nbformat"] = 4
+    if notebook.setdefault("nbformat_minor", 5) >= 5:  # nbformat 4.5 gives every cell an id
+        for cell in notebook["cells"]:
+            cell.setdefault("id", _new_id()[:8])
+    if path.startswith(SERVER_PREFIX):
+        target = _session_path(path[len(SERVER_PREFIX):])
+        remote.request("PUT", f"api/contents/{quote(target)}", {"type": "notebook", "format": "json",
+                                                                "content": json.loads(_strict_json(notebook))},
+                       deadline=Deadline(deadline.remaining(HTTP_TIMEOUT)))
+        return
     try:
         with open(path, "w", encoding="utf-8") as f:
-            f.write(_strict_json(_executed_notebook(notebook, cells, results), indent=1, ensure_ascii=False))
+            f.write(_strict_json(notebook, indent=1, ensure_ascii=False))
             f.write("\n")
     except OSError as exc:
         raise _UsageError(f"cannot write {path}: {exc.strerror}") from None

@@ -440,9 +440,74 @@ def test_json_output_is_strict_even_for_infinities_from_the_server():
     res = Result("ok", 1, [{"output_type": "execute_result", "execution_count": 1, "metadata": {},
                              "data": {"application/json": {"big": float("inf"), "nan": float("nan")}}}])
     out = io.StringIO()
-    jc._print_json(out, [res], False)
+    jc._print_json(out, [res], False, failed=False)
     strict = json.loads(out.getvalue(), parse_constant=lambda name: pytest.fail(f"{name} in the output"))
     assert strict["data"]["application/json"] == {"big": "Infinity", "nan": "NaN"}
+
+
+# ---- 1. Pure: notebooks (papermill's parameters, '# %' files) -------------------------
+
+@pytest.mark.parametrize("value, expected", [  # papermill's own translator tests
+    ("foo", '"foo"'), ('{"foo": "bar"}', '"{\\"foo\\": \\"bar\\"}"'), ({"foo": "bar"}, '{"foo": "bar"}'),
+    ({"foo": '"bar"'}, '{"foo": "\\"bar\\""}'), ({"foo": ["bar"]}, '{"foo": ["bar"]}'),
+    ({"foo": {"bar": "baz"}}, '{"foo": {"bar": "baz"}}'), (["foo", '"bar"'], '["foo", "\\"bar\\""]'),
+    ([{"foo": '"bar"'}], '[{"foo": "\\"bar\\""}]'), (12345, "12345"), (-54321, "-54321"), (1.2345, "1.2345"),
+    (-5432.1, "-5432.1"), (True, "True"), (False, "False"), (None, "None"),
+    (float("nan"), "float('nan')"), (float("inf"), "float('inf')"), (float("-inf"), "float('-inf')"),
+    ("é\n\\", '"\\xe9\\n\\\\"'),
+])
+def test_parameters_are_written_as_papermills_python_translator_writes_them(value, expected):
+    assert jc.python_literal(value) == expected
+
+
+def test_parameter_values_are_read_as_papermill_reads_them():
+    assert [jc.parameter_value(v) for v in ("True", "False", "None", "12", "-1.5", "1e3", "x", "true")] == [
+        True, False, None, 12, -1.5, 1000.0, "x", "true"]
+
+
+def _cell(kind, source, tags=(), **fields):
+    cell = {"cell_type": kind, "id": secrets.token_hex(4), "metadata": {"tags": list(tags)} if tags else {},
+            "source": source}
+    if kind == "code":
+        cell.update({"execution_count": None, "outputs": [], **fields})
+    return cell
+
+
+def test_parameters_go_after_the_parameters_cell_or_replace_an_injected_one_or_lead():
+    notebook = {"cells": [_cell("markdown", "# t"), _cell("code", "a = 1", ["parameters"]), _cell("code", "a")],
+                "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    jc.inject_parameters(notebook, {"foo": "bar", "baz": ["buz"]})
+    injected = notebook["cells"][2]
+    assert injected["source"] == '# Parameters\nfoo = "bar"\nbaz = ["buz"]\n'
+    assert injected["metadata"]["tags"] == ["injected-parameters"]
+    assert notebook["metadata"]["papermill"]["parameters"] == {"foo": "bar", "baz": ["buz"]}
+    jc.inject_parameters(notebook, {"foo": 5})  # a second run replaces it where it stands
+    assert len(notebook["cells"]) == 4 and notebook["cells"][2]["source"] == "# Parameters\nfoo = 5\n"
+    plain = {"cells": [_cell("code", "x = 1")], "metadata": {}}
+    jc.inject_parameters(plain, {"x": 2})
+    assert [c["source"] for c in plain["cells"]] == ["# Parameters\nx = 2\n", "x = 1"]
+
+
+def test_percent_files_become_notebooks_with_their_tags():
+    text = 'import os\n# %% tags=["parameters"]\na = 1\n# %% [markdown]\n# Title\n#\n# text\n# %%\nprint(a)\n'
+    notebook = jc.notebook_from(text, "Job.PY")
+    assert [(c["cell_type"], c["source"], jc._tags(c)) for c in notebook["cells"]] == [
+        ("code", "import os\n", []), ("code", "a = 1\n", ["parameters"]), ("markdown", "Title\n\ntext", []),
+        ("code", "print(a)\n", [])]
+    jc.inject_parameters(notebook, {"a": 2})
+    assert jc._source(notebook["cells"][2]) == "# Parameters\na = 2\n"
+
+
+def test_parameters_merge_as_papermill_merges_them(tmp_path):
+    file = tmp_path / "params.json"
+    file.write_text('{"a": 1, "b": 2, "c": [1]}')
+    args = jc._parse_args(["--parameters-file", str(file), "-p", "b", "3", "-p", "d", "None",
+                           "-r", "b", "4", "-r", "e", "1.5", "x"])
+    assert jc._parameters(args) == {"a": 1, "b": "4", "c": [1], "d": None, "e": "1.5"}
+    for bad, words in ((["-p", "not a name", "1"], "not a Python name"),
+                       (["--parameters-file", str(tmp_path / "missing.json")], "cannot read --parameters-file")):
+        with pytest.raises(jc._UsageError, match=words):
+            jc._parameters(jc._parse_args(bad + ["x"]))
 
 
 # ---- 1. Pure: discovery from runtime files and environment variables -----------------
@@ -539,7 +604,7 @@ def test_module_imports_only_the_standard_library():
 
 
 def test_all_lists_exactly_the_public_api():
-    assert set(jc.__all__) == {"run_code", "Kernel", "Result", "list_servers", "WebSocket",
+    assert set(jc.__all__) == {"run_code", "run_notebook", "Kernel", "Result", "list_servers", "WebSocket",
                                "JupyterError", "ServerError", "AuthError", "ConfigError", "ExecutionError",
                                "KernelDied", "ExecutionTimeout", "WebSocketError", "WebSocketClosed"}
     assert issubclass(jc.ExecutionTimeout, TimeoutError) and issubclass(jc.ConfigError, ValueError)
@@ -2412,8 +2477,9 @@ def test_percent_cells_in_a_py_file_run_one_by_one(server, tmp_path, no_leaks):
     proc = cli("-f", str(path), "--write", str(out), server=server)
     assert (proc.returncode, proc.stdout) == (0, "-- cell 1/2 --\n-- cell 2/2 --\n2\n")
     written = json.loads(out.read_text())
-    assert [c["source"] for c in written["cells"]] == ["a = 1\n", "print(a + 1)\n"]
-    assert written["cells"][1]["outputs"][0]["text"] == "2\n"
+    assert [(c["cell_type"], c["source"]) for c in written["cells"]] == [
+        ("code", "a = 1\n"), ("markdown", "not code"), ("code", "print(a + 1)\n")]
+    assert written["cells"][2]["outputs"][0]["text"] == "2\n"
 
 
 def test_input_answers_carry_over_from_cell_to_cell(server, tmp_path, no_leaks):
@@ -2422,6 +2488,124 @@ def test_input_answers_carry_over_from_cell_to_cell(server, tmp_path, no_leaks):
     proc = cli("-f", str(path), "--input", "first", "--input", "second", server=server)
     assert proc.returncode == 0
     assert proc.stdout.splitlines() == ["-- cell 1/2 --", "first", "-- cell 2/2 --", "second"]
+
+
+NBCLIENT_CASES = [  # nbclient's semantics, cell by cell
+    _cell("code", "x = 1"),
+    _cell("code", "   \n"),                                     # empty: not run
+    _cell("code", "print('stored')", ["skip-execution"],         # not run; its stored outputs stay
+          outputs=[{"output_type": "stream", "name": "stdout", "text": "old\n"}], execution_count=7),
+    _cell("code", "raise ValueError('allowed')", ["raises-exception"]),  # may fail; the run goes on
+    _cell("code", "h = display('a', display_id='d')\nprint(x)"),
+    _cell("markdown", "text"),
+    _cell("code", "h.update('b')"),                             # updates the output of an earlier cell
+    _cell("code", "_ = display('c', display_id='d')"),           # so does a new display with that id
+    _cell("code", "x + 1"),
+]
+
+
+def _comparable(notebook):
+    """Outputs and counts of every code cell, with stream chunks joined (their split is timing)."""
+    cells = []
+    for cell in notebook["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        outputs, streams = [], {}
+        for out in cell["outputs"]:
+            if out["output_type"] == "stream":
+                streams[out["name"]] = streams.get(out["name"], "") + out["text"]
+            else:
+                out = dict(out)
+                if out["output_type"] == "error":
+                    out["traceback"] = len(out["traceback"]) > 0  # colours and paths vary
+                outputs.append(out)
+        cells.append((cell["execution_count"], sorted(streams.items()), outputs))
+    return cells
+
+
+def test_a_notebook_runs_as_nbclient_runs_it(server, tmp_path, no_leaks):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    notebook = {"cells": NBCLIENT_CASES, "metadata": {"kernelspec": {"name": "python3", "language": "python",
+                                                                   "display_name": "Python 3"}},
+                "nbformat": 4, "nbformat_minor": 5}
+    path, out = tmp_path / "semantics.ipynb", tmp_path / "out.ipynb"
+    path.write_text(json.dumps(notebook))
+    proc = cli("-f", str(path), "--write", str(out), server=server)
+    assert proc.returncode == 0, proc.stderr  # the only error is in a cell that may raise
+    ours = json.loads(out.read_text())
+    nbformat.validate(nbformat.reads(out.read_text(), as_version=4))
+    theirs = nbformat.reads(json.dumps(notebook), as_version=4)
+    nbclient.NotebookClient(theirs, kernel_name="python3", timeout=60).execute()
+    assert _comparable(ours) == _comparable(theirs)
+    code = [c for c in ours["cells"] if c["cell_type"] == "code"]
+    assert code[1]["execution_count"] is None and code[2]["execution_count"] == 7
+    assert [o["data"]["text/plain"] for c in code for o in c["outputs"] if o.get("data")] == ["'c'", "'c'", "2"]
+    assert ours["metadata"]["language_info"]["name"] == "python"
+
+
+def test_papermill_parameters_reach_the_notebook_and_its_metadata(server, tmp_path, no_leaks):
+    notebook = {"cells": [_cell("code", "a = 1\nb = 'x'", ["parameters"]), _cell("code", "print(a, repr(b), c)")],
+                "metadata": {"kernelspec": {"name": "python3", "language": "python"}}, "nbformat": 4,
+                "nbformat_minor": 5}
+    path, params, out = tmp_path / "p.ipynb", tmp_path / "params.json", tmp_path / "out.ipynb"
+    path.write_text(json.dumps(notebook))
+    params.write_text('{"a": 2, "c": {"k": [1, 2.5]}}')
+    proc = cli("-f", str(path), "--parameters-file", str(params), "-p", "a", "5", "-r", "b", "7",
+               "--write", str(out), server=server)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "5 '7' {'k': [1, 2.5]}"
+    written = json.loads(out.read_text())
+    assert written["cells"][1]["source"] == '# Parameters\na = 5\nc = {"k": [1, 2.5]}\nb = "7"\n'
+    assert written["cells"][1]["metadata"]["tags"] == ["injected-parameters"]
+    assert written["metadata"]["papermill"]["parameters"] == {"a": 5, "c": {"k": [1, 2.5]}, "b": "7"}
+    proc = cli("-f", str(out), "-p", "a", "6", "-r", "c", "z", "--json", server=server)  # replaces the injected cell
+    assert json.loads(proc.stdout)["cells"][-1]["stdout"] == "6 'x' z\n"
+
+
+def test_a_cell_over_its_time_limit_is_an_error_and_the_run_goes_on_with_keep_going(server, tmp_path, no_leaks):
+    path, out = tmp_path / "slow.ipynb", tmp_path / "out.ipynb"
+    path.write_text(json.dumps(_notebook(("code", "import time; time.sleep(60)"), ("code", "print('next')"))))
+    proc = cli("-f", str(path), "--cell-timeout", "2", "--keep-going", "--write", str(out), server=server)
+    assert proc.returncode == 1 and proc.stdout.splitlines()[-1] == "next"
+    first = json.loads(out.read_text())["cells"][0]
+    assert first["outputs"][-1]["output_type"] == "error"
+    assert first["outputs"][-1]["ename"] in ("KeyboardInterrupt", "CellTimeoutError")
+
+
+def test_the_kernel_starts_in_the_notebooks_directory_on_the_server(server, no_leaks):
+    folder = server.root / "reports"
+    folder.mkdir(exist_ok=True)
+    (folder / "data.txt").write_text("beside the notebook")
+    (folder / "read.ipynb").write_text(json.dumps(_notebook(("code", "print(open('data.txt').read())"))))
+    proc = cli("-f", str(folder / "read.ipynb"), "--url", server.url, env={**server.env, "JUPYTER_TOKEN": server.token})
+    assert (proc.returncode, proc.stdout.splitlines()[-1]) == (0, "beside the notebook"), proc.stderr
+
+
+def test_notebooks_on_the_server_run_there_and_are_saved_there(server, no_leaks):
+    rest = server.rest()
+    rest.request("PUT", "api/contents/daily", {"type": "directory"})
+    rest.request("PUT", "api/contents/daily/in.txt", {"type": "file", "format": "text", "content": "42"})
+    rest.request("PUT", "api/contents/daily/job.ipynb", {"type": "notebook", "format": "json", "content": _notebook(
+        ("code", "print(open('in.txt').read())"))})
+    proc = cli("-f", "server:daily/job.ipynb", "--write", "server:daily/job-out.ipynb", server=server)
+    assert proc.returncode == 0 and proc.stdout.splitlines()[-1] == "42", proc.stderr
+    saved = rest.request("GET", "api/contents/daily/job-out.ipynb?content=1")["content"]
+    assert saved["cells"][0]["outputs"][0]["text"] == "42\n"
+    proc = cli("-f", "server:daily/missing.ipynb", server=server)
+    assert proc.returncode == 3 and proc.stderr.splitlines() == [
+        f"jupyter_call: error: server at {server.url} has no file daily/missing.ipynb (HTTP 404)"]
+
+
+def test_run_notebook_returns_the_executed_notebook_or_raises_with_it(server, tmp_path, no_leaks):
+    notebook = _notebook(("code", "n = 1"), ("code", "print(n + p)"))
+    notebook["cells"][0]["metadata"]["tags"] = ["parameters"]
+    done = jc.run_notebook(notebook, server.url, server.token, parameters={"p": 41}, timeout=60)
+    assert done["cells"][2]["outputs"][0]["text"] == "42\n" and notebook["cells"][1]["outputs"] == []
+    with pytest.raises(jc.ExecutionError) as info:
+        jc.run_notebook(_notebook(("code", "1/0"), ("code", "print('never')")), server.url, server.token, timeout=60)
+    assert info.value.result.error["ename"] == "ZeroDivisionError"
+    assert info.value.notebook["cells"][1]["outputs"] == []
 
 
 def test_not_a_notebook_is_a_usage_error(tmp_path):
