@@ -1177,6 +1177,69 @@ def cmd_cli_rss(args: argparse.Namespace) -> int:
     return 1 if missed else 0
 
 
+# ---- notebook: a whole notebook, against jupyter execute ------------------------------
+
+NOTEBOOK_TARGET = 0.5  # jupyter_call's wall time at most this share of jupyter execute's
+
+
+def _bench_notebook(cells: int) -> dict:
+    """A notebook of small cells: assignments, prints and values, as an analysis has them."""
+    sources = [f"x{i} = {i}\nprint(x{i})" if i % 3 == 0 else f"x{i} = {i} * 2" if i % 3 == 1 else f"x{i - 1} + 1"
+               for i in range(cells)]
+    return {"cells": [{"cell_type": "code", "execution_count": None, "id": f"c{i}", "metadata": {},
+                       "outputs": [], "source": src} for i, src in enumerate(sources)],
+            "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}},
+            "nbformat": 4, "nbformat_minor": 5}
+
+
+def cmd_notebook(args: argparse.Namespace) -> int:
+    if not _has_module("jupyter_server") or not _has_module("nbclient"):
+        print("notebook: needs jupyter_server and nbclient (pip install notebook)", file=sys.stderr)
+        return 2
+    print(f"jupyter_call {jupyter_call.__version__} (jupyter_call.py sha256 {_source_digest()}) "
+          f"notebook: {args.cells} cells, {args.rounds} rounds; python {sys.version.split()[0]} on "
+          f"{sys.platform}, {os.cpu_count()} cores")
+    print(f"with {_versions()}")
+    server = _Server()
+    walls: dict = {"jupyter_call": [], "jupyter execute": []}
+    try:
+        took = server.start()
+        print(f"server: private jupyter_server on 127.0.0.1:{server.port} (started in {took:.1f} s)")
+        work = os.path.join(server.root, "work")
+        path = os.path.join(work, "bench.ipynb")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(_bench_notebook(args.cells), f)
+        here = os.path.dirname(os.path.abspath(__file__))
+        commands = {
+            "jupyter_call": [sys.executable, os.path.join(here, "jupyter_call.py"), "--url", server.url,
+                             "-f", path, "--write", os.path.join(work, "out-jc.ipynb")],
+            "jupyter execute": [shutil.which("jupyter-execute", path=os.path.dirname(sys.executable)) or "jupyter-execute",
+                                path, "--output", "out-nbclient"],
+        }
+        env = dict(server.env, JUPYTER_TOKEN=server.token)
+        for round_ in range(args.rounds):  # interleaved, so drifts of the machine hit both alike
+            for name, cmd in commands.items():
+                t0 = time.perf_counter()
+                proc = subprocess.run(cmd, env=env, cwd=work, stdin=subprocess.DEVNULL, capture_output=True)
+                wall = time.perf_counter() - t0
+                if proc.returncode != 0:
+                    print(f"{name} failed (exit {proc.returncode}): {proc.stderr.decode()[-400:]}")
+                    return 1
+                walls[name].append(wall)
+            print(f"round {round_ + 1}/{args.rounds} done", flush=True)
+    finally:
+        server.stop()
+    ours, theirs = (statistics.median(walls[name]) for name in ("jupyter_call", "jupyter execute"))
+    print(f"\nnotebook: {args.cells} small cells, whole process, kernel start included (s)")
+    for name, values in walls.items():
+        print(f"  {name:<16} median {statistics.median(values):7.3f}   min-max "
+              f"{min(values):.3f}-{max(values):.3f}   n {len(values)}")
+    ratio = ours / theirs
+    verdict = "ok" if ratio <= NOTEBOOK_TARGET else "MISS"
+    print(f"  [{verdict:>4}] jupyter_call {ratio:.2f}x jupyter execute (target <= {NOTEBOOK_TARGET:g}x)")
+    return 0 if verdict == "ok" else 1
+
+
 # ---- command line --------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1243,6 +1306,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocols", default="auto,legacy,v1", metavar="LIST",
                    help="values of --protocol to run, comma-separated (default %(default)s)")
     p.set_defaults(func=cmd_cli_rss)
+
+    p = commands.add_parser(
+        "notebook", help="a 200-cell notebook: jupyter_call against jupyter execute (nbclient)",
+        description="Run one notebook of small cells with jupyter_call against a private server and "
+                    "with jupyter execute (nbclient, a local kernel), whole process each, kernel "
+                    "start included, interleaved over several rounds.")
+    p.add_argument("--cells", type=int, default=200, metavar="N", help="code cells (default %(default)s)")
+    p.add_argument("--rounds", type=int, default=5, metavar="N", help="runs of each (default %(default)s)")
+    p.set_defaults(func=cmd_notebook)
 
     p = commands.add_parser(
         "autobahn", help="Autobahn|Testsuite echo client for jupyter_call.WebSocket",
