@@ -32,6 +32,7 @@ import codecs
 import collections
 import contextlib
 import enum
+import errno
 import gc
 import json
 import os
@@ -797,6 +798,8 @@ def _open_socket(host: str, port: int, unix_socket: str | None, proxy: str | Non
                  deadline: Deadline) -> socket.socket:
     """A connected stream socket: to a Unix socket, a proxy, or the host itself."""
     if unix_socket:
+        if not hasattr(socket, "AF_UNIX"):
+            raise OSError(errno.EAFNOSUPPORT, "Unix sockets are not available on this platform")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             _set_timeout(sock, deadline)
@@ -2685,7 +2688,7 @@ class _Printer:
         self.output_dir = output_dir
         self.cell: int | None = None   # set when running several cells
         self.count = 0                 # rich outputs of the current cell
-        self.live = _isatty(err)       # a terminal can show a transient status line
+        self.live = self.color["err"] and _isatty(err)  # a terminal that takes escapes shows a status line
         self.status_shown = False
         self.position = ""             # "cell 3/40 | " while the cells of a notebook run
 
@@ -2794,9 +2797,10 @@ def _isatty(stream) -> bool:
 
 
 def _use_color(stream, choice: str) -> bool:
+    """Whether ``stream`` gets escapes: --color, else a terminal unless NO_COLOR or TERM=dumb."""
     if choice != "auto":
         return choice == "always"
-    return _isatty(stream) and not os.environ.get("NO_COLOR")
+    return _isatty(stream) and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
 
 
 SERVER_PREFIX = "server:"  # -f and --write: a path in the server's contents API, relative to its root
@@ -2806,16 +2810,17 @@ def _read_code(args, remote: _RestClient | None, deadline: Deadline) -> tuple[st
     """The code to run and whether it came from stdin. Python source and notebooks are UTF-8."""
     if args.file is not None and args.code is not None:
         raise _UsageError("give the code as an argument or with -f, not both")
-    if args.file == "-":
+    if args.file == "-":  # UTF-8, whatever the console's code page (a BOM is accepted)
+        stdin = getattr(sys.stdin, "buffer", None)
         try:
-            return sys.stdin.read(), True
+            return (stdin.read().decode("utf-8-sig") if stdin is not None else sys.stdin.read()), True
         except UnicodeDecodeError:
             raise _UsageError("the code on stdin is not valid UTF-8") from None
     if args.file is not None and args.file.startswith(SERVER_PREFIX):
         return _read_server_file(remote, args.file[len(SERVER_PREFIX):], deadline), False
     if args.file is not None:
         try:
-            with open(args.file, encoding="utf-8") as f:
+            with open(args.file, encoding="utf-8-sig") as f:  # Windows editors may start it with a BOM
                 return f.read(), False
         except (OSError, UnicodeDecodeError) as exc:
             raise _UsageError(f"cannot read {args.file}: {getattr(exc, 'strerror', None) or exc}") from None
@@ -2999,10 +3004,40 @@ def _on_signal(signum: int, frame) -> None:
     raise _Signalled(signum)
 
 
+class _Output:
+    """stdout or stderr for the command line: characters its encoding lacks (a Windows
+    console's cp1252) are escaped rather than an error, and a reader that went away is a
+    BrokenPipeError on every platform (Windows often says EINVAL)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        try:
+            self._gone_is_broken(self.stream.write, text)
+        except UnicodeEncodeError:  # raised before anything is written
+            encoding = getattr(self.stream, "encoding", None) or "ascii"
+            self._gone_is_broken(self.stream.write, text.encode(encoding, "backslashreplace").decode(encoding))
+
+    def flush(self) -> None:
+        self._gone_is_broken(self.stream.flush)
+
+    def _gone_is_broken(self, call, *args) -> None:
+        try:
+            call(*args)
+        except OSError as exc:
+            if isinstance(exc, BrokenPipeError) or exc.errno != errno.EINVAL:
+                raise
+            raise BrokenPipeError(errno.EPIPE, "the reader went away") from exc
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
 def main(argv: list | None = None) -> int:
     """Run the command line; return the exit code."""
     import signal
-    out, err = sys.stdout, sys.stderr
+    out, err = _Output(sys.stdout), _Output(sys.stderr)
     previous = {}
     for name in ("SIGTERM", "SIGHUP"):  # CI cancellations, timeout(1), systemd, closed terminals
         with contextlib.suppress(AttributeError, ValueError, OSError):  # absent here, or not the main thread

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import base64
 import contextlib
+import errno
 import io
 import json
 import os
@@ -2087,6 +2088,43 @@ def test_cli_ctrl_c_sigterm_and_sighup_interrupt_and_delete_the_kernel(server, n
         proc.wait()
 
 
+def test_output_a_windows_console_cannot_encode_is_escaped_not_lost(server, no_leaks):
+    env = {"PYTHONIOENCODING": "cp1252"}  # what Python uses on Windows for a pipe or a file
+    proc = subprocess.run([sys.executable, str(MODULE), "--url", server.url, "-f", "-"],
+                          input="\ufeffprint('ok \u2713 \u00e9 \U0001f600')\n1/0".encode("utf-8"),
+                          env={**server.env, "JUPYTER_TOKEN": server.token, **env}, capture_output=True, timeout=120)
+    assert proc.returncode == 1 and proc.stdout.decode("cp1252") == "ok \\u2713 \u00e9 \\U0001f600\n"
+    assert b"ZeroDivisionError" in proc.stderr
+
+
+def test_files_with_a_bom_and_upper_case_suffixes_run(server, tmp_path, no_leaks):
+    script, notebook = tmp_path / "Script.PY", tmp_path / "NB.IPYNB"
+    script.write_bytes("\ufeffprint('py')\n".encode("utf-8"))
+    notebook.write_bytes(("\ufeff" + json.dumps(_notebook(("code", "print('nb')")))).encode("utf-8"))
+    assert cli("-f", str(script), server=server).stdout == "py\n"
+    proc = cli("-f", str(notebook), "--json", server=server)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["cells"][0]["stdout"] == "nb\n"
+
+
+def test_no_unix_sockets_on_the_platform_is_one_line_and_exit_3():
+    code = ("import socket, runpy, sys\ndel socket.AF_UNIX\nsys.argv = sys.argv[1:]\n"
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code, str(MODULE), "--url", "http+unix://%2Ftmp%2Fno.sock/",
+                           "--token", "t", "1"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3 and proc.stderr.splitlines() == [
+        "jupyter_call: error: server at http+unix://%2Ftmp%2Fno.sock/ is not reachable: "
+        "Unix sockets are not available on this platform"]
+
+
+def test_a_reader_that_goes_away_with_einval_is_a_broken_pipe(server, monkeypatch, no_leaks):
+    class Gone(io.StringIO):  # a Windows pipe whose reader quit
+        def write(self, text):
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(sys, "stdout", Gone())
+    assert jc.main(["--url", server.url, "--token", server.token, "print(1)"]) == jc.EXIT_BROKEN_PIPE
+
+
 def test_cli_stops_quietly_when_the_reader_goes_away(server, no_leaks):
     cmd = [sys.executable, str(MODULE), "--url", server.url, "--token", server.token,
            "import time\nfor i in range(100000):\n    print(i, flush=True)\n    time.sleep(0.001)"]
@@ -2383,6 +2421,12 @@ def test_terminal_shows_a_transient_status_line_while_a_cell_is_silent(server, n
     assert re.fullmatch(r"\[running \d+s \| kernel busy \| Ctrl-C to interrupt\]", _screen(before)[-1])
     final = [line for line in _screen(data) if line]
     assert final == ["start", "end"]
+
+
+@pytest.mark.parametrize("args, env", [(["--color", "never"], {}), ([], {"NO_COLOR": "1"}), ([], {"TERM": "dumb"})])
+def test_no_status_line_on_a_terminal_that_wants_no_escapes(server, no_leaks, args, env):
+    _, data, code = _pty_run(server, [*args, "import time; time.sleep(3); print('end')"], env=env)
+    assert code == 0 and b"\x1b" not in data and b"running" not in data and data.strip() == b"end"
 
 
 def test_no_status_line_in_pipes(server, no_leaks):
