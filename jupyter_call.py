@@ -1634,16 +1634,19 @@ class _Execution:
 
 # ---- Server discovery ------------------------------------------------------------
 
-def _data_dir() -> str:
-    if os.environ.get("JUPYTER_DATA_DIR"):
-        return os.environ["JUPYTER_DATA_DIR"]
+def _data_dir(platform: str = sys.platform, environ=os.environ) -> str:
+    """Jupyter's data dir, by jupyter_core's rules (JUPYTER_PLATFORM_DIRS=1: the platform's own)."""
+    if environ.get("JUPYTER_DATA_DIR"):
+        return environ["JUPYTER_DATA_DIR"]
+    platform_dirs = environ.get("JUPYTER_PLATFORM_DIRS", "").lower() not in ("", "no", "n", "false", "off", "0", "0.0")
     home = os.path.expanduser("~")
-    if sys.platform == "darwin":
-        return os.path.join(home, "Library", "Jupyter")
-    if os.name == "nt":
-        appdata = os.environ.get("APPDATA") or os.path.join(home, "AppData", "Roaming")
-        return os.path.join(appdata, "jupyter")
-    xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(home, ".local", "share")
+    if platform == "darwin":
+        return os.path.join(home, "Library", *(("Application Support", "jupyter") if platform_dirs else ("Jupyter",)))
+    if platform == "win32":
+        if platform_dirs:  # the local, not the roaming, application data
+            return os.path.join(environ.get("LOCALAPPDATA") or os.path.join(home, "AppData", "Local"), "jupyter")
+        return os.path.join(environ.get("APPDATA") or os.path.join(home, "AppData", "Roaming"), "jupyter")
+    xdg = environ.get("XDG_DATA_HOME") or os.path.join(home, ".local", "share")
     return os.path.join(xdg, "jupyter")
 
 
@@ -1651,11 +1654,11 @@ def _runtime_dir() -> str:
     return os.environ.get("JUPYTER_RUNTIME_DIR") or os.path.join(_data_dir(), "runtime")
 
 
-def _pid_alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
+def _pid_alive(pid: object, platform: str = sys.platform) -> bool:
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return False
-    if os.name == "nt":
-        return True  # os.kill(pid, 0) would terminate on Windows; trust the file
+    if platform == "win32":
+        return _windows_process_alive(pid)  # os.kill(pid, 0) would terminate it on Windows
     try:
         os.kill(pid, 0)
     except PermissionError:
@@ -1663,6 +1666,20 @@ def _pid_alive(pid: object) -> bool:
     except OSError:
         return False
     return True
+
+
+def _windows_process_alive(pid: int, kernel32=None) -> bool:
+    """Ask Windows whether process ``pid`` still runs (a dead server's runtime file must not win)."""
+    import ctypes
+    kernel32 = kernel32 or ctypes.WinDLL("kernel32", use_last_error=True)
+    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return getattr(ctypes, "get_last_error", int)() == 5  # ERROR_ACCESS_DENIED: another user's
+    try:
+        code = ctypes.c_ulong()
+        return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259  # STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
 
 
 DEFAULT_URL = "http://localhost:8888/"  # where `jupyter server` listens by default
@@ -3239,6 +3256,40 @@ def _write_notebook(path: str, notebook: dict, remote: _RestClient | None, deadl
             f.write("\n")
     except OSError as exc:
         raise _UsageError(f"cannot write {path}: {exc.strerror}") from None
+
+
+if sys.version_info < (3, 10) and __name__ != "__main__":
+    # Python 3.9 cannot evaluate "X | None"; editors, documentation tools and pydantic read the
+    # public API's hints with typing.get_type_hints, so there they are spelled with Union.
+    import typing
+
+    def _union(hint: str) -> str:
+        parts, depth, start = [], 0, 0
+        for i, char in enumerate(hint):
+            depth += (char == "[") - (char == "]")
+            if depth == 0 and hint.startswith(" | ", i):
+                parts.append(hint[start:i])
+                start = i + 3
+        parts = [part.strip() for part in parts + [hint[start:]]]
+        inner = [re.sub(r"\[(.*)\]$", lambda m: "[" + ", ".join(_union(x) for x in _split_args(m.group(1))) + "]", p)
+                 for p in parts]
+        return inner[0] if len(inner) == 1 else f"typing.Union[{', '.join(inner)}]"
+
+    def _split_args(text: str) -> list:
+        args, depth, start = [], 0, 0
+        for i, char in enumerate(text):
+            depth += (char == "[") - (char == "]")
+            if depth == 0 and char == ",":
+                args.append(text[start:i])
+                start = i + 1
+        return args + [text[start:]]
+
+    for _public in [globals()[name] for name in __all__]:
+        for _function in [_public, *vars(_public).values()] if isinstance(_public, type) else [_public]:
+            _function = getattr(_function, "__func__", _function)
+            for _name, _hint in getattr(_function, "__annotations__", {}).items():
+                if isinstance(_hint, str) and "|" in _hint:
+                    _function.__annotations__[_name] = _union(_hint)
 
 
 if __name__ == "__main__":

@@ -537,6 +537,40 @@ def test_list_servers_reads_runtime_files_newest_first_and_skips_dead_ones(tmp_p
     assert servers[1]["root_dir"] == "/nb" and servers[0]["token"] == "t2"
 
 
+@pytest.mark.parametrize("platform, env, where", [
+    ("linux", {}, "~/.local/share/jupyter"), ("linux", {"JUPYTER_PLATFORM_DIRS": "1"}, "~/.local/share/jupyter"),
+    ("linux", {"XDG_DATA_HOME": "/x"}, "/x/jupyter"), ("darwin", {}, "~/Library/Jupyter"),
+    ("darwin", {"JUPYTER_PLATFORM_DIRS": "1"}, "~/Library/Application Support/jupyter"),
+    ("darwin", {"JUPYTER_PLATFORM_DIRS": "off"}, "~/Library/Jupyter"),
+    ("win32", {"APPDATA": "/r", "LOCALAPPDATA": "/l"}, "/r/jupyter"),
+    ("win32", {"APPDATA": "/r", "LOCALAPPDATA": "/l", "JUPYTER_PLATFORM_DIRS": "true"}, "/l/jupyter"),
+    ("win32", {"JUPYTER_DATA_DIR": "/d", "JUPYTER_PLATFORM_DIRS": "1"}, "/d"),
+])
+def test_discovery_follows_jupyter_cores_directories_on_each_platform(platform, env, where):
+    assert jc._data_dir(platform, env) == os.path.expanduser(where)
+
+
+def test_windows_discovery_asks_whether_the_servers_process_still_runs():
+    class Kernel32:  # the answers Windows gives for a running process and for one that exited
+        def __init__(self, exit_code):
+            self.exit_code, self.closed = exit_code, False
+
+        def OpenProcess(self, access, inherit, pid):
+            return 42 if pid == 7 else 0
+
+        def GetExitCodeProcess(self, handle, code):
+            code._obj.value = self.exit_code
+            return 1
+
+        def CloseHandle(self, handle):
+            self.closed = True
+
+    running, exited = Kernel32(259), Kernel32(0)
+    assert jc._windows_process_alive(7, running) and running.closed
+    assert not jc._windows_process_alive(7, exited) and not jc._windows_process_alive(8, running)
+    assert not jc._pid_alive(True) and not jc._pid_alive("7", "win32")
+
+
 def test_resolve_server_prefers_arguments_then_environment_then_discovery(tmp_path, monkeypatch):
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path))
     for var in ("JUPYTER_URL", "JUPYTER_TOKEN", "JUPYTER_TOKEN_FILE"):
@@ -2272,6 +2306,26 @@ def _pyenv_python(version):
     for candidate in sorted(root.glob(f"{version}.*/bin/python{version}"), reverse=True):
         return str(candidate)
     pytest.skip(f"python{version} is not installed")
+
+
+def test_the_public_api_hints_resolve_on_python_3_9():
+    check = ("import typing, jupyter_call as jc\n"
+             "for name in jc.__all__:\n"
+             "    obj = getattr(jc, name)\n"
+             "    for f in ([obj, *vars(obj).values()] if isinstance(obj, type) else [obj]):\n"
+             "        f = getattr(f, '__func__', f)\n"
+             "        if callable(f) and getattr(f, '__annotations__', None):\n"
+             "            typing.get_type_hints(f)\n"
+             "print(typing.get_type_hints(jc.Kernel.execute)['stdin'])\n")
+    proc = subprocess.run([_pyenv_python("3.9"), "-c", check], capture_output=True, text=True, timeout=60, cwd=str(HERE))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == ("typing.Union[collections.abc.Iterable[str], "
+                                   "collections.abc.Callable[[str, bool], str], NoneType]")
+
+
+def test_the_handshake_digest_has_a_fallback_for_pythons_without_sha1_module(monkeypatch):
+    monkeypatch.setitem(sys.modules, "_sha1", None)  # a private module a future Python may drop
+    assert jc.accept_key("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
 
 
 @pytest.mark.parametrize("version", ["3.9", "3.13"])
