@@ -1898,6 +1898,7 @@ class Kernel:
         self._ws: WebSocket | None = None
         self._owned = False
         self._cleanup: Deadline | None = None  # the cleanup budget, once cleanup has begun
+        self._ahead: dict = {}  # msg_id of a request sent ahead -> its messages that came early
         self.id: str | None = None
         deadline = Deadline(timeout)
         try:
@@ -2049,26 +2050,25 @@ class Kernel:
 
     def _execute(self, code: str, deadline: Deadline, *, on_output=None, stdin=None, silent: bool = False,
                  store_history: bool = True, keep_outputs: bool = True, on_wait=None,
-                 stop_on_error: bool = True, displays: dict | None = None) -> Result:
+                 stop_on_error: bool = True, displays: dict | None = None, sent: dict | None = None) -> Result:
         """``execute`` within a deadline shared with other steps of a call.
 
         ``keep_outputs=False`` keeps no output in the Result (a streaming caller
         has seen them); ``on_wait(quiet, elapsed)`` runs every STATUS_TICK;
-        ``displays`` (display_id -> outputs) is shared by the cells of a notebook.
+        ``displays`` (display_id -> outputs) is shared by the cells of a notebook;
+        ``sent`` is a request that ``_send_ahead`` sent already (``code`` unused).
         """
         if self._ws is None:
             raise JupyterError("the kernel is closed")
         self._cleanup = None
         answer = _stdin_answerer(stdin)
-        request = execute_request(code, session=self.session_id, silent=silent, store_history=store_history,
-                                  allow_stdin=answer is not None, stop_on_error=stop_on_error)
+        request = sent or self._send_ahead(code, deadline, silent=silent, store_history=store_history,
+                                           allow_stdin=answer is not None, stop_on_error=stop_on_error)
         run = _Execution(request["header"]["msg_id"], on_output, keep_outputs=keep_outputs, displays=displays)
         try:
-            self._send(request, deadline)
-        except WebSocketClosed:  # the idle connection dropped since the last call
-            self._reconnect(deadline)
-            self._send(request, deadline)
-        try:
+            for msg in self._ahead.pop(run.msg_id, ()):  # what arrived while earlier cells ran
+                run.feed(msg)
+                self._serve_input(run, answer, deadline)
             self._wait(run, deadline, answer, on_wait, request)
         except ExecutionTimeout as exc:
             self._interrupt_and_settle(run)
@@ -2088,6 +2088,18 @@ class Kernel:
                 self._interrupt_and_settle(run)
             raise
         return run.finish()
+
+    def _send_ahead(self, code: str, deadline: Deadline, **options) -> dict:
+        """Send an execute_request now, to be waited for later by ``_execute(sent=...)``; the kernel
+        queues it, so a notebook's cells run back to back instead of a round trip apart."""
+        request = execute_request(code, session=self.session_id, **options)
+        self._ahead[request["header"]["msg_id"]] = []
+        try:
+            self._send(request, deadline)
+        except WebSocketClosed:  # the idle connection dropped since the last call
+            self._reconnect(deadline)
+            self._send(request, deadline)
+        return request
 
     def _wait(self, run: _Execution, deadline: Deadline, answer, on_wait, request: dict | None) -> None:
         """Feed ``run`` until it is done, under the clocks of the Strategy above."""
@@ -2115,6 +2127,10 @@ class Kernel:
             now = time.monotonic()
             if msg is not None:
                 quiet_since = now
+                ahead = self._ahead.get(msg["parent_header"].get("msg_id"))
+                if ahead is not None and msg["parent_header"]["msg_id"] != run.msg_id:
+                    ahead.append(msg)  # a later request's: kept until it is waited for
+                    continue
                 run.feed(msg)
                 if run.died:
                     raise KernelDied(self.id, run.died)
@@ -2286,6 +2302,7 @@ def run_code(code: str, url: str | None = None, token: str | None = None, *,
 # spanning the notebook) and takes parameters as papermill does.
 
 SKIP_TAG = "skip-execution"        # nbclient: the cell is not run; its stored outputs stay
+PIPELINE_DEPTH = 16                # cells sent ahead of the one waited for (the kernel queues them)
 RAISES_TAG = "raises-exception"    # nbclient: the cell may fail and the run goes on
 PARAMETERS_TAG = "parameters"      # papermill: parameters are injected after this cell
 INJECTED_TAG = "injected-parameters"
@@ -2413,17 +2430,21 @@ def _execute_notebook(kernel: Kernel, notebook: dict, deadline: Deadline, result
     for cell in code:
         if id(cell) in runs:
             cell["outputs"], cell["execution_count"] = [], None
-    failed, displays = 0, {}
-    for number, cell in enumerate(code, 1):
-        if id(cell) not in runs:
-            continue
+    failed, displays, sent = 0, {}, {}
+    queue = [(number, cell) for number, cell in enumerate(code, 1) if id(cell) in runs]
+    for position, (number, cell) in enumerate(queue):
+        allowed = RAISES_TAG in _tags(cell)
+        if not cell_timeout:  # keep the kernel's queue full (not with a cell's clock: it would start in the queue)
+            for _, ahead in queue[len(sent):position + PIPELINE_DEPTH]:
+                sent[id(ahead)] = kernel._send_ahead(_source(ahead), deadline, allow_stdin=stdin is not None,
+                                                     stop_on_error=not (keep_going or RAISES_TAG in _tags(ahead)))
         if on_cell is not None:
             on_cell(number, len(code))
-        allowed = RAISES_TAG in _tags(cell)
         limit = Deadline(deadline.remaining(cell_timeout)) if cell_timeout else deadline
         try:
             result = kernel._execute(_source(cell), limit, on_output=on_output, stdin=stdin, keep_outputs=keep_outputs,
-                                     on_wait=on_wait, stop_on_error=not allowed, displays=displays)
+                                     on_wait=on_wait, stop_on_error=not (keep_going or allowed), displays=displays,
+                                     sent=sent.get(id(cell)))
         except (ExecutionTimeout, KernelDied) as exc:
             result = exc.result or Result()
             if not isinstance(exc, ExecutionTimeout) or not cell_timeout or deadline.expired:
