@@ -2483,6 +2483,14 @@ def test_no_status_line_on_a_terminal_that_wants_no_escapes(server, no_leaks, ar
     assert code == 0 and b"\x1b" not in data and b"running" not in data and data.strip() == b"end"
 
 
+def test_terminal_says_which_cell_of_a_notebook_runs(server, tmp_path, no_leaks):
+    path = tmp_path / "two.py"
+    path.write_text("# %%\nx = 1\n# %%\nprint(x)\n")
+    _, data, code = _pty_run(server, ["-f", str(path)])
+    assert code == 0 and b"[cell 1/2]" in data and b"[cell 2/2]" in data
+    assert cli("-f", str(path), server=server).stderr == ""  # never in pipes
+
+
 def test_no_status_line_in_pipes(server, no_leaks):
     proc = cli("import time; time.sleep(3); print('quiet')", server=server)
     assert proc.stdout == "quiet\n" and "running" not in proc.stderr
