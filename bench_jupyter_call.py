@@ -1119,6 +1119,13 @@ def _cli_run(server: _Server, protocol: str, code: str, mb: int) -> dict:
             "rc": rc, "ok": ok, "stderr": stderr}
 
 
+def _print_setup(what: str) -> None:
+    """The first lines of a report: what ran, on which versions and machine."""
+    print(f"jupyter_call {jupyter_call.__version__} (jupyter_call.py sha256 {_source_digest()}) "
+          f"{what}; python {sys.version.split()[0]} on {sys.platform}, {os.cpu_count()} cores")
+    print(f"with {_versions()}")
+
+
 def cmd_cli_rss(args: argparse.Namespace) -> int:
     if args.mb < 1:
         print("cli-rss: --mb must be at least 1", file=sys.stderr)
@@ -1133,10 +1140,7 @@ def cmd_cli_rss(args: argparse.Namespace) -> int:
     if not protocols or any(p not in ("auto", "v1", "legacy") for p in protocols):
         print("cli-rss: --protocols takes a comma-separated list of auto, v1, legacy", file=sys.stderr)
         return 2
-    print(f"jupyter_call {jupyter_call.__version__} (jupyter_call.py sha256 {_source_digest()}) "
-          f"cli-rss: {args.mb} MB; python {sys.version.split()[0]} on {sys.platform}, "
-          f"{os.cpu_count()} cores")
-    print(f"with {_versions()}")
+    _print_setup(f"cli-rss: {args.mb} MB")
     rows = []
     server = _Server()
     try:
@@ -1196,10 +1200,7 @@ def cmd_notebook(args: argparse.Namespace) -> int:
     if not _has_module("jupyter_server") or not _has_module("nbclient"):
         print("notebook: needs jupyter_server and nbclient (pip install notebook)", file=sys.stderr)
         return 2
-    print(f"jupyter_call {jupyter_call.__version__} (jupyter_call.py sha256 {_source_digest()}) "
-          f"notebook: {args.cells} cells, {args.rounds} rounds; python {sys.version.split()[0]} on "
-          f"{sys.platform}, {os.cpu_count()} cores")
-    print(f"with {_versions()}")
+    _print_setup(f"notebook: {args.cells} cells, {args.rounds} rounds")
     server = _Server()
     walls: dict = {"jupyter_call": [], "jupyter execute": []}
     try:
