@@ -2127,9 +2127,7 @@ class Kernel:
             now = time.monotonic()
             if msg is not None:
                 quiet_since = now
-                ahead = self._ahead.get(msg["parent_header"].get("msg_id"))
-                if ahead is not None and msg["parent_header"]["msg_id"] != run.msg_id:
-                    ahead.append(msg)  # a later request's: kept until it is waited for
+                if not self._is_for(run, msg):
                     continue
                 run.feed(msg)
                 if run.died:
@@ -2149,6 +2147,14 @@ class Kernel:
                     request = None
             if ending:
                 return  # one of reply/idle never came; what arrived is the result
+
+    def _is_for(self, run: _Execution, msg: dict) -> bool:
+        """False for a message of a request sent ahead of ``run``: it waits in ``_ahead`` for its turn."""
+        parent = msg["parent_header"].get("msg_id")
+        if parent != run.msg_id and parent in self._ahead:
+            self._ahead[parent].append(msg)
+            return False
+        return True
 
     def _serve_input(self, run: _Execution, answer, deadline: Deadline) -> None:
         """Answer the kernel's input_request, if one came (EOF without an ``answer``)."""
@@ -2185,8 +2191,9 @@ class Kernel:
                 msg = self._next_message(until.remaining())
                 if msg is None:
                     break
-                run.feed(msg)
-                self._serve_input(run, None, until)
+                if self._is_for(run, msg):
+                    run.feed(msg)
+                    self._serve_input(run, None, until)
 
     # -- control --
 
@@ -2251,6 +2258,7 @@ class Kernel:
         budget = self._cleanup if self._cleanup is not None and not self._cleanup.expired else None
         budget, self._cleanup = budget or Deadline(CLEANUP_TIMEOUT), None
         ws, self._ws = self._ws, None
+        self._ahead.clear()
         try:
             if ws is not None:
                 ws.close_timeout = min(ws.close_timeout, max(0.0, budget.remaining() - DELETE_RESERVE))
