@@ -99,6 +99,11 @@ class ServerError(JupyterError):
 FIXES = {
     "token": "pass token= or set JUPYTER_TOKEN",
     "tls": "pass an ssl_context that trusts its CA, or set SSL_CERT_FILE",
+    "tls-context": "the ssl_context given does not trust it; load the CA that signed its certificate",
+    "tls-store": ("this Python has no CA certificates (on macOS, run 'Install Certificates.command' "
+                  "in the Python folder); set SSL_CERT_FILE, or pass an ssl_context"),
+    "tls-strict": ("Python 3.13+ checks certificates strictly (ssl.VERIFY_X509_STRICT): reissue the "
+                   "certificate or its CA with what is named, or clear that flag in an ssl_context"),
     "notebook": "open it in JupyterLab first, or use session=",
     "protocol": "use protocol='legacy'",
 }
@@ -524,11 +529,65 @@ def _within(timeout: float | None) -> str:
     return f" within {_seconds(timeout)}" if timeout is not None else " (the system's timeout)"
 
 
-def _set_timeout(sock: socket.socket, deadline: Deadline) -> None:
-    left = deadline.remaining()
-    if left is not None and left <= 0:
-        raise socket.timeout("timed out")
-    sock.settimeout(left)
+# Windows runs a Python signal handler only when the blocking call in progress returns,
+# and a socket wait is one call. There every wait is cut into slices of this many
+# seconds, so Ctrl-C, Ctrl-Break and the console's close act within half a second;
+# elsewhere a signal ends the wait itself.
+WAIT_SLICE = 0.5 if sys.platform == "win32" else None
+
+
+def _io(sock: socket.socket, deadline: Deadline, call, *args):
+    """``call(*args)`` on ``sock`` within ``deadline``, waiting at most WAIT_SLICE at a time.
+
+    For calls that may be made again after a timeout: recv, send, the TLS handshake.
+    """
+    while True:
+        left = deadline.remaining()
+        if left is not None and left <= 0:
+            raise socket.timeout("timed out")  # (a zero timeout would make the socket non-blocking)
+        last = WAIT_SLICE is None or (left is not None and left <= WAIT_SLICE)
+        sock.settimeout(left if last else WAIT_SLICE)
+        try:
+            return call(*args)
+        except socket.timeout:
+            if last:
+                raise
+
+
+def _recv(sock: socket.socket, size: int, deadline: Deadline) -> bytes:
+    return _io(sock, deadline, sock.recv, size)
+
+
+def _sendall(sock: socket.socket, data: bytes, deadline: Deadline) -> None:
+    """Send all of ``data`` within ``deadline``; after a timeout part of it may be out."""
+    if WAIT_SLICE is None:
+        _io(sock, deadline, sock.sendall, data)
+        return
+    view = memoryview(data)
+    while view:
+        view = view[_io(sock, deadline, sock.send, view):]
+
+
+_CONNECTING = {errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY, 10035}  # 10035: WSAEWOULDBLOCK
+
+
+def _connect(sock: socket.socket, address, deadline: Deadline) -> None:
+    """Connect within ``deadline``; in WAIT_SLICE slices where they are set."""
+    if WAIT_SLICE is None:
+        _io(sock, deadline, sock.connect, address)
+        return
+    import select
+    sock.setblocking(False)
+    code = sock.connect_ex(address)
+    while code in _CONNECTING:
+        left = deadline.remaining(WAIT_SLICE)
+        if left <= 0:
+            raise socket.timeout("timed out")
+        _, writable, failed = select.select([], [sock], [sock], left)  # Windows reports a refusal in `failed`
+        if writable or failed:
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if code:
+        raise OSError(code, os.strerror(code))
 
 
 class WebSocket:
@@ -600,7 +659,7 @@ class WebSocket:
                 step = "complete the websocket handshake" if sock is not None else "accept a connection"
                 raise ServerError(origin, f"did not {step}{_within(timeout)}") from None
             if isinstance(exc, OSError):
-                raise _unreachable(origin, exc) from exc
+                raise _unreachable(origin, exc, ssl_context) from exc
             raise
 
     @classmethod
@@ -657,8 +716,7 @@ class WebSocket:
         # 5.3: the masking key MUST be unpredictable: a fresh one per frame.
         data = frame.serialize(mask_key=os.urandom(4))
         try:
-            self.sock.settimeout(deadline.remaining())
-            self.sock.sendall(data)
+            _sendall(self.sock, data, deadline)
         except socket.timeout:  # part of the frame may be out: the connection is unusable
             self._lost(f"a send did not finish{_within(deadline.timeout)}")
         except OSError as exc:
@@ -709,12 +767,11 @@ class WebSocket:
     def _fill(self, needed: int, deadline: Deadline) -> None:
         """One receive towards ``needed`` buffered bytes; a timeout loses nothing."""
         sock = self.sock
-        _set_timeout(sock, deadline)
         if _TCP_QUICKACK is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
         try:
-            chunk = sock.recv(min(max(needed - len(self._buf), RECV_SIZE), RECV_SIZE_MAX))
+            chunk = _recv(sock, min(max(needed - len(self._buf), RECV_SIZE), RECV_SIZE_MAX), deadline)
         except socket.timeout:
             raise
         except OSError as exc:
@@ -725,8 +782,9 @@ class WebSocket:
 
     def _on_control(self, frame: Frame, deadline: Deadline) -> None:
         if frame.opcode == PING:
-            # 5.5.2: on a Ping an endpoint MUST send a Pong with the same payload.
-            self._send_frame(Frame(PONG, frame.payload), deadline)
+            # 5.5.2: on a Ping an endpoint MUST send a Pong with the same payload, whatever
+            # is left of the caller's wait: a few bytes that a live connection takes at once.
+            self._send_frame(Frame(PONG, frame.payload), Deadline(self.close_timeout))
         elif frame.opcode == CLOSE:
             code, reason = parse_close(frame.payload)
             # 5.5.1: answer a Close with a Close, echoing its code.
@@ -757,18 +815,15 @@ class WebSocket:
 
     def _send_close(self, code: int, reason: str, deadline: Deadline) -> None:
         with contextlib.suppress(OSError):
-            _set_timeout(self.sock, deadline)
-            self.sock.sendall(Frame(CLOSE, close_payload(code, reason)).serialize(mask_key=os.urandom(4)))
+            _sendall(self.sock, Frame(CLOSE, close_payload(code, reason)).serialize(mask_key=os.urandom(4)), deadline)
 
     def _finish(self, code: int, reason: str, deadline: Deadline) -> None:
         """7.1.1: after the close handshake the client waits for the server's TCP close."""
         self.close_code, self.close_reason = code, reason
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_WR)
-            while True:
-                _set_timeout(self.sock, deadline)
-                if not self.sock.recv(RECV_SIZE):
-                    break
+            while _recv(self.sock, RECV_SIZE, deadline):
+                pass
         self.sock.close()
 
     def abort(self, reason: str = "aborted") -> None:
@@ -802,8 +857,7 @@ def _open_socket(host: str, port: int, unix_socket: str | None, proxy: str | Non
             raise OSError(errno.EAFNOSUPPORT, "Unix sockets are not available on this platform")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            _set_timeout(sock, deadline)
-            sock.connect(unix_socket)
+            _connect(sock, unix_socket, deadline)
         except BaseException:
             sock.close()
             raise
@@ -814,13 +868,22 @@ def _open_socket(host: str, port: int, unix_socket: str | None, proxy: str | Non
     # getaddrinfo() encodes a str host with the idna codec, an import of ~1.5 ms
     # that plain ASCII names do not need.
     name = host.encode("ascii") if host.isascii() else host
-    left = deadline.remaining()
-    if left is not None and left <= 0:
-        raise socket.timeout("timed out")  # (a zero timeout would make the connect non-blocking)
-    sock = socket.create_connection((name, port), timeout=left)
-    # Each message leaves in one sendall; no reason to let Nagle hold it back.
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
+    failure: OSError = OSError(errno.EADDRNOTAVAIL, "no address")
+    for family, kind, proto, _, address in socket.getaddrinfo(name, port, 0, socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:  # every address in the one budget, not a budget each as socket.create_connection
+            _connect(sock, address, deadline)
+        except OSError as exc:
+            sock.close()
+            failure = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        # Each message leaves in one sendall; no reason to let Nagle hold it back.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+    raise failure
 
 
 def _open_stream(host: str, port: int, secure: bool, ssl_context: object, unix_socket: str | None,
@@ -831,8 +894,9 @@ def _open_stream(host: str, port: int, secure: bool, ssl_context: object, unix_s
         if proxy and tunnel:
             _connect_tunnel(sock, proxy, host, port, deadline)
         if secure:
-            _set_timeout(sock, deadline)
-            sock = (ssl_context or _ssl_module().create_default_context()).wrap_socket(sock, server_hostname=host)
+            context = ssl_context or _ssl_module().create_default_context()
+            sock = context.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
+            _io(sock, deadline, sock.do_handshake)
         return sock
     except BaseException:
         sock.close()
@@ -864,14 +928,12 @@ def _http_exchange(sock: socket.socket, lines: list, deadline: Deadline,
     """Send a request; return the answer's status, header fields and the bytes after its head."""
     if any(_CONTROL_CHARS.search(line) for line in lines):
         raise ConfigError("a request header holds a control character (CR, LF, NUL, ...); nothing was sent")
-    _set_timeout(sock, deadline)
-    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+    _sendall(sock, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body, deadline)
     buf = bytearray()
     while b"\r\n\r\n" not in buf:
         if len(buf) > MAX_HANDSHAKE:
             raise WebSocketError(CloseCode.PROTOCOL_ERROR, f"HTTP answer head longer than {MAX_HANDSHAKE} bytes")
-        _set_timeout(sock, deadline)
-        chunk = sock.recv(4096)
+        chunk = _recv(sock, 4096, deadline)
         if not chunk:
             raise WebSocketClosed(CloseCode.ABNORMAL, "connection closed during the handshake")
         buf += chunk
@@ -904,8 +966,7 @@ def _read_http_body(sock: socket.socket, fields: dict, buffered: bytes, deadline
     buf = bytearray(buffered)
 
     def more() -> None:
-        _set_timeout(sock, deadline)
-        chunk = sock.recv(RECV_SIZE)
+        chunk = _recv(sock, RECV_SIZE, deadline)
         if not chunk:
             raise ValueError("the connection closed in the middle of the answer")
         buf.extend(chunk)
@@ -941,8 +1002,7 @@ def _read_http_body(sock: socket.socket, fields: dict, buffered: bytes, deadline
             more()
         return bytes(buf[:int(length)])
     while len(buf) <= limit:  # no length: the body ends with the connection
-        _set_timeout(sock, deadline)
-        chunk = sock.recv(RECV_SIZE)
+        chunk = _recv(sock, RECV_SIZE, deadline)
         if not chunk:
             return bytes(buf)
         buf.extend(chunk)
@@ -977,9 +1037,35 @@ def _untrusted(exc: BaseException) -> bool:
     return type(exc).__name__ == "SSLCertVerificationError"  # asked without importing ssl
 
 
-def _unreachable(url: str, exc: BaseException) -> ServerError:
+def _unreachable(url: str, exc: BaseException, ssl_context: object = None) -> ServerError:
     """The ServerError for a network error."""
-    return ServerError(url, f"is not reachable: {_os_reason(exc)}", fix="tls" if _untrusted(exc) else None)
+    return ServerError(url, f"is not reachable: {_os_reason(exc)}", fix=_tls_fix(exc, ssl_context is not None))
+
+
+# OpenSSL's X509_V_ERR codes 80-94 come from the checks that VERIFY_X509_STRICT turns on;
+# ssl.create_default_context() sets it from Python 3.13 on, so private CAs that older
+# Pythons accepted fail there ("Basic Constraints of CA cert not marked critical").
+_STRICT_VERIFY_CODES = range(80, 95)
+
+
+def _tls_fix(exc: BaseException, custom_context: bool, platform: str = sys.platform) -> str | None:
+    """The FIXES key for a certificate that failed to verify: what actually failed."""
+    if not _untrusted(exc):
+        return None
+    if getattr(exc, "verify_code", None) in _STRICT_VERIFY_CODES:
+        return "tls-strict"
+    if custom_context:
+        return "tls-context"
+    if platform != "win32" and _no_ca_store():  # Windows reads its own store, not files
+        return "tls-store"
+    return "tls"
+
+
+def _no_ca_store() -> bool:
+    """Whether the default context finds no CA file or folder (a python.org macOS install
+    before its certificate step, a container without ca-certificates)."""
+    paths = _ssl_module().get_default_verify_paths()
+    return paths.cafile is None and paths.capath is None
 
 
 # ---- Jupyter REST API ---------------------------------------------------------
@@ -1040,7 +1126,7 @@ class _RestClient:
         except socket.timeout:
             raise ServerError(self.url, f"did not answer {method} {path} within {_seconds(budget.timeout)}") from None
         except OSError as exc:
-            raise _unreachable(self.url, exc) from exc
+            raise _unreachable(self.url, exc, self.ssl_context) from exc
         except (ValueError, WebSocketError) as exc:  # not HTTP, too big, too many redirects
             reason = exc.reason if isinstance(exc, WebSocketError) else exc
             raise ServerError(self.url, f"broke HTTP answering {method} {path}: {reason}") from None
@@ -2527,13 +2613,19 @@ EXIT_SERVER = 3         # cannot reach the server, token refused, server or prot
 EXIT_DIED = 4           # the kernel died while running the code
 EXIT_TIMEOUT = 124      # --timeout expired; the kernel was interrupted (as timeout(1))
 EXIT_INTERRUPTED = 130  # Ctrl-C; the kernel was interrupted (128 + SIGINT)
-# SIGTERM and SIGHUP end a call as Ctrl-C does, with 128 + their number: 143, 129.
+# SIGTERM and SIGHUP end a call as Ctrl-C does, with 128 + their number: 143, 129; on
+# Windows, Ctrl-Break and the console's close as SIGBREAK: 149.
 EXIT_BROKEN_PIPE = 141  # the reader of stdout went away, as `| head` does (128 + SIGPIPE)
 
 # FIXES, in the command line's words.
 _CLI_FIXES = {
     "token": "set JUPYTER_TOKEN or pass --token",
     "tls": "pass --cafile or set SSL_CERT_FILE for a private CA, or --insecure",
+    "tls-context": "the --cafile given did not sign its certificate; pass the CA that did, or --insecure",
+    "tls-store": ("this Python has no CA certificates: on macOS run 'Install Certificates.command' "
+                  "in the Python folder, or set SSL_CERT_FILE; --cafile for a private CA"),
+    "tls-strict": ("Python 3.13+ checks certificates strictly: reissue the certificate or its CA "
+                   "with what is named, or pass --insecure"),
     "notebook": "open it in JupyterLab first, or use --session",
     "protocol": "use --protocol legacy",
 }
@@ -2567,6 +2659,7 @@ exit codes:
   130  Ctrl-C (the kernel was interrupted; a second Ctrl-C gives up at once)
   141  the reader of stdout went away (as with | head)
   143  SIGTERM, 129 SIGHUP: as Ctrl-C (the kernel interrupted, what was started deleted)
+  149  Windows: Ctrl-Break or the console closed, as SIGTERM
 """
 
 
@@ -2843,10 +2936,38 @@ def _isatty(stream) -> bool:
 
 
 def _use_color(stream, choice: str) -> bool:
-    """Whether ``stream`` gets escapes: --color, else a terminal unless NO_COLOR or TERM=dumb."""
+    """Whether ``stream`` gets escapes: --color, else a terminal that shows them, unless
+    NO_COLOR or TERM=dumb."""
     if choice != "auto":
         return choice == "always"
-    return _isatty(stream) and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+    return (_isatty(stream) and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+            and (sys.platform != "win32" or _windows_escapes(stream)))
+
+
+ENABLE_VIRTUAL_TERMINAL_PROCESSING = 0x0004
+
+
+def _windows_escapes(stream, kernel32=None) -> bool:
+    """Whether a Windows console shows escapes rather than printing them as ``←[``: it does once
+    VT processing is on (Windows 10 1511 and later let a program switch it on)."""
+    import ctypes
+    import msvcrt
+    try:
+        handle = msvcrt.get_osfhandle(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+    return _enable_vt(handle, kernel32 or ctypes.WinDLL("kernel32", use_last_error=True))
+
+
+def _enable_vt(handle: int, kernel32) -> bool:
+    """Switch VT processing on for a console handle; False where the console refuses."""
+    import ctypes
+    mode = ctypes.c_uint32()
+    if not kernel32.GetConsoleMode(handle, ctypes.byref(mode)):
+        return False  # not a console
+    if mode.value & ENABLE_VIRTUAL_TERMINAL_PROCESSING:
+        return True
+    return bool(kernel32.SetConsoleMode(handle, mode.value | ENABLE_VIRTUAL_TERMINAL_PROCESSING))
 
 
 SERVER_PREFIX = "server:"  # -f and --write: a path in the server's contents API, relative to its root
@@ -3039,7 +3160,7 @@ def _terminal_stdin(prompt: str, password: bool) -> str:
 
 
 class _Signalled(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, handled as Ctrl-C is: the kernel is interrupted, what was started deleted."""
+    """SIGTERM, SIGHUP or SIGBREAK, handled as Ctrl-C is: the kernel is interrupted, what was started deleted."""
 
     def __init__(self, signum: int):
         super().__init__(signum)
@@ -3048,6 +3169,42 @@ class _Signalled(KeyboardInterrupt):
 
 def _on_signal(signum: int, frame) -> None:
     raise _Signalled(signum)
+
+
+# A Windows console that is closed (or a logoff, a shutdown) ends its programs once their
+# handler returns, and in any case after 5 s. The handler holds the process that long:
+# it raises SIGBREAK, which the main thread acts on within a WAIT_SLICE as on Ctrl-Break,
+# and returns when the run has cleaned up.
+CONSOLE_ENDING_EVENTS = (2, 5, 6)  # CTRL_CLOSE_EVENT, CTRL_LOGOFF_EVENT, CTRL_SHUTDOWN_EVENT
+CONSOLE_CLOSE_GRACE = 4.5           # seconds of the 5 that Windows gives
+
+
+def _console_handler(raise_signal, finished):
+    """A console control handler: ending events end the run as a signal does; Ctrl-C and
+    Ctrl-Break are left to Python's own handlers."""
+    def handle(event: int) -> bool:
+        if event not in CONSOLE_ENDING_EVENTS:
+            return False
+        raise_signal()
+        finished.wait(CONSOLE_CLOSE_GRACE)
+        return True
+    return handle
+
+
+def _watch_console():
+    """On Windows, install the console handler. Returns the event to set when the run has
+    cleaned up and the handler (to keep referenced), or None elsewhere."""
+    if sys.platform != "win32":
+        return None
+    import ctypes
+    import signal
+    import threading
+    finished = threading.Event()
+    handler = ctypes.WINFUNCTYPE(ctypes.c_int, ctypes.c_uint)(
+        _console_handler(lambda: signal.raise_signal(signal.SIGBREAK), finished))
+    if not ctypes.WinDLL("kernel32", use_last_error=True).SetConsoleCtrlHandler(handler, True):
+        return None
+    return finished, handler
 
 
 class _Output:
@@ -3085,9 +3242,11 @@ def main(argv: list | None = None) -> int:
     import signal
     out, err = _Output(sys.stdout), _Output(sys.stderr)
     previous = {}
-    for name in ("SIGTERM", "SIGHUP"):  # CI cancellations, timeout(1), systemd, closed terminals
+    # CI cancellations, timeout(1), systemd, closed terminals; Ctrl-Break on Windows
+    for name in ("SIGTERM", "SIGHUP", "SIGBREAK"):
         with contextlib.suppress(AttributeError, ValueError, OSError):  # absent here, or not the main thread
             previous[name] = signal.signal(getattr(signal, name), _on_signal)
+    console = _watch_console() if previous else None  # (None where signals cannot be handled)
     try:
         return _main(argv, out, err)
     except (_UsageError, ConfigError) as exc:
@@ -3117,6 +3276,8 @@ def main(argv: list | None = None) -> int:
     finally:
         for name, handler in previous.items():
             signal.signal(getattr(signal, name), handler)
+        if console:
+            console[0].set()  # the console handler may return: Windows ends the process
 
 
 def _open_kernel(args, url, token, deadline, env, ssl_context, path) -> Kernel:

@@ -18,6 +18,7 @@ import ast
 import base64
 import contextlib
 import errno
+import functools
 import io
 import json
 import os
@@ -569,6 +570,86 @@ def test_windows_discovery_asks_whether_the_servers_process_still_runs():
     assert jc._windows_process_alive(7, running) and running.closed
     assert not jc._windows_process_alive(7, exited) and not jc._windows_process_alive(8, running)
     assert not jc._pid_alive(True) and not jc._pid_alive("7", "win32")
+
+
+def test_windows_waits_come_in_slices_so_ctrl_c_is_seen(monkeypatch):
+    class Socket:  # every wait runs out, as on a silent peer, until the ``answer``-th
+        def __init__(self, answer):
+            self.timeouts, self.answer = [], answer
+
+        def settimeout(self, seconds):
+            self.timeouts.append(seconds)
+
+        def recv(self, size):
+            if len(self.timeouts) < self.answer:
+                raise socket.timeout("timed out")
+            return b"late"
+
+    monkeypatch.setattr(jc, "WAIT_SLICE", 0.5)
+    sock = Socket(answer=4)
+    assert jc._recv(sock, 10, jc.Deadline(None)) == b"late" and sock.timeouts == [0.5] * 4
+    sock = Socket(answer=10**6)  # the last slice is what is left of the deadline, and it ends the wait
+    with pytest.raises(socket.timeout):
+        jc._recv(sock, 10, jc.Deadline(0.2))
+    assert len(sock.timeouts) == 1 and 0 < sock.timeouts[0] <= 0.2
+    monkeypatch.setattr(jc, "WAIT_SLICE", None)  # elsewhere: one wait, as long as the deadline
+    sock = Socket(answer=1)
+    assert jc._recv(sock, 10, jc.Deadline(None)) == b"late" and sock.timeouts == [None]
+
+
+def test_windows_console_closing_ends_the_run_as_ctrl_break_does():
+    raised, finished = [], threading.Event()
+    handle = jc._console_handler(lambda: raised.append(1), finished)
+    assert handle(0) is False and handle(1) is False and not raised  # Ctrl-C, Ctrl-Break: Python's own
+    answer = []
+    holder = threading.Thread(target=lambda: answer.append(handle(2)))  # CTRL_CLOSE_EVENT
+    holder.start()
+    holder.join(0.2)
+    assert holder.is_alive() and raised == [1]  # the process is held while the run cleans up
+    finished.set()
+    holder.join(5)
+    assert answer == [True]
+
+
+def test_windows_console_gets_escapes_only_once_vt_is_on():
+    class Kernel32:
+        def __init__(self, mode, console=True, settable=True):
+            self.mode, self.console, self.settable, self.set_to = mode, console, settable, None
+
+        def GetConsoleMode(self, handle, mode):
+            mode._obj.value = self.mode
+            return int(self.console)
+
+        def SetConsoleMode(self, handle, mode):
+            self.set_to = mode
+            return int(self.settable)
+
+    fresh = Kernel32(0x3)  # Windows 10: VT off until a program asks for it
+    assert jc._enable_vt(7, fresh) and fresh.set_to == 0x3 | jc.ENABLE_VIRTUAL_TERMINAL_PROCESSING
+    already = Kernel32(0x7)
+    assert jc._enable_vt(7, already) and already.set_to is None
+    assert not jc._enable_vt(7, Kernel32(0x3, settable=False))  # an older console: no escapes at all
+    assert not jc._enable_vt(7, Kernel32(0x3, console=False))
+
+
+def test_certificate_failures_say_what_failed(tmp_path, monkeypatch):
+    class SSLCertVerificationError(OSError):  # what ssl raises, by the name the module asks for
+        def __init__(self, code):
+            super().__init__(1, "certificate verify failed")
+            self.verify_code = code
+
+    strict, unknown_issuer = SSLCertVerificationError(89), SSLCertVerificationError(20)
+    assert jc._tls_fix(ConnectionRefusedError(), False) is None
+    assert jc._tls_fix(strict, True) == "tls-strict" == jc._tls_fix(strict, False)
+    assert jc._tls_fix(unknown_issuer, True) == "tls-context"  # the CA given is the wrong one
+    assert jc._tls_fix(unknown_issuer, False, "linux") == "tls"
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "none.pem"))  # as a macOS python.org install
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "none"))       # before its certificate step
+    assert jc._tls_fix(unknown_issuer, False, "darwin") == "tls-store"
+    assert jc._tls_fix(unknown_issuer, False, "win32") == "tls"  # Windows reads its own store
+    for key in ("tls", "tls-context", "tls-store", "tls-strict"):
+        assert key in jc.FIXES and key in jc._CLI_FIXES
+    assert "--cafile given" in jc._CLI_FIXES["tls-context"] and "Install Certificates" in jc._CLI_FIXES["tls-store"]
 
 
 def test_resolve_server_prefers_arguments_then_environment_then_discovery(tmp_path, monkeypatch):
@@ -1546,6 +1627,19 @@ def test_environment_variables_choose_the_server(server, monkeypatch, tmp_path, 
     assert jc.run_code("2 + 2", timeout=60).data["text/plain"] == "4"
 
 
+def test_waits_in_windows_slices_change_nothing_a_caller_sees(server, no_leaks, monkeypatch):
+    monkeypatch.setattr(jc, "WAIT_SLICE", 0.05)  # as on Windows, only ten times finer
+    code = "import time; time.sleep(0.3)\n" + "x = '" + "y" * 2_000_000 + "'\nprint(len(x), 'z' * 300_000)"
+    with jc.Kernel(server.url, server.token, timeout=120) as k:  # connect, handshake, REST: all in slices
+        res = k.execute(code)  # two megabytes out in sends, a silent wait, then 300 kB in
+        assert res.ok and res.stdout == "2000000 " + "z" * 300_000 + "\n"
+        with pytest.raises(jc.ExecutionTimeout):
+            k.execute("time.sleep(30)", timeout=0.5)
+        assert k.execute("print('after')").stdout == "after\n"
+    with pytest.raises(jc.ServerError, match="connection refused"):
+        jc.run_code("1", url=f"http://127.0.0.1:{_free_port()}/", token="t", timeout=10)
+
+
 # ---- 3. Faults on a real server: cut connections, deleted kernels, rate limits, pings ----
 
 def _shutdown(*socks):
@@ -1896,6 +1990,69 @@ def test_https_is_verified_by_default_and_insecure_says_so(https_kind):
     cert = srv.root / "cert.pem"
     proc = cli("--url", srv.url, "--token", srv.token, "print(2)", env={**srv.env, "SSL_CERT_FILE": str(cert)})
     assert proc.returncode == 0 and proc.stdout == "2\n"
+
+
+def test_tls_handshake_in_windows_slices(https_kind, monkeypatch):
+    monkeypatch.setattr(jc, "WAIT_SLICE", 0.05)
+    srv = https_kind.server
+    with jc.Kernel(srv.url, srv.token, ssl_context=srv.ssl_context, timeout=60) as k:
+        assert k.execute("print('over tls')").stdout == "over tls\n"
+
+
+def test_certificate_messages_say_what_failed(https_kind, tmp_path):
+    srv = https_kind.server
+    other, _ = _make_certificate(tmp_path)  # a CA, but not the one that signed the server's certificate
+    proc = cli("--url", srv.url, "--token", srv.token, "--cafile", str(other), "1", env=srv.env)
+    assert proc.returncode == 3 and len(proc.stderr.splitlines()) == 1
+    assert "the --cafile given did not sign" in proc.stderr and "pass --cafile" not in proc.stderr
+    no_store = {**srv.env, "SSL_CERT_FILE": str(tmp_path / "none.pem"), "SSL_CERT_DIR": str(tmp_path / "none")}
+    proc = cli("--url", srv.url, "--token", srv.token, "1", env=no_store)  # as macOS before its certificate step
+    assert proc.returncode == 3 and len(proc.stderr.splitlines()) == 1
+    assert "has no CA certificates" in proc.stderr and "Install Certificates.command" in proc.stderr
+
+
+def _old_style_ca(folder: Path) -> tuple:
+    """A private CA as many were made before Python 3.13: Basic Constraints not critical, no
+    key usage; and a certificate for 127.0.0.1 that it signed. Returns (ca, cert, key)."""
+    (folder / "ca.cnf").write_text("[req]\ndistinguished_name=dn\nx509_extensions=ca\nprompt=no\n"
+                                   "[dn]\nCN=Old Private CA\n[ca]\nbasicConstraints=CA:TRUE\n")
+    (folder / "leaf.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run = functools.partial(subprocess.run, check=True, capture_output=True, timeout=60, cwd=str(folder))
+    run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+         "-days", "2", "-config", "ca.cnf"])
+    run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "key.pem", "-out", "leaf.csr",
+         "-subj", "/CN=localhost"])
+    run(["openssl", "x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+         "-out", "cert.pem", "-days", "2", "-extfile", "leaf.ext"])
+    return folder / "ca.pem", folder / "cert.pem", folder / "key.pem"
+
+
+def test_python_313_strict_check_of_a_private_ca_is_named(tmp_path):
+    python = _pyenv_python("3.13")
+    ca, cert, key = _old_style_ca(tmp_path)
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(cert), str(key))
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():  # handshakes until closed; the client refuses the certificate
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with contextlib.suppress(OSError), conn:
+                context.wrap_socket(conn, server_side=True).close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        url = f"https://127.0.0.1:{listener.getsockname()[1]}/"
+        proc = cli("--url", url, "--token", "t", "--cafile", str(ca), "1", python=python, timeout=60)
+    finally:
+        listener.close()
+    assert proc.returncode == 3 and len(proc.stderr.splitlines()) == 1
+    assert "Basic Constraints of CA cert not marked critical" in proc.stderr
+    assert "Python 3.13+ checks certificates strictly" in proc.stderr and "pass --cafile" not in proc.stderr
 
 
 def test_no_token_server_without_xsrf_cookie_names_the_rule(tmp_path_factory):
