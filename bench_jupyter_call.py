@@ -7,6 +7,7 @@ jupyter_call.py:
     python bench_jupyter_call.py                    # the same as: run
     python bench_jupyter_call.py run [--rounds N] [--latency-n 300] [--mb 50] [--only NAMES]
     python bench_jupyter_call.py cli-rss [--mb 500]
+    python bench_jupyter_call.py mcp [--launches 20] [--calls 1000]
     python bench_jupyter_call.py autobahn URL AGENT
 
 Subcommands:
@@ -24,6 +25,11 @@ Subcommands:
             output (default 500 MB, target: under 60 MB) to a pipe this script
             drains and counts, for each --protocol, next to the same command
             running ``pass``; on a private server with rate limits off.
+  mcp       The --mcp server as a host drives it: launch to the tools/list answer
+            (both eras, target: median under 100 ms), run_code of pass against
+            Kernel.execute in the same run (target: p50 at most 1.5x), its RSS over
+            1,000 calls (target: flat within 5 MB), and cleanup after stdin closes
+            (target: process and started kernels gone within 3 s).
   autobahn  Autobahn|Testsuite echo client for jupyter_call.WebSocket. Run it
             through the kit: bash run.sh -- python bench_jupyter_call.py autobahn {url} {agent}
 """
@@ -1241,6 +1247,158 @@ def cmd_notebook(args: argparse.Namespace) -> int:
     return 0 if verdict == "ok" else 1
 
 
+# ---- mcp: the --mcp server as a host drives it -----------------------------------------
+
+MCP_LAUNCH_TARGET_MS = 100.0  # launch to the tools/list answer, after the era's handshake
+MCP_LATENCY_RATIO = 1.5       # run_code p50 at most this multiple of Kernel.execute's
+MCP_RSS_GROWTH_MB = 5.0       # the server's RSS over the calls
+MCP_CLEANUP_TARGET_S = 3.0    # stdin closed to process gone and its kernels deleted
+_META = {"_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                   "io.modelcontextprotocol/clientCapabilities": {}}}
+
+
+class _McpHost:
+    """One ``jupyter_call.py --mcp`` process, spoken to over its pipes."""
+
+    def __init__(self, server: _Server, module: bool = False):
+        # As a script the file is compiled at every launch (CPython caches the bytecode of
+        # imported modules only); `python -m jupyter_call` with the folder on PYTHONPATH is not.
+        launch = ["-m", "jupyter_call"] if module else [os.path.join(HERE, "jupyter_call.py")]
+        self.proc = subprocess.Popen([sys.executable, *launch, "--mcp"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     env=dict(server.env, JUPYTER_URL=server.url, JUPYTER_TOKEN=server.token,
+                                              PYTHONPATH=HERE))
+        self.next_id = 0
+
+    def ask(self, method: str, params: dict | None = None) -> dict:
+        self.next_id += 1
+        message = {"jsonrpc": "2.0", "id": self.next_id, "method": method, "params": params or {}}
+        self.proc.stdin.write(json.dumps(message).encode() + b"\n")
+        self.proc.stdin.flush()
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"the MCP server ended (exit {self.proc.wait()})")
+            answer = json.loads(line)
+            if answer.get("id") == self.next_id:
+                if "error" in answer:
+                    raise RuntimeError(f"{method}: {answer['error']}")
+                return answer["result"]
+
+    def tell(self, method: str) -> None:
+        self.proc.stdin.write(json.dumps({"jsonrpc": "2.0", "method": method}).encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def close(self) -> int:
+        self.proc.stdin.close()
+        code = self.proc.wait(30)
+        self.proc.stdout.close()
+        return code
+
+
+def cmd_mcp(args: argparse.Namespace) -> int:
+    if not _has_module("jupyter_server"):
+        print("mcp: needs jupyter_server (pip install notebook)", file=sys.stderr)
+        return 2
+    _print_setup(f"mcp: {args.launches} launches per era, {args.calls} run_code calls")
+    server = _Server()
+    verdicts = []
+    try:
+        took = server.start()
+        print(f"server: private jupyter_server on 127.0.0.1:{server.port} (started in {took:.1f} s)")
+        # 1. Launch to tools/list: a process per sample, both eras, interleaved.
+        launch: dict = {(era, form): [] for form in ("jupyter_call.py", "-m jupyter_call")
+                        for era in ("handshake", "2026-07-28")}
+        _McpHost(server, module=True).close()  # the first import writes the bytecode cache
+        for _ in range(args.launches):
+            for era, form in launch:
+                t0 = time.perf_counter()
+                host = _McpHost(server, module=form.startswith("-m"))
+                if era == "handshake":
+                    host.ask("initialize", {"protocolVersion": "2025-11-25", "capabilities": {},
+                                            "clientInfo": {"name": "bench", "version": "1"}})
+                    host.tell("notifications/initialized")
+                    host.ask("tools/list")
+                else:  # as the official SDK does: server/discover, then tools/list
+                    host.ask("server/discover", _META)
+                    host.ask("tools/list", _META)
+                launch[era, form].append((time.perf_counter() - t0) * 1000)
+                host.close()
+        print("\nlaunch to the tools/list answer, whole process (ms); python jupyter_call.py --mcp, and "
+              "python -m jupyter_call --mcp with its folder on PYTHONPATH")
+        for (era, form), values in launch.items():
+            median = statistics.median(values)
+            verdict = "ok" if median <= MCP_LAUNCH_TARGET_MS else "MISS"
+            verdicts.append(verdict)
+            print(f"  [{verdict:>4}] {form:<16} {era:<11} median {median:6.1f}   min-max "
+                  f"{min(values):.1f}-{max(values):.1f}   n {len(values)}   (target <= {MCP_LAUNCH_TARGET_MS:g})")
+        # 2. run_code of pass on a warm default kernel against Kernel.execute, interleaved in batches.
+        host = _McpHost(server)
+        host.ask("initialize", {"protocolVersion": "2025-11-25", "capabilities": {},
+                                "clientInfo": {"name": "bench", "version": "1"}})
+        host.tell("notifications/initialized")
+        call = {"name": "run_code", "arguments": {"code": "pass"}}
+        host.ask("tools/call", call)  # starts the default kernel
+        mcp_ms, api_ms, rss = [], [], []
+        with jupyter_call.Kernel(server.url, server.token, timeout=60) as kernel:
+            kernel.execute("pass")
+            done = 0
+            while done < args.calls:
+                for _ in range(50):
+                    t0 = time.perf_counter()
+                    host.ask("tools/call", call)
+                    mcp_ms.append((time.perf_counter() - t0) * 1000)
+                    t0 = time.perf_counter()
+                    kernel.execute("pass")
+                    api_ms.append((time.perf_counter() - t0) * 1000)
+                done += 50
+                rss.append((done, _proc_rss_mb(host.proc.pid)))
+        p50_mcp, p50_api = _percentile(mcp_ms, 50), _percentile(api_ms, 50)
+        ratio = p50_mcp / p50_api
+        verdict = "ok" if ratio <= MCP_LATENCY_RATIO else "MISS"
+        verdicts.append(verdict)
+        print(f"\nrun_code 'pass', request to response, warm default kernel (ms), {len(mcp_ms)} calls each")
+        print(f"  run_code (MCP)     p50 {p50_mcp:6.2f}   p99 {_percentile(mcp_ms, 99):6.2f}")
+        print(f"  Kernel.execute     p50 {p50_api:6.2f}   p99 {_percentile(api_ms, 99):6.2f}")
+        print(f"  [{verdict:>4}] run_code p50 {ratio:.2f}x Kernel.execute (target <= {MCP_LATENCY_RATIO:g}x)")
+        warm = next((mb for n, mb in rss if n >= min(100, args.calls)), rss[0][1])
+        growth = rss[-1][1] - warm
+        verdict = "ok" if growth <= MCP_RSS_GROWTH_MB else "MISS"
+        verdicts.append(verdict)
+        print(f"\nserver RSS (VmRSS, MB) after n calls: " + ", ".join(f"{n}: {mb:.1f}" for n, mb in rss[::4]))
+        print(f"  [{verdict:>4}] growth after the first 100 calls {growth:+.1f} MB (target <= {MCP_RSS_GROWTH_MB:g})")
+        # 3. Cleanup: stdin closed with three kernels started, one of them running a cell.
+        for _ in range(2):
+            host.ask("tools/call", {"name": "start_kernel", "arguments": {}})
+        rest = jupyter_call._RestClient(server.url, server.token)
+        mine = {k["id"] for k in rest.list_kernels()}  # the default kernel and the two started
+        host.proc.stdin.write(json.dumps({"jsonrpc": "2.0", "id": 0, "method": "tools/call", "params": {
+            "name": "run_code", "arguments": {"code": "import time; time.sleep(60)"}}}).encode() + b"\n")
+        host.proc.stdin.flush()
+        time.sleep(0.5)  # the cell is running
+        t0 = time.perf_counter()
+        code = host.close()
+        exited = time.perf_counter() - t0
+        left = {k["id"] for k in rest.list_kernels()} & mine
+        gone = time.perf_counter() - t0
+        verdict = "ok" if code == 0 and not left and gone <= MCP_CLEANUP_TARGET_S else "MISS"
+        verdicts.append(verdict)
+        print(f"\ncleanup: stdin closed with {len(mine)} started kernels, one running a cell")
+        print(f"  [{verdict:>4}] process gone after {exited:.2f} s (exit {code}), its kernels "
+              f"{'deleted' if not left else f'{len(left)} LEFT'} by {gone:.2f} s (target <= {MCP_CLEANUP_TARGET_S:g})")
+    finally:
+        server.stop()
+    return 0 if all(v == "ok" for v in verdicts) else 1
+
+
+def _proc_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 # ---- command line --------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1316,6 +1474,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cells", type=int, default=200, metavar="N", help="code cells (default %(default)s)")
     p.add_argument("--rounds", type=int, default=5, metavar="N", help="runs of each (default %(default)s)")
     p.set_defaults(func=cmd_notebook)
+
+    p = commands.add_parser(
+        "mcp", help="the --mcp server: launch to tools/list, run_code latency, memory, cleanup",
+        description="Drive jupyter_call.py --mcp as a host does, on a private server: launch to the "
+                    "tools/list answer in both eras, run_code of pass against Kernel.execute in the same "
+                    "run, the server's RSS over the calls, and cleanup after stdin closes.")
+    p.add_argument("--launches", type=int, default=20, metavar="N", help="processes per era (default %(default)s)")
+    p.add_argument("--calls", type=int, default=1000, metavar="N",
+                   help="run_code calls, a multiple of 50 (default %(default)s)")
+    p.set_defaults(func=cmd_mcp)
 
     p = commands.add_parser(
         "autobahn", help="Autobahn|Testsuite echo client for jupyter_call.WebSocket",

@@ -10,10 +10,11 @@ One file, standard library only: copy it into a project, import it, or run it.
 
 It speaks the Jupyter server REST API (start, interrupt, restart and delete
 kernels) and the kernel channels over its own HTTP/1.1 and RFC 6455 websocket
-client, so that one time budget bounds every step. Layers, top to bottom, each using only those above it: errors,
-websocket frames and messages (no I/O), websocket connection, Jupyter REST
-API, Jupyter messages and results (no I/O), server discovery, the public API
-(Kernel, run_code), the command line.
+client, so that one time budget bounds every step. Layers, top to bottom, each
+using only those above it: errors, websocket frames and messages (no I/O),
+websocket connection, Jupyter REST API, Jupyter messages and results (no I/O),
+server discovery, the public API (Kernel, run_code), notebooks, the command
+line, and the Model Context Protocol server for AI agents (--mcp).
 
 MIT License. Copyright (c) 2026 the jupyter_call authors. See LICENSE.
 """
@@ -2313,13 +2314,42 @@ class Kernel:
             if deadline.expired:
                 raise ServerError(self.url, f"kernel {self.id} did not answer within {_seconds(deadline.timeout)}")
 
-    def info(self) -> dict:
-        """The kernel's kernel_info reply: ``language_info``, ``implementation``, ``banner``, ..."""
-        return self._ask("kernel_info_request", {})
+    # -- introspection: what editors ask a kernel (the messaging protocol's shell requests) --
 
-    def _ask(self, msg_type: str, content: dict) -> dict:
-        """Send a shell request and return its reply's content, within the Kernel's timeout."""
-        deadline = Deadline(self.timeout)
+    def info(self, *, timeout: float | None = None) -> dict:
+        """The kernel's kernel_info reply: ``language_info``, ``implementation``, ``banner``, ..."""
+        return self._ask("kernel_info_request", {}, timeout)
+
+    def complete(self, code: str, cursor_pos: int | None = None, *, timeout: float | None = None) -> dict:
+        """Completions at ``cursor_pos`` (characters; default: the end of ``code``): a dict of
+        ``matches``, ``cursor_start``, ``cursor_end`` (the span they replace) and ``metadata``."""
+        reply = self._ask("complete_request", {"code": code, "cursor_pos": _cursor(code, cursor_pos)}, timeout)
+        return {"matches": [str(m) for m in reply.get("matches") or []],
+                "cursor_start": reply.get("cursor_start"), "cursor_end": reply.get("cursor_end"),
+                "metadata": reply.get("metadata") or {}}
+
+    def inspect(self, code: str, cursor_pos: int | None = None, detail_level: int = 0, *,
+                timeout: float | None = None) -> dict | None:
+        """The kernel's documentation of the name at ``cursor_pos`` as a mimebundle
+        (``{"text/plain": ...}``), or None when it knows nothing; ``detail_level=1`` asks
+        for more (IPython: the source)."""
+        reply = self._ask("inspect_request", {"code": code, "cursor_pos": _cursor(code, cursor_pos),
+                                              "detail_level": detail_level}, timeout)
+        data = reply.get("data")
+        return data if reply.get("found") and isinstance(data, dict) and data else None
+
+    def is_complete(self, code: str, *, timeout: float | None = None) -> str:
+        """Whether ``code`` is ready to run: "complete", "incomplete" (more lines to come),
+        "invalid" or "unknown"."""
+        status = self._ask("is_complete_request", {"code": code}, timeout).get("status")
+        return status if status in ("complete", "incomplete", "invalid") else "unknown"
+
+    def _ask(self, msg_type: str, content: dict, timeout: float | None = None) -> dict:
+        """Send a shell request and return its reply's content, within ``timeout`` (default:
+        the Kernel's); a reply with status "error" is a JupyterError."""
+        deadline = Deadline(timeout if timeout is not None else self.timeout)
+        if self._ws is None:
+            raise JupyterError("the kernel is closed")
         request = new_message(msg_type, content, session=self.session_id)
         self._send(request, deadline)
         while True:
@@ -2329,7 +2359,11 @@ class Kernel:
                     raise ServerError(self.url, f"kernel {self.id} did not answer within {_seconds(deadline.timeout)}")
                 self._check_alive(deadline)
             elif msg.get("channel") == "shell" and msg["parent_header"].get("msg_id") == request["header"]["msg_id"]:
-                return msg["content"]
+                reply = msg["content"]
+                if reply.get("status") == "error":
+                    raise JupyterError(f"the kernel could not answer {msg_type}: "
+                                       f"{reply.get('ename', 'Error')}: {reply.get('evalue', '')}".rstrip(": "))
+                return reply
 
     def detach(self) -> None:
         """Leave the kernel running after ``close()``, as an attached kernel is; ``.id`` names it."""
@@ -2354,6 +2388,15 @@ class Kernel:
             if self._owned and self.id:
                 self._owned = False
                 self._rest.delete_kernel(self.id, deadline=budget)
+
+
+def _cursor(code: str, cursor_pos: int | None) -> int:
+    """A cursor position in ``code`` (in characters, as protocol 5.2 counts them)."""
+    if cursor_pos is None:
+        return len(code)
+    if isinstance(cursor_pos, bool) or not isinstance(cursor_pos, int) or not 0 <= cursor_pos <= len(code):
+        raise ValueError(f"cursor_pos must be a position from 0 to {len(code)} in the code, not {cursor_pos!r}")
+    return cursor_pos
 
 
 def _stdin_answerer(stdin) -> Callable[[str, bool], str] | None:
@@ -2706,6 +2749,11 @@ OPTIONS = (
     _Option(("--json",), None, "print the result as one JSON object"),
     _Option(("--list",), None, "list running servers and their kernels"),
     _Option(("--spawn",), None, "start a private local Jupyter server for this call (needs jupyter_server)"),
+    _Option(("--mcp",), None, "serve AI agents: a Model Context Protocol server on stdin and stdout"),
+    _Option(("--max-output",), "CHARS", "--mcp: characters of text per result (default 20000)"),
+    _Option(("--max-image-bytes",), "BYTES", "--mcp: larger images are saved in --output-dir or left out "
+            "(default 1000000)"),
+    _Option(("--log",), "FILE.ipynb", "--mcp: append each cell run and its outputs to this notebook"),
     _Option(("--version",), None, "print the version and exit"),
     _Option(("-h", "--help"), None, "show this help and exit"),
 )
@@ -3308,6 +3356,8 @@ def _main(argv, out, err) -> int:
     ssl_context = _ssl_context_from(args, err)
     if args.list:
         return _list(args, out, ssl_context)
+    if args.mcp:
+        return _serve_mcp(args, err, ssl_context)
     parameters = _parameters(args)
     env = _parse_env(args.env)
     deadline = Deadline(args.timeout)
@@ -3446,6 +3496,899 @@ def _write_notebook(path: str, notebook: dict, remote: _RestClient | None, deadl
             f.write("\n")
     except OSError as exc:
         raise _UsageError(f"cannot write {path}: {exc.strerror}") from None
+
+
+# ---- Model Context Protocol server (--mcp) -------------------------------------------
+#
+# `jupyter_call.py --mcp` gives an AI agent's host (Claude Code, Claude Desktop, VS Code,
+# any MCP client) tools to run code on Jupyter kernels. The transport is stdio: JSON-RPC
+# 2.0, one message per line in UTF-8; stdout carries protocol messages and nothing else,
+# logs go to stderr, and stdin closing ends the process once its kernels are deleted.
+# Two eras of the specification are served, in the era its client speaks first:
+#   - the handshake era, revisions 2024-11-05 to 2025-11-25 (basic/lifecycle): `initialize`
+#     picks the version, then `notifications/initialized`, `ping`, `tools/*`;
+#   - revision 2026-07-28 (basic/versioning, basic/index): no handshake; every request names
+#     its version in `_meta`; `server/discover`; every result has `resultType` and the
+#     server's info in `_meta`; list results have the caching hints `ttlMs` and `cacheScope`.
+# Requests run concurrently: calls on one kernel one after another, in a lane (a thread
+# while it has work), other calls each in a thread; the reading thread answers the rest.
+
+MCP_HANDSHAKE_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")  # newest first
+MCP_STATELESS_VERSIONS = ("2026-07-28",)
+MCP_VERSIONS = MCP_STATELESS_VERSIONS + MCP_HANDSHAKE_VERSIONS
+_MCP_VERSION_KEY = "io.modelcontextprotocol/protocolVersion"  # in a 2026-07-28 request's _meta
+_MCP_SERVER_KEY = "io.modelcontextprotocol/serverInfo"        # in a 2026-07-28 result's _meta
+MCP_TOOLS_TTL_MS = 3_600_000  # the tools do not change while the process runs
+MAX_MCP_LINE = 64 * 2**20     # bound on one incoming message
+MCP_PROGRESS_EVERY = 2.0      # seconds between progress notifications (at most 5, as promised)
+MCP_MAX_OUTPUT = 20_000       # characters of text per result (--max-output)
+MCP_MAX_IMAGE_BYTES = 1_000_000  # an image inlined at most (--max-image-bytes)
+MCP_START_TIMEOUT = HTTP_TIMEOUT  # starting or attaching a kernel (gateways can take 40 s+)
+MCP_ASK_TIMEOUT = 30.0        # inspect: the kernel answers at once unless busy
+# Hosts close stdin, send SIGTERM 2 s later and SIGKILL at 4 s (the official SDKs and the
+# Inspector): the kernels this process started are deleted in parallel within this budget.
+MCP_CLEANUP = 2.5
+
+PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS = -32700, -32600, -32601, -32602
+UNSUPPORTED_VERSION = -32022  # revision 2026-07-28, basic/versioning
+
+MCP_INSTRUCTIONS = (
+    "Runs code on Jupyter kernels. run_code without a kernel uses one default kernel that keeps its "
+    "state between calls, like a notebook: define things once, then use them. Output comes back as "
+    "text and images; very long output is cut in the middle. Use a timeout for code that may run long; "
+    "interrupt_kernel stops a runaway cell, restart_kernel clears all state.")
+
+
+def _schema(properties: dict, required: tuple = ()) -> dict:
+    return {"type": "object", "properties": properties, "required": list(required), "additionalProperties": False}
+
+
+def _control_tool(name: str, title: str, description: str, *, destructive: bool, idempotent: bool) -> dict:
+    """A tool that acts on one kernel, named by its id."""
+    return {"name": name, "title": title, "description": description,
+            "inputSchema": _schema({"kernel": {"type": "string", "description": "The kernel id."}}, ("kernel",)),
+            "annotations": {"title": title, "readOnlyHint": False, "destructiveHint": destructive,
+                            "idempotentHint": idempotent, "openWorldHint": False}}
+
+
+_KERNEL_ARG = {"type": "string", "description": "A kernel id (from list_kernels or start_kernel). "
+                                                "Default: the default kernel."}
+_STATUS = {"type": "string", "enum": ["ok", "error", "aborted", "timeout"]}
+
+MCP_TOOLS = (
+    {"name": "run_code", "title": "Run code",
+     "description": "Run code on a Jupyter kernel and return what it printed, its result, images it displayed "
+                    "and the traceback if it raised. Without `kernel`, the default kernel is used; its "
+                    "variables, imports and files persist between calls, so build on earlier calls rather "
+                    "than repeating them. The code runs as a notebook cell: the value of its last line is "
+                    "shown. `timeout` (seconds) interrupts code that runs longer and returns what it printed "
+                    "so far. structuredContent.status is ok, error, aborted or timeout.",
+     "inputSchema": _schema({"code": {"type": "string", "description": "The code to run (Python for Python kernels)."},
+                             "kernel": _KERNEL_ARG,
+                             "timeout": {"type": "number", "exclusiveMinimum": 0,
+                                         "description": "Seconds before the kernel is interrupted."}}, ("code",)),
+     "outputSchema": _schema({"status": _STATUS, "kernel": {"type": "string"},
+                              "execution_count": {"type": ["integer", "null"]},
+                              "truncated": {"type": "boolean"}},
+                             ("status", "kernel", "execution_count", "truncated")),
+     "annotations": {"title": "Run code", "readOnlyHint": False, "destructiveHint": False,
+                     "idempotentHint": False, "openWorldHint": False}},
+    {"name": "list_kernels", "title": "List kernels",
+     "description": "List the Jupyter server's running kernels (id, kernel name, execution state, last activity) "
+                    "and its sessions (the notebooks and consoles open in JupyterLab, with their kernel). "
+                    "`started` marks kernels this MCP server started, `default` the one run_code uses "
+                    "without `kernel`.",
+     "inputSchema": _schema({}),
+     "outputSchema": _schema({
+         "kernels": {"type": "array", "items": _schema({
+             "id": {"type": "string"}, "name": {"type": ["string", "null"]},
+             "state": {"type": ["string", "null"]}, "last_activity": {"type": ["string", "null"]},
+             "started": {"type": "boolean"}, "default": {"type": "boolean"}},
+             ("id", "name", "state", "last_activity", "started", "default"))},
+         "sessions": {"type": "array", "items": _schema({
+             "path": {"type": ["string", "null"]}, "kernel": {"type": ["string", "null"]}}, ("path", "kernel"))}},
+         ("kernels", "sessions")),
+     "annotations": {"title": "List kernels", "readOnlyHint": True, "openWorldHint": False}},
+    {"name": "start_kernel", "title": "Start a kernel",
+     "description": "Start a new kernel, separate from the default one, and return its id to pass as `kernel` "
+                    "to run_code. `name` is a kernel spec (e.g. python3; default: the server's). It is shut "
+                    "down when this MCP server stops, or by shutdown_kernel.",
+     "inputSchema": _schema({"name": {"type": "string", "description": "The kernel spec name."}}),
+     "outputSchema": _schema({"kernel": {"type": "string"}, "name": {"type": ["string", "null"]}},
+                             ("kernel", "name")),
+     "annotations": {"title": "Start a kernel", "readOnlyHint": False, "destructiveHint": False,
+                     "idempotentHint": False, "openWorldHint": False}},
+    _control_tool("interrupt_kernel", "Interrupt a kernel",
+                  "Interrupt the code a kernel is running (as Ctrl-C does): the running call ends with a "
+                  "KeyboardInterrupt error; the kernel and its state stay.", destructive=False, idempotent=True),
+    _control_tool("restart_kernel", "Restart a kernel",
+                  "Restart a kernel: all its variables and imports are lost, it keeps its id. Use it when the "
+                  "kernel is stuck or its state is broken.", destructive=True, idempotent=False),
+    _control_tool("shutdown_kernel", "Shut down a kernel",
+                  "Shut down a kernel this MCP server started (the default one or one from start_kernel); "
+                  "its state is lost. Kernels of other people and notebooks are refused.",
+                  destructive=True, idempotent=True),
+    {"name": "inspect", "title": "Look up documentation",
+     "description": "The kernel's documentation of the name at `cursor_pos` in `code` (default: the end), as "
+                    "IPython's `name?` shows it: signature and docstring of a function, class or variable "
+                    "the kernel knows.",
+     "inputSchema": _schema({"code": {"type": "string"},
+                             "cursor_pos": {"type": "integer", "minimum": 0,
+                                            "description": "Character position in code."},
+                             "kernel": _KERNEL_ARG}, ("code",)),
+     "annotations": {"title": "Look up documentation", "readOnlyHint": True, "openWorldHint": False}},
+    {"name": "run_notebook", "title": "Run a notebook",
+     "description": "Run a notebook's code cells in order on a new kernel, as papermill does, and return a "
+                    "summary of each cell (status, the start of its output, the first error). `path` is a "
+                    ".ipynb (or '# %%' .py) file on this machine, or server:PATH for a file on the Jupyter "
+                    "server. `parameters` are injected after the cell tagged 'parameters'. `write` saves the "
+                    "executed notebook: a path, server:PATH, or true for the notebook itself.",
+     "inputSchema": _schema({"path": {"type": "string"},
+                             "parameters": {"type": "object", "description": "Names and values to inject."},
+                             "write": {"type": ["string", "boolean"]}}, ("path",)),
+     "outputSchema": _schema({"status": {"type": "string", "enum": ["ok", "error"]},
+                              "cells": {"type": "array", "items": _schema({
+                                  "cell": {"type": "integer"}, "status": {"type": "string"},
+                                  "execution_count": {"type": ["integer", "null"]},
+                                  "output": {"type": "string"}, "error": {"type": ["string", "null"]}},
+                                  ("cell", "status", "execution_count", "output", "error"))},
+                              "written": {"type": ["string", "null"]}},
+                             ("status", "cells", "written")),
+     "annotations": {"title": "Run a notebook", "readOnlyHint": False, "destructiveHint": False,
+                     "idempotentHint": False, "openWorldHint": False}},
+)
+
+
+class _ToolError(Exception):
+    """A tool call that cannot be done: its text is the result's, with isError set."""
+
+
+def _check_arguments(schema: dict, args: object) -> str | None:
+    """What is wrong with ``args`` for an input schema of MCP_TOOLS, or None."""
+    if not isinstance(args, dict):
+        return "the arguments must be an object"
+    properties = schema["properties"]
+    for name in schema["required"]:
+        if name not in args:
+            return f"argument '{name}' is required"
+    for name, value in args.items():
+        rule = properties.get(name)
+        if rule is None:
+            return f"unknown argument '{name}' (this tool takes: {', '.join(properties) or 'nothing'})"
+        kinds = rule["type"] if isinstance(rule["type"], list) else [rule["type"]]
+        if not any(_is_json_type(value, kind) for kind in kinds):
+            return f"argument '{name}' must be {' or '.join(kinds)}, not {_json_type(value)}"
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if "minimum" in rule and value < rule["minimum"] or "exclusiveMinimum" in rule and not (
+                    value > rule["exclusiveMinimum"] and value < float("inf")):
+                return f"argument '{name}' must be a positive number" if "exclusiveMinimum" in rule else (
+                    f"argument '{name}' must be at least {rule['minimum']}")
+    return None
+
+
+def _is_json_type(value: object, kind: str) -> bool:
+    if kind == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return {"string": str, "boolean": bool, "object": dict, "array": list, "null": type(None)}[kind] is type(value)
+
+
+def _json_type(value: object) -> str:
+    for kind in ("null", "boolean", "integer", "number", "string", "array", "object"):
+        if _is_json_type(value, kind):
+            return kind
+    return type(value).__name__
+
+
+def _tool_content(outputs: list, *, max_output: int = MCP_MAX_OUTPUT, max_image_bytes: int = MCP_MAX_IMAGE_BYTES,
+                  save=None) -> tuple[list, bool]:
+    """MCP content blocks for a cell's outputs, and whether any output is missing from them.
+
+    In order: text for streams, results' and displays' text forms and tracebacks (ANSI
+    colours removed); image blocks for PNG and JPEG up to ``max_image_bytes``. Text over
+    ``max_output`` characters keeps its head and tail around one line saying how much was
+    left out. ``save(suffix, data)`` stores what is left out and returns where, or None.
+    """
+    parts: list = []  # str for text, dict for an image block
+    missing = False
+
+    def text(piece: str) -> None:
+        if parts and isinstance(parts[-1], str):
+            parts[-1] += piece
+        else:
+            parts.append(piece)
+
+    for out in outputs:
+        kind = out.get("output_type")
+        if kind == "stream":
+            text(str(out.get("text", "")))
+        elif kind in ("execute_result", "display_data"):
+            data = out.get("data") or {}
+            mime = next((m for m in ("image/png", "image/jpeg") if isinstance(data.get(m), str)), None)
+            if mime:
+                encoded = re.sub(r"\s+", "", data[mime])
+                size = len(encoded) * 3 // 4 - encoded[-2:].count("=")
+                if size <= max_image_bytes:
+                    parts.append({"type": "image", "data": encoded, "mimeType": mime})
+                    continue
+                missing = True
+                try:
+                    where = save and save("." + mime.split("/")[1].replace("jpeg", "jpg"), base64.b64decode(encoded))
+                except ValueError:
+                    where = None
+                text(f"[{mime} {_size(size)} {'saved to ' + where if where else 'omitted'}]\n")
+                continue
+            shown = _text_form(data)
+            if shown is None:
+                shown = next((data[m] for m in ("text/markdown", "text/html") if isinstance(data.get(m), str)),
+                             f"[{', '.join(sorted(data)) or 'empty'} output]")
+            text(shown if shown.endswith("\n") else shown + "\n")
+        elif kind == "error":
+            trace = "\n".join(str(line) for line in out.get("traceback") or ()) or (
+                f"{out.get('ename', 'Error')}: {out.get('evalue', '')}")
+            text(re.sub(ANSI_ESCAPE, "", trace) + "\n")
+    texts = [p for p in parts if isinstance(p, str)]
+    total = sum(map(len, texts))
+    if total <= max_output:
+        return [p if isinstance(p, dict) else {"type": "text", "text": p} for p in parts], missing
+    whole = "".join(texts)
+    where = save and save(".txt", whole.encode("utf-8"))
+    head, tail = max_output * 2 // 3, max_output // 3
+    note = f"\n[... {total - head - tail:,} characters left out{'; the whole text is in ' + where if where else ''} ...]\n"
+    return [{"type": "text", "text": whole[:head] + note + whole[total - tail:]},
+            *(p for p in parts if isinstance(p, dict))], True
+
+
+class _NotebookLog:
+    """--log: every cell the agent ran, with its outputs, appended to a notebook that a person
+    can open; the file is replaced whole after each cell, so it is never half written."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.notebook = {"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+        try:
+            with open(path, encoding="utf-8-sig") as f:
+                text = f.read()
+        except FileNotFoundError:
+            text = None
+        except OSError as exc:
+            raise _UsageError(f"cannot read --log {path}: {exc.strerror}") from None
+        if text and text.strip():
+            try:
+                notebook = json.loads(text)
+            except ValueError:
+                notebook = None
+            if not (isinstance(notebook, dict) and isinstance(notebook.get("cells"), list)):
+                raise _UsageError(f"--log {path} exists and is not a notebook; give a new file")
+            self.notebook = notebook
+        self._write()
+
+    def add(self, code: str, result: Result) -> None:
+        cell = _new_cell("code", code)
+        cell.update(execution_count=result.execution_count, outputs=result.outputs)
+        self.notebook["cells"].append(cell)
+        self._write()
+
+    def _write(self) -> None:
+        part = f"{self.path}.{os.getpid()}.part"
+        try:
+            with open(part, "w", encoding="utf-8") as f:
+                f.write(_strict_json(self.notebook, indent=1, ensure_ascii=False) + "\n")
+            os.replace(part, self.path)
+        except OSError as exc:
+            raise _UsageError(f"cannot write --log {self.path}: {exc.strerror}") from None
+
+
+class _Call:
+    """One tools/call in progress."""
+
+    def __init__(self, request_id: object, progress_token: object):
+        self.id, self.progress_token = request_id, progress_token
+        self.cancelled = False
+        self.kernel_id: str | None = None  # the kernel it runs on, once known (for cancellation)
+        self.started = time.monotonic()
+        self.last_line = ""
+
+
+class _McpServer:
+    """The MCP server of ``--mcp``: reads requests from ``stdin`` (binary), writes to ``out`` (binary)."""
+
+    def __init__(self, url: str | None, token: str | None, *, ssl_context=None, kernel_name: str | None = None,
+                 kernel_id: str | None = None, session: str | None = None, notebook: str | None = None,
+                 timeout: float | None = None, max_output: int = MCP_MAX_OUTPUT,
+                 max_image_bytes: int = MCP_MAX_IMAGE_BYTES, output_dir: str | None = None,
+                 log: _NotebookLog | None = None, err=None, out=None):
+        import threading
+        self._threading = threading
+        self.url, self.token = url, token
+        self.ssl_context, self.kernel_name, self.timeout = ssl_context, kernel_name, timeout
+        self.attach = {"kernel_id": kernel_id, "session": session, "notebook": notebook}
+        self.max_output, self.max_image_bytes, self.output_dir = max_output, max_image_bytes, output_dir
+        self.log, self.err, self.out = log, err or sys.stderr, out
+        self.era: str | None = None  # "handshake" or "stateless", fixed by the first request
+        self.version = MCP_HANDSHAKE_VERSIONS[0]
+        self._lock = threading.Lock()        # the tables below
+        self._write_lock = threading.Lock()  # one message at a time on stdout
+        self._kernels: dict = {}    # kernel id -> Kernel connected by this process
+        self._started: set = set()  # ids of kernels this process started
+        self._default: str | None = None
+        self._lanes: dict = {}      # kernel key -> deque of waiting work, while a lane thread runs
+        self._calls: dict = {}      # request id -> _Call
+        self._saved = 0
+        self._rest_client = None
+
+    # -- the transport --
+
+    def serve(self, stdin) -> None:
+        """Answer requests until stdin closes (the caller cleans up)."""
+        while True:
+            line = stdin.readline(MAX_MCP_LINE + 1)
+            if not line:
+                return
+            if len(line) > MAX_MCP_LINE and not line.endswith(b"\n"):
+                while line and not line.endswith(b"\n"):  # drop the rest of the line, unread
+                    line = stdin.readline(RECV_SIZE_MAX)
+                self._error(None, INVALID_REQUEST, f"message longer than {MAX_MCP_LINE} bytes")
+                continue
+            if line.strip():
+                try:
+                    self._receive(line)
+                except Exception as exc:  # a bug must not end the server: say so, go on
+                    self.log_line(f"internal error on a message: {type(exc).__name__}: {exc}")
+                    self._error(None, -32603, f"Internal error: {type(exc).__name__}")
+
+    def _write(self, message: dict) -> None:
+        data = (_strict_json(message, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8", "replace")
+        with self._write_lock:
+            try:
+                self.out.write(data)
+                self.out.flush()
+            except (OSError, ValueError):  # the host went away; stdin closing ends the process
+                pass
+
+    def _result(self, request_id: object, result: dict, *, cacheable: bool = False) -> None:
+        if self.era == "stateless":  # revision 2026-07-28: resultType on every result, serverInfo in _meta
+            result = {**result, "resultType": "complete",
+                      "_meta": {_MCP_SERVER_KEY: {"name": "jupyter_call", "version": __version__}}}
+            if cacheable:
+                result.update(ttlMs=MCP_TOOLS_TTL_MS, cacheScope="public")
+        self._write({"jsonrpc": "2.0", "id": request_id, "result": result})
+
+    def _error(self, request_id: object, code: int, message: str, data: object = None) -> None:
+        error = {"code": code, "message": message}
+        if data is not None:
+            error["data"] = data
+        self._write({"jsonrpc": "2.0", "id": request_id, "error": error})
+
+    def _notify(self, method: str, params: dict) -> None:
+        self._write({"jsonrpc": "2.0", "method": method, "params": params})
+
+    def log_line(self, text: str) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.err.write(f"jupyter_call: {self._private(text)}\n")
+            self.err.flush()
+
+    # -- JSON-RPC --
+
+    def _receive(self, line: bytes) -> None:
+        try:
+            msg = json.loads(line.decode("utf-8"))
+        except (ValueError, RecursionError):
+            self._error(None, PARSE_ERROR, "Parse error: not a JSON message")
+            return
+        if not isinstance(msg, dict):
+            self._error(None, INVALID_REQUEST, "a message must be a JSON object (batches are not supported)")
+            return
+        method, request_id, params = msg.get("method"), msg.get("id"), msg.get("params")
+        if not isinstance(method, str):
+            if "id" in msg and "result" not in msg and "error" not in msg:  # (answers to us: none are asked)
+                self._error(request_id, INVALID_REQUEST, "a request needs a method")
+            return
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            if "id" in msg:
+                self._error(request_id, INVALID_PARAMS, "params must be an object")
+            return
+        if "id" not in msg:
+            self._on_notification(method, params)
+        elif isinstance(request_id, (str, int)) and not isinstance(request_id, bool):
+            self._on_request(request_id, method, params)
+        else:
+            self._error(None, INVALID_REQUEST, "a request id must be a string or an integer")
+
+    def _on_notification(self, method: str, params: dict) -> None:
+        if method == "notifications/cancelled":
+            self._cancel(params.get("requestId"))
+        # notifications/initialized and others need nothing
+
+    def _on_request(self, request_id: object, method: str, params: dict) -> None:
+        meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
+        asked = meta.get(_MCP_VERSION_KEY)
+        if self.era is None:
+            self.era = "stateless" if asked is not None or method == "server/discover" else "handshake"
+        if self.era == "stateless":
+            if method == "initialize":  # a handshake on a 2026-07-28 connection (as the official SDK answers)
+                self._error(request_id, UNSUPPORTED_VERSION, "Unsupported protocol version",
+                            {"supported": list(MCP_STATELESS_VERSIONS), "requested": params.get("protocolVersion")})
+                return
+            if asked is None:
+                self._error(request_id, INVALID_PARAMS, f"params._meta is missing {_MCP_VERSION_KEY}")
+                return
+            if asked not in MCP_STATELESS_VERSIONS:
+                self._error(request_id, UNSUPPORTED_VERSION, "Unsupported protocol version",
+                            {"supported": list(MCP_STATELESS_VERSIONS), "requested": asked})
+                return
+        handlers = {"tools/list": self._tools_list, "tools/call": self._tools_call}
+        if self.era == "handshake":
+            handlers.update({"initialize": self._initialize, "ping": self._ping})
+        else:  # 2026-07-28 has no ping
+            handlers["server/discover"] = self._discover
+        handler = handlers.get(method)
+        if handler is None:
+            self._error(request_id, METHOD_NOT_FOUND, f"Method not found: {method}")
+            return
+        handler(request_id, params)
+
+    def _initialize(self, request_id: object, params: dict) -> None:
+        # 2025-11-25 basic/lifecycle: answer with the client's version when supported, else the latest.
+        asked = params.get("protocolVersion")
+        self.version = asked if asked in MCP_HANDSHAKE_VERSIONS else MCP_HANDSHAKE_VERSIONS[0]
+        self._result(request_id, {"protocolVersion": self.version, "capabilities": {"tools": {"listChanged": False}},
+                                  "serverInfo": {"name": "jupyter_call", "title": "Jupyter kernels",
+                                                 "version": __version__},
+                                  "instructions": MCP_INSTRUCTIONS})
+
+    def _ping(self, request_id: object, params: dict) -> None:
+        self._result(request_id, {})
+
+    def _discover(self, request_id: object, params: dict) -> None:
+        # 2026-07-28 server/discover: the versions, capabilities and instructions, cacheable.
+        self._result(request_id, {"supportedVersions": list(MCP_VERSIONS),
+                                  "capabilities": {"tools": {"listChanged": False}},
+                                  "instructions": MCP_INSTRUCTIONS}, cacheable=True)
+
+    def _tools_list(self, request_id: object, params: dict) -> None:
+        tools = MCP_TOOLS if self.version >= "2025-06-18" or self.era == "stateless" else [
+            {k: v for k, v in tool.items() if k not in ("outputSchema", "title")} for tool in MCP_TOOLS]
+        self._result(request_id, {"tools": list(tools)}, cacheable=True)
+
+    def _tools_call(self, request_id: object, params: dict) -> None:
+        name, args = params.get("name"), params.get("arguments", {})
+        tool = next((t for t in MCP_TOOLS if t["name"] == name), None)
+        if tool is None:
+            self._error(request_id, INVALID_PARAMS, f"Unknown tool: {name}")
+            return
+        problem = _check_arguments(tool["inputSchema"], args if args is not None else {})
+        if problem:  # 2025-11-25: input errors are tool results, so that the model can correct itself
+            self._result(request_id, self._failure(f"{name}: {problem}"))
+            return
+        meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
+        call = _Call(request_id, meta.get("progressToken"))
+        with self._lock:
+            self._calls[request_id] = call
+        work = getattr(self, f"_tool_{name}")
+        if name in ("run_code", "inspect"):  # one kernel's calls one after another
+            key = args.get("kernel") or ""
+            self._enqueue("" if key == self._default else key, lambda: self._finish(call, work, args))
+        else:
+            self._threading.Thread(target=self._finish, args=(call, work, args), daemon=True).start()
+
+    def _finish(self, call: _Call, work, args: dict) -> None:
+        """Run a tool and answer its call, unless it was cancelled."""
+        try:
+            result = work(call, args) if not call.cancelled else None
+        except (_ToolError, _UsageError, ValueError) as exc:
+            result = self._failure(str(exc))
+        except KernelDied as exc:
+            self._drop(exc.kernel_id)  # the next call connects again (the server may have restarted it)
+            result = self._failure(f"{exc}; its state is lost")
+        except JupyterError as exc:
+            result = self._failure(self._describe(exc))
+        except Exception as exc:  # a bug must not take the server down
+            result = self._failure(f"internal error: {type(exc).__name__}: {exc}")
+        with self._lock:
+            self._calls.pop(call.id, None)
+        if not call.cancelled and result is not None:
+            self._result(call.id, result)
+
+    def _failure(self, text: str) -> dict:
+        return {"content": [{"type": "text", "text": self._private(text)}], "isError": True}
+
+    def _describe(self, exc: JupyterError) -> str:
+        return exc._describe(_CLI_FIXES) if isinstance(exc, ServerError) else str(exc)
+
+    def _private(self, text: str) -> str:
+        """Text without the server's URL and token: they stay out of every result and log line."""
+        for secret, name in ((self.token, "[token]"), (self.url, "the Jupyter server")):
+            if secret:
+                text = text.replace(f"server at {secret}", name).replace(secret, name)
+        return text
+
+    # -- lanes, cancellation, progress --
+
+    def _enqueue(self, key: str, job) -> None:
+        """Run ``job`` after the jobs queued for kernel ``key`` ("" is the default kernel)."""
+        with self._lock:
+            queue = self._lanes.get(key)
+            if queue is not None:
+                queue.append(job)
+                return
+            self._lanes[key] = collections.deque([job])
+        self._threading.Thread(target=self._lane, args=(key,), daemon=True).start()
+
+    def _lane(self, key: str) -> None:
+        while True:
+            with self._lock:
+                queue = self._lanes[key]
+                if not queue:
+                    del self._lanes[key]
+                    return
+                job = queue.popleft()
+            job()
+
+    def _cancel(self, request_id: object) -> None:
+        """notifications/cancelled: nothing more is sent for the call; its kernel is interrupted."""
+        if not isinstance(request_id, (str, int)):
+            return
+        with self._lock:
+            call = self._calls.get(request_id)
+        if call is None:
+            return
+        call.cancelled = True
+        if call.kernel_id:
+            self._threading.Thread(target=self._interrupt_quietly, args=(call.kernel_id,), daemon=True).start()
+
+    def _interrupt_quietly(self, kernel_id: str, deadline: Deadline | None = None) -> None:
+        try:
+            self._rest().interrupt_kernel(kernel_id, deadline=deadline or Deadline(SIDE_REQUEST_TIMEOUT))
+        except JupyterError as exc:
+            self.log_line(f"could not interrupt kernel {kernel_id}: {self._describe(exc)}")
+
+    def _progress(self, call: _Call):
+        """Start progress notifications for ``call`` if it asked; returns the event that stops them."""
+        stop = self._threading.Event()
+        if call.progress_token is None:
+            return stop
+
+        def tick() -> None:
+            while not stop.wait(MCP_PROGRESS_EVERY):
+                if call.cancelled:
+                    return
+                elapsed = round(time.monotonic() - call.started, 1)
+                params = {"progressToken": call.progress_token, "progress": elapsed,
+                          "message": f"running for {elapsed:.0f} s" + (f": {call.last_line}" if call.last_line else "")}
+                self._notify("notifications/progress", params)
+
+        self._threading.Thread(target=tick, daemon=True).start()
+        return stop
+
+    # -- kernels --
+
+    def _rest(self) -> _RestClient:
+        if self._rest_client is None:
+            self._rest_client = _RestClient(*resolve_server(self.url, self.token), ssl_context=self.ssl_context)
+        return self._rest_client
+
+    def _kernel(self, kernel_id: str | None) -> Kernel:
+        """The connected Kernel for an id, or the default kernel (started or attached on first use)."""
+        with self._lock:
+            key = kernel_id or self._default
+            kernel = self._kernels.get(key) if key else None
+        if kernel is not None and kernel._ws is not None:
+            return kernel
+        url, token = resolve_server(self.url, self.token)
+        kernel = None
+        if key:
+            try:
+                kernel = Kernel(url, token, kernel_id=key, timeout=MCP_START_TIMEOUT, ssl_context=self.ssl_context)
+            except ServerError as exc:
+                if exc.status != 404 or kernel_id:
+                    raise
+                self.log_line(f"default kernel {key} is gone")
+                self._forget(key)
+        if kernel is None:
+            kernel = Kernel(url, token, name=self.kernel_name, timeout=MCP_START_TIMEOUT,
+                            ssl_context=self.ssl_context, **self.attach)
+            kernel_id = None
+            self.log_line(f"default kernel {kernel.id}" + (" started" if kernel._owned else " attached"))
+        kernel.timeout = None  # each call brings its own
+        with self._lock:
+            self._kernels[kernel.id] = kernel
+            if kernel._owned:
+                self._started.add(kernel.id)
+            if not kernel_id and not self._default:
+                self._default = kernel.id
+        return kernel
+
+    def _drop(self, kernel_id: str) -> None:
+        """Let go of a kernel's connection; the kernel stays (and stays ours to delete)."""
+        with self._lock:
+            kernel = self._kernels.pop(kernel_id, None)
+        if kernel is not None:
+            kernel.detach()
+            if kernel._ws is not None:
+                kernel._ws.abort("dropped")
+
+    def _forget(self, kernel_id: str) -> None:
+        """The kernel is gone, or no longer ours: drop it and every mention of it."""
+        self._drop(kernel_id)
+        with self._lock:
+            self._started.discard(kernel_id)
+            if self._default == kernel_id:
+                self._default = None
+
+    def _save(self, suffix: str, data: bytes) -> str | None:
+        """Store output left out of a result in --output-dir; returns the path, or None."""
+        if not self.output_dir:
+            return None
+        with self._lock:
+            self._saved += 1
+            number = self._saved
+        path = os.path.abspath(os.path.join(self.output_dir, f"mcp-{os.getpid()}-{number}{suffix}"))
+        try:
+            os.makedirs(self.output_dir, exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+        except OSError as exc:
+            self.log_line(f"cannot save output in {self.output_dir}: {exc.strerror}")
+            return None
+        return path
+
+    # -- the tools --
+
+    def _tool_run_code(self, call: _Call, args: dict) -> dict:
+        kernel = self._kernel(args.get("kernel"))
+        call.kernel_id = kernel.id
+        timeout = args.get("timeout", self.timeout)
+
+        def on_output(out: dict) -> None:
+            if out.get("output_type") == "stream":
+                lines = [line for line in str(out.get("text", "")).splitlines() if line.strip()]
+                if lines:
+                    call.last_line = lines[-1][:200]
+
+        stop = self._progress(call)
+        try:
+            result = kernel.execute(args["code"], timeout=timeout, on_output=on_output)
+            status = result.status
+        except ExecutionTimeout as exc:
+            result, status = exc.result or Result(), "timeout"
+        finally:
+            stop.set()
+        if self.log is not None:  # a cancelled cell ran too, as far as it got
+            with self._lock:
+                self.log.add(args["code"], result)
+        if call.cancelled:
+            return None
+        content, missing = _tool_content(result.outputs, max_output=self.max_output,
+                                         max_image_bytes=self.max_image_bytes, save=self._save)
+        if status == "timeout":
+            content.append({"type": "text", "text": f"[timed out after {_seconds(timeout)}; the kernel was "
+                                                    f"interrupted and keeps its state]"})
+        elif status == "aborted":
+            content.append({"type": "text", "text": "[the kernel aborted this code]"})
+        structured = {"status": status, "kernel": kernel.id, "execution_count": result.execution_count,
+                      "truncated": bool(result.truncated or missing)}
+        if not content:
+            content = [{"type": "text", "text": json.dumps(structured)}]
+        return {"content": content, "structuredContent": structured, "isError": status != "ok"}
+
+    def _tool_inspect(self, call: _Call, args: dict) -> dict:
+        kernel = self._kernel(args.get("kernel"))
+        call.kernel_id = kernel.id
+        found = kernel.inspect(args["code"], args.get("cursor_pos"), timeout=MCP_ASK_TIMEOUT)
+        text = (found or {}).get("text/plain") or (found or {}).get("text/markdown")
+        text = re.sub(ANSI_ESCAPE, "", text) if isinstance(text, str) else "nothing found at the cursor"
+        return {"content": [{"type": "text", "text": text}]}
+
+    def _tool_list_kernels(self, call: _Call, args: dict) -> dict:
+        rest = self._rest()
+        deadline = Deadline(SIDE_REQUEST_TIMEOUT)
+        kernels = rest.list_kernels(deadline=deadline)
+        try:
+            sessions = rest.request("GET", "api/sessions", deadline=deadline)
+        except ServerError as exc:  # kernel gateways have no sessions
+            if exc.status is None:
+                raise
+            sessions = []
+        with self._lock:
+            started, default = set(self._started), self._default
+        rows = [{"id": str(k.get("id")), "name": _text_or_none(k.get("name")),
+                 "state": _text_or_none(k.get("execution_state")),
+                 "last_activity": _text_or_none(k.get("last_activity")),
+                 "started": k.get("id") in started, "default": k.get("id") == default}
+                for k in kernels if isinstance(k, dict)]
+        paths = [{"path": _text_or_none(s.get("path") or (s.get("notebook") or {}).get("path")),
+                  "kernel": _text_or_none((s.get("kernel") or {}).get("id"))}
+                 for s in (sessions if isinstance(sessions, list) else []) if isinstance(s, dict)]
+        structured = {"kernels": rows, "sessions": paths}
+        return {"content": [{"type": "text", "text": json.dumps(structured, indent=1)}],
+                "structuredContent": structured}
+
+    def _tool_start_kernel(self, call: _Call, args: dict) -> dict:
+        url, token = resolve_server(self.url, self.token)
+        kernel = Kernel(url, token, name=args.get("name") or self.kernel_name, timeout=MCP_START_TIMEOUT,
+                        ssl_context=self.ssl_context)
+        kernel.timeout = None
+        with self._lock:
+            self._kernels[kernel.id] = kernel
+            self._started.add(kernel.id)
+        if call.cancelled:  # nobody will learn its id: do not leave it behind
+            self._shutdown(kernel.id)
+            return None
+        structured = {"kernel": kernel.id, "name": kernel._name}
+        return {"content": [{"type": "text", "text": json.dumps(structured)}], "structuredContent": structured}
+
+    def _tool_interrupt_kernel(self, call: _Call, args: dict) -> dict:
+        self._rest().interrupt_kernel(args["kernel"], deadline=Deadline(SIDE_REQUEST_TIMEOUT))
+        return {"content": [{"type": "text", "text": f"kernel {args['kernel']} interrupted"}]}
+
+    def _tool_restart_kernel(self, call: _Call, args: dict) -> dict:
+        self._rest().restart_kernel(args["kernel"], deadline=Deadline(MCP_START_TIMEOUT))
+        return {"content": [{"type": "text", "text": f"kernel {args['kernel']} restarted: its state is gone"}]}
+
+    def _tool_shutdown_kernel(self, call: _Call, args: dict) -> dict:
+        kernel_id = args["kernel"]
+        with self._lock:
+            ours = kernel_id in self._started
+        if not ours:
+            raise _ToolError(f"kernel {kernel_id} was not started by this MCP server, so it is not shut down "
+                             f"(it may be a person's notebook); interrupt_kernel or restart_kernel work on it")
+        self._shutdown(kernel_id)
+        return {"content": [{"type": "text", "text": f"kernel {kernel_id} shut down"}]}
+
+    def _shutdown(self, kernel_id: str, deadline: Deadline | None = None) -> None:
+        self._forget(kernel_id)
+        self._rest().delete_kernel(kernel_id, deadline=deadline or Deadline(CLEANUP_TIMEOUT))
+
+    def _tool_run_notebook(self, call: _Call, args: dict) -> dict:
+        path, write = args["path"], args.get("write")
+        url, token = resolve_server(self.url, self.token)
+        deadline = Deadline(self.timeout)
+        remote = self._rest()
+        if path.startswith(SERVER_PREFIX):
+            text = _read_server_file(remote, path[len(SERVER_PREFIX):], deadline)
+            where = posixpath.dirname(_session_path(path[len(SERVER_PREFIX):])) or None
+        else:
+            try:
+                with open(path, encoding="utf-8-sig") as f:
+                    text = f.read()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise _ToolError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+            where = _kernel_dir(url, path)
+        notebook = notebook_from(text, path)
+        if args.get("parameters"):
+            inject_parameters(notebook, args["parameters"])  # (as Python, as papermill writes them)
+        name = ((notebook.get("metadata") or {}).get("kernelspec") or {}).get("name") or self.kernel_name
+        results: list = []
+        with Kernel(url, token, name=name, timeout=MCP_START_TIMEOUT, path=where,
+                    ssl_context=self.ssl_context) as kernel:
+            call.kernel_id = kernel.id
+            kernel.timeout = None
+            with self._lock:
+                self._started.add(kernel.id)  # deleted by cleanup too, should the process end first
+            try:
+                notebook.setdefault("metadata", {})["language_info"] = kernel.info(timeout=MCP_ASK_TIMEOUT).get(
+                    "language_info", {})
+                failed = _execute_notebook(kernel, notebook, deadline, results)
+            except ExecutionTimeout:
+                failed = 1
+            finally:
+                with self._lock:
+                    self._started.discard(kernel.id)
+        if call.cancelled:
+            return None
+        written = None
+        if write:
+            written = path if write is True else write
+            try:
+                _write_notebook(written, notebook, remote, deadline)
+            except _UsageError as exc:
+                raise _ToolError(str(exc)) from None
+        code = [cell for cell in notebook["cells"] if cell.get("cell_type") == "code"]
+        ran = [(n, cell) for n, cell in enumerate(code, 1) if _source(cell).strip() and SKIP_TAG not in _tags(cell)]
+        cells = []
+        for (number, cell), result in zip(ran, results):  # the cells that ran, in order
+            text = "".join(block.get("text", "") for block in _tool_content(result.outputs, max_output=10**9,
+                                                                            max_image_bytes=0)[0])
+            error = result.error
+            cells.append({"cell": number, "status": result.status, "execution_count": result.execution_count,
+                          "output": text[:300] + ("..." if len(text) > 300 else ""),
+                          "error": f"{error.get('ename')}: {error.get('evalue')}" if error else None})
+        structured = {"status": "error" if failed else "ok", "cells": cells, "written": written}
+        lines = [f"cell {c['cell']}: {c['status']}" + (f" ({c['error']})" if c["error"] else "") for c in cells]
+        summary = f"{len(cells)} cells ran, {'one failed' if failed else 'all ok'}" + (
+            f"; written to {written}" if written else "")
+        return {"content": [{"type": "text", "text": "\n".join([summary, *lines])}],
+                "structuredContent": structured, "isError": bool(failed)}
+
+    # -- the end --
+
+    def cleanup(self) -> None:
+        """Delete the kernels this process started, in parallel, within MCP_CLEANUP seconds;
+        leave the ones it attached to."""
+        with self._lock:
+            started = list(self._started)
+            running = {call.kernel_id for call in self._calls.values() if call.kernel_id} - set(started)
+            for call in self._calls.values():
+                call.cancelled = True  # nothing more is sent
+        deadline = Deadline(MCP_CLEANUP)
+        threads = []
+        for work, kernel_id in [(self._delete_quietly, k) for k in started] + [
+                (self._interrupt_quietly, k) for k in running]:  # a cell the agent left running elsewhere stops
+            thread = self._threading.Thread(target=work, args=(kernel_id, deadline), daemon=True)
+            thread.start()
+            threads.append(thread)
+        for thread in threads:
+            thread.join(deadline.remaining())
+        with self._lock:
+            left = list(self._kernels)
+        for kernel_id in left:
+            self._forget(kernel_id)
+
+    def _delete_quietly(self, kernel_id: str, deadline: Deadline) -> None:
+        try:
+            self._shutdown(kernel_id, deadline)
+        except JupyterError as exc:
+            self.log_line(f"could not delete kernel {kernel_id}: {self._describe(exc)}")
+
+
+def _text_or_none(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def _serve_mcp(args, err, ssl_context) -> int:
+    """--mcp: serve until stdin closes, SIGTERM or Ctrl-C; delete what was started; exit 0 (or 128+signal)."""
+    if args.code is not None or args.file is not None:
+        raise _UsageError("--mcp takes no code: the MCP client sends it")
+    for flag in ("write", "keep", "json", "list", "input", "parameters", "parameters_raw", "parameters_file"):
+        if getattr(args, flag):
+            raise _UsageError(f"--{flag.replace('_', '-')} cannot be used with --mcp")
+    limits = {}
+    for flag, default in (("max_output", MCP_MAX_OUTPUT), ("max_image_bytes", MCP_MAX_IMAGE_BYTES)):
+        value = getattr(args, flag)
+        if value is None:
+            limits[flag] = default
+        elif value.isascii() and value.isdigit() and int(value) > 0:
+            limits[flag] = int(value)
+        else:
+            raise _UsageError(f"--{flag.replace('_', '-')} must be a positive whole number, not {value!r}")
+    log = _NotebookLog(args.log) if args.log else None
+    out = sys.stdout.buffer
+    sys.stdout = sys.stderr  # anything printed by mistake must not break the protocol
+    server = _McpServer(args.url, args.token, ssl_context=ssl_context, kernel_name=args.kernel,
+                        kernel_id=args.kernel_id, session=args.session, notebook=args.notebook, timeout=args.timeout,
+                        output_dir=args.output_dir, log=log, err=err, out=out, **limits)
+    ended = None
+    try:
+        server.serve(sys.stdin.buffer)
+    except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM/SIGHUP as _Signalled
+        ended = exc
+    finally:
+        import signal
+        with _signals_held(signal):
+            server.cleanup()
+        sys.stdout = sys.__stdout__
+    if isinstance(ended, _Signalled):
+        return 128 + ended.signum
+    return EXIT_INTERRUPTED if ended is not None else EXIT_OK
+
+
+@contextlib.contextmanager
+def _signals_held(signal):
+    """While cleanup runs, SIGTERM, SIGHUP and SIGINT are noted, not acted on (the host's SIGTERM
+    comes 2 s after it closed stdin; its SIGKILL at 4 s ends what is still running)."""
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP", "SIGINT", "SIGBREAK"):
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            previous[name] = signal.signal(getattr(signal, name), signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
 
 
 if sys.version_info < (3, 10) and __name__ != "__main__":

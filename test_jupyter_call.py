@@ -2876,3 +2876,418 @@ def test_not_a_notebook_is_a_usage_error(tmp_path):
     bad.write_text("{}")
     proc = cli("-f", str(bad), timeout=30)
     assert proc.returncode == 2 and "is not a Jupyter notebook" in proc.stderr
+
+
+# ---- 1. Pure: what the MCP server makes of outputs and arguments ----------------------
+
+def test_mcp_content_keeps_order_and_strips_colours():
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 20).decode()
+    outputs = [{"output_type": "stream", "name": "stdout", "text": "a\n"},
+               {"output_type": "stream", "name": "stderr", "text": "warn\n"},
+               {"output_type": "display_data", "data": {"image/png": png, "text/plain": "<Figure>"}, "metadata": {}},
+               {"output_type": "execute_result", "data": {"text/plain": "42"}, "metadata": {}, "execution_count": 1},
+               {"output_type": "display_data", "data": {"text/html": "<b>x</b>"}, "metadata": {}},
+               {"output_type": "error", "ename": "E", "evalue": "v", "traceback": ["\x1b[0;31mE\x1b[0m: v"]}]
+    content, missing = jc._tool_content(outputs)
+    assert content == [{"type": "text", "text": "a\nwarn\n"}, {"type": "image", "data": png, "mimeType": "image/png"},
+                       {"type": "text", "text": "42\n<b>x</b>\nE: v\n"}]
+    assert missing is False
+
+
+def test_mcp_content_budget_keeps_head_and_tail_and_says_where_the_rest_is():
+    text = "".join(f"line {i}\n" for i in range(10_000))
+    saved = {}
+
+    def save(suffix, data):
+        saved[suffix] = data
+        return f"/out/all{suffix}"
+
+    content, missing = jc._tool_content([{"output_type": "stream", "name": "stdout", "text": text}],
+                                        max_output=3000, save=save)
+    shown = content[0]["text"]
+    assert missing and shown.startswith("line 0\n") and shown.endswith("line 9999\n")
+    assert len(shown) < 3200 and f"{len(text) - 3000:,} characters left out; the whole text is in /out/all.txt" in shown
+    assert saved[".txt"] == text.encode()
+    content, _ = jc._tool_content([{"output_type": "stream", "name": "stdout", "text": text}], max_output=3000)
+    assert "characters left out ...]" in content[0]["text"] and "whole text" not in content[0]["text"]
+
+
+def test_mcp_images_over_the_budget_are_saved_or_described():
+    big = base64.b64encode(b"\xff\xd8" + b"\1" * 2_499_998).decode()
+    outputs = [{"output_type": "display_data", "data": {"image/jpeg": big}, "metadata": {}}]
+    content, missing = jc._tool_content(outputs)
+    assert missing and content == [{"type": "text", "text": "[image/jpeg 2.4 MB omitted]\n"}]
+    content, _ = jc._tool_content(outputs, save=lambda suffix, data: f"/out/i{suffix}" if len(data) == 2_500_000 else None)
+    assert content == [{"type": "text", "text": "[image/jpeg 2.4 MB saved to /out/i.jpg]\n"}]
+
+
+def test_mcp_arguments_are_checked_against_the_input_schema():
+    run_code = next(t for t in jc.MCP_TOOLS if t["name"] == "run_code")["inputSchema"]
+    check = functools.partial(jc._check_arguments, run_code)
+    assert check({"code": "1"}) is None and check({"code": "1", "kernel": "k", "timeout": 2}) is None
+    assert check({}) == "argument 'code' is required"
+    assert check({"code": 1}) == "argument 'code' must be string, not integer"
+    assert check({"code": "1", "timeout": 0}) == "argument 'timeout' must be a positive number"
+    assert check({"code": "1", "timeout": True}) == "argument 'timeout' must be number, not boolean"
+    assert check({"code": "1", "cod": "x"}).startswith("unknown argument 'cod' (this tool takes: code, kernel")
+    assert check([]) == "the arguments must be an object"
+
+
+# ---- 3. The MCP server (--mcp) against the real server --------------------------------
+
+class McpProcess:
+    """``jupyter_call.py --mcp`` in a subprocess, spoken to over its pipes as a host does."""
+
+    def __init__(self, server, *args, url=True, env=None):
+        flags = ["--url", server.url, "--token", server.token] if url else []
+        self.proc = subprocess.Popen([sys.executable, str(MODULE), "--mcp", *flags, *args], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**server.env, **(env or {})},
+                                     cwd=str(HERE))
+        self.lines, self.messages, self.stderr = [], [], []
+        self.arrived = threading.Condition()
+        self.next_id = 0
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            with self.arrived:
+                self.lines.append(line)
+                with contextlib.suppress(ValueError):
+                    self.messages.append(json.loads(line))
+                self.arrived.notify_all()
+        with self.arrived:
+            self.lines.append(None)  # EOF
+            self.arrived.notify_all()
+
+    def send(self, message):
+        data = message if isinstance(message, bytes) else json.dumps(message).encode() + b"\n"
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def start(self, method, params=None):
+        """Send a request; return its id."""
+        self.next_id += 1
+        self.send({"jsonrpc": "2.0", "id": self.next_id, "method": method, **({"params": params} if params else {})})
+        return self.next_id
+
+    def wait(self, test, timeout=120):
+        """The first message for which ``test`` is true (bounded wait)."""
+        with self.arrived:
+            found = self.arrived.wait_for(lambda: next((m for m in self.messages if test(m)), None)
+                                          or None in self.lines, timeout)
+            match = next((m for m in self.messages if test(m)), None)
+        assert match is not None, f"no such message; stderr: {b''.join(self.stderr).decode()[-2000:]}" if found else \
+            "timed out waiting for the MCP server"
+        return match
+
+    def answer(self, request_id, timeout=120):
+        return self.wait(lambda m: m.get("id") == request_id and "method" not in m, timeout)
+
+    def request(self, method, params=None, timeout=120):
+        return self.answer(self.start(method, params), timeout)
+
+    def call(self, tool, meta=None, **arguments):
+        return self.request("tools/call", {"name": tool, "arguments": arguments, **({"_meta": meta} if meta else {})})
+
+    def handshake(self, version="2025-11-25"):
+        answer = self.request("initialize", {"protocolVersion": version, "capabilities": {},
+                                             "clientInfo": {"name": "test", "version": "1"}})
+        self.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        return answer["result"]
+
+    def close(self, timeout=30):
+        """Close stdin as a host does; return the exit code."""
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        return self.proc.wait(timeout)
+
+    def check_stdout(self):
+        """Every line on stdout is one JSON-RPC message."""
+        for line in self.lines:
+            if line is not None:
+                msg = json.loads(line)
+                assert msg["jsonrpc"] == "2.0" and ("method" in msg or "id" in msg), line
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            with contextlib.suppress(OSError):
+                stream.close()
+
+
+@pytest.fixture
+def mcp(server, no_leaks):
+    started = []
+
+    def start(*args, **options):
+        process = McpProcess(server, *args, **options)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.close()
+        process.stop()
+
+
+def _texts(answer):
+    return "".join(block["text"] for block in answer["result"]["content"] if block["type"] == "text")
+
+
+def test_mcp_handshake_era_serves_tools_whose_schemas_are_valid(mcp):
+    jsonschema = pytest.importorskip("jsonschema")
+    host = mcp()
+    result = host.handshake("2025-06-18")
+    assert result["protocolVersion"] == "2025-06-18" and result["capabilities"] == {"tools": {"listChanged": False}}
+    assert result["serverInfo"]["name"] == "jupyter_call" and result["instructions"]
+    assert host.handshake("1999-01-01")["protocolVersion"] == "2025-11-25"  # unknown: the latest
+    tools = {t["name"]: t for t in host.request("tools/list")["result"]["tools"]}
+    assert set(tools) == {"run_code", "list_kernels", "start_kernel", "interrupt_kernel", "restart_kernel",
+                          "shutdown_kernel", "inspect", "run_notebook"}
+    for tool in tools.values():
+        jsonschema.Draft202012Validator.check_schema(tool["inputSchema"])
+        assert tool["inputSchema"]["type"] == "object" and len(tool["description"]) > 80
+        if "outputSchema" in tool:
+            jsonschema.Draft202012Validator.check_schema(tool["outputSchema"])
+    assert tools["list_kernels"]["annotations"]["readOnlyHint"] and tools["inspect"]["annotations"]["readOnlyHint"]
+    assert tools["shutdown_kernel"]["annotations"]["destructiveHint"]
+    assert host.request("ping")["result"] == {}
+    assert host.request("resources/list")["error"]["code"] == -32601
+    assert host.call("no_such_tool")["error"]["code"] == -32602
+    host.send(b"this is not json\n")
+    assert host.wait(lambda m: m.get("id") is None and "error" in m)["error"]["code"] == -32700
+    wrong = host.call("run_code", code=5)
+    assert wrong["result"]["isError"] and _texts(wrong) == "run_code: argument 'code' must be string, not integer"
+    assert host.request("ping")["result"] == {}  # still serving
+    assert host.close() == 0
+    host.check_stdout()
+
+
+def test_mcp_run_code_outputs_state_errors_images_and_budget(mcp, server):
+    jsonschema = pytest.importorskip("jsonschema")
+    host = mcp("--max-output", "5000")
+    host.handshake()
+    schema = next(t for t in host.request("tools/list")["result"]["tools"] if t["name"] == "run_code")["outputSchema"]
+    first = host.call("run_code", code="x = 41\nprint('hello')\nx + 1")
+    assert _texts(first) == "hello\n42\n" and first["result"]["isError"] is False
+    structured = first["result"]["structuredContent"]
+    jsonschema.validate(structured, schema)
+    assert structured["status"] == "ok" and structured["truncated"] is False and structured["kernel"] in server.kernels()
+    assert _texts(host.call("run_code", code="print(x * 2)")) == "82\n"  # the default kernel keeps its state
+    failed = host.call("run_code", code="1 / 0")
+    assert failed["result"]["isError"] and failed["result"]["structuredContent"]["status"] == "error"
+    assert "ZeroDivisionError" in _texts(failed) and "\x1b" not in _texts(failed)
+    png = _tiny_png()
+    shown = host.call("run_code", code=f"from IPython.display import display\n"
+                                       f"display({{'image/png': {base64.b64encode(png).decode()!r}, "
+                                       f"'text/plain': '<image>'}}, raw=True)")
+    images = [b for b in shown["result"]["content"] if b["type"] == "image"]
+    assert len(images) == 1 and images[0]["mimeType"] == "image/png" and base64.b64decode(images[0]["data"]) == png
+    big = host.call("run_code", code="for i in range(20000): print('row', i)")
+    assert big["result"]["structuredContent"]["truncated"] is True
+    text = _texts(big)
+    assert text.startswith("row 0\n") and text.endswith("row 19999\n") and "characters left out" in text
+    assert len(text) < 5200
+    jsonschema.validate(big["result"]["structuredContent"], schema)
+    assert host.close() == 0
+    host.check_stdout()
+
+
+def _meta(version="2026-07-28", **more):
+    return {"_meta": {"io.modelcontextprotocol/protocolVersion": version,
+                      "io.modelcontextprotocol/clientCapabilities": {}, **more}}
+
+
+def test_mcp_2026_era_discovers_without_a_handshake(mcp):
+    host = mcp()
+    found = host.request("server/discover", _meta())["result"]
+    assert found["supportedVersions"][0] == "2026-07-28" and "2025-11-25" in found["supportedVersions"]
+    assert found["capabilities"]["tools"] == {"listChanged": False} and found["instructions"]
+    assert (found["resultType"], found["cacheScope"]) == ("complete", "public") and found["ttlMs"] > 0
+    assert found["_meta"]["io.modelcontextprotocol/serverInfo"]["name"] == "jupyter_call"
+    listed = host.request("tools/list", _meta())["result"]
+    assert len(listed["tools"]) == 8 and listed["resultType"] == "complete" and "ttlMs" in listed and "cacheScope" in listed
+    ran = host.request("tools/call", {"name": "run_code", "arguments": {"code": "6 * 7"}, **_meta()})["result"]
+    assert ran["content"] == [{"type": "text", "text": "42\n"}] and ran["resultType"] == "complete"
+    assert ran["structuredContent"]["status"] == "ok"
+    unsupported = host.request("tools/list", _meta("2030-01-01"))["error"]
+    assert unsupported["code"] == -32022 and unsupported["data"] == {"supported": ["2026-07-28"], "requested": "2030-01-01"}
+    assert host.request("tools/list")["error"]["code"] == -32602  # no version in _meta
+    assert host.request("ping", _meta())["error"]["code"] == -32601  # gone in this revision
+    assert host.request("initialize", {"protocolVersion": "2025-11-25", "capabilities": {}})["error"]["code"] == -32022
+    assert host.close() == 0
+    host.check_stdout()
+
+
+def test_mcp_long_calls_report_progress_and_do_not_block_others(mcp):
+    host = mcp()
+    host.handshake()
+    other = host.call("start_kernel")["result"]["structuredContent"]["kernel"]
+    long = host.start("tools/call", {"name": "run_code", "arguments": {"code": "import time\nprint('started')\n"
+                                                                               "time.sleep(6)\nprint('woke')"},
+                                     "_meta": {"progressToken": "p1"}})
+    first = host.wait(lambda m: m.get("method") == "notifications/progress")
+    assert host.request("ping")["result"] == {}  # answered while the cell runs
+    elsewhere = host.call("run_code", code="print('meanwhile')", kernel=other)
+    assert _texts(elsewhere) == "meanwhile\n"
+    done = host.answer(long)
+    assert _texts(done) == "started\nwoke\n"
+    with host.arrived:
+        order = [m.get("id") or m.get("method") for m in host.messages]
+        progress = [m["params"] for m in host.messages if m.get("method") == "notifications/progress"]
+    assert order.index(host.next_id) < order.index(long)  # the other kernel answered before the long cell ended
+    assert len(progress) >= 2 and all(p["progressToken"] == "p1" for p in progress)
+    assert [p["progress"] for p in progress] == sorted({p["progress"] for p in progress})  # strictly increasing
+    assert first["params"]["message"].endswith(": started")
+    assert order.index("notifications/progress") < order.index(long)
+    assert host.call("shutdown_kernel", kernel=other)["result"]["content"][0]["text"] == f"kernel {other} shut down"
+    assert host.close() == 0
+
+
+def test_mcp_cancellation_interrupts_the_kernel_and_sends_nothing_more(mcp):
+    host = mcp()
+    host.handshake()
+    host.call("run_code", code="state = 'kept'")
+    sleeping = host.start("tools/call", {"name": "run_code", "arguments": {"code": "import time; time.sleep(600)"},
+                                         "_meta": {"progressToken": 7}})
+    host.wait(lambda m: m.get("method") == "notifications/progress")  # it runs
+    host.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": sleeping}})
+    after = host.call("run_code", code="print(state)")  # queued behind the cancelled cell: runs once it stopped
+    assert _texts(after) == "kept\n"
+    with host.arrived:
+        assert not any(m.get("id") == sleeping for m in host.messages)
+        late = [m for m in host.messages if m.get("method") == "notifications/progress"]
+    assert all(m["params"]["progressToken"] == 7 for m in late)
+    assert host.close() == 0
+
+
+def test_mcp_kernels_tools_and_cleanup_when_stdin_closes(mcp, server):
+    person = jc.Kernel(server.url, server.token, timeout=60)  # a kernel someone else started
+    try:
+        host = mcp("--kernel-id", person.id)
+        host.handshake()
+        assert _texts(host.call("run_code", code="shared = 1; print('in the person kernel')")) == "in the person kernel\n"
+        assert person.execute("print(shared)").stdout == "1\n"  # the agent and the person share its state
+        started = host.call("start_kernel")["result"]["structuredContent"]
+        assert started["name"] == "python3"
+        listed = host.call("list_kernels")["result"]["structuredContent"]
+        mine = {k["id"]: k for k in listed["kernels"]}
+        assert mine[started["kernel"]]["started"] and not mine[started["kernel"]]["default"]
+        assert mine[person.id]["default"] and not mine[person.id]["started"]
+        refused = host.call("shutdown_kernel", kernel=person.id)
+        assert refused["result"]["isError"] and "not started by this MCP server" in _texts(refused)
+        host.call("run_code", code="gone = 1", kernel=started["kernel"])
+        assert "restarted" in _texts(host.call("restart_kernel", kernel=started["kernel"]))
+        lost = host.call("run_code", code="gone", kernel=started["kernel"])
+        assert "NameError" in _texts(lost)
+        assert "interrupted" in _texts(host.call("interrupt_kernel", kernel=person.id))
+        doc = host.call("inspect", code="len")
+        assert "Return the number of items" in _texts(doc)
+        assert _texts(host.call("inspect", code="no_such_name_anywhere")) == "nothing found at the cursor"
+        assert host.close() == 0
+        kernels = server.kernels()
+        assert started["kernel"] not in kernels and person.id in kernels  # attached: left alone
+        everything = b"".join(line for line in host.lines if line) + b"".join(host.stderr)
+        assert server.token.encode() not in everything and server.url.encode() not in everything
+        assert b"default kernel" in everything  # (the log said something, without them)
+    finally:
+        person.close()
+
+
+def test_mcp_sigterm_deletes_the_kernels_it_started(mcp, server):
+    host = mcp()
+    host.handshake()
+    kernel = host.call("run_code", code="1")["result"]["structuredContent"]["kernel"]
+    assert kernel in server.kernels()
+    host.proc.send_signal(signal.SIGTERM)
+    assert host.proc.wait(30) == 143
+    assert kernel not in server.kernels()
+
+
+def test_mcp_run_notebook_and_log(mcp, server, tmp_path):
+    notebook = _notebook(("code", "n = 1"), ("markdown", "text"), ("code", "print(n + p)"), ("code", "1/0"))
+    notebook["cells"][0]["metadata"]["tags"] = ["parameters"]
+    path = tmp_path / "job.ipynb"
+    path.write_text(json.dumps(notebook))
+    log = tmp_path / "agent.ipynb"
+    host = mcp("--log", str(log))
+    host.handshake()
+    ran = host.call("run_notebook", path=str(path), parameters={"p": 41}, write=str(tmp_path / "out.ipynb"))
+    summary = ran["result"]["structuredContent"]
+    assert ran["result"]["isError"] and summary["status"] == "error"
+    assert [(c["cell"], c["status"]) for c in summary["cells"]] == [(1, "ok"), (2, "ok"), (3, "ok"), (4, "error")]
+    assert summary["cells"][2]["output"] == "42\n" and summary["cells"][3]["error"] == "ZeroDivisionError: division by zero"
+    written = json.loads((tmp_path / "out.ipynb").read_text())
+    assert written["cells"][3]["outputs"][0]["text"] == "42\n"
+    host.call("run_code", code="print('logged')")
+    host.call("run_code", code="1 / 0")
+    nbformat = pytest.importorskip("nbformat")
+    kept = nbformat.read(str(log), as_version=4)
+    nbformat.validate(kept)
+    assert [c.source for c in kept.cells] == ["print('logged')", "1 / 0"]
+    assert kept.cells[0].outputs[0].text == "logged\n" and kept.cells[1].outputs[0].ename == "ZeroDivisionError"
+    assert host.close() == 0
+
+
+def test_kernel_introspection(server, no_leaks):
+    with jc.Kernel(server.url, server.token, timeout=60) as k:
+        k.execute("import os\nvalue_of_mine = 3")
+        found = k.complete("value_of")
+        assert found["matches"] == ["value_of_mine"] and (found["cursor_start"], found["cursor_end"]) == (0, 8)
+        assert "path" in k.complete("os.pa")["matches"] or "os.path" in k.complete("os.pa")["matches"]
+        assert k.complete("len(value_of + 1)", cursor_pos=12)["matches"] == ["value_of_mine"]
+        assert "Return the number of items" in k.inspect("len")["text/plain"]
+        assert k.inspect("no_such_name_anywhere") is None
+        k.execute("def jc_f():\n    return 1")
+        assert "Source:" in re.sub(jc.ANSI_ESCAPE, "", k.inspect("jc_f", detail_level=1)["text/plain"])
+        assert (k.is_complete("x = 1"), k.is_complete("for i in range(3):"), k.is_complete("1 +* 2")) == (
+            "complete", "incomplete", "invalid")
+        assert k.info()["language_info"]["name"] == "python"
+        with pytest.raises(ValueError, match="cursor_pos"):
+            k.complete("abc", cursor_pos=9)
+
+
+def test_the_official_mcp_sdk_speaks_to_it_in_both_eras(server, no_leaks):
+    pytest.importorskip("mcp")
+    import asyncio
+    from mcp import Client, StdioServerParameters
+    params = StdioServerParameters(command=sys.executable, args=[str(MODULE), "--mcp"],
+                                   env={**server.env, "JUPYTER_URL": server.url, "JUPYTER_TOKEN": server.token})
+
+    async def session(mode):
+        async with Client(params, mode=mode) as client:  # validates each result against its schema
+            names = {tool.name for tool in (await client.list_tools()).tools}
+            first = await client.call_tool("run_code", {"code": "x = 6 * 7\nprint(x)"})
+            second = await client.call_tool("run_code", {"code": "x"})
+            kernels = await client.call_tool("list_kernels", {})
+            return client.protocol_version, names, first, second, kernels
+
+    for mode, era in (("auto", "2026-07-28"), ("legacy", "2025-11-25")):
+        version, names, first, second, kernels = asyncio.run(session(mode))
+        assert version == era and "run_code" in names
+        assert first.content[0].text == "42\n" and not first.is_error
+        assert first.structured_content["status"] == "ok" and second.content[0].text == "42\n"
+        assert any(k["default"] for k in kernels.structured_content["kernels"])
+
+
+def test_mcp_malformed_messages_get_one_error_each_and_the_server_goes_on(mcp):
+    host = mcp()
+    host.handshake()
+    for raw, code in ((b"[1, 2]\n", -32600), (b'{"jsonrpc": "2.0", "id": {"a": 1}, "method": "ping"}\n', -32600),
+                      (b'{"jsonrpc": "2.0", "id": 90}\n', -32600), (b"\xff\xfe not utf-8\n", -32700),
+                      (b'{"jsonrpc": "2.0", "id": 91, "method": "tools/list", "params": [1]}\n', -32602)):
+        before = len(host.messages)
+        host.send(raw)
+        host.wait(lambda m, n=before: len(host.messages) > n and m is host.messages[n])
+        assert host.messages[before]["error"]["code"] == code, raw
+    host.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": {"x": []}}})
+    host.send({"jsonrpc": "2.0", "method": "notifications/unknown"})  # notifications are never answered
+    nothing = host.request("tools/call", {"name": "run_code", "arguments": None})
+    assert nothing["result"]["isError"] and "'code' is required" in _texts(nothing)
+    assert host.request("ping")["result"] == {}
+    assert host.close() == 0
+    host.check_stdout()
+    assert not any("internal error" in line.decode() for line in host.stderr)
