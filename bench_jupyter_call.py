@@ -1367,6 +1367,12 @@ def cmd_mcp(args: argparse.Namespace) -> int:
         verdicts.append(verdict)
         print(f"\nserver RSS (VmRSS, MB) after n calls: " + ", ".join(f"{n}: {mb:.1f}" for n, mb in rss[::4]))
         print(f"  [{verdict:>4}] growth after the first 100 calls {growth:+.1f} MB (target <= {MCP_RSS_GROWTH_MB:g})")
+        before = _proc_rss_mb(host.proc.pid, "VmHWM:")
+        answer = host.ask("tools/call", {"name": "run_code", "arguments": {"code": _throughput_code(args.mb)}})
+        shown = sum(len(block.get("text", "")) for block in answer["content"])
+        peak = _proc_rss_mb(host.proc.pid, "VmHWM:")
+        print(f"\na {args.mb} MB output: {shown} characters in the result (the budget keeps head and tail); "
+              f"server peak RSS {before:.1f} -> {peak:.1f} MB")
         # 3. Cleanup: stdin closed with three kernels started, one of them running a cell.
         for _ in range(2):
             host.ask("tools/call", {"name": "start_kernel", "arguments": {}})
@@ -1391,10 +1397,10 @@ def cmd_mcp(args: argparse.Namespace) -> int:
     return 0 if all(v == "ok" for v in verdicts) else 1
 
 
-def _proc_rss_mb(pid: int) -> float:
+def _proc_rss_mb(pid: int, field: str = "VmRSS:") -> float:
     with open(f"/proc/{pid}/status", encoding="ascii") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -1483,6 +1489,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launches", type=int, default=20, metavar="N", help="processes per era (default %(default)s)")
     p.add_argument("--calls", type=int, default=1000, metavar="N",
                    help="run_code calls, a multiple of 50 (default %(default)s)")
+    p.add_argument("--mb", type=int, default=100, metavar="MB",
+                   help="size of the large output whose peak RSS is shown (default %(default)s)")
     p.set_defaults(func=cmd_mcp)
 
     p = commands.add_parser(

@@ -3523,6 +3523,7 @@ MAX_MCP_LINE = 64 * 2**20     # bound on one incoming message
 MCP_PROGRESS_EVERY = 2.0      # seconds between progress notifications (at most 5, as promised)
 MCP_MAX_OUTPUT = 20_000       # characters of text per result (--max-output)
 MCP_MAX_IMAGE_BYTES = 1_000_000  # an image inlined at most (--max-image-bytes)
+MCP_MAX_IMAGES = 10           # images inlined in one result at most
 MCP_START_TIMEOUT = HTTP_TIMEOUT  # starting or attaching a kernel (gateways can take 40 s+)
 MCP_ASK_TIMEOUT = 30.0        # inspect: the kernel answers at once unless busy
 # Hosts close stdin, send SIGTERM 2 s later and SIGKILL at 4 s (the official SDKs and the
@@ -3681,63 +3682,131 @@ def _json_type(value: object) -> str:
     return type(value).__name__
 
 
-def _tool_content(outputs: list, *, max_output: int = MCP_MAX_OUTPUT, max_image_bytes: int = MCP_MAX_IMAGE_BYTES,
-                  save=None) -> tuple[list, bool]:
-    """MCP content blocks for a cell's outputs, and whether any output is missing from them.
+class _ToolContent:
+    """A cell's outputs as MCP content blocks, collected as they arrive, in bounded memory.
 
     In order: text for streams, results' and displays' text forms and tracebacks (ANSI
-    colours removed); image blocks for PNG and JPEG up to ``max_image_bytes``. Text over
-    ``max_output`` characters keeps its head and tail around one line saying how much was
-    left out. ``save(suffix, data)`` stores what is left out and returns where, or None.
+    colours removed); image blocks for PNG and JPEG up to ``max_image_bytes`` each, at most
+    MCP_MAX_IMAGES of them. Text over ``max_output`` characters keeps its head and tail
+    around one line saying how much was left out; with ``output_dir``, the whole text and
+    the images left out are saved there, and the line says where.
     """
-    parts: list = []  # str for text, dict for an image block
-    missing = False
 
-    def text(piece: str) -> None:
-        if parts and isinstance(parts[-1], str):
-            parts[-1] += piece
-        else:
-            parts.append(piece)
+    def __init__(self, max_output: int = MCP_MAX_OUTPUT, max_image_bytes: int = MCP_MAX_IMAGE_BYTES,
+                 output_dir: str | None = None):
+        self.max_output, self.max_image_bytes, self.output_dir = max_output, max_image_bytes, output_dir
+        self.missing = False  # an output is not in the content: cut, saved or described
+        self._spill = None    # with output_dir: every character of text, in case it does not fit
+        self._clear()
 
-    for out in outputs:
+    def _clear(self) -> None:
+        self._parts: list = []        # str for text, dict for an image block, while the text fits
+        self._head: str | None = None  # once it does not: its first two thirds of the budget...
+        self._tail = ""               # ...and the last third
+        self._total = 0               # characters of text
+        self._images = 0
+        self._clear_pending = False
+        if self._spill is not None:
+            self._spill[0].seek(0)
+            self._spill[0].truncate()
+
+    def add(self, out: dict) -> None:
+        """Take one output as ``Kernel.execute``'s ``on_output`` gets it."""
         kind = out.get("output_type")
+        if kind == "clear_output":  # (wait: at the next output)
+            self._clear_pending = True
+            if not out.get("wait"):
+                self._clear()
+            return
+        if kind == "update_display_data":
+            return  # the display stays as first shown
+        if self._clear_pending:
+            self._clear()
         if kind == "stream":
-            text(str(out.get("text", "")))
+            self._text(str(out.get("text", "")))
         elif kind in ("execute_result", "display_data"):
             data = out.get("data") or {}
             mime = next((m for m in ("image/png", "image/jpeg") if isinstance(data.get(m), str)), None)
             if mime:
-                encoded = re.sub(r"\s+", "", data[mime])
-                size = len(encoded) * 3 // 4 - encoded[-2:].count("=")
-                if size <= max_image_bytes:
-                    parts.append({"type": "image", "data": encoded, "mimeType": mime})
-                    continue
-                missing = True
-                try:
-                    where = save and save("." + mime.split("/")[1].replace("jpeg", "jpg"), base64.b64decode(encoded))
-                except ValueError:
-                    where = None
-                text(f"[{mime} {_size(size)} {'saved to ' + where if where else 'omitted'}]\n")
-                continue
+                self._image(mime, re.sub(r"\s+", "", data[mime]))
+                return
             shown = _text_form(data)
             if shown is None:
                 shown = next((data[m] for m in ("text/markdown", "text/html") if isinstance(data.get(m), str)),
                              f"[{', '.join(sorted(data)) or 'empty'} output]")
-            text(shown if shown.endswith("\n") else shown + "\n")
+            self._text(shown if shown.endswith("\n") else shown + "\n")
         elif kind == "error":
             trace = "\n".join(str(line) for line in out.get("traceback") or ()) or (
                 f"{out.get('ename', 'Error')}: {out.get('evalue', '')}")
-            text(re.sub(ANSI_ESCAPE, "", trace) + "\n")
-    texts = [p for p in parts if isinstance(p, str)]
-    total = sum(map(len, texts))
-    if total <= max_output:
-        return [p if isinstance(p, dict) else {"type": "text", "text": p} for p in parts], missing
-    whole = "".join(texts)
-    where = save and save(".txt", whole.encode("utf-8"))
-    head, tail = max_output * 2 // 3, max_output // 3
-    note = f"\n[... {total - head - tail:,} characters left out{'; the whole text is in ' + where if where else ''} ...]\n"
-    return [{"type": "text", "text": whole[:head] + note + whole[total - tail:]},
-            *(p for p in parts if isinstance(p, dict))], True
+            self._text(re.sub(ANSI_ESCAPE, "", trace) + "\n")
+
+    def _image(self, mime: str, encoded: str) -> None:
+        size = len(encoded) * 3 // 4 - encoded[-2:].count("=")
+        if size <= self.max_image_bytes and self._images < MCP_MAX_IMAGES:
+            self._images += 1
+            self._parts.append({"type": "image", "data": encoded, "mimeType": mime})
+            return
+        self.missing = True
+        where = None
+        if self.output_dir is not None:
+            try:
+                where = self._file("." + mime.split("/")[1].replace("jpeg", "jpg"), "wb")
+                with where[0]:
+                    where[0].write(base64.b64decode(encoded))
+            except (OSError, ValueError):
+                where = None
+        self._text(f"[{mime} {_size(size)} {'saved to ' + where[1] if where else 'omitted'}]\n")
+
+    def _file(self, suffix: str, mode: str):
+        os.makedirs(self.output_dir, exist_ok=True)
+        path = os.path.abspath(os.path.join(self.output_dir, f"mcp-{_new_id()[:12]}{suffix}"))
+        return open(path, mode, **({"encoding": "utf-8"} if "b" not in mode else {})), path
+
+    def _text(self, piece: str) -> None:
+        if not piece:
+            return
+        self._total += len(piece)
+        if self.output_dir is not None:
+            try:
+                self._spill = self._spill or self._file(".txt", "w")
+                self._spill[0].write(piece)
+            except OSError:
+                self.output_dir = None
+        keep = self.max_output // 3
+        if self._head is not None:
+            self._tail = (self._tail + piece[-keep:])[-keep:]
+            return
+        if self._parts and isinstance(self._parts[-1], str):
+            self._parts[-1] += piece
+        else:
+            self._parts.append(piece)
+        if self._total > self.max_output:  # from here on only the head and the tail are kept
+            whole = "".join(p for p in self._parts if isinstance(p, str))
+            self._head, self._tail = whole[:self.max_output - keep], whole[-keep:] if keep else ""
+            self._parts = [p for p in self._parts if isinstance(p, dict)]
+
+    def finish(self) -> tuple[list, bool]:
+        """The content blocks, and whether any output is missing from them."""
+        spill, self._spill = self._spill, None
+        if spill is not None:
+            spill[0].close()
+        if self._head is None:
+            if spill is not None:
+                with contextlib.suppress(OSError):
+                    os.remove(spill[1])
+            return [p if isinstance(p, dict) else {"type": "text", "text": p} for p in self._parts], self.missing
+        left_out = self._total - len(self._head) - len(self._tail)
+        where = f"; the whole text is in {spill[1]}" if spill is not None else ""
+        note = f"\n[... {left_out:,} characters left out{where} ...]\n"
+        return [{"type": "text", "text": self._head + note + self._tail}, *self._parts], True
+
+
+def _tool_content(outputs: list, **options) -> tuple[list, bool]:
+    """The content blocks of a list of outputs (see _ToolContent)."""
+    content = _ToolContent(**options)
+    for out in outputs:
+        content.add(out)
+    return content.finish()
 
 
 class _NotebookLog:
@@ -3815,7 +3884,6 @@ class _McpServer:
         self._default: str | None = None
         self._lanes: dict = {}      # kernel key -> deque of waiting work, while a lane thread runs
         self._calls: dict = {}      # request id -> _Call
-        self._saved = 0
         self._rest_client = None
 
     # -- the transport --
@@ -4119,61 +4187,47 @@ class _McpServer:
             if self._default == kernel_id:
                 self._default = None
 
-    def _save(self, suffix: str, data: bytes) -> str | None:
-        """Store output left out of a result in --output-dir; returns the path, or None."""
-        if not self.output_dir:
-            return None
-        with self._lock:
-            self._saved += 1
-            number = self._saved
-        path = os.path.abspath(os.path.join(self.output_dir, f"mcp-{os.getpid()}-{number}{suffix}"))
-        try:
-            os.makedirs(self.output_dir, exist_ok=True)
-            with open(path, "wb") as f:
-                f.write(data)
-        except OSError as exc:
-            self.log_line(f"cannot save output in {self.output_dir}: {exc.strerror}")
-            return None
-        return path
-
     # -- the tools --
 
     def _tool_run_code(self, call: _Call, args: dict) -> dict:
         kernel = self._kernel(args.get("kernel"))
         call.kernel_id = kernel.id
         timeout = args.get("timeout", self.timeout)
+        content = _ToolContent(self.max_output, self.max_image_bytes, self.output_dir)
 
         def on_output(out: dict) -> None:
+            content.add(out)
             if out.get("output_type") == "stream":
-                lines = [line for line in str(out.get("text", "")).splitlines() if line.strip()]
+                lines = [line for line in str(out.get("text", ""))[-1000:].splitlines() if line.strip()]
                 if lines:
                     call.last_line = lines[-1][:200]
 
         stop = self._progress(call)
         try:
-            result = kernel.execute(args["code"], timeout=timeout, on_output=on_output)
+            # Only what the content keeps stays in memory (and, for --log, every output).
+            result = kernel._execute(args["code"], Deadline(timeout), on_output=on_output,
+                                     keep_outputs=self.log is not None)
             status = result.status
         except ExecutionTimeout as exc:
             result, status = exc.result or Result(), "timeout"
         finally:
             stop.set()
+            blocks, missing = content.finish()
         if self.log is not None:  # a cancelled cell ran too, as far as it got
             with self._lock:
                 self.log.add(args["code"], result)
         if call.cancelled:
             return None
-        content, missing = _tool_content(result.outputs, max_output=self.max_output,
-                                         max_image_bytes=self.max_image_bytes, save=self._save)
         if status == "timeout":
-            content.append({"type": "text", "text": f"[timed out after {_seconds(timeout)}; the kernel was "
-                                                    f"interrupted and keeps its state]"})
+            blocks.append({"type": "text", "text": f"[timed out after {_seconds(timeout)}; the kernel was "
+                                                   f"interrupted and keeps its state]"})
         elif status == "aborted":
-            content.append({"type": "text", "text": "[the kernel aborted this code]"})
+            blocks.append({"type": "text", "text": "[the kernel aborted this code]"})
         structured = {"status": status, "kernel": kernel.id, "execution_count": result.execution_count,
                       "truncated": bool(result.truncated or missing)}
-        if not content:
-            content = [{"type": "text", "text": json.dumps(structured)}]
-        return {"content": content, "structuredContent": structured, "isError": status != "ok"}
+        if not blocks:
+            blocks = [{"type": "text", "text": json.dumps(structured)}]
+        return {"content": blocks, "structuredContent": structured, "isError": status != "ok"}
 
     def _tool_inspect(self, call: _Call, args: dict) -> dict:
         kernel = self._kernel(args.get("kernel"))
@@ -4343,7 +4397,7 @@ def _serve_mcp(args, err, ssl_context) -> int:
     """--mcp: serve until stdin closes, SIGTERM or Ctrl-C; delete what was started; exit 0 (or 128+signal)."""
     if args.code is not None or args.file is not None:
         raise _UsageError("--mcp takes no code: the MCP client sends it")
-    for flag in ("write", "keep", "json", "list", "input", "parameters", "parameters_raw", "parameters_file"):
+    for flag in ("write", "keep", "json", "input", "parameters", "parameters_raw", "parameters_file", "spawn"):
         if getattr(args, flag):
             raise _UsageError(f"--{flag.replace('_', '-')} cannot be used with --mcp")
     limits = {}

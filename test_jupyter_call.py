@@ -2430,6 +2430,11 @@ def test_cli_spawn_runs_on_a_private_server(tmp_path):
     (["--url", "http://[::1", "1"], "the server URL is malformed"),
     (["--url", "http://127.0.0.1:99999/", "1"], "the server URL is malformed"),
     (["--url", "http://127.0.0.1:9/", "--token", "a\r\nX-Evil: 1", "1"], "the token holds a control character"),
+    (["--mcp", "print(1)"], "--mcp takes no code"),
+    (["--mcp", "--max-output", "lots"], "--max-output must be a positive whole number"),
+    (["--mcp", "--json"], "--json cannot be used with --mcp"),
+    (["--mcp", "--spawn"], "--spawn cannot be used with --mcp"),
+    (["--mcp", "--log", "README.md"], "--log README.md exists and is not a notebook"),
 ])
 def test_cli_usage_errors_exit_2_with_one_line(args, words):
     proc = cli(*args, timeout=30)
@@ -2894,31 +2899,36 @@ def test_mcp_content_keeps_order_and_strips_colours():
     assert missing is False
 
 
-def test_mcp_content_budget_keeps_head_and_tail_and_says_where_the_rest_is():
+def test_mcp_content_budget_keeps_head_and_tail_and_says_where_the_rest_is(tmp_path):
     text = "".join(f"line {i}\n" for i in range(10_000))
-    saved = {}
-
-    def save(suffix, data):
-        saved[suffix] = data
-        return f"/out/all{suffix}"
-
-    content, missing = jc._tool_content([{"output_type": "stream", "name": "stdout", "text": text}],
-                                        max_output=3000, save=save)
+    chunks = [{"output_type": "stream", "name": "stdout", "text": text[i:i + 777]} for i in range(0, len(text), 777)]
+    content, missing = jc._tool_content(chunks, max_output=3000, output_dir=str(tmp_path))
     shown = content[0]["text"]
-    assert missing and shown.startswith("line 0\n") and shown.endswith("line 9999\n")
-    assert len(shown) < 3200 and f"{len(text) - 3000:,} characters left out; the whole text is in /out/all.txt" in shown
-    assert saved[".txt"] == text.encode()
-    content, _ = jc._tool_content([{"output_type": "stream", "name": "stdout", "text": text}], max_output=3000)
+    assert missing and shown.startswith("line 0\n") and shown.endswith("line 9999\n") and len(shown) < 3200
+    saved = next(tmp_path.glob("mcp-*.txt"))
+    assert f"{len(text) - 3000:,} characters left out; the whole text is in {saved}" in shown
+    assert saved.read_text() == text
+    content, _ = jc._tool_content(chunks, max_output=3000)
     assert "characters left out ...]" in content[0]["text"] and "whole text" not in content[0]["text"]
+    small, missing = jc._tool_content(chunks[:2], max_output=3000, output_dir=str(tmp_path / "small"))
+    assert not missing and small[0]["text"] == text[:1554] and not list((tmp_path / "small").iterdir())
+    cleared = [*chunks, {"output_type": "clear_output", "wait": True}, {"output_type": "stream", "text": "last\n"}]
+    assert jc._tool_content(cleared, max_output=3000) == ([{"type": "text", "text": "last\n"}], False)
 
 
-def test_mcp_images_over_the_budget_are_saved_or_described():
+def test_mcp_images_over_the_budget_are_saved_or_described(tmp_path):
     big = base64.b64encode(b"\xff\xd8" + b"\1" * 2_499_998).decode()
     outputs = [{"output_type": "display_data", "data": {"image/jpeg": big}, "metadata": {}}]
     content, missing = jc._tool_content(outputs)
     assert missing and content == [{"type": "text", "text": "[image/jpeg 2.4 MB omitted]\n"}]
-    content, _ = jc._tool_content(outputs, save=lambda suffix, data: f"/out/i{suffix}" if len(data) == 2_500_000 else None)
-    assert content == [{"type": "text", "text": "[image/jpeg 2.4 MB saved to /out/i.jpg]\n"}]
+    content, _ = jc._tool_content(outputs, output_dir=str(tmp_path))
+    saved = next(tmp_path.glob("mcp-*.jpg"))
+    assert content == [{"type": "text", "text": f"[image/jpeg 2.4 MB saved to {saved}]\n"}]
+    assert saved.read_bytes() == base64.b64decode(big)
+    small = {"output_type": "display_data", "data": {"image/png": base64.b64encode(b"png").decode()}, "metadata": {}}
+    content, missing = jc._tool_content([small] * 12)
+    assert [b["type"] for b in content] == ["image"] * 10 + ["text"] and missing  # at most 10 inlined
+    assert content[-1]["text"] == "[image/png 3 B omitted]\n[image/png 3 B omitted]\n"
 
 
 def test_mcp_arguments_are_checked_against_the_input_schema():
@@ -3291,3 +3301,31 @@ def test_mcp_malformed_messages_get_one_error_each_and_the_server_goes_on(mcp):
     assert host.close() == 0
     host.check_stdout()
     assert not any("internal error" in line.decode() for line in host.stderr)
+
+
+def test_mcp_timeout_interrupts_and_returns_what_arrived(mcp):
+    host = mcp("--timeout", "60")
+    host.handshake()
+    slow = host.call("run_code", code="import time\nprint('before', flush=True)\ntime.sleep(30)", timeout=1.5)
+    assert slow["result"]["isError"] and slow["result"]["structuredContent"]["status"] == "timeout"
+    assert _texts(slow).startswith("before\n") and "timed out after 1.5 s" in _texts(slow)
+    assert _texts(host.call("run_code", code="print('still here')")) == "still here\n"
+    assert host.close() == 0
+
+
+def test_mcp_shares_the_kernel_of_an_open_notebook(mcp, server):
+    rest = server.rest()
+    kernel_id = rest.create_session("shared.ipynb", None)  # as JupyterLab does when a person opens it
+    try:
+        host = mcp("--notebook", "shared.ipynb")
+        host.handshake()
+        ran = host.call("run_code", code="from_agent = 'hello'")
+        assert ran["result"]["structuredContent"]["kernel"] == kernel_id
+        with jc.Kernel(server.url, server.token, kernel_id=kernel_id, timeout=60) as person:
+            assert person.execute("print(from_agent)").stdout == "hello\n"
+        assert host.close() == 0
+        assert kernel_id in server.kernels()  # a person's kernel is left running
+    finally:
+        for session in rest.request("GET", "api/sessions"):
+            if session["kernel"]["id"] == kernel_id:
+                rest.request("DELETE", f"api/sessions/{session['id']}")  # deletes its kernel too
