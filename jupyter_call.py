@@ -3867,12 +3867,13 @@ class _McpServer:
                  kernel_id: str | None = None, session: str | None = None, notebook: str | None = None,
                  timeout: float | None = None, max_output: int = MCP_MAX_OUTPUT,
                  max_image_bytes: int = MCP_MAX_IMAGE_BYTES, output_dir: str | None = None,
-                 log: _NotebookLog | None = None, err=None, out=None):
+                 log: _NotebookLog | None = None, err=None, out=None, **kernel_options):
         import threading
         self._threading = threading
         self.url, self.token = url, token
         self.ssl_context, self.kernel_name, self.timeout = ssl_context, kernel_name, timeout
         self.attach = {"kernel_id": kernel_id, "session": session, "notebook": notebook}
+        self.kernel_options = kernel_options  # env, protocol, compression: as for Kernel
         self.max_output, self.max_image_bytes, self.output_dir = max_output, max_image_bytes, output_dir
         self.log, self.err, self.out = log, err or sys.stderr, out
         self.era: str | None = None  # "handshake" or "stateless", fixed by the first request
@@ -4146,28 +4147,32 @@ class _McpServer:
             kernel = self._kernels.get(key) if key else None
         if kernel is not None and kernel._ws is not None:
             return kernel
-        url, token = resolve_server(self.url, self.token)
         kernel = None
         if key:
             try:
-                kernel = Kernel(url, token, kernel_id=key, timeout=MCP_START_TIMEOUT, ssl_context=self.ssl_context)
+                kernel = self._open(kernel_id=key)
             except ServerError as exc:
                 if exc.status != 404 or kernel_id:
                     raise
                 self.log_line(f"default kernel {key} is gone")
                 self._forget(key)
         if kernel is None:
-            kernel = Kernel(url, token, name=self.kernel_name, timeout=MCP_START_TIMEOUT,
-                            ssl_context=self.ssl_context, **self.attach)
+            kernel = self._open(name=self.kernel_name, **self.attach)
             kernel_id = None
             self.log_line(f"default kernel {kernel.id}" + (" started" if kernel._owned else " attached"))
-        kernel.timeout = None  # each call brings its own
         with self._lock:
             self._kernels[kernel.id] = kernel
             if kernel._owned:
                 self._started.add(kernel.id)
             if not kernel_id and not self._default:
                 self._default = kernel.id
+        return kernel
+
+    def _open(self, **options) -> Kernel:
+        """A Kernel on the server, started or attached as ``options`` say."""
+        kernel = Kernel(*resolve_server(self.url, self.token), timeout=MCP_START_TIMEOUT,
+                        ssl_context=self.ssl_context, **self.kernel_options, **options)
+        kernel.timeout = None  # each call brings its own
         return kernel
 
     def _drop(self, kernel_id: str) -> None:
@@ -4262,10 +4267,7 @@ class _McpServer:
                 "structuredContent": structured}
 
     def _tool_start_kernel(self, call: _Call, args: dict) -> dict:
-        url, token = resolve_server(self.url, self.token)
-        kernel = Kernel(url, token, name=args.get("name") or self.kernel_name, timeout=MCP_START_TIMEOUT,
-                        ssl_context=self.ssl_context)
-        kernel.timeout = None
+        kernel = self._open(name=args.get("name") or self.kernel_name)
         with self._lock:
             self._kernels[kernel.id] = kernel
             self._started.add(kernel.id)
@@ -4299,7 +4301,6 @@ class _McpServer:
 
     def _tool_run_notebook(self, call: _Call, args: dict) -> dict:
         path, write = args["path"], args.get("write")
-        url, token = resolve_server(self.url, self.token)
         deadline = Deadline(self.timeout)
         remote = self._rest()
         if path.startswith(SERVER_PREFIX):
@@ -4311,16 +4312,14 @@ class _McpServer:
                     text = f.read()
             except (OSError, UnicodeDecodeError) as exc:
                 raise _ToolError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
-            where = _kernel_dir(url, path)
+            where = _kernel_dir(remote.url, path)
         notebook = notebook_from(text, path)
         if args.get("parameters"):
             inject_parameters(notebook, args["parameters"])  # (as Python, as papermill writes them)
         name = ((notebook.get("metadata") or {}).get("kernelspec") or {}).get("name") or self.kernel_name
         results: list = []
-        with Kernel(url, token, name=name, timeout=MCP_START_TIMEOUT, path=where,
-                    ssl_context=self.ssl_context) as kernel:
+        with self._open(name=name, path=where) as kernel:
             call.kernel_id = kernel.id
-            kernel.timeout = None
             with self._lock:
                 self._started.add(kernel.id)  # deleted by cleanup too, should the process end first
             try:
@@ -4414,7 +4413,8 @@ def _serve_mcp(args, err, ssl_context) -> int:
     sys.stdout = sys.stderr  # anything printed by mistake must not break the protocol
     server = _McpServer(args.url, args.token, ssl_context=ssl_context, kernel_name=args.kernel,
                         kernel_id=args.kernel_id, session=args.session, notebook=args.notebook, timeout=args.timeout,
-                        output_dir=args.output_dir, log=log, err=err, out=out, **limits)
+                        output_dir=args.output_dir, log=log, err=err, out=out, env=_parse_env(args.env),
+                        protocol=args.protocol, compression=args.compress, **limits)
     ended = None
     try:
         server.serve(sys.stdin.buffer)

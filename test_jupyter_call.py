@@ -2948,11 +2948,12 @@ def test_mcp_arguments_are_checked_against_the_input_schema():
 class McpProcess:
     """``jupyter_call.py --mcp`` in a subprocess, spoken to over its pipes as a host does."""
 
-    def __init__(self, server, *args, url=True, env=None):
+    def __init__(self, server, *args, url=True, env=None, module=False, cwd=HERE):
         flags = ["--url", server.url, "--token", server.token] if url else []
-        self.proc = subprocess.Popen([sys.executable, str(MODULE), "--mcp", *flags, *args], stdin=subprocess.PIPE,
+        launch = ["-m", "jupyter_call"] if module else [str(MODULE)]  # as the README's host configurations
+        self.proc = subprocess.Popen([sys.executable, *launch, "--mcp", *flags, *args], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**server.env, **(env or {})},
-                                     cwd=str(HERE))
+                                     cwd=str(cwd))
         self.lines, self.messages, self.stderr = [], [], []
         self.arrived = threading.Condition()
         self.next_id = 0
@@ -3329,3 +3330,24 @@ def test_mcp_shares_the_kernel_of_an_open_notebook(mcp, server):
         for session in rest.request("GET", "api/sessions"):
             if session["kernel"]["id"] == kernel_id:
                 rest.request("DELETE", f"api/sessions/{session['id']}")  # deletes its kernel too
+
+
+def test_mcp_unreachable_server_is_a_tool_error_that_names_no_url(mcp):
+    port = _free_port()
+    host = mcp("--url", f"http://127.0.0.1:{port}/", "--token", "secret-token-1", url=False)
+    host.handshake()
+    failed = host.call("run_code", code="1")
+    text = _texts(failed)
+    assert failed["result"]["isError"] and text == "the Jupyter server is not reachable: connection refused"
+    listed = host.call("list_kernels")
+    assert listed["result"]["isError"] and str(port) not in _texts(listed)
+    assert host.close() == 0
+    assert b"secret-token-1" not in b"".join(host.stderr) + b"".join(line for line in host.lines if line)
+
+
+def test_mcp_as_the_host_configurations_launch_it(mcp, server, tmp_path):
+    host = mcp(url=False, module=True, cwd=tmp_path, env={"PYTHONPATH": str(HERE), "JUPYTER_URL": server.url,
+                                                          "JUPYTER_TOKEN": server.token})
+    host.handshake()
+    assert _texts(host.call("run_code", code="import sys; print(sys.version_info[0])")) == "3\n"
+    assert host.close() == 0
