@@ -3540,6 +3540,9 @@ MCP_INSTRUCTIONS = (
     "interrupt_kernel stops a runaway cell, restart_kernel clears all state.")
 
 
+_KERNEL_ID = "^[A-Za-z0-9_~:-][A-Za-z0-9._~:-]{0,127}$"  # a plain token, as servers make kernel ids
+
+
 def _schema(properties: dict, required: tuple = ()) -> dict:
     return {"type": "object", "properties": properties, "required": list(required), "additionalProperties": False}
 
@@ -3547,13 +3550,14 @@ def _schema(properties: dict, required: tuple = ()) -> dict:
 def _control_tool(name: str, title: str, description: str, *, destructive: bool, idempotent: bool) -> dict:
     """A tool that acts on one kernel, named by its id."""
     return {"name": name, "title": title, "description": description,
-            "inputSchema": _schema({"kernel": {"type": "string", "description": "The kernel id."}}, ("kernel",)),
+            "inputSchema": _schema({"kernel": {"type": "string", "pattern": _KERNEL_ID,
+                                               "description": "The kernel id."}}, ("kernel",)),
             "annotations": {"title": title, "readOnlyHint": False, "destructiveHint": destructive,
                             "idempotentHint": idempotent, "openWorldHint": False}}
 
 
-_KERNEL_ARG = {"type": "string", "description": "A kernel id (from list_kernels or start_kernel). "
-                                                "Default: the default kernel."}
+_KERNEL_ARG = {"type": "string", "pattern": _KERNEL_ID,
+               "description": "A kernel id (from list_kernels or start_kernel). Default: the default kernel."}
 _STATUS = {"type": "string", "enum": ["ok", "error", "aborted", "timeout"]}
 
 MCP_TOOLS = (
@@ -3659,6 +3663,8 @@ def _check_arguments(schema: dict, args: object) -> str | None:
         kinds = rule["type"] if isinstance(rule["type"], list) else [rule["type"]]
         if not any(_is_json_type(value, kind) for kind in kinds):
             return f"argument '{name}' must be {' or '.join(kinds)}, not {_json_type(value)}"
+        if "pattern" in rule and isinstance(value, str) and not re.search(rule["pattern"], value):
+            return f"argument '{name}' is not a kernel id: {value[:80]!r}"
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if "minimum" in rule and value < rule["minimum"] or "exclusiveMinimum" in rule and not (
                     value > rule["exclusiveMinimum"] and value < float("inf")):
@@ -4197,6 +4203,8 @@ class _McpServer:
     def _tool_run_code(self, call: _Call, args: dict) -> dict:
         kernel = self._kernel(args.get("kernel"))
         call.kernel_id = kernel.id
+        if call.cancelled:  # while the kernel started
+            return None
         timeout = args.get("timeout", self.timeout)
         content = _ToolContent(self.max_output, self.max_image_bytes, self.output_dir)
 
@@ -4322,13 +4330,19 @@ class _McpServer:
             call.kernel_id = kernel.id
             with self._lock:
                 self._started.add(kernel.id)  # deleted by cleanup too, should the process end first
+            stop = self._progress(call)
+
+            def on_cell(number: int, total: int) -> None:
+                call.last_line = f"cell {number} of {total}"
+
             try:
                 notebook.setdefault("metadata", {})["language_info"] = kernel.info(timeout=MCP_ASK_TIMEOUT).get(
                     "language_info", {})
-                failed = _execute_notebook(kernel, notebook, deadline, results)
+                failed = _execute_notebook(kernel, notebook, deadline, results, on_cell=on_cell)
             except ExecutionTimeout:
                 failed = 1
             finally:
+                stop.set()
                 with self._lock:
                     self._started.discard(kernel.id)
         if call.cancelled:

@@ -2941,6 +2941,7 @@ def test_mcp_arguments_are_checked_against_the_input_schema():
     assert check({"code": "1", "timeout": True}) == "argument 'timeout' must be number, not boolean"
     assert check({"code": "1", "cod": "x"}).startswith("unknown argument 'cod' (this tool takes: code, kernel")
     assert check([]) == "the arguments must be an object"
+    assert check({"code": "1", "kernel": "../../api"}) == "argument 'kernel' is not a kernel id: '../../api'"
 
 
 # ---- 3. The MCP server (--mcp) against the real server --------------------------------
@@ -2948,10 +2949,10 @@ def test_mcp_arguments_are_checked_against_the_input_schema():
 class McpProcess:
     """``jupyter_call.py --mcp`` in a subprocess, spoken to over its pipes as a host does."""
 
-    def __init__(self, server, *args, url=True, env=None, module=False, cwd=HERE):
+    def __init__(self, server, *args, url=True, env=None, module=False, cwd=HERE, python=sys.executable):
         flags = ["--url", server.url, "--token", server.token] if url else []
         launch = ["-m", "jupyter_call"] if module else [str(MODULE)]  # as the README's host configurations
-        self.proc = subprocess.Popen([sys.executable, *launch, "--mcp", *flags, *args], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([python, "-W", "error", *launch, "--mcp", *flags, *args], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**server.env, **(env or {})},
                                      cwd=str(cwd))
         self.lines, self.messages, self.stderr = [], [], []
@@ -3219,18 +3220,22 @@ def test_mcp_sigterm_deletes_the_kernels_it_started(mcp, server):
 
 
 def test_mcp_run_notebook_and_log(mcp, server, tmp_path):
-    notebook = _notebook(("code", "n = 1"), ("markdown", "text"), ("code", "print(n + p)"), ("code", "1/0"))
+    notebook = _notebook(("code", "n = 1"), ("markdown", "text"), ("code", "import time; time.sleep(2.5)\nprint(n + p)"),
+                         ("code", "1/0"))
     notebook["cells"][0]["metadata"]["tags"] = ["parameters"]
     path = tmp_path / "job.ipynb"
     path.write_text(json.dumps(notebook))
     log = tmp_path / "agent.ipynb"
     host = mcp("--log", str(log))
     host.handshake()
-    ran = host.call("run_notebook", path=str(path), parameters={"p": 41}, write=str(tmp_path / "out.ipynb"))
+    ran = host.call("run_notebook", path=str(path), parameters={"p": 41}, write=str(tmp_path / "out.ipynb"),
+                    meta={"progressToken": "nb"})
     summary = ran["result"]["structuredContent"]
     assert ran["result"]["isError"] and summary["status"] == "error"
     assert [(c["cell"], c["status"]) for c in summary["cells"]] == [(1, "ok"), (2, "ok"), (3, "ok"), (4, "error")]
     assert summary["cells"][2]["output"] == "42\n" and summary["cells"][3]["error"] == "ZeroDivisionError: division by zero"
+    progress = host.wait(lambda m: m.get("method") == "notifications/progress")["params"]
+    assert progress["progressToken"] == "nb" and progress["message"].endswith(": cell 3 of 4")
     written = json.loads((tmp_path / "out.ipynb").read_text())
     assert written["cells"][3]["outputs"][0]["text"] == "42\n"
     host.call("run_code", code="print('logged')")
@@ -3350,4 +3355,14 @@ def test_mcp_as_the_host_configurations_launch_it(mcp, server, tmp_path):
                                                           "JUPYTER_TOKEN": server.token})
     host.handshake()
     assert _texts(host.call("run_code", code="import sys; print(sys.version_info[0])")) == "3\n"
+    assert host.close() == 0
+
+
+@pytest.mark.parametrize("version", ["3.9", "3.13"])
+def test_mcp_on_the_oldest_and_newest_python(mcp, version):
+    host = mcp(python=_pyenv_python(version))
+    assert host.handshake("2024-11-05")["protocolVersion"] == "2024-11-05"
+    tools = host.request("tools/list")["result"]["tools"]
+    assert len(tools) == 8 and not any("outputSchema" in t for t in tools)  # (2025-06-18 brought them)
+    assert _texts(host.call("run_code", code="print('on', 40 + 2)")) == "on 42\n"
     assert host.close() == 0
