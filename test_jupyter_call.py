@@ -1967,6 +1967,16 @@ def _battery(kind, kernel_timeout=120):
     if kind.wrong_token:
         proc = kind.cli("print(1)", token="wrong")
         assert proc.returncode == 3 and len(proc.stderr.splitlines()) == 1 and "refused the token" in proc.stderr
+    host = McpProcess(srv, *kind.cli_flags, env=kind.extra_env)  # the MCP server: a call, the listing, cleanup
+    try:
+        host.handshake()
+        ran = host.call("run_code", code="print('mcp')\n6 * 7")
+        assert _texts(ran) == "mcp\n42\n", b"".join(host.stderr)
+        listing = host.call("list_kernels")["result"]
+        assert not listing.get("isError") and any(k["default"] for k in listing["structuredContent"]["kernels"])
+        assert host.close(timeout=60) == 0
+    finally:
+        host.stop()
     assert not listed or set(srv.kernels()) == before
 
 
@@ -2950,7 +2960,7 @@ class McpProcess:
     """``jupyter_call.py --mcp`` in a subprocess, spoken to over its pipes as a host does."""
 
     def __init__(self, server, *args, url=True, env=None, module=False, cwd=HERE, python=sys.executable):
-        flags = ["--url", server.url, "--token", server.token] if url else []
+        flags = (["--url", server.url] + (["--token", server.token] if server.token else [])) if url else []
         launch = ["-m", "jupyter_call"] if module else [str(MODULE)]  # as the README's host configurations
         self.proc = subprocess.Popen([python, "-W", "error", *launch, "--mcp", *flags, *args], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**server.env, **(env or {})},
