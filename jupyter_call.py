@@ -3529,6 +3529,7 @@ MCP_ASK_TIMEOUT = 30.0        # inspect: the kernel answers at once unless busy
 # Hosts close stdin, send SIGTERM 2 s later and SIGKILL at 4 s (the official SDKs and the
 # Inspector): the kernels this process started are deleted in parallel within this budget.
 MCP_CLEANUP = 2.5
+MCP_DELETE_RESERVE = 1.0  # of which kept for the deletes, when kernels are still starting
 
 PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS = -32700, -32600, -32601, -32602
 UNSUPPORTED_VERSION = -32022  # revision 2026-07-28, basic/versioning
@@ -3888,6 +3889,8 @@ class _McpServer:
         self._write_lock = threading.Lock()  # one message at a time on stdout
         self._kernels: dict = {}    # kernel id -> Kernel connected by this process
         self._started: set = set()  # ids of kernels this process started
+        self._starting = 0          # kernels being started or attached right now
+        self._settled = threading.Condition(self._lock)  # notified when one of them is done
         self._default: str | None = None
         self._lanes: dict = {}      # kernel key -> deque of waiting work, while a lane thread runs
         self._calls: dict = {}      # request id -> _Call
@@ -4175,11 +4178,22 @@ class _McpServer:
         return kernel
 
     def _open(self, **options) -> Kernel:
-        """A Kernel on the server, started or attached as ``options`` say."""
-        kernel = Kernel(*resolve_server(self.url, self.token), timeout=MCP_START_TIMEOUT,
-                        ssl_context=self.ssl_context, **self.kernel_options, **options)
-        kernel.timeout = None  # each call brings its own
-        return kernel
+        """A Kernel on the server, started or attached as ``options`` say; one it starts is
+        ours to delete from the moment it exists."""
+        with self._lock:
+            self._starting += 1
+        try:
+            kernel = Kernel(*resolve_server(self.url, self.token), timeout=MCP_START_TIMEOUT,
+                            ssl_context=self.ssl_context, **self.kernel_options, **options)
+            kernel.timeout = None  # each call brings its own
+            with self._lock:
+                if kernel._owned:
+                    self._started.add(kernel.id)
+            return kernel
+        finally:
+            with self._lock:
+                self._starting -= 1
+                self._settled.notify_all()
 
     def _drop(self, kernel_id: str) -> None:
         """Let go of a kernel's connection; the kernel stays (and stays ours to delete)."""
@@ -4376,12 +4390,14 @@ class _McpServer:
     def cleanup(self) -> None:
         """Delete the kernels this process started, in parallel, within MCP_CLEANUP seconds;
         leave the ones it attached to."""
+        deadline = Deadline(MCP_CLEANUP)
         with self._lock:
-            started = list(self._started)
-            running = {call.kernel_id for call in self._calls.values() if call.kernel_id} - set(started)
             for call in self._calls.values():
                 call.cancelled = True  # nothing more is sent
-        deadline = Deadline(MCP_CLEANUP)
+            # A kernel starting now (the first run_code, say) would be left behind: wait for it.
+            self._settled.wait_for(lambda: not self._starting, deadline.remaining() - MCP_DELETE_RESERVE)
+            started = list(self._started)
+            running = {call.kernel_id for call in self._calls.values() if call.kernel_id} - set(started)
         threads = []
         for work, kernel_id in [(self._delete_quietly, k) for k in started] + [
                 (self._interrupt_quietly, k) for k in running]:  # a cell the agent left running elsewhere stops

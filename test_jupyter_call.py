@@ -3376,3 +3376,22 @@ def test_mcp_on_the_oldest_and_newest_python(mcp, version):
     assert len(tools) == 8 and not any("outputSchema" in t for t in tools)  # (2025-06-18 brought them)
     assert _texts(host.call("run_code", code="print('on', 40 + 2)")) == "on 42\n"
     assert host.close() == 0
+
+
+def test_mcp_cleanup_waits_for_a_kernel_still_starting(server, no_leaks, monkeypatch):
+    starting = threading.Event()
+
+    class Kernel(jc.Kernel):
+        def __init__(self, *args, **options):
+            starting.set()  # the first run_code has begun to start the default kernel...
+            super().__init__(*args, **options)
+
+    monkeypatch.setattr(jc, "Kernel", Kernel)
+    before = set(server.kernels())
+    mcp_server = jc._McpServer(server.url, server.token, out=io.BytesIO(), err=io.StringIO())
+    first = threading.Thread(target=mcp_server._kernel, args=(None,))
+    first.start()
+    assert starting.wait(30)
+    mcp_server.cleanup()  # ...when the host closed stdin
+    first.join(60)
+    assert "default kernel" in mcp_server.err.getvalue() and set(server.kernels()) == before
