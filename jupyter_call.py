@@ -4033,12 +4033,13 @@ class _McpServer:
         self._result(request_id, {"tools": list(tools)}, cacheable=True)
 
     def _tools_call(self, request_id: object, params: dict) -> None:
-        name, args = params.get("name"), params.get("arguments", {})
+        name, args = params.get("name"), params.get("arguments")
+        args = {} if args is None else args
         tool = next((t for t in MCP_TOOLS if t["name"] == name), None)
         if tool is None:
-            self._error(request_id, INVALID_PARAMS, f"Unknown tool: {name}")
+            self._error(request_id, INVALID_PARAMS, f"Unknown tool: {str(name)[:100]}")
             return
-        problem = _check_arguments(tool["inputSchema"], args if args is not None else {})
+        problem = _check_arguments(tool["inputSchema"], args)
         if problem:  # 2025-11-25: input errors are tool results, so that the model can correct itself
             self._result(request_id, self._failure(f"{name}: {problem}"))
             return
@@ -4078,11 +4079,16 @@ class _McpServer:
         return exc._describe(_CLI_FIXES) if isinstance(exc, ServerError) else str(exc)
 
     def _private(self, text: str) -> str:
-        """Text without the server's URL and token: they stay out of every result and log line."""
-        for secret, name in ((self.token, "[token]"), (self.url, "the Jupyter server")):
-            if secret:
-                text = text.replace(f"server at {secret}", name).replace(secret, name)
-        return text
+        """Text without the server's URL and token: they stay out of every result and log line
+        (any URL on the server's host and port is "the Jupyter server")."""
+        try:
+            url, token = resolve_server(self.url, self.token)
+        except JupyterError:  # (an unreadable token file: said elsewhere)
+            url, token = self.url or "", self.token
+        if token:
+            text = text.replace(token, "[token]")
+        host = urlsplit(url).netloc
+        return re.sub(rf"(server at )?\S*{re.escape(host)}\S*", "the Jupyter server", text) if host else text
 
     # -- lanes, cancellation, progress --
 

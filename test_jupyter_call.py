@@ -3313,6 +3313,8 @@ def test_mcp_malformed_messages_get_one_error_each_and_the_server_goes_on(mcp):
     host.send({"jsonrpc": "2.0", "method": "notifications/unknown"})  # notifications are never answered
     nothing = host.request("tools/call", {"name": "run_code", "arguments": None})
     assert nothing["result"]["isError"] and "'code' is required" in _texts(nothing)
+    bare = host.request("tools/call", {"name": "interrupt_kernel"})  # no arguments at all
+    assert bare["result"]["isError"] and "'kernel' is required" in _texts(bare)
     assert host.request("ping")["result"] == {}
     assert host.close() == 0
     host.check_stdout()
@@ -3348,8 +3350,8 @@ def test_mcp_shares_the_kernel_of_an_open_notebook(mcp, server):
 
 
 def test_mcp_unreachable_server_is_a_tool_error_that_names_no_url(mcp):
-    port = _free_port()
-    host = mcp("--url", f"http://127.0.0.1:{port}/", "--token", "secret-token-1", url=False)
+    port = _free_port()  # given by the environment, as the README's host configurations do
+    host = mcp(url=False, env={"JUPYTER_URL": f"http://127.0.0.1:{port}/", "JUPYTER_TOKEN": "secret-token-1"})
     host.handshake()
     failed = host.call("run_code", code="1")
     text = _texts(failed)
