@@ -600,12 +600,12 @@ def _reset_peak_rss() -> float | None:
         return _peak_rss_mb()
 
 
-def _proc_status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
+def _proc_status_mb(field: str, pid: object = "self") -> float:
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
-    raise OSError(f"no {field} in /proc/self/status")
+    raise OSError(f"no {field} in /proc/{pid}/status")
 
 
 def _peak_rss_mb() -> float | None:
@@ -1285,6 +1285,11 @@ class _McpHost:
                     raise RuntimeError(f"{method}: {answer['error']}")
                 return answer["result"]
 
+    def handshake(self) -> None:
+        self.ask("initialize", {"protocolVersion": "2025-11-25", "capabilities": {},
+                                "clientInfo": {"name": "bench", "version": "1"}})
+        self.tell("notifications/initialized")
+
     def tell(self, method: str) -> None:
         self.proc.stdin.write(json.dumps({"jsonrpc": "2.0", "method": method}).encode() + b"\n")
         self.proc.stdin.flush()
@@ -1315,9 +1320,7 @@ def cmd_mcp(args: argparse.Namespace) -> int:
                 t0 = time.perf_counter()
                 host = _McpHost(server, module=form.startswith("-m"))
                 if era == "handshake":
-                    host.ask("initialize", {"protocolVersion": "2025-11-25", "capabilities": {},
-                                            "clientInfo": {"name": "bench", "version": "1"}})
-                    host.tell("notifications/initialized")
+                    host.handshake()
                     host.ask("tools/list")
                 else:  # as the official SDK does: server/discover, then tools/list
                     host.ask("server/discover", _META)
@@ -1334,9 +1337,7 @@ def cmd_mcp(args: argparse.Namespace) -> int:
                   f"{min(values):.1f}-{max(values):.1f}   n {len(values)}   (target <= {MCP_LAUNCH_TARGET_MS:g})")
         # 2. run_code of pass on a warm default kernel against Kernel.execute, interleaved in batches.
         host = _McpHost(server)
-        host.ask("initialize", {"protocolVersion": "2025-11-25", "capabilities": {},
-                                "clientInfo": {"name": "bench", "version": "1"}})
-        host.tell("notifications/initialized")
+        host.handshake()
         call = {"name": "run_code", "arguments": {"code": "pass"}}
         host.ask("tools/call", call)  # starts the default kernel
         mcp_ms, api_ms, rss = [], [], []
@@ -1352,7 +1353,7 @@ def cmd_mcp(args: argparse.Namespace) -> int:
                     kernel.execute("pass")
                     api_ms.append((time.perf_counter() - t0) * 1000)
                 done += 50
-                rss.append((done, _proc_rss_mb(host.proc.pid)))
+                rss.append((done, _proc_status_mb("VmRSS", host.proc.pid)))
         p50_mcp, p50_api = _percentile(mcp_ms, 50), _percentile(api_ms, 50)
         ratio = p50_mcp / p50_api
         verdict = "ok" if ratio <= MCP_LATENCY_RATIO else "MISS"
@@ -1365,12 +1366,12 @@ def cmd_mcp(args: argparse.Namespace) -> int:
         growth = rss[-1][1] - warm
         verdict = "ok" if growth <= MCP_RSS_GROWTH_MB else "MISS"
         verdicts.append(verdict)
-        print(f"\nserver RSS (VmRSS, MB) after n calls: " + ", ".join(f"{n}: {mb:.1f}" for n, mb in rss[::4]))
+        print("\nserver RSS (VmRSS, MB) after n calls: " + ", ".join(f"{n}: {mb:.1f}" for n, mb in rss[::4]))
         print(f"  [{verdict:>4}] growth after the first 100 calls {growth:+.1f} MB (target <= {MCP_RSS_GROWTH_MB:g})")
-        before = _proc_rss_mb(host.proc.pid, "VmHWM:")
+        before = _proc_status_mb("VmHWM", host.proc.pid)
         answer = host.ask("tools/call", {"name": "run_code", "arguments": {"code": _throughput_code(args.mb)}})
         shown = sum(len(block.get("text", "")) for block in answer["content"])
-        peak = _proc_rss_mb(host.proc.pid, "VmHWM:")
+        peak = _proc_status_mb("VmHWM", host.proc.pid)
         print(f"\na {args.mb} MB output: {shown} characters in the result (the budget keeps head and tail); "
               f"server peak RSS {before:.1f} -> {peak:.1f} MB")
         # 3. Cleanup: stdin closed with three kernels started, one of them running a cell.
@@ -1395,14 +1396,6 @@ def cmd_mcp(args: argparse.Namespace) -> int:
     finally:
         server.stop()
     return 0 if all(v == "ok" for v in verdicts) else 1
-
-
-def _proc_rss_mb(pid: int, field: str = "VmRSS:") -> float:
-    with open(f"/proc/{pid}/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 # ---- command line --------------------------------------------------------------------

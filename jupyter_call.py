@@ -10,7 +10,7 @@ One file, standard library only: copy it into a project, import it, or run it.
 
 It speaks the Jupyter server REST API (start, interrupt, restart and delete
 kernels) and the kernel channels over its own HTTP/1.1 and RFC 6455 websocket
-client, so that one time budget bounds every step. Layers, top to bottom, each
+client, so that one time budget bounds every step (but the system's name lookup). Layers, top to bottom, each
 using only those above it: errors, websocket frames and messages (no I/O),
 websocket connection, Jupyter REST API, Jupyter messages and results (no I/O),
 server discovery, the public API (Kernel, run_code), notebooks, the command
@@ -929,7 +929,12 @@ def _http_exchange(sock: socket.socket, lines: list, deadline: Deadline,
     """Send a request; return the answer's status, header fields and the bytes after its head."""
     if any(_CONTROL_CHARS.search(line) for line in lines):
         raise ConfigError("a request header holds a control character (CR, LF, NUL, ...); nothing was sent")
-    _sendall(sock, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body, deadline)
+    try:
+        data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    except UnicodeEncodeError:
+        raise ConfigError("a request header holds a character HTTP cannot carry (beyond Latin-1); "
+                          "nothing was sent") from None
+    _sendall(sock, data + body, deadline)
     buf = bytearray()
     while b"\r\n\r\n" not in buf:
         if len(buf) > MAX_HANDSHAKE:
@@ -997,11 +1002,12 @@ def _read_http_body(sock: socket.socket, fields: dict, buffered: bytes, deadline
     if length is not None:
         if not (length.isascii() and length.isdigit()):
             raise ValueError(f"bad Content-Length {length[:20]!r}")
-        if int(length) > limit:
+        length = int(length)
+        if length > limit:
             raise ValueError(f"more than {limit} bytes")
-        while len(buf) < int(length):
+        while len(buf) < length:
             more()
-        return bytes(buf[:int(length)])
+        return bytes(buf[:length])
     while len(buf) <= limit:  # no length: the body ends with the connection
         chunk = _recv(sock, RECV_SIZE, deadline)
         if not chunk:
@@ -1128,6 +1134,8 @@ class _RestClient:
             raise ServerError(self.url, f"did not answer {method} {path} within {_seconds(budget.timeout)}") from None
         except OSError as exc:
             raise _unreachable(self.url, exc, self.ssl_context) from exc
+        except ConfigError:  # a setting HTTP cannot carry; nothing was sent
+            raise
         except (ValueError, WebSocketError) as exc:  # not HTTP, too big, too many redirects
             reason = exc.reason if isinstance(exc, WebSocketError) else exc
             raise ServerError(self.url, f"broke HTTP answering {method} {path}: {reason}") from None
@@ -1246,8 +1254,9 @@ class _RestClient:
         if env:
             body["env"] = {str(k): str(v) for k, v in env.items()}
         info = self.request("POST", "api/kernels", body, deadline=deadline)
-        if not isinstance(info, dict) or not self._plain_id(info.get("id")):
+        if not isinstance(info, dict) or info.get("id") is None:
             raise ServerError(self.url, "answered a kernel start without a kernel id")
+        self._plain_id(info["id"])
         return info
 
     def _plain_id(self, kernel_id: object) -> str:
@@ -2469,9 +2478,9 @@ def notebook_from(text: str, path: str | None = None) -> dict:
     if suffix == "ipynb":
         try:
             notebook = json.loads(text)
-            if not isinstance(notebook.get("cells"), list) or not all(isinstance(c, dict) for c in notebook["cells"]):
-                raise ValueError("no list of cells")
-        except (ValueError, AttributeError, RecursionError):
+            if not _is_notebook(notebook):
+                raise ValueError("not the shape of a notebook")
+        except (ValueError, RecursionError):
             raise ConfigError(f"{path} is not a Jupyter notebook (nbformat 4 JSON)") from None
         return notebook
     cells = []
@@ -2492,6 +2501,17 @@ def notebook_from(text: str, path: str | None = None) -> dict:
     else:
         cells.append(_new_cell("code", text))
     return {"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+
+
+def _is_notebook(notebook: object) -> bool:
+    """Whether JSON has the parts of a notebook that running and writing it use."""
+    def source(value: object) -> bool:
+        return isinstance(value, str) or isinstance(value, list) and all(isinstance(line, str) for line in value)
+
+    return (isinstance(notebook, dict) and isinstance(notebook.get("cells"), list)
+            and isinstance(notebook.get("metadata", {}), dict) and isinstance(notebook.get("nbformat_minor", 0), int)
+            and all(isinstance(c, dict) and isinstance(c.get("metadata", {}), dict) and source(c.get("source", ""))
+                    for c in notebook["cells"]))
 
 
 def python_literal(value: object) -> str:
@@ -2546,7 +2566,10 @@ def _kernel_dir(url: str, path: str, root: str | None = None) -> str | None:
                      and urlsplit(s["url"]).path == urlsplit(url).path), None)
     if not isinstance(root, str) or not root:
         return None
-    where = os.path.relpath(os.path.dirname(os.path.realpath(path)), os.path.realpath(root))
+    try:
+        where = os.path.relpath(os.path.dirname(os.path.realpath(path)), os.path.realpath(root))
+    except ValueError:  # Windows: on another drive
+        return None
     if where == "." or where == os.pardir or where.startswith(os.pardir + os.sep):
         return None
     return where.replace(os.sep, "/")
@@ -2995,7 +3018,7 @@ def _use_color(stream, choice: str) -> bool:
 ENABLE_VIRTUAL_TERMINAL_PROCESSING = 0x0004
 
 
-def _windows_escapes(stream, kernel32=None) -> bool:
+def _windows_escapes(stream) -> bool:
     """Whether a Windows console shows escapes rather than printing them as ``←[``: it does once
     VT processing is on (Windows 10 1511 and later let a program switch it on)."""
     import ctypes
@@ -3004,7 +3027,7 @@ def _windows_escapes(stream, kernel32=None) -> bool:
         handle = msvcrt.get_osfhandle(stream.fileno())
     except (AttributeError, OSError, ValueError):
         return False
-    return _enable_vt(handle, kernel32 or ctypes.WinDLL("kernel32", use_last_error=True))
+    return _enable_vt(handle, ctypes.WinDLL("kernel32", use_last_error=True))
 
 
 def _enable_vt(handle: int, kernel32) -> bool:
@@ -3147,11 +3170,12 @@ def _list(args, out, ssl_context=None) -> int:
         rest = _RestClient(info["url"], info.get("token") or None, ssl_context=ssl_context)
         try:
             if not entry["version"]:
-                about = rest.request("GET", "api", deadline=Deadline(SIDE_REQUEST_TIMEOUT)) or {}
+                about = rest.request("GET", "api", deadline=Deadline(SIDE_REQUEST_TIMEOUT))
+                about = about if isinstance(about, dict) else {}
                 # gateways report their own version beside that of the server they build on
                 entry["version"] = about.get("gateway_version") or about.get("version")
             entry["kernels"] = rest.list_kernels(deadline=Deadline(SIDE_REQUEST_TIMEOUT))
-        except (JupyterError, OSError, AttributeError) as exc:
+        except (JupyterError, OSError) as exc:
             entry["error"] = str(exc)
         rows.append(entry)
     if args.json:
@@ -3376,7 +3400,7 @@ def _main(argv, out, err) -> int:
 
 def _run(args, out, err, url, token, deadline, env, ssl_context, parameters, root) -> int:
     """Read the code or notebook, run it, print and write what it produced."""
-    on_server = [p[len(SERVER_PREFIX):] for p in (args.file, args.write) if p and p.startswith(SERVER_PREFIX)]
+    on_server = any(p and p.startswith(SERVER_PREFIX) for p in (args.file, args.write))
     remote = _RestClient(*resolve_server(url, token), ssl_context=ssl_context) if on_server else None
     text, code_from_stdin = _read_code(args, remote, deadline)
     path = None if code_from_stdin else args.file
@@ -3490,12 +3514,22 @@ def _write_notebook(path: str, notebook: dict, remote: _RestClient | None, deadl
                                                                 "content": json.loads(_strict_json(notebook))},
                        deadline=Deadline(deadline.remaining(HTTP_TIMEOUT)))
         return
+    text = _notebook_text(notebook)  # (before the file is opened: an error must not leave it empty)
     try:
         with open(path, "w", encoding="utf-8") as f:
-            f.write(_strict_json(notebook, indent=1, ensure_ascii=False))
-            f.write("\n")
+            f.write(text)
     except OSError as exc:
         raise _UsageError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _notebook_text(notebook: dict) -> str:
+    """A notebook file's text, as nbformat writes it; a lone surrogate (from a JSON escape) stays escaped."""
+    text = _strict_json(notebook, indent=1, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = _strict_json(notebook, indent=1)
+    return text + "\n"
 
 
 # ---- Model Context Protocol server (--mcp) -------------------------------------------
@@ -3850,7 +3884,7 @@ class _NotebookLog:
         part = f"{self.path}.{os.getpid()}.part"
         try:
             with open(part, "w", encoding="utf-8") as f:
-                f.write(_strict_json(self.notebook, indent=1, ensure_ascii=False) + "\n")
+                f.write(_notebook_text(self.notebook))
             os.replace(part, self.path)
         except OSError as exc:
             raise _UsageError(f"cannot write --log {self.path}: {exc.strerror}") from None
@@ -3876,7 +3910,6 @@ class _McpServer:
                  max_image_bytes: int = MCP_MAX_IMAGE_BYTES, output_dir: str | None = None,
                  log: _NotebookLog | None = None, err=None, out=None, **kernel_options):
         import threading
-        self._threading = threading
         self.url, self.token = url, token
         self.ssl_context, self.kernel_name, self.timeout = ssl_context, kernel_name, timeout
         self.attach = {"kernel_id": kernel_id, "session": session, "notebook": notebook}
@@ -3890,6 +3923,7 @@ class _McpServer:
         self._kernels: dict = {}    # kernel id -> Kernel connected by this process
         self._started: set = set()  # ids of kernels this process started
         self._starting = 0          # kernels being started or attached right now
+        self._closed = False        # cleanup has begun: a kernel started now deletes itself
         self._settled = threading.Condition(self._lock)  # notified when one of them is done
         self._default: str | None = None
         self._lanes: dict = {}      # kernel key -> deque of waiting work, while a lane thread runs
@@ -4052,7 +4086,7 @@ class _McpServer:
             key = args.get("kernel") or ""
             self._enqueue("" if key == self._default else key, lambda: self._finish(call, work, args))
         else:
-            self._threading.Thread(target=self._finish, args=(call, work, args), daemon=True).start()
+            _daemon(self._finish, call, work, args)
 
     def _finish(self, call: _Call, work, args: dict) -> None:
         """Run a tool and answer its call, unless it was cancelled."""
@@ -4082,7 +4116,7 @@ class _McpServer:
         """Text without the server's URL and token: they stay out of every result and log line
         (any URL on the server's host and port is "the Jupyter server")."""
         try:
-            url, token = resolve_server(self.url, self.token)
+            url, token = self._rest().url, self._rest().token
         except JupyterError:  # (an unreadable token file: said elsewhere)
             url, token = self.url or "", self.token
         if token:
@@ -4100,7 +4134,7 @@ class _McpServer:
                 queue.append(job)
                 return
             self._lanes[key] = collections.deque([job])
-        self._threading.Thread(target=self._lane, args=(key,), daemon=True).start()
+        _daemon(self._lane, key)
 
     def _lane(self, key: str) -> None:
         while True:
@@ -4122,7 +4156,7 @@ class _McpServer:
             return
         call.cancelled = True
         if call.kernel_id:
-            self._threading.Thread(target=self._interrupt_quietly, args=(call.kernel_id,), daemon=True).start()
+            _daemon(self._interrupt_quietly, call.kernel_id)
 
     def _interrupt_quietly(self, kernel_id: str, deadline: Deadline | None = None) -> None:
         try:
@@ -4132,7 +4166,8 @@ class _McpServer:
 
     def _progress(self, call: _Call):
         """Start progress notifications for ``call`` if it asked; returns the event that stops them."""
-        stop = self._threading.Event()
+        import threading
+        stop = threading.Event()
         if call.progress_token is None:
             return stop
 
@@ -4145,12 +4180,13 @@ class _McpServer:
                           "message": f"running for {elapsed:.0f} s" + (f": {call.last_line}" if call.last_line else "")}
                 self._notify("notifications/progress", params)
 
-        self._threading.Thread(target=tick, daemon=True).start()
+        _daemon(tick)
         return stop
 
     # -- kernels --
 
     def _rest(self) -> _RestClient:
+        """The server's REST client, its URL and token found once (argument, environment, discovery)."""
         if self._rest_client is None:
             self._rest_client = _RestClient(*resolve_server(self.url, self.token), ssl_context=self.ssl_context)
         return self._rest_client
@@ -4177,8 +4213,6 @@ class _McpServer:
             self.log_line(f"default kernel {kernel.id}" + (" started" if kernel._owned else " attached"))
         with self._lock:
             self._kernels[kernel.id] = kernel
-            if kernel._owned:
-                self._started.add(kernel.id)
             if not kernel_id and not self._default:
                 self._default = kernel.id
         return kernel
@@ -4189,12 +4223,17 @@ class _McpServer:
         with self._lock:
             self._starting += 1
         try:
-            kernel = Kernel(*resolve_server(self.url, self.token), timeout=MCP_START_TIMEOUT,
-                            ssl_context=self.ssl_context, **self.kernel_options, **options)
+            rest = self._rest()
+            kernel = Kernel(rest.url, rest.token, timeout=MCP_START_TIMEOUT, ssl_context=self.ssl_context,
+                            **self.kernel_options, **options)
             kernel.timeout = None  # each call brings its own
             with self._lock:
-                if kernel._owned:
+                closed = self._closed
+                if kernel._owned and not closed:
                     self._started.add(kernel.id)
+            if closed:  # its start outlasted cleanup's wait: do not leave it behind
+                kernel.close()
+                raise JupyterError("the MCP server is stopping")
             return kernel
         finally:
             with self._lock:
@@ -4298,7 +4337,6 @@ class _McpServer:
         kernel = self._open(name=args.get("name") or self.kernel_name)
         with self._lock:
             self._kernels[kernel.id] = kernel
-            self._started.add(kernel.id)
         if call.cancelled:  # nobody will learn its id: do not leave it behind
             self._shutdown(kernel.id)
             return None
@@ -4346,10 +4384,8 @@ class _McpServer:
             inject_parameters(notebook, args["parameters"])  # (as Python, as papermill writes them)
         name = ((notebook.get("metadata") or {}).get("kernelspec") or {}).get("name") or self.kernel_name
         results: list = []
-        with self._open(name=name, path=where) as kernel:
+        with self._open(name=name, path=where) as kernel:  # (cleanup deletes it too, should the process end first)
             call.kernel_id = kernel.id
-            with self._lock:
-                self._started.add(kernel.id)  # deleted by cleanup too, should the process end first
             stop = self._progress(call)
 
             def on_cell(number: int, total: int) -> None:
@@ -4398,30 +4434,31 @@ class _McpServer:
         leave the ones it attached to."""
         deadline = Deadline(MCP_CLEANUP)
         with self._lock:
+            self._closed = True
             for call in self._calls.values():
                 call.cancelled = True  # nothing more is sent
-            # A kernel starting now (the first run_code, say) would be left behind: wait for it.
+            # A kernel starting now (the first run_code, say) deletes itself once started: wait for that.
             self._settled.wait_for(lambda: not self._starting, deadline.remaining() - MCP_DELETE_RESERVE)
             started = list(self._started)
             running = {call.kernel_id for call in self._calls.values() if call.kernel_id} - set(started)
-        threads = []
-        for work, kernel_id in [(self._delete_quietly, k) for k in started] + [
-                (self._interrupt_quietly, k) for k in running]:  # a cell the agent left running elsewhere stops
-            thread = self._threading.Thread(target=work, args=(kernel_id, deadline), daemon=True)
-            thread.start()
-            threads.append(thread)
+        threads = [_daemon(self._delete_quietly, k, deadline) for k in started] + [
+            _daemon(self._interrupt_quietly, k, deadline) for k in running]  # a cell left running elsewhere stops
         for thread in threads:
             thread.join(deadline.remaining())
-        with self._lock:
-            left = list(self._kernels)
-        for kernel_id in left:
-            self._forget(kernel_id)
 
     def _delete_quietly(self, kernel_id: str, deadline: Deadline) -> None:
         try:
             self._shutdown(kernel_id, deadline)
         except JupyterError as exc:
             self.log_line(f"could not delete kernel {kernel_id}: {self._describe(exc)}")
+
+
+def _daemon(target, *args):
+    """``target(*args)`` in a daemon thread, started; returns the thread."""
+    import threading
+    thread = threading.Thread(target=target, args=args, daemon=True)
+    thread.start()
+    return thread
 
 
 def _text_or_none(value: object) -> str | None:
@@ -4457,8 +4494,7 @@ def _serve_mcp(args, err, ssl_context) -> int:
     except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM/SIGHUP as _Signalled
         ended = exc
     finally:
-        import signal
-        with _signals_held(signal):
+        with _signals_held():
             server.cleanup()
         sys.stdout = sys.__stdout__
     if isinstance(ended, _Signalled):
@@ -4467,9 +4503,10 @@ def _serve_mcp(args, err, ssl_context) -> int:
 
 
 @contextlib.contextmanager
-def _signals_held(signal):
-    """While cleanup runs, SIGTERM, SIGHUP and SIGINT are noted, not acted on (the host's SIGTERM
-    comes 2 s after it closed stdin; its SIGKILL at 4 s ends what is still running)."""
+def _signals_held():
+    """While cleanup runs, SIGTERM, SIGHUP and SIGINT are ignored (the host's SIGTERM comes 2 s
+    after it closed stdin; its SIGKILL at 4 s ends what is still running)."""
+    import signal
     previous = {}
     for name in ("SIGTERM", "SIGHUP", "SIGINT", "SIGBREAK"):
         with contextlib.suppress(AttributeError, ValueError, OSError):
