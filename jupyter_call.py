@@ -9,12 +9,13 @@ One file, standard library only: copy it into a project, import it, or run it.
     print(run_code("1 + 1").data["text/plain"])
 
 It speaks the Jupyter server REST API (start, interrupt, restart and delete
-kernels) and the kernel channels over its own HTTP/1.1 and RFC 6455 websocket
-client, so that one time budget bounds every step (but the system's name lookup). Layers, top to bottom, each
-using only those above it: errors, websocket frames and messages (no I/O),
-websocket connection, Jupyter REST API, Jupyter messages and results (no I/O),
-server discovery, the public API (Kernel, run_code), notebooks, the command
-line, and the Model Context Protocol server for AI agents (--mcp).
+kernels) through urllib, and the kernel channels over its own RFC 6455 websocket
+client on plain sockets; one time budget bounds every step of both (but the
+system's name lookup). Layers, top to bottom, each using only those above it:
+errors, websocket frames and messages (no I/O), websocket connection, Jupyter
+REST API (urllib), Jupyter messages and results (no I/O), server discovery, the
+public API (Kernel, run_code), notebooks, the command line, and the Model
+Context Protocol server for AI agents (--mcp).
 
 MIT License. Copyright (c) 2026 the jupyter_call authors. See LICENSE.
 """
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 # Start-up policy: a short command-line call spends more time importing than
 # talking to the server, so what only some calls need loads where it is used:
-# ssl (https and wss), urllib.request (proxy settings, for remote servers only),
+# ssl (https and wss), urllib.request and http.client (REST; they import ssl and email),
 # zlib (compression); dataclasses never (Result is a plain class). The one SHA-1
 # of the handshake comes from CPython's _sha1 rather than OpenSSL's hashlib,
 # ASCII host names skip the idna codec, and the command line has its own small
@@ -35,6 +36,7 @@ import contextlib
 import enum
 import errno
 import gc
+import io
 import json
 import os
 import posixpath
@@ -214,7 +216,6 @@ WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 MAX_MESSAGE_SIZE = 256 * 2**20  # default bound on one message: fits a 100 MB notebook output
 MAX_HANDSHAKE = 64 * 1024       # bound on an HTTP answer's head (status line + headers)
-MAX_CHUNK_LINE = 1024           # bound on the size line of a chunked body (size + extensions)
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")  # never allowed in a header value (RFC 9110 5.5)
 CLOSE_TIMEOUT = 2.0             # how long to wait for the peer's side of the close handshake
 DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
@@ -673,7 +674,14 @@ class WebSocket:
         if offered:
             lines.append(f"Sec-WebSocket-Protocol: {', '.join(offered)}")
         lines += [f"{name}: {value}" for name, value in headers.items()]
-        status, fields, rest = _http_exchange(sock, lines, deadline)
+        try:
+            status, fields, rest = _http_exchange(sock, lines, deadline)
+        except ConfigError:
+            raise
+        except EOFError as exc:
+            raise WebSocketClosed(CloseCode.ABNORMAL, str(exc)) from None
+        except ValueError as exc:
+            raise WebSocketError(CloseCode.PROTOCOL_ERROR, str(exc)) from None
         origin = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/"
         if status != 101:
             error = AuthError if status in (401, 403) else ServerError
@@ -906,114 +914,73 @@ def _open_stream(host: str, port: int, secure: bool, ssl_context: object, unix_s
 
 def _connect_tunnel(sock: socket.socket, proxy: str, host: str, port: int, deadline: Deadline) -> None:
     """Ask an HTTP proxy for a tunnel to host:port (RFC 9110 9.3.6 CONNECT)."""
-    proxy_parts = _proxy_parts(proxy)
+    parts = _proxy_parts(proxy)
+    where = f"{parts.scheme}://{parts.hostname}:{parts.port or 80}/"
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    status = _http_exchange(sock, [f"CONNECT {target} HTTP/1.1", f"Host: {target}",
-                                   *_proxy_authorization(proxy)], deadline)[0]
+    credentials = _proxy_authorization(proxy)
+    lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
+    lines += [f"Proxy-Authorization: {credentials}"] if credentials else []
+    try:
+        status = _http_exchange(sock, lines, deadline)[0]
+    except ConfigError:
+        raise
+    except (ValueError, EOFError) as exc:
+        raise ServerError(where, f"(the proxy) broke HTTP answering CONNECT: {exc}") from None
     if status != 200:
-        raise ServerError(f"{proxy_parts.scheme}://{proxy_parts.hostname}:{proxy_parts.port or 80}/",
-                          f"(the proxy) refused a tunnel to {target}", status)
+        raise ServerError(where, f"(the proxy) refused a tunnel to {target}", status)
 
 
-def _proxy_authorization(proxy: str) -> list:
-    """The Proxy-Authorization header line for a proxy URL with credentials, if it has them."""
+def _proxy_authorization(proxy: str) -> str | None:
+    """The Proxy-Authorization value for a proxy URL with credentials, else None."""
     parts = _proxy_parts(proxy)
     if not parts.username:
-        return []
+        return None
     creds = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-    return ["Proxy-Authorization: Basic " + base64.b64encode(creds.encode("utf-8")).decode("ascii")]
+    return "Basic " + base64.b64encode(creds.encode("utf-8")).decode("ascii")
 
 
-def _http_exchange(sock: socket.socket, lines: list, deadline: Deadline,
-                   body: bytes = b"") -> tuple[int, dict, bytes]:
-    """Send a request; return the answer's status, header fields and the bytes after its head."""
-    if any(_CONTROL_CHARS.search(line) for line in lines):
-        raise ConfigError("a request header holds a control character (CR, LF, NUL, ...); nothing was sent")
-    try:
-        data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    except UnicodeEncodeError:
-        raise ConfigError("a request header holds a character HTTP cannot carry (beyond Latin-1); "
-                          "nothing was sent") from None
-    _sendall(sock, data + body, deadline)
+def _check_header_text(texts: Iterable[str]) -> None:
+    """Refuse header text HTTP cannot carry, before anything is sent (ConfigError)."""
+    for text in texts:
+        if _CONTROL_CHARS.search(text):
+            raise ConfigError("a request header holds a control character (CR, LF, NUL, ...); "
+                              "nothing was sent")
+        try:
+            text.encode("latin-1")
+        except UnicodeEncodeError:
+            raise ConfigError("a request header holds a character HTTP cannot carry (beyond "
+                              "Latin-1); nothing was sent") from None
+
+
+def _http_exchange(sock: socket.socket, lines: list, deadline: Deadline) -> tuple[int, dict, bytes]:
+    """Send a request head; return the answer's status, header fields and the bytes after its head.
+
+    For the two exchanges that precede a byte stream, the websocket handshake and a proxy's
+    CONNECT; REST is urllib's. Raises ValueError for an answer that is not HTTP or whose head
+    is too long, EOFError when the connection closes first.
+    """
+    _check_header_text(lines)
+    _sendall(sock, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"), deadline)
     buf = bytearray()
     while b"\r\n\r\n" not in buf:
         if len(buf) > MAX_HANDSHAKE:
-            raise WebSocketError(CloseCode.PROTOCOL_ERROR, f"HTTP answer head longer than {MAX_HANDSHAKE} bytes")
+            raise ValueError(f"HTTP answer head longer than {MAX_HANDSHAKE} bytes")
         chunk = _recv(sock, 4096, deadline)
         if not chunk:
-            raise WebSocketClosed(CloseCode.ABNORMAL, "connection closed during the handshake")
+            raise EOFError("connection closed during the handshake")
         buf += chunk
     head, _, rest = bytes(buf).partition(b"\r\n\r\n")
-    status, fields = _parse_http_head(head)
-    return status, fields, rest
-
-
-def _parse_http_head(head: bytes) -> tuple[int, dict]:
-    """Status code and lower-cased header fields of an HTTP answer head."""
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ", 2)
     if len(parts) < 2 or not parts[0].startswith("HTTP/") or not (parts[1].isascii() and parts[1].isdigit()):
-        raise WebSocketError(CloseCode.PROTOCOL_ERROR, f"not an HTTP answer: {lines[0][:80]!r}")
+        raise ValueError(f"not an HTTP answer: {lines[0][:80]!r}")
     fields: dict = {}
     for line in lines[1:]:
         name, sep, value = line.partition(":")
         if sep:
             key = name.strip().lower()
             fields[key] = f"{fields[key]}, {value.strip()}" if key in fields else value.strip()
-    return int(parts[1]), fields
-
-
-def _read_http_body(sock: socket.socket, fields: dict, buffered: bytes, deadline: Deadline, limit: int) -> bytes:
-    """The body of an HTTP answer, by Content-Length, chunks, or up to EOF; at most ``limit`` bytes.
-
-    The whole read shares ``deadline``, however slowly the bytes drip in; raises ValueError for
-    a body that is too big or malformed, whatever its headers claim.
-    """
-    buf = bytearray(buffered)
-
-    def more() -> None:
-        chunk = _recv(sock, RECV_SIZE, deadline)
-        if not chunk:
-            raise ValueError("the connection closed in the middle of the answer")
-        buf.extend(chunk)
-
-    if "chunked" in fields.get("transfer-encoding", "").lower():  # RFC 9112 7.1
-        body, pos = bytearray(), 0
-        while True:
-            while buf.find(b"\r\n", pos) < 0:
-                if len(buf) - pos > MAX_CHUNK_LINE:
-                    raise ValueError("a chunk size line is too long")
-                more()
-            end = buf.find(b"\r\n", pos)
-            size = bytes(buf[pos:end]).split(b";")[0].strip()
-            if not re.fullmatch(rb"[0-9a-fA-F]{1,15}", size):
-                raise ValueError(f"bad chunk size {size[:20]!r}")
-            size, pos = int(size, 16), end + 2
-            if size == 0:
-                return bytes(body)
-            if len(body) + size > limit:
-                raise ValueError(f"more than {limit} bytes")
-            while len(buf) < pos + size + 2:
-                more()
-            body += buf[pos:pos + size]
-            del buf[:pos + size + 2]
-            pos = 0
-    length = fields.get("content-length")
-    if length is not None:
-        if not (length.isascii() and length.isdigit()):
-            raise ValueError(f"bad Content-Length {length[:20]!r}")
-        length = int(length)
-        if length > limit:
-            raise ValueError(f"more than {limit} bytes")
-        while len(buf) < length:
-            more()
-        return bytes(buf[:length])
-    while len(buf) <= limit:  # no length: the body ends with the connection
-        chunk = _recv(sock, RECV_SIZE, deadline)
-        if not chunk:
-            return bytes(buf)
-        buf.extend(chunk)
-    raise ValueError(f"more than {limit} bytes")
+    return int(parts[1]), fields, rest
 
 
 def _error_reason(body: bytes) -> str:
@@ -1075,22 +1042,163 @@ def _no_ca_store() -> bool:
     return paths.cafile is None and paths.capath is None
 
 
-# ---- Jupyter REST API ---------------------------------------------------------
+# ---- Jupyter REST API (urllib, over the budgeted sockets) ----------------------------
+#
+# REST goes through urllib.request. Left to itself urllib bounds each socket read, not the
+# call, and http.client reads a chunk size of -1 as "read to the end". Both are closed where
+# http.client touches the network: its connection's socket is opened by _open_stream (one
+# budget over name lookup results, connect, a proxy's tunnel and TLS) and handed over in a
+# _CappedSocket, whose reads wait at most what is left of the call's deadline and stop at
+# MAX_REST_READ bytes. http.client parses the answer; it cannot read past either bound.
 
 HTTP_TIMEOUT = 90.0         # per request when the call has no deadline; gateways can take 40 s+ to start a kernel
-MAX_REST_BODY = 16 * 2**20  # bound on one REST answer
+MAX_REST_BODY = 16 * 2**20  # bound on one REST answer's body
+MAX_REST_READ = MAX_REST_BODY + 2**20  # bound on all one request reads: head, chunk lines, body
+MAX_ERROR_BODY = 4096       # what is read of an error answer for its message
 MAX_REDIRECTS = 10          # as urllib allows
 DELETE_RETRIES = 5          # a DELETE racing an automatic restart answers 500; try again
 DELETE_BACKOFF = 0.2        # first pause between DELETE attempts; doubles
 SIDE_REQUEST_TIMEOUT = 10.0 # a request that only diagnoses or lists must not hold a call up longer
 
 
+class _BadAnswer(Exception):
+    """An HTTP answer broke HTTP or one of our bounds; the REST layer names the request."""
+
+
+class _CappedSocket(io.RawIOBase):
+    """The socket http.client is handed: sends and reads keep to the call's deadline (in
+    WAIT_SLICE slices, through _io) and reads stop at MAX_REST_READ bytes. urllib closes the
+    connection once the head is read and goes on reading through the answer's file, so the
+    socket closes when both have let go, as a real socket's makefile() arranges."""
+
+    def __init__(self, sock: socket.socket, deadline: Deadline):
+        super().__init__()
+        self.sock, self.deadline, self.left, self._users = sock, deadline, MAX_REST_READ, 1
+        self._unsent: list = []
+
+    def sendall(self, data: bytes) -> None:
+        # Held until the first read, so that head and body leave in one send as a request
+        # did before urllib: a server that answers without reading the body then resets
+        # no connection under an answer still on its way.
+        self._unsent.append(data)
+
+    def makefile(self, mode: str = "rb", *args, **kwargs) -> io.BufferedReader:
+        self._users += 1
+        return io.BufferedReader(self)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self._unsent:
+            _sendall(self.sock, b"".join(self._unsent), self.deadline)
+            self._unsent.clear()
+        if self.left <= 0:
+            raise _BadAnswer(f"more than {MAX_REST_BODY} bytes")
+        got = _io(self.sock, self.deadline, self.sock.recv_into, memoryview(buffer)[:self.left])
+        self.left -= got
+        return got
+
+    def close(self) -> None:
+        if not self.closed:
+            self._users -= 1
+            if self._users <= 0:
+                self.sock.close()
+                super().close()
+
+
+_OPENER = None
+
+
+def _opener():
+    """The urllib opener for every REST call, made at first use: urllib.request imports ssl,
+    http.client and email, which a caller who only imports the module does not pay for.
+
+    Its handlers carry a request's budget, client and redirect count on the Request itself.
+    """
+    global _OPENER
+    if _OPENER is not None:
+        return _OPENER
+    import http.client
+    import urllib.request
+
+    class Answer(http.client.HTTPResponse):
+        def _read_next_chunk_size(self) -> int:
+            try:
+                size = super()._read_next_chunk_size()
+            except ValueError:  # (http.client would call this an IncompleteRead)
+                size = -1
+            if size < 0:
+                raise _BadAnswer(f"bad chunk size {size}")
+            if size > MAX_REST_BODY:
+                raise _BadAnswer(f"more than {MAX_REST_BODY} bytes")
+            return size
+
+    class Connection(http.client.HTTPConnection):
+        response_class = Answer
+
+        def __init__(self, host: str, *, call, proxy: str | None, **kwargs):
+            super().__init__(host, **kwargs)
+            self.call, self.proxy = call, proxy
+
+        def connect(self) -> None:
+            rest, parts = self.call.rest, urlsplit(self.call.full_url)
+            secure = parts.scheme == "https"
+            sock = _open_stream(parts.hostname, parts.port or (443 if secure else 80), secure,
+                                rest.ssl_context, rest.unix_socket, self.proxy, self.call.deadline,
+                                tunnel=secure)
+            self.sock = _CappedSocket(sock, self.call.deadline)
+
+    class Handler(urllib.request.AbstractHTTPHandler):
+        def http_open(self, call):
+            proxy = None if call.rest.unix_socket else _proxy_for(call.full_url)
+            if proxy and call.type == "http":  # RFC 9112 3.2.2: the absolute form, to a proxy
+                parts = urlsplit(call.full_url)
+                call.selector = f"http://{parts.netloc.rpartition('@')[2]}{call.selector}"
+                credentials = _proxy_authorization(proxy)
+                if credentials:
+                    call.add_unredirected_header("Proxy-Authorization", credentials)
+            return self.do_open(lambda host, **kwargs: Connection(host, call=call, proxy=proxy, **kwargs),
+                                call)
+
+        https_open = http_open
+        http_request = https_request = urllib.request.AbstractHTTPHandler.do_request_
+
+    class Redirects(urllib.request.HTTPRedirectHandler):
+        max_repeats = max_redirections = MAX_REDIRECTS + 1  # our own count ends a loop first
+        http_error_308 = urllib.request.HTTPRedirectHandler.http_error_302  # (Python < 3.11)
+
+        def redirect_request(self, call, answer, code, msg, headers, new_url):
+            call.rest._keep_xsrf(headers)
+            if call.redirects >= MAX_REDIRECTS:
+                raise _BadAnswer(f"more than {MAX_REDIRECTS} redirects")
+            if urlsplit(new_url).scheme not in ("http", "https"):
+                raise _BadAnswer(f"a redirect to {new_url[:200]}, which is not HTTP")
+            fields = dict(call.headers)  # (urllib keeps Host and Content-Length apart)
+            if not _same_origin(new_url, call.full_url):
+                if call.rest.unix_socket:
+                    raise _BadAnswer(f"a redirect away from the Unix socket, to {new_url[:200]}")
+                for name in ("Authorization", "Cookie", "X-xsrftoken", "Host"):  # (urllib's keeps them)
+                    fields.pop(name, None)
+            method, data = call.get_method(), call.data
+            if code == 303 or code in (301, 302) and method == "POST":  # as browsers and urllib do
+                method, data = "GET", None
+                fields.pop("Content-type", None)
+            return call.rest._call(method, new_url, fields, data, call.deadline, call.redirects + 1)
+
+    _OPENER = urllib.request.OpenerDirector()
+    for handler in (Handler(), Redirects(), urllib.request.HTTPDefaultErrorHandler(),
+                    urllib.request.HTTPErrorProcessor(), urllib.request.UnknownHandler()):
+        _OPENER.add_handler(handler)
+    return _OPENER
+
+
 class _RestClient:
     """The few calls of the Jupyter server REST API that jupyter_call needs.
 
-    HTTP/1.1 over the same sockets as the websocket (TCP, TLS, Unix sockets,
-    HTTP proxies), one connection a request, every read bounded in size and
-    every request, redirects included, in one time budget.
+    Each request goes through urllib (``_opener``) on a connection of its own, over the same
+    sockets as the websocket (TCP, TLS, Unix sockets, HTTP proxies), every read bounded in
+    size and every request, redirects included, in one time budget.
     """
 
     def __init__(self, url: str, token: str | None, *, ssl_context: object = None):
@@ -1120,6 +1228,7 @@ class _RestClient:
             headers["Content-Type"] = "application/json"
         if host:
             headers["Host"] = host
+        _check_header_text([path, *headers.values()])
         if method != "GET" and not self.token:
             # Without a token the server checks the _xsrf cookie on changes instead.
             xsrf = self._xsrf_cookie(deadline)
@@ -1132,17 +1241,14 @@ class _RestClient:
             status, raw = self._fetch(method, self._base + path, headers, data, budget)
         except socket.timeout:
             raise ServerError(self.url, f"did not answer {method} {path} within {_seconds(budget.timeout)}") from None
+        except _BadAnswer as exc:  # not HTTP, too big, too many redirects
+            raise ServerError(self.url, f"broke HTTP answering {method} {path}: {exc}") from None
         except OSError as exc:
             raise _unreachable(self.url, exc, self.ssl_context) from exc
-        except ConfigError:  # a setting HTTP cannot carry; nothing was sent
-            raise
-        except (ValueError, WebSocketError) as exc:  # not HTTP, too big, too many redirects
-            reason = exc.reason if isinstance(exc, WebSocketError) else exc
-            raise ServerError(self.url, f"broke HTTP answering {method} {path}: {reason}") from None
         if status == 404 and missing:
             raise ServerError(self.url, missing, 404)
-        if status >= 400:
-            raise self._http_error(status, raw[:4096], method, path, diagnose=diagnose)
+        if status >= 300:  # an error, or a redirect that did not say where to
+            raise self._http_error(status, raw, method, path, diagnose=diagnose)
         if not raw.strip():
             return None
         try:
@@ -1151,55 +1257,50 @@ class _RestClient:
             raise ServerError(self.url, f"answered {path} with something that is not JSON "
                                         f"(is this a Jupyter server?)") from None
 
+    def _call(self, method: str, url: str, headers: dict, data: bytes | None, deadline: Deadline,
+              redirects: int = 0):
+        """A urllib Request that carries what the opener's handlers need."""
+        import urllib.request
+        call = urllib.request.Request(url, data, headers, method=method)
+        call.rest, call.deadline, call.redirects = self, deadline, redirects
+        return call
+
     def _fetch(self, method: str, url: str, headers: dict, data: bytes | None,
                deadline: Deadline) -> tuple[int, bytes]:
-        """One request, following redirects; the token never goes to another origin."""
-        for _ in range(MAX_REDIRECTS + 1):
-            status, fields, raw = self._exchange(method, url, headers, data, deadline)
-            for match in re.finditer(r"(?:^|,)\s*_xsrf=([^;,\s]+)", fields.get("set-cookie", "")):
-                self._xsrf = match.group(1)
-            location = fields.get("location")
-            if status not in (301, 302, 303, 307, 308) or not location:
-                return status, raw
-            new = urljoin(url, location)
-            if not _same_origin(new, url):
-                if self.unix_socket:
-                    raise ValueError(f"a redirect away from the Unix socket, to {new}")
-                headers = {k: v for k, v in headers.items() if k not in ("Authorization", "Cookie", "X-XSRFToken")}
-            if status == 303 or status in (301, 302) and method == "POST":  # as browsers and urllib do
-                method, data = "GET", None
-                headers.pop("Content-Type", None)
-            url = new
-        raise ValueError(f"more than {MAX_REDIRECTS} redirects")
-
-    def _exchange(self, method: str, url: str, headers: dict, data: bytes | None,
-                  deadline: Deadline) -> tuple[int, dict, bytes]:
-        parts = urlsplit(url)
-        secure = parts.scheme == "https"
-        port = parts.port or (443 if secure else 80)
-        proxy = None if self.unix_socket else _proxy_for(url)
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        extra = []
-        if proxy and not secure:  # RFC 9112 3.2.2: a proxy takes plain HTTP in the absolute form
-            target, extra = f"http://{parts.netloc.rpartition('@')[2]}{target}", _proxy_authorization(proxy)
-        sock = _open_stream(parts.hostname, port, secure, self.ssl_context, self.unix_socket, proxy, deadline,
-                            tunnel=secure)
+        """One request through urllib, following redirects; the status and the (bounded) body."""
+        import http.client
+        import urllib.error
         try:
-            head = {"Host": parts.netloc.rpartition("@")[2], **headers, "Connection": "close"}
-            if data is not None:
-                head["Content-Length"] = str(len(data))
-            lines = [f"{method} {target} HTTP/1.1", *extra, *(f"{k}: {v}" for k, v in head.items())]
-            status, fields, rest = _http_exchange(sock, lines, deadline, data or b"")
-            if method == "HEAD" or status in (204, 304) or status < 200:
-                return status, fields, b""
-            return status, fields, _read_http_body(sock, fields, rest, deadline, MAX_REST_BODY)
-        finally:
-            sock.close()
+            try:
+                answer = _opener().open(self._call(method, url, headers, data, deadline))
+            except urllib.error.HTTPError as exc:  # an error status: its body says why
+                answer = exc
+            except urllib.error.URLError as exc:  # what failed while connecting or sending
+                raise exc.reason if isinstance(exc.reason, OSError) else OSError(str(exc.reason)) from None
+            with contextlib.closing(answer):
+                self._keep_xsrf(answer.headers)
+                status = answer.getcode()
+                if status >= 300:
+                    return status, answer.read(MAX_ERROR_BODY)
+                if (answer.length or 0) > MAX_REST_BODY:
+                    raise _BadAnswer(f"more than {MAX_REST_BODY} bytes")
+                body = answer.read()
+        except http.client.HTTPException as exc:  # (before OSError: RemoteDisconnected is both)
+            raise _BadAnswer(str(exc) or type(exc).__name__) from None
+        if len(body) > MAX_REST_BODY:
+            raise _BadAnswer(f"more than {MAX_REST_BODY} bytes")
+        return status, body
+
+    def _keep_xsrf(self, headers) -> None:
+        """Keep the _xsrf cookie a server hands out (token-less servers check it on changes)."""
+        cookies = ", ".join(headers.get_all("Set-Cookie") or ())
+        for match in re.finditer(r"(?:^|,)\s*_xsrf=([^;,\s\x00-\x1f\x7f]+)", cookies):
+            self._xsrf = match.group(1)
 
     def _xsrf_cookie(self, deadline: Deadline | None) -> str | None:
         if self._xsrf is None:
             # jupyter_server sets the cookie even on its 404 login page
-            with contextlib.suppress(OSError, ValueError, WebSocketError):
+            with contextlib.suppress(OSError, _BadAnswer):
                 self._fetch("GET", self._base + "login", {}, None,
                             Deadline((deadline or Deadline(None)).remaining(HTTP_TIMEOUT)))
             self._xsrf = self._xsrf or ""
@@ -1215,6 +1316,8 @@ class _RestClient:
                                          "hub's home page (/hub/home) or with the hub's REST API", status)
         if status == 404:
             return ServerError(self.url, f"has no {path}{detail}", status)
+        if status < 400:  # urllib follows the redirects it can
+            return ServerError(self.url, f"redirected {method} {path} where it cannot be followed", status)
         return ServerError(self.url, f"answered an error for {method} {path}{detail}", status)
 
     def _auth_error(self, status: int, detail: str, method: str, path: str, diagnose: bool) -> ServerError:

@@ -1234,6 +1234,17 @@ HOSTILE = {
     "a chunk larger than any answer": (
         dict(rest={("POST", "/api/kernels"): b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n"
                    b"ffffffffffff\r\n" + b"x" * 65536}), "more than 16777216 bytes"),
+    "a chunk size of 2**64-1": (
+        dict(rest={("POST", "/api/kernels"): b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   b"ffffffffffffffff\r\n" + b"x" * 65536}), "more than 16777216 bytes"),
+    "a header bomb": (dict(rest={("POST", "/api/kernels"): b"HTTP/1.1 201 Created\r\n" + b"X-Bomb: y\r\n" * 1000}),
+                      "got more than 100 headers"),
+    "a header line without end": (dict(rest={("POST", "/api/kernels"): b"HTTP/1.1 201 Created\r\nX: " + b"y" * 100_000}),
+                                  "got more than 65536 bytes when reading header line"),
+    "a redirect loop": (dict(rest={("POST", "/api/kernels"): b"HTTP/1.1 307 Again\r\nLocation: /api/kernels\r\n"
+                                   b"Content-Length: 0\r\n\r\n"}), "more than 10 redirects"),
+    "a redirect to a file": (dict(rest={("POST", "/api/kernels"): b"HTTP/1.1 307 Again\r\nLocation: file:///etc/passwd"
+                                        b"\r\nContent-Length: 0\r\n\r\n"}), "where it cannot be followed"),
     "a kernel id that is a path": (dict(rest={("POST", "/api/kernels"): _http_response(201, b'{"id": "../../api/x"}')}),
                                    "not a plain token"),
 }
@@ -1292,9 +1303,12 @@ def test_rest_bodies_are_bounded_whatever_their_framing_claims():
     code = ("import runpy, sys\nsys.argv = sys.argv[1:]\ntry:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
             "finally:\n    print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].strip(), file=sys.stderr)\n")
     mb = b"x" * (1 << 20)
-    for head, words in ((b"Transfer-Encoding: chunked\r\n\r\n-1\r\n", "bad chunk size"),
-                        (b"\r\n", "more than 16777216 bytes")):  # no length: read to the end
-        fake = FakeJupyter(rest={("POST", "/api/kernels"): Paced(b"HTTP/1.1 201 Created\r\n" + head, then=mb, times=200)})
+    bomb = b"X-Bomb: y\r\n" * (1 << 16)
+    for head, then, words in ((b"Transfer-Encoding: chunked\r\n\r\n-1\r\n", mb, "bad chunk size"),
+                              (b"Transfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\n", mb, "more than 16777216"),
+                              (b"\r\n", mb, "more than 16777216 bytes"),  # no length: read to the end
+                              (b"", bomb, "got more than 100 headers")):
+        fake = FakeJupyter(rest={("POST", "/api/kernels"): Paced(b"HTTP/1.1 201 Created\r\n" + head, then=then, times=200)})
         try:
             proc = subprocess.run([sys.executable, "-c", code, str(MODULE), "--url", fake.url, "--token", "t", "1"],
                                   capture_output=True, text=True, timeout=60)
@@ -1303,6 +1317,20 @@ def test_rest_bodies_are_bounded_whatever_their_framing_claims():
         error, peak = proc.stderr.splitlines()
         assert proc.returncode == jc.EXIT_SERVER and words in error
         assert int(peak.split()[1]) < 64 * 1024, peak  # kB: 200 MB were on offer
+
+
+def test_rest_calls_go_through_urllib(server, no_leaks, monkeypatch):
+    import urllib.request
+    calls = []
+    real_open = urllib.request.OpenerDirector.open
+
+    def counting_open(self, request, *args, **kwargs):
+        calls.append(f"{request.get_method()} {urlsplit(request.full_url).path}")
+        return real_open(self, request, *args, **kwargs)
+
+    monkeypatch.setattr(urllib.request.OpenerDirector, "open", counting_open)
+    assert jc.run_code("print(1)", server.url, server.token, timeout=60).stdout == "1\n"
+    assert calls[0] == "POST /api/kernels" and calls[-1].startswith("DELETE /api/kernels/"), calls
 
 
 def test_a_ping_flood_from_a_server_that_stops_reading_cannot_outlast_the_timeout():
