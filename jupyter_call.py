@@ -1186,11 +1186,12 @@ def _opener():
                 fields.pop("Content-type", None)
             return call.rest._call(method, new_url, fields, data, call.deadline, call.redirects + 1)
 
-    _OPENER = urllib.request.OpenerDirector()
+    opener = urllib.request.OpenerDirector()
     for handler in (Handler(), Redirects(), urllib.request.HTTPDefaultErrorHandler(),
                     urllib.request.HTTPErrorProcessor(), urllib.request.UnknownHandler()):
-        _OPENER.add_handler(handler)
-    return _OPENER
+        opener.add_handler(handler)
+    _OPENER = opener  # (whole before any thread sees it)
+    return opener
 
 
 class _RestClient:
@@ -1360,7 +1361,7 @@ class _RestClient:
         if not isinstance(info, dict) or info.get("id") is None:
             raise ServerError(self.url, "answered a kernel start without a kernel id")
         self._plain_id(info["id"])
-        return info
+        return _kernel_model(info)
 
     def _plain_id(self, kernel_id: object) -> str:
         """A kernel id from the server, which must be a plain token (a UUID, as servers make them)."""
@@ -1373,17 +1374,29 @@ class _RestClient:
                             missing=f"has no kernel {kernel_id}")
         if not isinstance(info, dict):
             raise ServerError(self.url, f"answered kernel {kernel_id} with something that is not a kernel")
-        return info
+        return _kernel_model(info)
 
     def find_session(self, path: str, *, deadline: Deadline | None = None) -> str | None:
         """The kernel id of the session at ``path`` (relative to the server root), or None."""
         wanted = _session_path(path)
-        sessions = self.request("GET", "api/sessions", deadline=deadline)
-        for session in sessions if isinstance(sessions, list) else []:
-            if (isinstance(session, dict) and isinstance(session.get("kernel"), dict)
-                    and _session_path(str(session.get("path", ""))) == wanted):
+        for session in self.list_sessions(deadline=deadline):
+            if session["kernel"] and _session_path(session["path"] or "") == wanted:
                 return self._plain_id(session["kernel"].get("id"))
         return None
+
+    def list_sessions(self, *, deadline: Deadline | None = None) -> list:
+        """The server's sessions, each with ``path`` (a str or None) and ``kernel`` (a dict, maybe
+        empty); entries of another shape are skipped."""
+        sessions = self.request("GET", "api/sessions", deadline=deadline)
+        found = []
+        for session in sessions if isinstance(sessions, list) else []:
+            if isinstance(session, dict):
+                notebook = session.get("notebook") if isinstance(session.get("notebook"), dict) else {}
+                path = session.get("path") or notebook.get("path")
+                kernel = session.get("kernel")
+                found.append({"path": path if isinstance(path, str) else None,
+                              "kernel": kernel if isinstance(kernel, dict) else {}})
+        return found
 
     def create_session(self, path: str, kernel_name: str | None, *,
                        deadline: Deadline | None = None) -> str:
@@ -1396,8 +1409,10 @@ class _RestClient:
         return self._plain_id(kernel["id"])
 
     def list_kernels(self, *, deadline: Deadline | None = None) -> list:
+        """The server's kernels; entries that are not objects with a string id are skipped."""
         kernels = self.request("GET", "api/kernels", deadline=deadline)
-        return kernels if isinstance(kernels, list) else []
+        return [_kernel_model(kernel) for kernel in kernels
+                if isinstance(kernel, dict) and isinstance(kernel.get("id"), str)] if isinstance(kernels, list) else []
 
     def interrupt_kernel(self, kernel_id: str, *, deadline: Deadline | None = None) -> None:
         self.request("POST", f"api/kernels/{quote(kernel_id, safe='')}/interrupt", deadline=deadline)
@@ -1418,6 +1433,13 @@ class _RestClient:
                 if exc.status is None or exc.status < 500 or attempt == DELETE_RETRIES - 1 or deadline.expired:
                     raise
             time.sleep(deadline.remaining(DELETE_BACKOFF * 2**attempt))
+
+
+def _kernel_model(info: dict) -> dict:
+    """A kernel model from the server with the text fields read (name, state, last activity)
+    set to None where they are not strings."""
+    return {**info, **{key: None for key in ("name", "execution_state", "last_activity")
+                       if not isinstance(info.get(key), str)}}
 
 
 def _session_path(path: str) -> str:
@@ -1447,8 +1469,16 @@ def _proxy_for(url: str) -> str | None:
     import urllib.request
     if urllib.request.proxy_bypass(parts.hostname or ""):
         return None
-    proxies = urllib.request.getproxies()
-    return proxies.get("https" if parts.scheme in ("https", "wss") else "http")
+    kind = "https" if parts.scheme in ("https", "wss") else "http"
+    proxy = urllib.request.getproxies().get(kind)
+    if proxy:
+        try:
+            if not _proxy_parts(proxy).hostname or _proxy_parts(proxy).port == 0:
+                raise ValueError("no host")
+        except ValueError:
+            raise ConfigError(f"the {kind.upper()}_PROXY setting is malformed (it needs "
+                              f"http://[user:password@]host:port)") from None
+    return proxy
 
 
 def _same_origin(a: str, b: str) -> bool:
@@ -1541,33 +1571,69 @@ def decode_message(data: str | bytes, *, protocol: str = "legacy") -> dict:
         if not isinstance(msg.setdefault(key, {}), dict):
             raise ValueError(f"message {key} is not an object")
     header, content = msg["header"], msg["content"]
-    if not isinstance(header.get("msg_type"), str):
+    msg_type = header.get("msg_type")
+    if not isinstance(msg_type, str):
         raise ValueError("message header has no msg_type")
+    if not _shallow([content, msg["metadata"]]):
+        raise ValueError(f"{msg_type} message nested deeper than {MAX_JSON_DEPTH} levels")
     fields = [("msg_id", header.get("msg_id"), str), ("parent msg_id", msg["parent_header"].get("msg_id"), str)]
-    fields += [(key, content.get(key), kind) for key, kind in _CONTENT_TYPES.get(header["msg_type"], ())]
+    fields += [(key, content.get(key), kind) for key, kind in _CONTENT_TYPES.get(msg_type, ())]
     transient = content.get("transient")
     if isinstance(transient, dict):
         fields.append(("display_id", transient.get("display_id"), str))
+    if isinstance(content.get("data"), dict) and ("data", dict) in _CONTENT_TYPES.get(msg_type, ()):
+        fields += [(mime, value, _MIME_JSON if mime == "application/json" or mime.endswith("+json")
+                    else _MIME_TEXT) for mime, value in content["data"].items()]
     for name, value, kind in fields:
-        if value is not None and not isinstance(value, kind):
-            raise ValueError(f"{header['msg_type']} message with a {type(value).__name__} as {name}")
-    if any(not isinstance(line, str) for line in content.get("traceback") or ()):
-        raise ValueError(f"{header['msg_type']} message with a traceback that is not text")
+        if value is not None and not _is_kind(value, kind):
+            raise ValueError(f"{msg_type} message with a {type(value).__name__} as {name}")
     return msg
 
 
+MAX_JSON_DEPTH = 200  # deeper JSON from outside is refused: writing it back would recurse too far
+_TEXTS = "a list of strings"  # (nbformat's multiline string, and a traceback's lines)
+_MIME_TEXT = "a string or a list of strings"  # nbformat: every mimebundle value but JSON's
+_MIME_JSON = "any JSON"  # application/json and */*+json
+
+
+def _is_kind(value: object, kind: object) -> bool:
+    """Whether ``value`` from outside has ``kind``: a type (bool is no int), or a rule above."""
+    if kind is _MIME_JSON or kind is _MIME_TEXT and isinstance(value, str):
+        return True
+    if kind is _TEXTS or kind is _MIME_TEXT:
+        return isinstance(value, list) and all(isinstance(item, str) for item in value)
+    return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+
+
+def _shallow(value: object, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether JSON ``value`` nests at most ``limit`` levels (walked level by level, no recursion)."""
+    level = [value]
+    for _ in range(limit + 1):
+        level = [child for item in level if isinstance(item, (dict, list))
+                 for child in (item.values() if isinstance(item, dict) else item)]
+        if not level:
+            return True
+    return False
+
+
 _OUTPUT_FIELDS = (("data", dict), ("metadata", dict), ("transient", dict))
-# The content fields read, by message type, and the types they must have (None is let through).
+# The content fields read, by message type, and the kinds they must have (None is let through).
+# A mimebundle's values are checked too (nbformat's rule), wherever ("data", dict) is read.
 _CONTENT_TYPES = {
     "stream": (("name", str), ("text", str)),
     "display_data": _OUTPUT_FIELDS,
     "update_display_data": _OUTPUT_FIELDS,
     "execute_result": (*_OUTPUT_FIELDS, ("execution_count", int)),
-    "error": (("ename", str), ("evalue", str), ("traceback", list)),
+    "error": (("ename", str), ("evalue", str), ("traceback", _TEXTS)),
     "execute_reply": (("status", str), ("execution_count", int), ("ename", str), ("evalue", str),
-                      ("traceback", list)),
+                      ("traceback", _TEXTS)),
     "status": (("execution_state", str),),
     "input_request": (("prompt", str),),
+    "complete_reply": (("matches", _TEXTS), ("cursor_start", int), ("cursor_end", int),
+                       ("metadata", dict)),
+    "inspect_reply": (("data", dict), ("metadata", dict)),
+    "is_complete_reply": (("status", str), ("indent", str)),
+    "kernel_info_reply": (("language_info", dict),),
 }
 
 
@@ -1798,6 +1864,8 @@ class _Execution:
             outputs.append(dict(out))
             return
         outputs.append(out)
+        if out["output_type"] == "error":  # only displays are updated by their display id
+            return
         display_id = (msg["content"].get("transient") or {}).get("display_id")
         if display_id:  # as nbclient does: every output showing this id shows the latest data
             for earlier in self.displays.get(display_id, ()):
@@ -1854,7 +1922,7 @@ def _runtime_dir() -> str:
 
 
 def _pid_alive(pid: object, platform: str = sys.platform) -> bool:
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+    if not _is_kind(pid, int) or not 0 < pid < 2**31:  # (os.kill overflows past a C int)
         return False
     if platform == "win32":
         return _windows_process_alive(pid)  # os.kill(pid, 0) would terminate it on Windows
@@ -1899,6 +1967,28 @@ def _server_url(info: dict) -> str:
     return f"{scheme}://{host}:{info.get('port')}{base}"
 
 
+# The fields of a runtime file that are read, and their JSON types. A file with a field of another
+# type is not a server's and is skipped, but for the fields that are only shown, which are dropped.
+_RUNTIME_FIELDS = {"hostname": str, "ip": str, "port": int, "sock": str, "base_url": str, "secure": bool,
+                   "token": str, "pid": int, "root_dir": str, "notebook_dir": str, "version": str}
+_SHOWN_FIELDS = ("root_dir", "notebook_dir", "version")
+
+
+def _runtime_info(info: object) -> dict | None:
+    """A runtime file's JSON with each field read of its type, or None when it is not a server's."""
+    if not isinstance(info, dict):
+        return None
+    wrong = [key for key, kind in _RUNTIME_FIELDS.items() if info.get(key) is not None
+             and not _is_kind(info[key], kind)]
+    if any(key not in _SHOWN_FIELDS for key in wrong) or not 0 <= (info.get("port") or 0) < 65536:
+        return None
+    if _CONTROL_CHARS.search((info.get("token") or "").strip()):
+        return None
+    info = {key: value for key, value in info.items() if key not in wrong}
+    info.setdefault("root_dir", info.get("notebook_dir"))
+    return info
+
+
 def list_servers(runtime_dir: str | None = None) -> list:
     """Running Jupyter servers, most recently started first.
 
@@ -1919,14 +2009,13 @@ def list_servers(runtime_dir: str | None = None) -> list:
         path = os.path.join(folder, name)
         try:
             with open(path, encoding="utf-8") as f:
-                info = json.load(f)
+                info = _runtime_info(json.load(f))
             mtime = os.path.getmtime(path)
-            if not (info.get("port") or info.get("sock")) or not _pid_alive(info.get("pid")):
+            if info is None or not (info.get("port") or info.get("sock")) or not _pid_alive(info.get("pid")):
                 continue
-            info["url"] = _server_url(info)
-        except (OSError, ValueError, TypeError, AttributeError, RecursionError):
+            info["url"] = _normalize_url(_server_url(info))[0]  # a host making no URL: ConfigError
+        except (OSError, ValueError, RecursionError):
             continue  # unreadable, or not the shape a server writes
-        info.setdefault("root_dir", info.get("notebook_dir"))
         found.append((mtime, info))
     found.sort(key=lambda pair: pair[0], reverse=True)
     return [info for _, info in found]
@@ -1947,6 +2036,12 @@ def _normalize_url(url: str) -> tuple[str, str | None]:
         parts.port  # noqa: B018 (checks it)
     except ValueError as exc:
         raise ConfigError(f"the server URL is malformed ({exc})") from None
+    scheme = _SCHEMES.get(parts.scheme.lower())
+    if scheme is None:
+        raise ConfigError(f"the server URL's scheme {parts.scheme[:20]!r} is not one of "
+                          f"{', '.join(_SCHEMES)}")
+    if not (parts.netloc if scheme == "http+unix" else parts.hostname):
+        raise ConfigError("the server URL names no host")
     token = None
     for pair in parts.query.split("&"):
         key, _, value = pair.partition("=")
@@ -1958,8 +2053,12 @@ def _normalize_url(url: str) -> tuple[str, str | None]:
     path = parts.path
     if token is not None:  # a link from Jupyter's log points into the UI: /lab, /tree, /notebooks
         path = re.sub(r"/(lab|tree|notebooks)(/.*)?$", "/", path)
-    path = path if path.endswith("/") else path + "/"
-    return f"{parts.scheme}://{netloc}{path}", token
+    path = quote(path if path.endswith("/") else path + "/", safe="/%:@!$&'()*+,;=~")  # HTTP wants ASCII
+    return f"{scheme}://{netloc}{path}", token
+
+
+# The schemes a server URL may have, and what REST speaks for each (the websocket follows).
+_SCHEMES = {"http": "http", "https": "https", "ws": "http", "wss": "https", "http+unix": "http+unix"}
 
 
 def _env_token() -> str | None:
@@ -1972,6 +2071,8 @@ def _env_token() -> str | None:
                 return f.read().strip()
         except OSError as exc:
             raise JupyterError(f"cannot read JUPYTER_TOKEN_FILE {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"JUPYTER_TOKEN_FILE {path} is not UTF-8 text") from None
     # inside a JupyterHub single-user server
     return os.environ.get("JUPYTERHUB_API_TOKEN") or None
 
@@ -2607,14 +2708,18 @@ def notebook_from(text: str, path: str | None = None) -> dict:
 
 
 def _is_notebook(notebook: object) -> bool:
-    """Whether JSON has the parts of a notebook that running and writing it use."""
-    def source(value: object) -> bool:
-        return isinstance(value, str) or isinstance(value, list) and all(isinstance(line, str) for line in value)
-
-    return (isinstance(notebook, dict) and isinstance(notebook.get("cells"), list)
-            and isinstance(notebook.get("metadata", {}), dict) and isinstance(notebook.get("nbformat_minor", 0), int)
-            and all(isinstance(c, dict) and isinstance(c.get("metadata", {}), dict) and source(c.get("source", ""))
-                    for c in notebook["cells"]))
+    """Whether JSON has the parts of a notebook that running and writing it use, of their types
+    (those nbformat's schema gives them), and nests no deeper than can be written back."""
+    if not (isinstance(notebook, dict) and isinstance(notebook.get("cells"), list) and _shallow(notebook)):
+        return False
+    meta = notebook.get("metadata", {})
+    return (isinstance(meta, dict) and _is_kind(notebook.get("nbformat_minor", 0), int)
+            and all(_is_kind(meta.get(key, {}), dict) for key in ("kernelspec", "language_info", "papermill"))
+            and all(_is_kind(part.get(key, ""), str) for part, key in (
+                (meta.get("kernelspec", {}), "name"), (meta.get("kernelspec", {}), "language"),
+                (meta.get("language_info", {}), "name")))
+            and all(isinstance(c, dict) and isinstance(c.get("metadata", {}), dict)
+                    and _is_kind(c.get("source", ""), _MIME_TEXT) for c in notebook["cells"]))
 
 
 def python_literal(value: object) -> str:
@@ -2650,6 +2755,8 @@ def parameter_value(text: str) -> object:
 def inject_parameters(notebook: dict, parameters: dict) -> None:
     """Put papermill's parameters cell in ``notebook``: after the first cell tagged 'parameters'
     (at the top without one), or in place of a cell injected before."""
+    if not _shallow(parameters):
+        raise ConfigError(f"parameters nest deeper than {MAX_JSON_DEPTH} levels")
     cell = _new_cell("code", "# Parameters\n" + "".join(f"{name} = {python_literal(value)}\n"
                                                        for name, value in parameters.items()), [INJECTED_TAG])
     cells = notebook["cells"]
@@ -2750,6 +2857,8 @@ def run_notebook(notebook: str | dict, url: str | None = None, token: str | None
     """
     notebook_path = notebook
     if isinstance(notebook, dict):
+        if not _is_notebook(notebook):
+            raise ConfigError("the notebook given is not the shape of a notebook (nbformat 4)")
         notebook = json.loads(json.dumps(notebook))  # a deep copy made of plain JSON
     else:
         with open(notebook, encoding="utf-8-sig") as f:
@@ -3276,7 +3385,8 @@ def _list(args, out, ssl_context=None) -> int:
                 about = rest.request("GET", "api", deadline=Deadline(SIDE_REQUEST_TIMEOUT))
                 about = about if isinstance(about, dict) else {}
                 # gateways report their own version beside that of the server they build on
-                entry["version"] = about.get("gateway_version") or about.get("version")
+                version = about.get("gateway_version") or about.get("version")
+                entry["version"] = version if isinstance(version, str) else None
             entry["kernels"] = rest.list_kernels(deadline=Deadline(SIDE_REQUEST_TIMEOUT))
         except (JupyterError, OSError) as exc:
             entry["error"] = str(exc)
@@ -3967,12 +4077,14 @@ class _NotebookLog:
             text = None
         except OSError as exc:
             raise _UsageError(f"cannot read --log {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            text = "not UTF-8"
         if text and text.strip():
             try:
                 notebook = json.loads(text)
-            except ValueError:
+            except (ValueError, RecursionError):
                 notebook = None
-            if not (isinstance(notebook, dict) and isinstance(notebook.get("cells"), list)):
+            if not _is_notebook(notebook):
                 raise _UsageError(f"--log {path} exists and is not a notebook; give a new file")
             self.notebook = notebook
         self._write()
@@ -4417,7 +4529,7 @@ class _McpServer:
         deadline = Deadline(SIDE_REQUEST_TIMEOUT)
         kernels = rest.list_kernels(deadline=deadline)
         try:
-            sessions = rest.request("GET", "api/sessions", deadline=deadline)
+            sessions = rest.list_sessions(deadline=deadline)
         except ServerError as exc:  # kernel gateways have no sessions
             if exc.status is None:
                 raise
@@ -4429,9 +4541,7 @@ class _McpServer:
                  "last_activity": _text_or_none(k.get("last_activity")),
                  "started": k.get("id") in started, "default": k.get("id") == default}
                 for k in kernels if isinstance(k, dict)]
-        paths = [{"path": _text_or_none(s.get("path") or (s.get("notebook") or {}).get("path")),
-                  "kernel": _text_or_none((s.get("kernel") or {}).get("id"))}
-                 for s in (sessions if isinstance(sessions, list) else []) if isinstance(s, dict)]
+        paths = [{"path": s["path"], "kernel": _text_or_none(s["kernel"].get("id"))} for s in sessions]
         structured = {"kernels": rows, "sessions": paths}
         return {"content": [{"type": "text", "text": json.dumps(structured, indent=1)}],
                 "structuredContent": structured}

@@ -447,6 +447,117 @@ def test_json_output_is_strict_even_for_infinities_from_the_server():
     assert strict["data"]["application/json"] == {"big": "Infinity", "nan": "NaN"}
 
 
+def _message(msg_type, content, *, parent="P", channel="iopub"):
+    return {"header": {"msg_id": secrets.token_hex(4), "msg_type": msg_type}, "parent_header": {"msg_id": parent},
+            "metadata": {}, "content": content, "channel": channel}
+
+
+@pytest.mark.parametrize("msg_type, content, words", [
+    ("display_data", {"data": {"text/plain": [1, 2]}}, "list as text/plain"),
+    ("execute_result", {"data": {"image/png": ["iVBO", None]}, "execution_count": 1}, "list as image/png"),
+    ("update_display_data", {"data": {"text/html": {"a": 1}}, "transient": {"display_id": "d"}}, "dict as text/html"),
+    ("display_data", {"data": {}, "metadata": 5}, "int as metadata"),
+    ("display_data", {"data": {}, "transient": 1.5}, "float as transient"),
+    ("error", {"ename": "E", "evalue": "", "traceback": True}, "bool as traceback"),
+    ("execute_reply", {"status": "error", "traceback": 7}, "int as traceback"),
+    ("execute_result", {"data": {}, "execution_count": True}, "bool as execution_count"),
+    ("complete_reply", {"matches": 5}, "int as matches"),
+    ("kernel_info_reply", {"language_info": "python"}, "str as language_info"),
+    ("display_data", {"data": {"application/json": json.loads("[" * 300 + "]" * 300)}}, "nested deeper than 200"),
+])
+def test_decode_refuses_values_of_the_wrong_type_where_they_enter(msg_type, content, words):
+    with pytest.raises(ValueError, match=words):
+        jc.decode_message(json.dumps(_message(msg_type, content)))
+
+
+def test_decode_keeps_json_mimebundles_and_fields_it_does_not_read():
+    data = {"application/json": [1, {"a": None}], "application/vnd.x+json": 5, "text/plain": ["a", "b"]}
+    for msg_type, content in (("display_data", {"data": data}), ("stream", {"name": "stdout", "text": "x",
+                                                                             "traceback": 5, "transient": 5}),
+                              ("comm_msg", {"data": {"x": [1]}, "traceback": {}})):
+        assert jc.decode_message(json.dumps(_message(msg_type, content)))["content"] == content
+
+
+def test_an_error_output_is_never_updated_by_a_display_id():
+    run = jc._Execution("P", keep_outputs=True)
+    for msg in (_message("display_data", {"data": {"text/plain": "a"}, "transient": {"display_id": "d"}}),
+                _message("error", {"ename": "E", "evalue": "v", "traceback": [], "transient": {"display_id": "d"}}),
+                _message("update_display_data", {"data": {"text/plain": "b"}, "transient": {"display_id": "d"}})):
+        run.feed(jc.decode_message(json.dumps(msg)))
+    assert [o.get("data") for o in run.result.outputs] == [{"text/plain": "b"}, None]
+
+
+def _random_json(rng, depth=0):
+    if depth > 3 or rng.random() < 0.45:
+        return rng.choice([None, True, False, 0, -7, 2**70, 1.5, float("nan"), float("inf"), "", "x", "stdout",
+                           "idle", "error", "ok", "\x1b[31mred\n", "iVBORw0KGgo=", "d", "P", "\U0001f600", "\ud800"])
+    if rng.random() < 0.55:
+        return [_random_json(rng, depth + 1) for _ in range(rng.randrange(4))]
+    keys = ["text/plain", "image/png", "text/html", "application/json", "x+json", "display_id", "msg_id", "id",
+            "name", "kernel", "path", "version", ""]
+    return {rng.choice(keys): _random_json(rng, depth + 1) for _ in range(rng.randrange(4))}
+
+
+_OUTPUT_CONTENTS = {
+    "stream": {"name": "stdout", "text": "hi\n"},
+    "display_data": {"data": {"text/plain": "t", "image/png": "iVBORw0KGgo="}, "transient": {"display_id": "d"}},
+    "execute_result": {"data": {"text/plain": "2", "text/html": ["<b>", "2</b>"]}, "execution_count": 1},
+    "update_display_data": {"data": {"text/plain": "u"}, "transient": {"display_id": "d"}},
+    "error": {"ename": "E", "evalue": "v", "traceback": ["l1", "l2"]},
+    "execute_reply": {"status": "ok", "execution_count": 1},
+    "status": {"execution_state": "idle"},
+    "clear_output": {"wait": False},
+}
+
+
+def _random_message(rng):
+    msg_type = rng.choice(list(_OUTPUT_CONTENTS))
+    msg = _message(msg_type, json.loads(json.dumps(_OUTPUT_CONTENTS[msg_type])))
+    for _ in range(rng.randrange(1, 4)):
+        where, content = rng.random(), msg["content"]
+        if not isinstance(content, dict) or not isinstance(msg["header"], dict):
+            break
+        if where < 0.5:
+            content[rng.choice(list(content) + ["traceback", "data", "metadata", "transient"])] = _random_json(rng)
+        elif where < 0.8 and isinstance(content.get("data"), dict):
+            content["data"][rng.choice(["text/plain", "image/png", "text/html", "application/json"])] = \
+                _random_json(rng)
+        elif where < 0.9:
+            msg[rng.choice(["header", "parent_header", "metadata", "content"])] = _random_json(rng)
+        else:
+            msg["header"][rng.choice(["msg_id", "msg_type"])] = _random_json(rng)
+    return msg
+
+
+def test_random_kernel_messages_end_as_outputs_or_as_malformed_never_as_a_crash(tmp_path):
+    """Property: whatever a kernel sends, decode_message refuses it (ValueError) or every later
+    stage (output collection, the printer, --json, --write) takes it."""
+    import random
+    rng = random.Random(20)
+    for wire in ("legacy", "v1"):
+        for _ in range(3000):
+            run, shown = jc._Execution("P", keep_outputs=True), []
+            run.on_output = shown.append
+            for msg in (_random_message(rng) for _ in range(rng.randrange(1, 5))):
+                try:
+                    data = jc.encode_message(msg, protocol=wire)
+                except (TypeError, ValueError):
+                    continue  # (nothing a kernel could send)
+                try:
+                    run.feed(jc.decode_message(data, protocol=wire))
+                except (ValueError, UnicodeDecodeError):
+                    pass
+            result = run.finish()
+            printer = jc._Printer(io.StringIO(), io.StringIO(), color="never", output_dir=str(tmp_path))
+            for out in shown:
+                printer(out)
+            printer.finish()
+            jc._print_json(io.StringIO(), [result], False, failed=False)
+            jc._notebook_text({"cells": [{"cell_type": "code", "metadata": {}, "source": "", "outputs": result.outputs,
+                                          "execution_count": result.execution_count}],
+                               "metadata": {}, "nbformat": 4, "nbformat_minor": 5})
+
+
 # ---- 1. Pure: notebooks (papermill's parameters, '# %' files) -------------------------
 
 @pytest.mark.parametrize("value, expected", [  # papermill's own translator tests
@@ -536,6 +647,44 @@ def test_list_servers_reads_runtime_files_newest_first_and_skips_dead_ones(tmp_p
     servers = jc.list_servers(str(tmp_path))
     assert [s["url"] for s in servers] == ["http://localhost:8002/lab/", "http://127.0.0.1:8001/"]
     assert servers[1]["root_dir"] == "/nb" and servers[0]["token"] == "t2"
+
+
+WRONG_VALUES = [None, True, 0, -1, 99999, 2**70, 1.5, "", "x", "[::1", [], ["h"], {}, {"a": 1}]
+
+
+@pytest.mark.parametrize("field", ["url", "hostname", "ip", "port", "sock", "base_url", "secure", "token", "pid",
+                                   "root_dir", "notebook_dir", "version"])
+def test_a_runtime_file_with_an_odd_field_is_skipped_or_the_field_dropped(tmp_path, field):
+    _runtime_file(tmp_path, "jpserver-1.json", port=8001, hostname="localhost", pid=os.getpid(), token="t1")
+    for n, value in enumerate(WRONG_VALUES):
+        info = {"port": 8002, "hostname": "localhost", "base_url": "/b/", "pid": os.getpid(), "token": "t2",
+                "secure": False, field: value}
+        path = _runtime_file(tmp_path, f"jpserver-2{n}.json", **info)
+        os.utime(path, (2**31, 2**31))  # newest: found first when it counts
+        servers = jc.list_servers(str(tmp_path))
+        assert servers[-1]["url"] == "http://localhost:8001/", (field, value)
+        if len(servers) == 2:  # the field was ignored, or the value is a fine one
+            assert servers[0]["url"].startswith(("http://", "https://", "http+unix://")), (field, value)
+            assert all(isinstance(servers[0].get(key), (str, type(None))) for key in ("root_dir", "version", "token"))
+        path.unlink()
+
+
+def test_random_runtime_files_never_break_discovery(tmp_path, monkeypatch):
+    """Property: random JSON in every field of runtime files; discovery finds the good server."""
+    import random
+    rng = random.Random(20)
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path))
+    for var in ("JUPYTER_URL", "JUPYTERHUB_SERVICE_URL", "JUPYTER_TOKEN", "JUPYTER_TOKEN_FILE", "JUPYTERHUB_API_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    good = _runtime_file(tmp_path, "jpserver-1.json", port=8001, hostname="localhost", pid=os.getpid(), token="t1")
+    os.utime(good, (2**31, 2**31))
+    for n in range(250):
+        info = {"port": 8002, "hostname": "localhost", "pid": os.getpid(), "token": "t2"}
+        for field in rng.sample(sorted(jc._RUNTIME_FIELDS) + ["url"], rng.randrange(1, 4)):
+            info[field] = _random_json(rng)
+        _runtime_file(tmp_path, f"jpserver-{n + 2}.json", **info)
+        assert jc.resolve_server() == ("http://localhost:8001/", "t1")
+        assert jc.resolve_server("http://localhost:8002/")[0] == "http://localhost:8002/"
 
 
 @pytest.mark.parametrize("platform, env, where", [
@@ -703,6 +852,21 @@ def test_help_lists_every_option():
         assert all(flag in text for flag in flags)
     options = text.partition("recipes:")[0]
     assert max(len(line) for line in options.splitlines()) <= 79
+
+
+@pytest.mark.parametrize("url", ["file:///etc/", "ftp://127.0.0.1:1/", "javascript:alert(1)//x", "http://",
+                                 "http:///x", "httpx://h/"])
+def test_a_url_jupyter_call_does_not_speak_is_a_config_error(url, monkeypatch):
+    with pytest.raises(jc.ConfigError, match="scheme|names no host|malformed"):
+        jc.Kernel(url, "t")
+    monkeypatch.setenv("JUPYTER_URL", url)
+    with pytest.raises(jc.ConfigError, match="scheme|names no host|malformed"):
+        jc.run_code("1", token="t")
+
+
+def test_ws_urls_and_non_ascii_base_urls_are_spoken_to_over_http():
+    assert jc.resolve_server("ws://127.0.0.1:1/a b/ü/", "t") == ("http://127.0.0.1:1/a%20b/%C3%BC/", "t")
+    assert jc.resolve_server("WSS://h:1", "t")[0] == "https://h:1/"
 
 
 # ---- 1. Pure: the module itself (standard library only, __all__) ---------------------
@@ -1245,6 +1409,11 @@ HOSTILE = {
                                    b"Content-Length: 0\r\n\r\n"}), "more than 10 redirects"),
     "a redirect to a file": (dict(rest={("POST", "/api/kernels"): b"HTTP/1.1 307 Again\r\nLocation: file:///etc/passwd"
                                         b"\r\nContent-Length: 0\r\n\r\n"}), "where it cannot be followed"),
+    "a mimebundle of numbers": (dict(ws=_then(_kernel_message("display_data", {"data": {"text/plain": [1, 2]}}))),
+                                "list as text/plain"),
+    "metadata a number": (dict(ws=_then(_kernel_message("execute_result", {"data": {}, "metadata": 5}))),
+                          "int as metadata"),
+    "a traceback that is true": (dict(ws=_then(_kernel_message("error", {"traceback": True}))), "bool as traceback"),
     "a kernel id that is a path": (dict(rest={("POST", "/api/kernels"): _http_response(201, b'{"id": "../../api/x"}')}),
                                    "not a plain token"),
 }
@@ -2416,6 +2585,60 @@ def test_cli_list_survives_kernels_with_null_fields():
     assert proc.returncode == 0 and "k1  ?" in proc.stdout
 
 
+def test_cli_list_skips_kernel_entries_that_are_not_objects():
+    rows = [{"id": "k1", "name": ["py"], "execution_state": 5}, 5, "x", None, {"id": 7}, {"name": "no id"}]
+    fake = FakeJupyter(rest={("GET", "/api/kernels"): _http_response(200, json.dumps(rows).encode()),
+                             ("GET", "/api"): _http_response(200, b'{"version": ["2.0"]}')})
+    try:
+        proc = cli("--list", "--url", fake.url, "--token", "t", timeout=30)
+        as_json = cli("--list", "--json", "--url", fake.url, "--token", "t", timeout=30)
+    finally:
+        fake.close()
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert proc.stdout.splitlines()[1:] == ["  k1  ?            ?        ?"] and "version ?" in proc.stdout
+    assert [k["id"] for k in json.loads(as_json.stdout)[0]["kernels"]] == ["k1"]
+
+
+def test_random_rest_answers_end_in_a_server_error_never_a_crash():
+    """Property: random JSON for every REST answer the module reads (kernel model, kernel list,
+    sessions, contents model, /api) through the REST calls and --list."""
+    import random
+    rng = random.Random(20)
+    answers: dict = {}
+    routes = [("GET", "/api/kernels/k1"), ("GET", "/api/kernels"), ("GET", "/api/sessions"), ("POST", "/api/sessions"),
+              ("POST", "/api/kernels"), ("GET", "/api/contents/a.ipynb"), ("GET", "/api")]  # (by prefix, in order)
+    fake = FakeJupyter(rest={key: functools.partial(lambda key: _http_response(200, json.dumps(answers[key]).encode()),
+                                                    key) for key in routes})
+    rest = jc._RestClient(fake.url, "t")
+    calls = [lambda: rest.list_kernels(deadline=jc.Deadline(5)), lambda: rest.list_sessions(deadline=jc.Deadline(5)),
+             lambda: rest.find_session("a.ipynb", deadline=jc.Deadline(5)),
+             lambda: rest.create_session("a.ipynb", None, deadline=jc.Deadline(5)),
+             lambda: rest.start_kernel(None, deadline=jc.Deadline(5)),
+             lambda: rest.get_kernel("k1", deadline=jc.Deadline(5)),
+             lambda: jc.notebook_from(jc._read_server_file(rest, "a.ipynb", jc.Deadline(5)), "a.ipynb"),
+             lambda: jc._list(jc._parse_args(["--url", fake.url, "--token", "t", "--list"]), io.StringIO()),
+             lambda: jc._list(jc._parse_args(["--url", fake.url, "--token", "t", "--list", "--json"]), io.StringIO())]
+    shapes = {("GET", "/api/kernels"): lambda: [{"id": "k1", "name": "python3"}, _random_json(rng)],
+              ("GET", "/api/sessions"): lambda: [{"path": "a.ipynb", "kernel": _random_json(rng),
+                                                  "notebook": _random_json(rng)}, _random_json(rng)],
+              ("POST", "/api/sessions"): lambda: {"kernel": _random_json(rng)},
+              ("POST", "/api/kernels"): lambda: {"id": "k1", "name": _random_json(rng)},
+              ("GET", "/api/kernels/k1"): lambda: {"id": _random_json(rng), "name": _random_json(rng)},
+              ("GET", "/api/contents/a.ipynb"): lambda: {"type": "notebook", "content": _random_json(rng)},
+              ("GET", "/api"): lambda: {"version": _random_json(rng)}}
+    try:
+        for _ in range(150):
+            for key, shape in shapes.items():
+                answers[key] = shape() if rng.random() < 0.8 else _random_json(rng)
+            for call in calls:
+                try:
+                    call()
+                except jc.JupyterError:
+                    pass
+    finally:
+        fake.close()
+
+
 def test_cli_discovers_the_server_without_url_or_token(server, no_leaks):
     proc = cli("print('found')", env=server.env)
     assert proc.returncode == 0 and proc.stdout == "found\n"
@@ -2469,6 +2692,8 @@ def test_cli_spawn_runs_on_a_private_server(tmp_path):
     (["--session", "a", "--kernel-id", "b", "1"], "choose one of"),
     (["--url", "http://[::1", "1"], "the server URL is malformed"),
     (["--url", "http://127.0.0.1:99999/", "1"], "the server URL is malformed"),
+    (["--url", "file:///etc/", "1"], "scheme 'file' is not one of http, https, ws, wss, http+unix"),
+    (["--url", "http:///x", "--list"], "the server URL names no host"),
     (["--url", "http://127.0.0.1:9/", "--token", "a\r\nX-Evil: 1", "1"], "the token holds a control character"),
     (["--mcp", "print(1)"], "--mcp takes no code"),
     (["--mcp", "--max-output", "lots"], "--max-output must be a positive whole number"),
@@ -2922,6 +3147,25 @@ def test_not_a_notebook_is_a_usage_error(tmp_path):
         bad.write_text(text)
         proc = cli("-f", str(bad), "-p", "a", "1", timeout=30)
         assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and "is not a Jupyter notebook" in proc.stderr
+
+
+def test_notebooks_and_parameters_of_the_wrong_shape_are_usage_errors(tmp_path):
+    bad = tmp_path / "bad.ipynb"
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"a": ' + "[" * 600 + "]" * 600 + "}")
+    good = {"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    for metadata in ({"kernelspec": True}, {"papermill": "x"}, {"language_info": 5}, {"kernelspec": {"name": 3}}):
+        bad.write_text(json.dumps({**good, "metadata": metadata}))
+        proc = cli("-f", str(bad), "-p", "a", "1", timeout=30)
+        assert proc.returncode == 2 and "is not a Jupyter notebook" in proc.stderr, (metadata, proc.stderr)
+        with pytest.raises(jc.ConfigError, match="not the shape of a notebook"):
+            jc.run_notebook({**good, "metadata": metadata})
+    bad.write_text(json.dumps(good))
+    proc = cli("-f", str(bad), "--parameters-file", str(deep), timeout=30)
+    assert proc.returncode == 2 and "parameters nest deeper than 200 levels" in proc.stderr, proc.stderr
+    bad.write_bytes(b"\xff\xfe{")
+    proc = cli("--mcp", "--log", str(bad), timeout=30)
+    assert proc.returncode == 2 and "exists and is not a notebook" in proc.stderr, proc.stderr
 
 
 def test_a_lone_surrogate_is_written_escaped_not_lost():
