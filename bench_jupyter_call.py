@@ -1378,7 +1378,7 @@ def cmd_mcp(args: argparse.Namespace) -> int:
         for _ in range(2):
             host.ask("tools/call", {"name": "start_kernel", "arguments": {}})
         rest = jupyter_call._RestClient(server.url, server.token)
-        mine = {k["id"] for k in rest.list_kernels()}  # the default kernel and the two started
+        mine = {k["id"] for k in rest.list_kernels(deadline=jupyter_call.Deadline(30))}  # the default kernel and the two started
         host.proc.stdin.write(json.dumps({"jsonrpc": "2.0", "id": 0, "method": "tools/call", "params": {
             "name": "run_code", "arguments": {"code": "import time; time.sleep(60)"}}}).encode() + b"\n")
         host.proc.stdin.flush()
@@ -1386,7 +1386,7 @@ def cmd_mcp(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         code = host.close()
         exited = time.perf_counter() - t0
-        left = {k["id"] for k in rest.list_kernels()} & mine
+        left = {k["id"] for k in rest.list_kernels(deadline=jupyter_call.Deadline(30))} & mine
         gone = time.perf_counter() - t0
         verdict = "ok" if code == 0 and not left and gone <= MCP_CLEANUP_TARGET_S else "MISS"
         verdicts.append(verdict)

@@ -521,6 +521,10 @@ class Deadline:
     def expired(self) -> bool:
         return self._end is not None and time.monotonic() >= self._end
 
+    def cut(self, cap: float | None) -> Deadline:
+        """A budget for one step: what is left, at most ``cap`` seconds."""
+        return Deadline(self.remaining(cap))
+
 
 def _ssl_module():
     import ssl  # costs ~17 ms; only wss:// and https:// need it
@@ -1215,7 +1219,7 @@ class _RestClient:
         return {"Authorization": f"token {self.token}"} if self.token else {}
 
     def request(self, method: str, path: str, body: object = None, *,
-                deadline: Deadline | None = None, host: str | None = None,
+                deadline: Deadline, host: str | None = None,
                 diagnose: bool = True, missing: str | None = None) -> object:
         """Send one request; return the decoded JSON answer (None for an empty one).
 
@@ -1235,7 +1239,7 @@ class _RestClient:
             xsrf = self._xsrf_cookie(deadline)
             if xsrf:
                 headers.update({"Cookie": f"_xsrf={xsrf}", "X-XSRFToken": xsrf})
-        budget = Deadline((deadline or Deadline(None)).remaining(HTTP_TIMEOUT))
+        budget = deadline.cut(HTTP_TIMEOUT)
         if budget.expired:
             raise ServerError(self.url, f"could not be asked {method} {path}: no time left")
         try:
@@ -1298,12 +1302,11 @@ class _RestClient:
         for match in re.finditer(r"(?:^|,)\s*_xsrf=([^;,\s\x00-\x1f\x7f]+)", cookies):
             self._xsrf = match.group(1)
 
-    def _xsrf_cookie(self, deadline: Deadline | None) -> str | None:
+    def _xsrf_cookie(self, deadline: Deadline) -> str | None:
         if self._xsrf is None:
             # jupyter_server sets the cookie even on its 404 login page
             with contextlib.suppress(OSError, _BadAnswer):
-                self._fetch("GET", self._base + "login", {}, None,
-                            Deadline((deadline or Deadline(None)).remaining(HTTP_TIMEOUT)))
+                self._fetch("GET", self._base + "login", {}, None, deadline.cut(HTTP_TIMEOUT))
             self._xsrf = self._xsrf or ""
         return self._xsrf or None
 
@@ -1351,13 +1354,18 @@ class _RestClient:
     # -- kernels --
 
     def start_kernel(self, name: str | None, *, env: dict | None = None, path: str | None = None,
-                     deadline: Deadline | None = None) -> dict:
+                     deadline: Deadline) -> dict:
         body: dict = {"name": name} if name else {}
         if path is not None:  # the working directory, relative to the server's root (jupyter_server 2)
             body["path"] = _session_path(path)
         if env:
             body["env"] = {str(k): str(v) for k, v in env.items()}
-        info = self.request("POST", "api/kernels", body, deadline=deadline)
+        try:
+            info = self.request("POST", "api/kernels", body, deadline=deadline)
+        except ServerError as exc:  # (a server without that kernel spec may just say "Unhandled error")
+            if name and exc.status in (400, 404, 500) and not isinstance(exc, AuthError):
+                raise ServerError(self.url, f"{exc.reason} (kernel {name!r})", exc.status) from None
+            raise
         if not isinstance(info, dict) or info.get("id") is None:
             raise ServerError(self.url, "answered a kernel start without a kernel id")
         self._plain_id(info["id"])
@@ -1369,14 +1377,14 @@ class _RestClient:
             return kernel_id
         raise ServerError(self.url, f"answered a kernel id that is not a plain token: {str(kernel_id)[:80]!r}")
 
-    def get_kernel(self, kernel_id: str, *, deadline: Deadline | None = None) -> dict:
+    def get_kernel(self, kernel_id: str, *, deadline: Deadline) -> dict:
         info = self.request("GET", f"api/kernels/{quote(kernel_id, safe='')}", deadline=deadline,
                             missing=f"has no kernel {kernel_id}")
         if not isinstance(info, dict):
             raise ServerError(self.url, f"answered kernel {kernel_id} with something that is not a kernel")
         return _kernel_model(info)
 
-    def find_session(self, path: str, *, deadline: Deadline | None = None) -> str | None:
+    def find_session(self, path: str, *, deadline: Deadline) -> str | None:
         """The kernel id of the session at ``path`` (relative to the server root), or None."""
         wanted = _session_path(path)
         for session in self.list_sessions(deadline=deadline):
@@ -1384,7 +1392,7 @@ class _RestClient:
                 return self._plain_id(session["kernel"].get("id"))
         return None
 
-    def list_sessions(self, *, deadline: Deadline | None = None) -> list:
+    def list_sessions(self, *, deadline: Deadline) -> list:
         """The server's sessions, each with ``path`` (a str or None) and ``kernel`` (a dict, maybe
         empty); entries of another shape are skipped."""
         sessions = self.request("GET", "api/sessions", deadline=deadline)
@@ -1399,7 +1407,7 @@ class _RestClient:
         return found
 
     def create_session(self, path: str, kernel_name: str | None, *,
-                       deadline: Deadline | None = None) -> str:
+                       deadline: Deadline) -> str:
         body = {"path": _session_path(path), "name": os.path.basename(path), "type": "console",
                 "kernel": {"name": kernel_name} if kernel_name else {}}
         info = self.request("POST", "api/sessions", body, deadline=deadline)
@@ -1408,21 +1416,46 @@ class _RestClient:
             raise ServerError(self.url, "answered a session start without a kernel")
         return self._plain_id(kernel["id"])
 
-    def list_kernels(self, *, deadline: Deadline | None = None) -> list:
+    def about(self, *, deadline: Deadline) -> dict:
+        """The server's ``GET api``: its version (a gateway's too)."""
+        about = self.request("GET", "api", deadline=deadline)
+        return about if isinstance(about, dict) else {}
+
+    def status(self, *, deadline: Deadline) -> None:
+        """``GET api/status``: raises unless the server answers."""
+        self.request("GET", "api/status", deadline=deadline)
+
+    def read_file(self, path: str, *, deadline: Deadline) -> str:
+        """A notebook (as JSON text) or a text file from the contents API (``path`` from the root)."""
+        model = self.request("GET", f"api/contents/{quote(_session_path(path))}?content=1", deadline=deadline,
+                             missing=f"has no file {path}")
+        model = model if isinstance(model, dict) else {}
+        content = model.get("content")
+        if model.get("type") == "notebook" and isinstance(content, dict):
+            return json.dumps(content)
+        if model.get("type") == "file" and model.get("format") == "text" and isinstance(content, str):
+            return content
+        raise ServerError(self.url, f"has no notebook or text file at {path} (it is a {model.get('type')})")
+
+    def save_notebook(self, path: str, notebook: dict, *, deadline: Deadline) -> None:
+        """Write ``notebook`` (plain JSON) at ``path`` through the contents API."""
+        self.request("PUT", f"api/contents/{quote(_session_path(path))}",
+                     {"type": "notebook", "format": "json", "content": notebook}, deadline=deadline)
+
+    def list_kernels(self, *, deadline: Deadline) -> list:
         """The server's kernels; entries that are not objects with a string id are skipped."""
         kernels = self.request("GET", "api/kernels", deadline=deadline)
         return [_kernel_model(kernel) for kernel in kernels
                 if isinstance(kernel, dict) and isinstance(kernel.get("id"), str)] if isinstance(kernels, list) else []
 
-    def interrupt_kernel(self, kernel_id: str, *, deadline: Deadline | None = None) -> None:
+    def interrupt_kernel(self, kernel_id: str, *, deadline: Deadline) -> None:
         self.request("POST", f"api/kernels/{quote(kernel_id, safe='')}/interrupt", deadline=deadline)
 
-    def restart_kernel(self, kernel_id: str, *, deadline: Deadline | None = None) -> None:
+    def restart_kernel(self, kernel_id: str, *, deadline: Deadline) -> None:
         self.request("POST", f"api/kernels/{quote(kernel_id, safe='')}/restart", deadline=deadline)
 
-    def delete_kernel(self, kernel_id: str, *, deadline: Deadline | None = None) -> None:
+    def delete_kernel(self, kernel_id: str, *, deadline: Deadline) -> None:
         """Delete a kernel; gone already is fine. Retries the 500 a restart race answers."""
-        deadline = deadline or Deadline(HTTP_TIMEOUT)
         for attempt in range(DELETE_RETRIES):
             try:
                 self.request("DELETE", f"api/kernels/{quote(kernel_id, safe='')}", deadline=deadline)
@@ -2468,7 +2501,7 @@ class Kernel:
     def _check_alive(self, deadline: Deadline) -> str | None:
         """Ask the server about the kernel: raise KernelDied if gone; else its state."""
         try:
-            info = self._rest.get_kernel(self.id, deadline=Deadline(deadline.remaining(HTTP_TIMEOUT)))
+            info = self._rest.get_kernel(self.id, deadline=deadline.cut(HTTP_TIMEOUT))
         except ServerError as exc:
             if exc.status == 404:
                 raise KernelDied(self.id, "the server no longer has the kernel") from None
@@ -2516,7 +2549,7 @@ class Kernel:
         while True:
             request = new_message("kernel_info_request", {}, session=self.session_id)
             self._send(request, deadline)
-            nudge = Deadline(deadline.remaining(NUDGE_INTERVAL))
+            nudge = deadline.cut(NUDGE_INTERVAL)
             while not nudge.expired:
                 msg = self._next_message(nudge.remaining())
                 if msg is None:
@@ -2676,6 +2709,25 @@ def _new_cell(kind: str, source: str, tags: list | None = None) -> dict:
     return cell
 
 
+SERVER_PREFIX = "server:"  # a notebook path in the server's contents API, relative to its root
+
+
+def read_notebook(path: str, rest: _RestClient, deadline: Deadline,
+                  root: str | None = None) -> tuple[dict, str | None]:
+    """The notebook at ``path`` (a local .ipynb or '# %%' .py file, or ``server:PATH``) and the
+    folder, relative to the server's root, its kernel should start in (None: the server's)."""
+    if path.startswith(SERVER_PREFIX):
+        where = path[len(SERVER_PREFIX):]
+        return notebook_from(rest.read_file(where, deadline=deadline), where), \
+            posixpath.dirname(_session_path(where)) or None
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # Windows editors may start it with a BOM
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    return notebook_from(text, path), _kernel_dir(rest.url, path, root)
+
+
 def notebook_from(text: str, path: str | None = None) -> dict:
     """An nbformat 4 notebook from a file's text: a notebook (.ipynb), '# %%' cells (.py), or one cell."""
     suffix = (path or "").lower().rpartition(".")[2]
@@ -2686,7 +2738,7 @@ def notebook_from(text: str, path: str | None = None) -> dict:
                 raise ValueError("not the shape of a notebook")
         except (ValueError, RecursionError):
             raise ConfigError(f"{path} is not a Jupyter notebook (nbformat 4 JSON)") from None
-        return notebook
+        return _current(notebook)
     cells = []
     if suffix == "py" and PERCENT_CELL.search(text):
         parts = PERCENT_CELL.split(text)  # [before, marker, body, marker, body, ...]
@@ -2705,6 +2757,15 @@ def notebook_from(text: str, path: str | None = None) -> dict:
     else:
         cells.append(_new_cell("code", text))
     return {"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+
+
+def _current(notebook: dict) -> dict:
+    """``notebook`` as nbformat 4.5, as papermill upgrades it on load: every cell gets an id
+    (4.4 and older have none, and refuse one), so whatever is written validates as 4.5."""
+    notebook["nbformat"], notebook["nbformat_minor"] = 4, max(notebook.get("nbformat_minor", 5), 5)
+    for cell in notebook["cells"]:
+        cell.setdefault("id", _new_id()[:8])
+    return notebook
 
 
 def _is_notebook(notebook: object) -> bool:
@@ -2754,7 +2815,14 @@ def parameter_value(text: str) -> object:
 
 def inject_parameters(notebook: dict, parameters: dict) -> None:
     """Put papermill's parameters cell in ``notebook``: after the first cell tagged 'parameters'
-    (at the top without one), or in place of a cell injected before."""
+    (at the top without one), or in place of a cell injected before. They are written as Python,
+    so a notebook in another language is refused (ConfigError)."""
+    meta = notebook.get("metadata") or {}
+    language = ((meta.get("kernelspec") or {}).get("language") or (meta.get("language_info") or {}).get("name")
+                or "python")
+    if language.lower() != "python":
+        raise ConfigError(f"parameters are written as Python (as papermill writes them); this notebook's "
+                          f"language is {language}")
     if not _shallow(parameters):
         raise ConfigError(f"parameters nest deeper than {MAX_JSON_DEPTH} levels")
     cell = _new_cell("code", "# Parameters\n" + "".join(f"{name} = {python_literal(value)}\n"
@@ -2785,16 +2853,31 @@ def _kernel_dir(url: str, path: str, root: str | None = None) -> str | None:
     return where.replace(os.sep, "/")
 
 
+def _kernel_for(notebook: dict, parameters: dict | None, kernel_name: str | None = None) -> str | None:
+    """Ready a loaded notebook to run (parameters injected); the kernel spec to start for it:
+    ``kernel_name``, else the notebook's, else None (the server's default). Every front end
+    runs a notebook through this and ``_execute_notebook``; they only choose where output goes."""
+    if parameters:
+        inject_parameters(notebook, parameters)
+    return kernel_name or ((notebook.get("metadata") or {}).get("kernelspec") or {}).get("name")
+
+
 def _execute_notebook(kernel: Kernel, notebook: dict, deadline: Deadline, results: list, *,
                       keep_going: bool = False, cell_timeout: float | None = None, stdin=None,
-                      on_output=None, on_cell=None, keep_outputs: bool = True, on_wait=None) -> int:
+                      on_output=None, on_cell=None, keep_outputs: bool = True, on_wait=None,
+                      language_info: bool = True) -> int:
     """Run the code cells in order, as nbclient does, writing outputs and counts into them.
 
     Appends to ``results`` the Result of each cell that ran (also of one that
     ended the run by an exception) and returns how many failed without a
     'raises-exception' tag. Empty cells and cells tagged 'skip-execution' are
     left as they are; the others lose their old outputs before the run starts.
+    ``metadata.language_info`` comes from the kernel unless ``language_info`` is false (a
+    notebook nobody will see).
     """
+    if language_info:
+        notebook.setdefault("metadata", {})["language_info"] = kernel.info(
+            timeout=deadline.remaining(HTTP_TIMEOUT)).get("language_info", {})
     code = [cell for cell in notebook["cells"] if cell.get("cell_type") == "code"]
     runs = {id(cell) for cell in code if _source(cell).strip() and SKIP_TAG not in _tags(cell)}
     for cell in code:
@@ -2810,7 +2893,7 @@ def _execute_notebook(kernel: Kernel, notebook: dict, deadline: Deadline, result
                                                      stop_on_error=not (keep_going or RAISES_TAG in _tags(ahead)))
         if on_cell is not None:
             on_cell(number, len(code))
-        limit = Deadline(deadline.remaining(cell_timeout)) if cell_timeout else deadline
+        limit = deadline.cut(cell_timeout) if cell_timeout else deadline
         try:
             result = kernel._execute(_source(cell), limit, on_output=on_output, stdin=stdin, keep_outputs=keep_outputs,
                                      on_wait=on_wait, stop_on_error=not (keep_going or allowed), displays=displays,
@@ -2841,7 +2924,8 @@ def run_notebook(notebook: str | dict, url: str | None = None, token: str | None
     """Run a notebook on a new kernel, as nbclient and papermill do, and return the executed notebook.
 
     Args:
-        notebook: a path (.ipynb, or a .py file of '# %%' cells) or a notebook dict (not changed).
+        notebook: a path (.ipynb, a .py file of '# %%' cells, or ``server:PATH`` in the server's
+            contents API) or a notebook dict (not changed).
         url, token: the server, as for ``Kernel``.
         parameters: injected as papermill injects them (after the cell tagged 'parameters').
         keep_going: run every cell even after one fails (nbclient's allow_errors).
@@ -2855,22 +2939,17 @@ def run_notebook(notebook: str | dict, url: str | None = None, token: str | None
         ExecutionError unless ``keep_going``: ``.result`` is the failing cell's, ``.notebook``
         the notebook as far as it ran; otherwise as ``Kernel``.
     """
-    notebook_path = notebook
+    deadline = Deadline(timeout)
+    url, token = resolve_server(url, token)
+    where = None
     if isinstance(notebook, dict):
         if not _is_notebook(notebook):
             raise ConfigError("the notebook given is not the shape of a notebook (nbformat 4)")
-        notebook = json.loads(json.dumps(notebook))  # a deep copy made of plain JSON
+        notebook = _current(json.loads(json.dumps(notebook)))  # a deep copy made of plain JSON
     else:
-        with open(notebook, encoding="utf-8-sig") as f:
-            notebook = notebook_from(f.read(), notebook)
-    if parameters:
-        inject_parameters(notebook, parameters)
-    deadline = Deadline(timeout)
-    url, token = resolve_server(url, token)
-    name = kernel_name or ((notebook.get("metadata") or {}).get("kernelspec") or {}).get("name")
-    where = None if isinstance(notebook_path, dict) else _kernel_dir(url, notebook_path)
+        notebook, where = read_notebook(notebook, _RestClient(url, token), deadline)
+    name = _kernel_for(notebook, parameters, kernel_name)
     with Kernel(url, token, name=name, timeout=timeout, path=where) as kernel:
-        notebook.setdefault("metadata", {})["language_info"] = kernel.info().get("language_info", {})
         results: list = []
         failed = _execute_notebook(kernel, notebook, deadline, results, keep_going=keep_going,
                                    cell_timeout=cell_timeout)
@@ -3253,7 +3332,6 @@ def _enable_vt(handle: int, kernel32) -> bool:
     return bool(kernel32.SetConsoleMode(handle, mode.value | ENABLE_VIRTUAL_TERMINAL_PROCESSING))
 
 
-SERVER_PREFIX = "server:"  # -f and --write: a path in the server's contents API, relative to its root
 
 
 def _read_code(args, remote: _RestClient | None, deadline: Deadline) -> tuple[str, bool]:
@@ -3267,7 +3345,7 @@ def _read_code(args, remote: _RestClient | None, deadline: Deadline) -> tuple[st
         except UnicodeDecodeError:
             raise _UsageError("the code on stdin is not valid UTF-8") from None
     if args.file is not None and args.file.startswith(SERVER_PREFIX):
-        return _read_server_file(remote, args.file[len(SERVER_PREFIX):], deadline), False
+        return remote.read_file(args.file[len(SERVER_PREFIX):], deadline=deadline), False
     if args.file is not None:
         try:
             with open(args.file, encoding="utf-8-sig") as f:  # Windows editors may start it with a BOM
@@ -3277,19 +3355,6 @@ def _read_code(args, remote: _RestClient | None, deadline: Deadline) -> tuple[st
     if args.code is None:
         raise _UsageError("no code given: pass CODE, or -f FILE (see --help)")
     return args.code, False
-
-
-def _read_server_file(rest: _RestClient, path: str, deadline: Deadline) -> str:
-    """A notebook (as JSON text) or a text file from the server's contents API."""
-    model = rest.request("GET", f"api/contents/{quote(_session_path(path))}?content=1", deadline=deadline,
-                         missing=f"has no file {path}")
-    model = model if isinstance(model, dict) else {}
-    content = model.get("content")
-    if model.get("type") == "notebook" and isinstance(content, dict):
-        return json.dumps(content)
-    if model.get("type") == "file" and model.get("format") == "text" and isinstance(content, str):
-        return content
-    raise ServerError(rest.url, f"has no notebook or text file at {path} (it is a {model.get('type')})")
 
 
 def _parameters(args) -> dict:
@@ -3336,7 +3401,7 @@ def _spawn_server(deadline: Deadline):
     log.close()
     url = f"http://127.0.0.1:{port}/"
     rest = _RestClient(url, token)
-    wait = Deadline(deadline.remaining(SPAWN_TIMEOUT))
+    wait = deadline.cut(SPAWN_TIMEOUT)
     try:
         while True:
             if proc.poll() is not None:
@@ -3344,7 +3409,7 @@ def _spawn_server(deadline: Deadline):
                     tail = f.read().decode("utf-8", "replace").strip().splitlines()[-1:]
                 raise JupyterError(f"the spawned Jupyter server exited: {' '.join(tail)}")
             try:
-                rest.request("GET", "api/status", deadline=Deadline(wait.remaining(2.0)))
+                rest.status(deadline=wait.cut(2.0))
                 return proc, url, token, folder
             except ServerError:
                 if wait.expired:
@@ -3382,8 +3447,7 @@ def _list(args, out, ssl_context=None) -> int:
         rest = _RestClient(info["url"], info.get("token") or None, ssl_context=ssl_context)
         try:
             if not entry["version"]:
-                about = rest.request("GET", "api", deadline=Deadline(SIDE_REQUEST_TIMEOUT))
-                about = about if isinstance(about, dict) else {}
+                about = rest.about(deadline=Deadline(SIDE_REQUEST_TIMEOUT))
                 # gateways report their own version beside that of the server they build on
                 version = about.get("gateway_version") or about.get("version")
                 entry["version"] = version if isinstance(version, str) else None
@@ -3565,9 +3629,9 @@ def main(argv: list | None = None) -> int:
             console[0].set()  # the console handler may return: Windows ends the process
 
 
-def _open_kernel(args, url, token, deadline, env, ssl_context, path) -> Kernel:
+def _open_kernel(args, url, token, deadline, env, ssl_context, path, name) -> Kernel:
     try:
-        return Kernel(url, token, kernel_id=args.kernel_id, name=args.kernel, timeout=deadline.remaining(),
+        return Kernel(url, token, kernel_id=args.kernel_id, name=name, timeout=deadline.remaining(),
                       env=env, session=args.session, notebook=args.notebook, path=path,
                       ssl_context=ssl_context, protocol=args.protocol, compression=args.compress)
     except ServerError as exc:
@@ -3620,14 +3684,7 @@ def _run(args, out, err, url, token, deadline, env, ssl_context, parameters, roo
     notebook = notebook_from(text.lstrip("\ufeff"), path)
     code_cells = [c for c in notebook["cells"] if c.get("cell_type") == "code"]
     many = (path or "").lower().endswith(".ipynb") or len(code_cells) > 1
-    if parameters:
-        meta = notebook.get("metadata") or {}
-        language = ((meta.get("kernelspec") or {}).get("language") or (meta.get("language_info") or {}).get("name")
-                    or "python")
-        if str(language).lower() != "python":
-            raise _UsageError(f"parameters are written as Python (as papermill writes them); this notebook's "
-                              f"language is {language}")
-        inject_parameters(notebook, parameters)
+    name = _kernel_for(notebook, parameters, args.kernel)
     if path and path.startswith(SERVER_PREFIX):
         where = posixpath.dirname(_session_path(path[len(SERVER_PREFIX):])) or None
     elif path and not (args.kernel_id or args.session or args.notebook):
@@ -3651,18 +3708,17 @@ def _run(args, out, err, url, token, deadline, env, ssl_context, parameters, roo
     results: list = []
     failed = 0
     try:
-        with _open_kernel(args, url, token, deadline, env, ssl_context, where) as kernel:  # deletes what it started
+        with _open_kernel(args, url, token, deadline, env, ssl_context, where, name) as kernel:  # deletes what it started
             if args.keep and not (args.kernel_id or args.session or args.notebook):
                 kernel.detach()
                 err.write(f"jupyter_call: kernel {kernel.id} kept running at {kernel.url}\n")
-            if args.write:
-                notebook.setdefault("metadata", {})["language_info"] = kernel.info().get("language_info", {})
             # Streaming to a terminal keeps nothing already printed (bounded memory),
             # unless the outputs are wanted again for --json or --write.
             failed = _execute_notebook(
                 kernel, notebook, deadline, results, keep_going=args.keep_going, cell_timeout=args.cell_timeout,
                 stdin=stdin, on_output=printer, on_cell=on_cell, keep_outputs=bool(args.json or args.write),
-                on_wait=printer.status if printer is not None and printer.live else None)
+                on_wait=printer.status if printer is not None and printer.live else None,
+                language_info=bool(args.write))  # (a round trip only a written notebook shows)
     except BaseException:
         # What did arrive is still printed (--json) and written (--write).
         if args.json:
@@ -3717,15 +3773,9 @@ def _finite(value: object) -> object:
 
 def _write_notebook(path: str, notebook: dict, remote: _RestClient | None, deadline: Deadline) -> None:
     """Write the executed notebook to a local file, or to the server for server:PATH."""
-    notebook["nbformat"] = 4
-    if notebook.setdefault("nbformat_minor", 5) >= 5:  # nbformat 4.5 gives every cell an id
-        for cell in notebook["cells"]:
-            cell.setdefault("id", _new_id()[:8])
     if path.startswith(SERVER_PREFIX):
-        target = _session_path(path[len(SERVER_PREFIX):])
-        remote.request("PUT", f"api/contents/{quote(target)}", {"type": "notebook", "format": "json",
-                                                                "content": json.loads(_strict_json(notebook))},
-                       deadline=Deadline(deadline.remaining(HTTP_TIMEOUT)))
+        remote.save_notebook(path[len(SERVER_PREFIX):], json.loads(_strict_json(notebook)),
+                             deadline=deadline.cut(HTTP_TIMEOUT))
         return
     text = _notebook_text(notebook)  # (before the file is opened: an error must not leave it empty)
     try:
@@ -4086,7 +4136,7 @@ class _NotebookLog:
                 notebook = None
             if not _is_notebook(notebook):
                 raise _UsageError(f"--log {path} exists and is not a notebook; give a new file")
-            self.notebook = notebook
+            self.notebook = _current(notebook)
         self._write()
 
     def add(self, code: str, result: Result) -> None:
@@ -4582,20 +4632,11 @@ class _McpServer:
         path, write = args["path"], args.get("write")
         deadline = Deadline(self.timeout)
         remote = self._rest()
-        if path.startswith(SERVER_PREFIX):
-            text = _read_server_file(remote, path[len(SERVER_PREFIX):], deadline)
-            where = posixpath.dirname(_session_path(path[len(SERVER_PREFIX):])) or None
-        else:
-            try:
-                with open(path, encoding="utf-8-sig") as f:
-                    text = f.read()
-            except (OSError, UnicodeDecodeError) as exc:
-                raise _ToolError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
-            where = _kernel_dir(remote.url, path)
-        notebook = notebook_from(text, path)
-        if args.get("parameters"):
-            inject_parameters(notebook, args["parameters"])  # (as Python, as papermill writes them)
-        name = ((notebook.get("metadata") or {}).get("kernelspec") or {}).get("name") or self.kernel_name
+        try:
+            notebook, where = read_notebook(path, remote, deadline)
+            name = _kernel_for(notebook, args.get("parameters")) or self.kernel_name
+        except ConfigError as exc:
+            raise _ToolError(str(exc)) from None
         results: list = []
         with self._open(name=name, path=where) as kernel:  # (cleanup deletes it too, should the process end first)
             call.kernel_id = kernel.id
@@ -4605,8 +4646,6 @@ class _McpServer:
                 call.last_line = f"cell {number} of {total}"
 
             try:
-                notebook.setdefault("metadata", {})["language_info"] = kernel.info(timeout=MCP_ASK_TIMEOUT).get(
-                    "language_info", {})
                 failed = _execute_notebook(kernel, notebook, deadline, results, on_cell=on_cell)
             except ExecutionTimeout:
                 failed = 1

@@ -623,6 +623,26 @@ def test_parameters_merge_as_papermill_merges_them(tmp_path):
             jc._parameters(jc._parse_args(bad + ["x"]))
 
 
+@pytest.mark.parametrize("minor", range(6))
+@pytest.mark.parametrize("parameters", [None, {"x": 2}])
+def test_every_notebook_written_validates_as_the_version_it_declares(minor, parameters):
+    nbformat = pytest.importorskip("nbformat")
+    old = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1", metadata={"tags": ["parameters"]}),
+                                          nbformat.v4.new_markdown_cell("text"), nbformat.v4.new_code_cell("x")])
+    old.nbformat_minor = minor
+    for cell in old.cells:
+        if minor < 5:
+            cell.pop("id", None)
+    nbformat.validate(old)
+    notebook = jc.notebook_from(json.dumps(old), "old.ipynb")
+    jc._kernel_for(notebook, parameters)
+    notebook["cells"][-1]["outputs"] = [{"output_type": "execute_result", "execution_count": 1, "metadata": {},
+                                         "data": {"text/plain": "2"}}]
+    written = nbformat.reads(jc._notebook_text(notebook), as_version=nbformat.NO_CONVERT)
+    nbformat.validate(written)
+    assert written.nbformat_minor == 5 and len({cell.id for cell in written.cells}) == len(written.cells)
+
+
 # ---- 1. Pure: discovery from runtime files and environment variables -----------------
 
 def _runtime_file(folder, name, **info):
@@ -1294,14 +1314,14 @@ def test_delete_retries_the_500_of_a_restart_race_then_gives_up():
     fake = FakeJupyter(rest={("DELETE", "/api/kernels/"): lambda: next(answers)})
     try:
         fake_rest = jc._RestClient(fake.url, "t")
-        fake_rest.delete_kernel("k1")  # two 500s, then deleted: no error
+        fake_rest.delete_kernel("k1", deadline=jc.Deadline(30))  # two 500s, then deleted: no error
         assert fake.requests.count("DELETE /api/kernels/k1") == 3
     finally:
         fake.close()
     fake = FakeJupyter(rest={("DELETE", "/api/kernels/"): _http_response(500, b'{"message": "stuck"}')})
     try:
         with pytest.raises(jc.ServerError, match="stuck"):
-            jc._RestClient(fake.url, "t").delete_kernel("k2")
+            jc._RestClient(fake.url, "t").delete_kernel("k2", deadline=jc.Deadline(30))
         assert fake.requests.count("DELETE /api/kernels/k2") == jc.DELETE_RETRIES
     finally:
         fake.close()
@@ -1966,7 +1986,7 @@ def test_a_request_sent_as_an_idle_connection_drops_is_delivered(server, no_leak
 def test_kernel_deleted_by_someone_else_mid_cell_raises_kernel_died(server, no_leaks):
     with jc.Kernel(server.url, server.token, timeout=60) as k:
         def delete_when_running(out):
-            jc._RestClient(server.url, server.token).delete_kernel(k.id)
+            jc._RestClient(server.url, server.token).delete_kernel(k.id, deadline=jc.Deadline(30))
         with pytest.raises(jc.KernelDied):
             k.execute("print('go', flush=True)\nimport time; time.sleep(50)", on_output=delete_when_running)
 
@@ -2113,7 +2133,7 @@ class ExternalServer:
 
     def kernels(self):
         try:
-            return {k["id"]: k for k in jc._RestClient(self.url, self.token).list_kernels()}
+            return {k["id"]: k for k in jc._RestClient(self.url, self.token).list_kernels(deadline=jc.Deadline(30))}
         except jc.ServerError:
             return None  # gateways may not list kernels: no leak check then
 
@@ -2268,7 +2288,7 @@ def test_no_token_server_without_xsrf_cookie_names_the_rule(tmp_path_factory):
         rest = k.server.rest()
         rest._xsrf = ""  # as if the server had handed out no cookie
         with pytest.raises(jc.AuthError, match="_xsrf cookie check failed"):
-            rest.start_kernel(None)
+            rest.start_kernel(None, deadline=jc.Deadline(30))
     finally:
         k.server.stop()
 
@@ -2452,7 +2472,7 @@ def test_cli_kernel_id_attaches_and_keep_keeps(server):
         again = cli("--kernel-id", kernel_id, "print(z)", server=server)
         assert again.stdout == "kept\n" and kernel_id in server.kernels()
     finally:
-        server.rest().delete_kernel(kernel_id)
+        server.rest().delete_kernel(kernel_id, deadline=jc.Deadline(30))
 
 
 def test_cli_kernel_chooses_the_spec(server, no_leaks):
@@ -2615,7 +2635,7 @@ def test_random_rest_answers_end_in_a_server_error_never_a_crash():
              lambda: rest.create_session("a.ipynb", None, deadline=jc.Deadline(5)),
              lambda: rest.start_kernel(None, deadline=jc.Deadline(5)),
              lambda: rest.get_kernel("k1", deadline=jc.Deadline(5)),
-             lambda: jc.notebook_from(jc._read_server_file(rest, "a.ipynb", jc.Deadline(5)), "a.ipynb"),
+             lambda: jc.read_notebook("server:a.ipynb", rest, jc.Deadline(5)),
              lambda: jc._list(jc._parse_args(["--url", fake.url, "--token", "t", "--list"]), io.StringIO()),
              lambda: jc._list(jc._parse_args(["--url", fake.url, "--token", "t", "--list", "--json"]), io.StringIO())]
     shapes = {("GET", "/api/kernels"): lambda: [{"id": "k1", "name": "python3"}, _random_json(rng)],
@@ -2940,20 +2960,20 @@ def test_session_keeps_a_named_kernel_between_cli_runs(server):
         assert cli("--session", "work", "x = 1", server=server).returncode == 0
         proc = cli("--session", "work", "print(x)", server=server)
         assert (proc.returncode, proc.stdout) == (0, "1\n")
-        sessions = [s for s in rest.request("GET", "api/sessions") if s["path"] == "work"]
+        sessions = [s for s in rest.request("GET", "api/sessions", deadline=jc.Deadline(30)) if s["path"] == "work"]
         assert len(sessions) == 1 and sessions[0]["kernel"]["id"] in server.kernels()
         with jc.Kernel(server.url, server.token, session="work", timeout=60) as k:
             assert k.execute("x + 1").data["text/plain"] == "2"
         assert sessions[0]["kernel"]["id"] in server.kernels()  # sessions outlive the call
     finally:
-        for s in rest.request("GET", "api/sessions"):
-            rest.request("DELETE", f"api/sessions/{s['id']}")
+        for s in rest.request("GET", "api/sessions", deadline=jc.Deadline(30)):
+            rest.request("DELETE", f"api/sessions/{s['id']}", deadline=jc.Deadline(30))
 
 
 def test_notebook_flag_runs_in_the_kernel_of_an_open_notebook(server):
     rest = server.rest()
     opened = rest.request("POST", "api/sessions", {"path": "analysis.ipynb", "type": "notebook",
-                                                   "name": "analysis.ipynb", "kernel": {"name": "python3"}})
+                                                   "name": "analysis.ipynb", "kernel": {"name": "python3"}}, deadline=jc.Deadline(30))
     try:
         assert cli("--notebook", "analysis.ipynb", "shared = 41", server=server).returncode == 0
         with jc.Kernel(server.url, server.token, notebook="./analysis.ipynb", timeout=60) as k:
@@ -2962,7 +2982,7 @@ def test_notebook_flag_runs_in_the_kernel_of_an_open_notebook(server):
         proc = cli("--notebook", "missing.ipynb", "1", server=server)
         assert proc.returncode == 3 and "has no open notebook missing.ipynb" in proc.stderr
     finally:
-        rest.request("DELETE", f"api/sessions/{opened['id']}")
+        rest.request("DELETE", f"api/sessions/{opened['id']}", deadline=jc.Deadline(30))
 
 
 def _notebook(*cells):
@@ -3117,13 +3137,13 @@ def test_the_kernel_starts_in_the_notebooks_directory_on_the_server(server, no_l
 
 def test_notebooks_on_the_server_run_there_and_are_saved_there(server, no_leaks):
     rest = server.rest()
-    rest.request("PUT", "api/contents/daily", {"type": "directory"})
-    rest.request("PUT", "api/contents/daily/in.txt", {"type": "file", "format": "text", "content": "42"})
+    rest.request("PUT", "api/contents/daily", {"type": "directory"}, deadline=jc.Deadline(30))
+    rest.request("PUT", "api/contents/daily/in.txt", {"type": "file", "format": "text", "content": "42"}, deadline=jc.Deadline(30))
     rest.request("PUT", "api/contents/daily/job.ipynb", {"type": "notebook", "format": "json", "content": _notebook(
-        ("code", "print(open('in.txt').read())"))})
+        ("code", "print(open('in.txt').read())"))}, deadline=jc.Deadline(30))
     proc = cli("-f", "server:daily/job.ipynb", "--write", "server:daily/job-out.ipynb", server=server)
     assert proc.returncode == 0 and proc.stdout.splitlines()[-1] == "42", proc.stderr
-    saved = rest.request("GET", "api/contents/daily/job-out.ipynb?content=1")["content"]
+    saved = rest.request("GET", "api/contents/daily/job-out.ipynb?content=1", deadline=jc.Deadline(30))["content"]
     assert saved["cells"][0]["outputs"][0]["text"] == "42\n"
     proc = cli("-f", "server:daily/missing.ipynb", server=server)
     assert proc.returncode == 3 and proc.stderr.splitlines() == [
@@ -3539,6 +3559,61 @@ def test_mcp_run_notebook_and_log(mcp, server, tmp_path):
     assert host.close() == 0
 
 
+def test_a_notebook_runs_the_same_through_the_api_the_command_line_and_mcp(mcp, server, tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    notebook = _notebook(("code", "x = 1"), ("markdown", "text"), ("code", "print(x * 2)\nx"), ("code", "import sys"))
+    notebook["nbformat_minor"] = 4  # as papermill's own test notebooks
+    notebook["metadata"]["kernelspec"] = {"name": "python3", "language": "python", "display_name": "Python 3"}
+    for cell in notebook["cells"]:
+        del cell["id"]
+    notebook["cells"][0]["metadata"]["tags"] = ["parameters"]
+    path = tmp_path / "same.ipynb"
+    path.write_text(json.dumps(notebook))
+    ran = {"api": jc.run_notebook(str(path), server.url, server.token, parameters={"x": 21}, timeout=60)}
+    proc = cli("-f", str(path), "-p", "x", "21", "--write", str(tmp_path / "cli.ipynb"), server=server)
+    assert proc.returncode == 0, proc.stderr
+    ran["cli"] = json.loads((tmp_path / "cli.ipynb").read_text())
+    host = mcp()
+    host.handshake()
+    assert not host.call("run_notebook", path=str(path), parameters={"x": 21},
+                         write=str(tmp_path / "mcp.ipynb"))["result"]["isError"]
+    ran["mcp"] = json.loads((tmp_path / "mcp.ipynb").read_text())
+    for name, executed in ran.items():
+        nbformat.validate(nbformat.from_dict(executed))
+        for cell in executed["cells"]:
+            del cell["id"]  # (new cells get random ones)
+    assert ran["api"] == ran["cli"] == ran["mcp"]
+    assert ran["api"]["cells"][3]["outputs"][0]["text"] == "42\n"
+    assert ran["api"]["metadata"]["language_info"]["name"] == "python"
+    assert host.close() == 0
+
+
+def test_non_python_notebooks_take_no_parameters_and_keep_their_kernel_in_every_front_end(mcp, server, tmp_path):
+    notebook = _notebook(("code", "1"))
+    notebook["metadata"]["kernelspec"] = {"name": "ir", "language": "R"}
+    path = tmp_path / "r.ipynb"
+    path.write_text(json.dumps(notebook))
+    with pytest.raises(jc.ConfigError, match="this notebook's language is R"):
+        jc.run_notebook(str(path), server.url, server.token, parameters={"x": 1})
+    proc = cli("-f", str(path), "-p", "x", "1", server=server)
+    assert proc.returncode == 2 and "this notebook's language is R" in proc.stderr
+    host = mcp()
+    host.handshake()
+    answer = host.call("run_notebook", path=str(path), parameters={"x": 1})
+    assert answer["result"]["isError"] and "this notebook's language is R" in _texts(answer)
+    proc = cli("-f", str(path), server=server)  # the notebook's kernel, which this server lacks
+    assert proc.returncode == 3 and "ir" in proc.stderr, proc.stderr
+    assert host.close() == 0
+
+
+def test_run_notebook_reads_notebooks_on_the_server(server, no_leaks):
+    name = f"api-{secrets.token_hex(3)}.ipynb"
+    jc._RestClient(server.url, server.token).save_notebook(name, _notebook(("code", "print('there')")),
+                                                           deadline=jc.Deadline(10))
+    executed = jc.run_notebook(f"server:{name}", server.url, server.token, timeout=60)
+    assert executed["cells"][0]["outputs"][0]["text"] == "there\n"
+
+
 def test_kernel_introspection(server, no_leaks):
     with jc.Kernel(server.url, server.token, timeout=60) as k:
         k.execute("import os\nvalue_of_mine = 3")
@@ -3614,7 +3689,7 @@ def test_mcp_timeout_interrupts_and_returns_what_arrived(mcp):
 
 def test_mcp_shares_the_kernel_of_an_open_notebook(mcp, server):
     rest = server.rest()
-    kernel_id = rest.create_session("shared.ipynb", None)  # as JupyterLab does when a person opens it
+    kernel_id = rest.create_session("shared.ipynb", None, deadline=jc.Deadline(30))  # as JupyterLab does when a person opens it
     try:
         host = mcp("--notebook", "shared.ipynb")
         host.handshake()
@@ -3625,9 +3700,9 @@ def test_mcp_shares_the_kernel_of_an_open_notebook(mcp, server):
         assert host.close() == 0
         assert kernel_id in server.kernels()  # a person's kernel is left running
     finally:
-        for session in rest.request("GET", "api/sessions"):
+        for session in rest.request("GET", "api/sessions", deadline=jc.Deadline(30)):
             if session["kernel"]["id"] == kernel_id:
-                rest.request("DELETE", f"api/sessions/{session['id']}")  # deletes its kernel too
+                rest.request("DELETE", f"api/sessions/{session['id']}", deadline=jc.Deadline(30))  # deletes its kernel too
 
 
 def test_mcp_unreachable_server_is_a_tool_error_that_names_no_url(mcp):
