@@ -11,11 +11,12 @@ One file, standard library only: copy it into a project, import it, or run it.
 It speaks the Jupyter server REST API (start, interrupt, restart and delete
 kernels) through urllib, and the kernel channels over its own RFC 6455 websocket
 client on plain sockets; one time budget bounds every step of both (but the
-system's name lookup). Layers, top to bottom, each using only those above it:
-errors, websocket frames and messages (no I/O), websocket connection, Jupyter
-REST API (urllib), Jupyter messages and results (no I/O), server discovery, the
-public API (Kernel, run_code), notebooks, the command line, and the Model
-Context Protocol server for AI agents (--mcp).
+system's name lookup). Sections, top to bottom, each using only those above it:
+errors; time budget and sockets; websocket frames (no I/O); websocket
+connection; Jupyter REST API (urllib); Jupyter messages and results (no I/O);
+server discovery; the public API (Kernel, run_code); notebooks; the Python 3.9
+type-hint shim; what the front ends share; the Model Context Protocol server for
+AI agents (--mcp); the command line, main() last.
 
 MIT License. Copyright (c) 2026 the jupyter_call authors. See LICENSE.
 """
@@ -70,14 +71,15 @@ __all__ = [
 ]
 
 
-# ---- Errors -----------------------------------------------------------------
+# ---- Errors --------------------------------------------------------------------------------------
 
 class JupyterError(Exception):
     """Root of every error jupyter_call raises."""
 
 
 def _seconds(timeout: float) -> str:
-    return f"{round(timeout, 2):g} s"  # a budget that began a moment after the call's reads as the call's
+    # a budget that began a moment after the call's reads as the call's
+    return f"{round(timeout, 2):g} s"
 
 
 class ServerError(JupyterError):
@@ -89,9 +91,10 @@ class ServerError(JupyterError):
 
     def __init__(self, url: str, reason: str, status: int | None = None, *, fix: str | None = None):
         self.url, self.reason, self.status, self.fix = url, reason, status, fix
-        super().__init__(self._describe(FIXES))
+        super().__init__(self.describe(FIXES))
 
-    def _describe(self, fixes: dict) -> str:
+    def describe(self, fixes: dict) -> str:
+        """The message, with the remedy in ``fixes``' words (the API's FIXES, a front end's own)."""
         suffix = f" (HTTP {self.status})" if self.status is not None else ""
         remedy = f": {fixes[self.fix]}" if self.fix else ""
         return f"server at {self.url} {self.reason}{suffix}{remedy}"
@@ -102,11 +105,14 @@ class ServerError(JupyterError):
 FIXES = {
     "token": "pass token= or set JUPYTER_TOKEN",
     "tls": "pass an ssl_context that trusts its CA, or set SSL_CERT_FILE",
-    "tls-context": "the ssl_context given does not trust it; load the CA that signed its certificate",
-    "tls-store": ("this Python has no CA certificates (on macOS, run 'Install Certificates.command' "
-                  "in the Python folder); set SSL_CERT_FILE, or pass an ssl_context"),
-    "tls-strict": ("Python 3.13+ checks certificates strictly (ssl.VERIFY_X509_STRICT): reissue the "
-                   "certificate or its CA with what is named, or clear that flag in an ssl_context"),
+    "tls-context": ("the ssl_context given does not trust it; load the CA that signed its "
+                    "certificate"),
+    "tls-store": ("this Python has no CA certificates (on macOS, run 'Install "
+                  "Certificates.command' in the Python folder); set SSL_CERT_FILE, or pass an "
+                  "ssl_context"),
+    "tls-strict": ("Python 3.13+ checks certificates strictly (ssl.VERIFY_X509_STRICT): reissue "
+                   "the certificate or its CA with what is named, or clear that flag in an "
+                   "ssl_context"),
     "notebook": "open it in JupyterLab first, or use session=",
     "protocol": "use protocol='legacy'",
 }
@@ -163,344 +169,10 @@ class ExecutionTimeout(JupyterError, TimeoutError):
         super().__init__(f"the code did not finish within {_seconds(timeout)}")
 
 
-# ---- WebSocket frames (RFC 6455, no I/O) --------------------------------------
+# ---- Time budget and sockets (Deadline, sliced waits, TLS, proxies) ------------------------------
 
-class Opcode(enum.IntEnum):
-    """RFC 6455 5.2 opcodes; 3-7 and 0xB-0xF are reserved."""
-    CONT = 0x0
-    TEXT = 0x1
-    BINARY = 0x2
-    CLOSE = 0x8
-    PING = 0x9
-    PONG = 0xA
-
-
-CONT, TEXT, BINARY = Opcode.CONT, Opcode.TEXT, Opcode.BINARY
-CLOSE, PING, PONG = Opcode.CLOSE, Opcode.PING, Opcode.PONG
-CONTROL_OPCODES = (CLOSE, PING, PONG)
-
-
-class CloseCode(enum.IntEnum):
-    """RFC 6455 7.4.1 status codes."""
-    NORMAL = 1000
-    GOING_AWAY = 1001
-    PROTOCOL_ERROR = 1002
-    UNSUPPORTED_DATA = 1003
-    NO_STATUS = 1005          # never sent: stands for a close frame without a code
-    ABNORMAL = 1006           # never sent: stands for a connection lost without a close frame
-    INVALID_DATA = 1007
-    POLICY_VIOLATION = 1008
-    MESSAGE_TOO_BIG = 1009
-    MANDATORY_EXTENSION = 1010
-    INTERNAL_ERROR = 1011
-
-
-# 7.4: codes a peer may put on the wire (1012-1014 are registered with IANA since).
-_SENDABLE_CLOSE_CODES = frozenset([1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011,
-                                   1012, 1013, 1014])
-
-# 5.2 Base Framing Protocol
-FIN_MASK = 0x80
-RSV_MASK = 0x70
-OPCODE_MASK = 0x0F
-MASK_MASK = 0x80
-PAYLOAD_LENGTH_MASK = 0x7F
-PAYLOAD_LENGTH_TWO_BYTE = 126
-PAYLOAD_LENGTH_EIGHT_BYTE = 127
-MAX_CONTROL_PAYLOAD = 125  # 5.5: control frames carry at most 125 bytes
-
-RSV1_MASK = 0x40  # RFC 7692 6: marks the first frame of a compressed message
-
-# 1.3: the server proves it read our key by hashing it with this GUID.
-WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-MAX_MESSAGE_SIZE = 256 * 2**20  # default bound on one message: fits a 100 MB notebook output
-MAX_HANDSHAKE = 64 * 1024       # bound on an HTTP answer's head (status line + headers)
+MAX_HANDSHAKE = 64 * 1024  # bound on the head of the answer to a handshake or a CONNECT
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")  # never allowed in a header value (RFC 9110 5.5)
-CLOSE_TIMEOUT = 2.0             # how long to wait for the peer's side of the close handshake
-DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
-DEFLATE_TAIL = b"\x00\x00\xff\xff"  # RFC 7692 7.2.1: stripped after compressing, added back before inflating
-
-
-def accept_key(key: str) -> str:
-    """The Sec-WebSocket-Accept value a server must answer to ``key`` (4.2.2)."""
-    try:
-        # CPython's own SHA-1: hashlib would load OpenSSL (~4 ms) for this one digest.
-        from _sha1 import sha1
-    except ImportError:
-        from hashlib import sha1
-    digest = sha1((key + WEBSOCKET_GUID).encode("ascii")).digest()
-    return base64.b64encode(digest).decode("ascii")
-
-
-def mask_bytes(data: bytes, key: bytes) -> bytes:
-    """XOR ``data`` with the 4-byte ``key`` repeated (5.3); masking and unmasking are one."""
-    n = len(data)
-    if not n:
-        return b""
-    stream = key * (n // 4) + key[: n % 4]
-    return (int.from_bytes(data, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
-
-
-class Frame(collections.namedtuple("Frame", "opcode payload fin rsv", defaults=(b"", True, 0))):
-    """One websocket frame; ``rsv`` holds the three reserved bits in place (0x70)."""
-    __slots__ = ()
-
-    def serialize(self, *, mask_key: bytes | None = None) -> bytes:
-        """Encode the frame; clients pass a fresh 4-byte ``mask_key`` (5.3)."""
-        n = len(self.payload)
-        head = bytearray([(FIN_MASK if self.fin else 0) | self.rsv | self.opcode])
-        mask_bit = MASK_MASK if mask_key is not None else 0
-        if n < PAYLOAD_LENGTH_TWO_BYTE:
-            head.append(mask_bit | n)
-        elif n < 2**16:
-            head.append(mask_bit | PAYLOAD_LENGTH_TWO_BYTE)
-            head += n.to_bytes(2, "big")
-        else:
-            head.append(mask_bit | PAYLOAD_LENGTH_EIGHT_BYTE)
-            head += n.to_bytes(8, "big")
-        if mask_key is None:
-            return bytes(head) + self.payload
-        return bytes(head) + mask_key + mask_bytes(self.payload, mask_key)
-
-
-class FrameHead(collections.namedtuple("FrameHead", "opcode fin rsv start end key")):
-    """A parsed frame header: the payload lies at ``data[start:end]``, masked with ``key``."""
-    __slots__ = ()
-
-    def frame(self, data: bytes | bytearray) -> Frame:
-        """The whole frame, once ``data`` holds ``end`` bytes."""
-        with memoryview(data) as view:
-            payload = bytes(view[self.start:self.end])
-        return Frame(self.opcode, mask_bytes(payload, self.key) if self.key else payload, self.fin, self.rsv)
-
-
-def parse_head(data: bytes | bytearray, *, max_size: int | None = MAX_MESSAGE_SIZE,
-               masked: bool = False, allowed_rsv: int = 0) -> tuple[FrameHead | None, int]:
-    """``(head, head.end)`` once the header at the start of ``data`` is whole, else ``(None, needed)``.
-
-    ``masked``: whether frames must be masked (a server reading a client) or
-    must not be. Raises WebSocketError with the close code a violation calls for.
-    """
-    have = len(data)
-    if have < 2:
-        return None, 2
-    b0, b1 = data[0], data[1]
-    fin, rsv, op = bool(b0 & FIN_MASK), b0 & RSV_MASK, b0 & OPCODE_MASK
-    is_masked, length = bool(b1 & MASK_MASK), b1 & PAYLOAD_LENGTH_MASK
-    # 5.2: a nonzero RSV bit without a negotiated meaning MUST fail the connection.
-    if rsv & ~allowed_rsv:
-        raise WebSocketError(CloseCode.PROTOCOL_ERROR, f"reserved bits 0x{rsv:02x} set")
-    # 5.2: an unknown opcode MUST fail the connection.
-    try:
-        opcode = Opcode(op)
-    except ValueError:
-        raise WebSocketError(CloseCode.PROTOCOL_ERROR, f"reserved opcode 0x{op:x}") from None
-    # 5.1: a client MUST close on a masked frame; a server on an unmasked one.
-    if is_masked != masked:
-        state = "masked" if is_masked else "unmasked"
-        raise WebSocketError(CloseCode.PROTOCOL_ERROR, f"{state} frame from the peer")
-    if opcode in CONTROL_OPCODES:
-        # 5.5: control frames MUST NOT be fragmented and carry at most 125 bytes.
-        if rsv:  # RFC 7692 6.1: RSV1 is for data messages only
-            raise WebSocketError(CloseCode.PROTOCOL_ERROR, f"control frame with reserved bits 0x{rsv:02x}")
-        if not fin:
-            raise WebSocketError(CloseCode.PROTOCOL_ERROR, "fragmented control frame")
-        if length > MAX_CONTROL_PAYLOAD:
-            raise WebSocketError(CloseCode.PROTOCOL_ERROR, "control frame longer than 125 bytes")
-    pos = 2
-    if length == PAYLOAD_LENGTH_TWO_BYTE:
-        if have < 4:
-            return None, 4
-        length, pos = int.from_bytes(data[2:4], "big"), 4
-    elif length == PAYLOAD_LENGTH_EIGHT_BYTE:
-        if have < 10:
-            return None, 10
-        length, pos = int.from_bytes(data[2:10], "big"), 10
-        if length >> 63:  # 5.2: the most significant bit MUST be 0
-            raise WebSocketError(CloseCode.PROTOCOL_ERROR, "64-bit payload length with top bit set")
-    if max_size is not None and length > max_size:
-        raise WebSocketError(CloseCode.MESSAGE_TOO_BIG,
-                             f"frame of {length} bytes exceeds the limit of {max_size}")
-    key = b""
-    if is_masked:
-        if have < pos + 4:
-            return None, pos + 4
-        key, pos = bytes(data[pos:pos + 4]), pos + 4
-    return FrameHead(opcode, fin, rsv, pos, pos + length, key), pos + length
-
-
-def parse_frame(data: bytes | bytearray, **options) -> tuple[Frame | None, int]:
-    """``(frame, consumed)`` for the whole frame at the start of ``data``, else ``(None, needed)``."""
-    head, needed = parse_head(data, **options)
-    if head is None or len(data) < needed:
-        return None, needed
-    return head.frame(data), needed
-
-
-def close_payload(code: int | None, reason: str = "") -> bytes:
-    """The body of a close frame (5.5.1): a 2-byte code then UTF-8 reason, or nothing."""
-    if code is None or code == CloseCode.NO_STATUS:
-        return b""
-    return int(code).to_bytes(2, "big") + reason.encode("utf-8")[:MAX_CONTROL_PAYLOAD - 2]
-
-
-def parse_close(payload: bytes) -> tuple[int, str]:
-    """Code and reason of a received close frame; raises WebSocketError if malformed."""
-    if not payload:
-        return CloseCode.NO_STATUS, ""
-    if len(payload) == 1:
-        raise WebSocketError(CloseCode.PROTOCOL_ERROR, "close frame with a 1-byte body")
-    code = int.from_bytes(payload[:2], "big")
-    if not (code in _SENDABLE_CLOSE_CODES or 3000 <= code < 5000):
-        raise WebSocketError(CloseCode.PROTOCOL_ERROR, f"invalid close code {code}")
-    try:
-        reason = payload[2:].decode("utf-8")
-    except UnicodeDecodeError:
-        raise WebSocketError(CloseCode.INVALID_DATA, "close reason is not valid UTF-8") from None
-    return code, reason
-
-
-def parse_deflate_answer(value: str) -> dict:
-    """The parameters a server chose for permessage-deflate (RFC 7692 7.1); raises if invalid."""
-    fail = lambda why: WebSocketError(CloseCode.PROTOCOL_ERROR, f"bad permessage-deflate answer: {why}")
-    offers = [o.strip() for o in value.split(",") if o.strip()]
-    if len(offers) != 1:
-        raise fail("more than one extension")
-    name, *params = [p.strip() for p in offers[0].split(";")]
-    if name != "permessage-deflate":
-        raise fail(f"unknown extension {name!r}")
-    chosen: dict = {}
-    for param in params:
-        key, sep, raw = (x.strip() for x in param.partition("="))
-        if key in chosen:
-            raise fail(f"{key} given twice")
-        if key in ("server_no_context_takeover", "client_no_context_takeover") and not sep:
-            chosen[key] = True
-        elif key in ("server_max_window_bits", "client_max_window_bits") and sep:
-            bits = raw.strip('"')
-            if not bits.isdigit() or not 8 <= int(bits) <= 15 or bits != str(int(bits)):
-                raise fail(f"{key}={raw}")
-            chosen[key] = int(bits)
-        else:
-            raise fail(f"parameter {param!r}")
-    return chosen
-
-
-class _Deflate:
-    """permessage-deflate (RFC 7692) with the parameters the server chose (no I/O)."""
-
-    def __init__(self, params: dict):
-        self.params = params
-        self.compresses = params.get("client_max_window_bits", 15) >= 9  # zlib makes no 8-bit windows
-        self._deflater = self._inflater = None
-
-    def compress(self, data: bytes) -> bytes:
-        import zlib
-        if self._deflater is None or self.params.get("client_no_context_takeover"):
-            bits = self.params.get("client_max_window_bits", 15)
-            self._deflater = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -bits)
-        data = self._deflater.compress(data) + self._deflater.flush(zlib.Z_SYNC_FLUSH)
-        return data[:-4] if data.endswith(DEFLATE_TAIL) else data
-
-    def decompress(self, data: bytes, fin: bool, limit: int | None) -> bytes:
-        """Inflate one fragment to at most ``limit`` bytes (no decompression bombs)."""
-        import zlib
-        if self._inflater is None:
-            self._inflater = zlib.decompressobj(-15)  # a 15-bit window reads any smaller one
-        if fin:
-            data += DEFLATE_TAIL
-        try:
-            out = self._inflater.decompress(data, 0 if limit is None else limit + 1)
-        except zlib.error as exc:
-            raise WebSocketError(CloseCode.INVALID_DATA, f"compressed message does not inflate: {exc}") from None
-        if self._inflater.unconsumed_tail or (limit is not None and len(out) > limit):
-            raise WebSocketError(CloseCode.MESSAGE_TOO_BIG, "message inflates beyond the size limit")
-        if fin and self.params.get("server_no_context_takeover"):
-            self._inflater = None
-        return out
-
-
-class _MessageReader:
-    """Whole messages from data frames (no I/O): joins fragments, checks UTF-8 as it arrives,
-    inflates permessage-deflate, enforces ``max_size`` (a message being joined costs at most
-    that, however many frames carry it). Errors are WebSocketErrors with their close code.
-    """
-
-    def __init__(self, *, max_size: int | None = MAX_MESSAGE_SIZE, deflate: _Deflate | None = None):
-        self.max_size = max_size
-        self.deflate = deflate
-        self.allowed_rsv = RSV1_MASK if deflate is not None else 0
-        self._opcode: Opcode | None = None  # of a fragmented message in progress
-        self._compressed = False            # the message in progress is compressed
-        self._joined = bytearray()
-        self._text = codecs.getincrementaldecoder("utf-8")()   # the message's fragments so far
-        self._partial = codecs.getincrementaldecoder("utf-8")()  # a text frame still arriving
-        self._checked = 0  # payload bytes of that frame already checked
-
-    def receive(self, frame: Frame) -> str | bytes | None:
-        """Take a data frame; return the message it completes, else None."""
-        if frame.opcode == CONT:
-            if self._opcode is None:
-                raise WebSocketError(CloseCode.PROTOCOL_ERROR, "continuation frame with no message to continue")
-            if frame.rsv:  # RFC 7692 6.1: RSV1 only on a first frame
-                raise WebSocketError(CloseCode.PROTOCOL_ERROR, "continuation frame with reserved bits")
-        elif self._opcode is not None:
-            # 5.4: fragments of one message MUST NOT interleave with another message.
-            raise WebSocketError(CloseCode.PROTOCOL_ERROR, "new message began inside a fragmented one")
-        else:
-            self._opcode, self._compressed = frame.opcode, bool(frame.rsv & RSV1_MASK)
-            self._text.reset()
-        self._checked = 0
-        payload = frame.payload
-        room = None if self.max_size is None else self.max_size - len(self._joined)
-        if self._compressed:
-            payload = self.deflate.decompress(payload, frame.fin, room)
-        elif room is not None and len(payload) > room:
-            raise WebSocketError(CloseCode.MESSAGE_TOO_BIG, f"message exceeds the limit of {self.max_size} bytes")
-        if frame.fin and not self._joined:  # the common case: a message in one frame
-            opcode, self._opcode = self._opcode, None
-            return _utf8(payload) if opcode == TEXT else payload
-        if self._opcode == TEXT:
-            # 8.1: text MUST be UTF-8; checked per fragment so a bad byte fails at once.
-            _utf8(payload, self._text, frame.fin)
-        self._joined += payload
-        if not frame.fin:
-            return None
-        data, self._joined, opcode, self._opcode = self._joined, bytearray(), self._opcode, None
-        return data.decode("utf-8") if opcode == TEXT else bytes(data)
-
-    def check_partial(self, head: FrameHead, buf: bytes | bytearray) -> None:
-        """8.1 fail fast: check a plain text frame's UTF-8 while its payload still arrives."""
-        if head.key or head.rsv or not (head.opcode == TEXT and self._opcode is None
-                                        or head.opcode == CONT and self._opcode == TEXT and not self._compressed):
-            return
-        start = head.start + self._checked
-        if len(buf) <= start:
-            return
-        if self._checked == 0:
-            self._partial.setstate(self._text.getstate() if head.opcode == CONT else (b"", 0))
-        with memoryview(buf) as view:
-            _utf8(view[start:], self._partial)
-        self._checked = len(buf) - head.start
-
-
-def _utf8(data, decoder=None, final: bool = False) -> str:
-    """Decode UTF-8 (through an incremental ``decoder`` when given); bad bytes are close code 1007."""
-    try:
-        return decoder.decode(data, final) if decoder is not None else str(data, "utf-8")
-    except UnicodeDecodeError:
-        raise WebSocketError(CloseCode.INVALID_DATA, "text message is not valid UTF-8") from None
-
-
-# ---- WebSocket connection (socket I/O) ------------------------------------------
-
-# Linux delays ACKs by up to 40 ms; a server that leaves Nagle on then holds its
-# next small frame until our ACK arrives. TCP_QUICKACK asks for an immediate ACK,
-# but the kernel clears it again, so it is set before every receive.
-_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
-RECV_SIZE = 256 * 1024          # bytes asked of one recv() while waiting for a frame
-RECV_SIZE_MAX = 4 * 2**20       # at most this much in one recv() for a large frame
 
 
 class Deadline:
@@ -589,272 +261,12 @@ def _connect(sock: socket.socket, address, deadline: Deadline) -> None:
         left = deadline.remaining(WAIT_SLICE)
         if left <= 0:
             raise socket.timeout("timed out")
-        _, writable, failed = select.select([], [sock], [sock], left)  # Windows reports a refusal in `failed`
+        # Windows reports a refusal in `failed`
+        _, writable, failed = select.select([], [sock], [sock], left)
         if writable or failed:
             code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if code:
         raise OSError(code, os.strerror(code))
-
-
-class WebSocket:
-    """A blocking RFC 6455 client: whole messages in, whole messages out.
-
-    Use ``WebSocket.connect(url)``; then ``send``, ``recv``, ``ping`` and
-    ``close``. Pings from the server are answered inside ``recv``.
-    """
-
-    def __init__(self, sock: socket.socket, *, subprotocol: str | None = None,
-                 max_size: int | None = MAX_MESSAGE_SIZE, buffered: bytes = b"",
-                 deflate: dict | None = None):
-        self.sock = sock
-        self.subprotocol = subprotocol
-        self.deflate = deflate  # the permessage-deflate parameters in force, or None
-        self.max_size = max_size
-        self.close_timeout = CLOSE_TIMEOUT
-        self.close_code: int | None = None
-        self.close_reason = ""
-        self._closing = False
-        self._buf = bytearray(buffered)
-        self._deflate = _Deflate(deflate) if deflate is not None else None
-        self._reader = _MessageReader(max_size=max_size, deflate=self._deflate)
-
-    # -- opening --
-
-    @classmethod
-    def connect(cls, url: str, *, headers: dict | None = None,
-                subprotocols: Iterable[str] | None = None, timeout: float | None = None,
-                ssl_context: object = None, max_size: int | None = MAX_MESSAGE_SIZE,
-                unix_socket: str | None = None, proxy: str | None = None,
-                compression: bool = False) -> WebSocket:
-        """Open a websocket to a ``ws://`` or ``wss://`` URL.
-
-        Args:
-            url: the endpoint; ``wss://`` verifies the certificate by default.
-            headers: extra handshake headers (e.g. ``Authorization``).
-            subprotocols: offered in ``Sec-WebSocket-Protocol``; see ``.subprotocol``.
-            timeout: seconds for connect, TLS and handshake together (None: no limit).
-            ssl_context: an ``ssl.SSLContext`` to use instead of the default one.
-            max_size: largest message accepted; larger ones fail with code 1009.
-            unix_socket: connect to this Unix socket path instead of the URL's host.
-            proxy: an ``http://[user:pass@]host:port`` proxy to tunnel through (HTTP CONNECT).
-            compression: offer permessage-deflate (RFC 7692); ``.deflate`` says if the server took it.
-        Raises:
-            ServerError (AuthError for 401/403) when the server answers another
-            status than 101, for network errors and when time runs out;
-            WebSocketError when the answer breaks RFC 6455.
-        """
-        deadline = Deadline(timeout)
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
-        if scheme not in ("ws", "wss") or not parts.hostname:
-            raise ValueError(f"not a ws:// or wss:// URL: {url!r}")
-        secure = scheme == "wss"
-        port = parts.port or (443 if secure else 80)
-        origin = f"{scheme}://{parts.netloc}/"
-        sock = None
-        try:
-            sock = _open_stream(parts.hostname, port, secure, ssl_context, unix_socket, proxy, deadline)
-            headers = dict(headers or {})
-            if compression:
-                headers["Sec-WebSocket-Extensions"] = DEFLATE_OFFER
-            return cls._handshake(sock, parts, list(subprotocols or []), headers, deadline, max_size)
-        except BaseException as exc:
-            if sock is not None:
-                sock.close()
-            if isinstance(exc, socket.timeout):
-                step = "complete the websocket handshake" if sock is not None else "accept a connection"
-                raise ServerError(origin, f"did not {step}{_within(timeout)}") from None
-            if isinstance(exc, OSError):
-                raise _unreachable(origin, exc, ssl_context) from exc
-            raise
-
-    @classmethod
-    def _handshake(cls, sock, parts, offered, headers, deadline, max_size) -> WebSocket:
-        key = base64.b64encode(os.urandom(16)).decode("ascii")
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        lines = [f"GET {target} HTTP/1.1", f"Host: {parts.netloc.rpartition('@')[2]}",
-                 "Upgrade: websocket", "Connection: Upgrade",
-                 f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
-        if offered:
-            lines.append(f"Sec-WebSocket-Protocol: {', '.join(offered)}")
-        lines += [f"{name}: {value}" for name, value in headers.items()]
-        try:
-            status, fields, rest = _http_exchange(sock, lines, deadline)
-        except ConfigError:
-            raise
-        except EOFError as exc:
-            raise WebSocketClosed(CloseCode.ABNORMAL, str(exc)) from None
-        except ValueError as exc:
-            raise WebSocketError(CloseCode.PROTOCOL_ERROR, str(exc)) from None
-        origin = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/"
-        if status != 101:
-            error = AuthError if status in (401, 403) else ServerError
-            raise error(origin, f"refused the websocket handshake{_error_reason(rest)}", status)
-        # 4.1: the client MUST fail the connection when these checks fail.
-        if fields.get("upgrade", "").lower() != "websocket":
-            raise WebSocketError(CloseCode.PROTOCOL_ERROR, "handshake answer lacks 'Upgrade: websocket'")
-        if "upgrade" not in fields.get("connection", "").lower():
-            raise WebSocketError(CloseCode.PROTOCOL_ERROR, "handshake answer lacks 'Connection: Upgrade'")
-        if fields.get("sec-websocket-accept") != accept_key(key):
-            raise WebSocketError(CloseCode.PROTOCOL_ERROR, "handshake answer has a wrong Sec-WebSocket-Accept")
-        deflate = None
-        if fields.get("sec-websocket-extensions"):
-            if "Sec-WebSocket-Extensions" not in headers:
-                raise WebSocketError(CloseCode.PROTOCOL_ERROR, "server chose an extension that was not offered")
-            deflate = parse_deflate_answer(fields["sec-websocket-extensions"])
-        chosen = fields.get("sec-websocket-protocol") or None
-        if chosen is not None and chosen not in offered:
-            raise WebSocketError(CloseCode.PROTOCOL_ERROR, f"server chose subprotocol {chosen!r}, which was not offered")
-        return cls(sock, subprotocol=chosen, max_size=max_size, buffered=rest, deflate=deflate)
-
-    # -- sending --
-
-    def send(self, message: str | bytes, *, timeout: float | None = None) -> None:
-        """Send a whole message: text for ``str``, binary for ``bytes``.
-
-        With ``timeout``, a send that cannot finish in time closes the connection
-        and raises WebSocketClosed.
-        """
-        opcode, payload = (TEXT, message.encode("utf-8")) if isinstance(message, str) else (BINARY, bytes(message))
-        rsv = RSV1_MASK if self._deflate is not None and self._deflate.compresses else 0
-        self._send_frame(Frame(opcode, self._deflate.compress(payload) if rsv else payload, rsv=rsv), Deadline(timeout))
-
-    def ping(self, payload: bytes = b"", *, timeout: float | None = None) -> None:
-        """Send a ping; the pong is consumed inside ``recv``."""
-        self._send_frame(Frame(PING, bytes(payload)), Deadline(timeout))
-
-    def _send_frame(self, frame: Frame, deadline: Deadline) -> None:
-        if self.close_code is not None or (self._closing and frame.opcode != CLOSE):
-            raise WebSocketClosed(self.close_code or CloseCode.ABNORMAL, "the websocket is closed")
-        # 5.3: the masking key MUST be unpredictable: a fresh one per frame.
-        data = frame.serialize(mask_key=os.urandom(4))
-        try:
-            _sendall(self.sock, data, deadline)
-        except socket.timeout:  # part of the frame may be out: the connection is unusable
-            self._lost(f"a send did not finish{_within(deadline.timeout)}")
-        except OSError as exc:
-            self._lost(f"send failed: {_os_reason(exc)}")
-
-    # -- receiving --
-
-    def recv(self, *, timeout: float | None = None) -> str | bytes:
-        """Return the next whole message: ``str`` for text, ``bytes`` for binary.
-
-        Fragments are joined, text is checked as UTF-8 as it arrives, pings are
-        answered. With ``timeout``, raises TimeoutError if no whole message
-        arrives in time; the connection stays usable. Raises WebSocketClosed
-        when the peer closes or the connection drops, WebSocketError after
-        failing the connection on a protocol violation.
-        """
-        deadline = Deadline(timeout)
-        try:
-            while True:
-                frame = self._read_frame(deadline)
-                if frame.opcode in CONTROL_OPCODES:
-                    self._on_control(frame, deadline)
-                else:
-                    message = self._reader.receive(frame)
-                    if message is not None:
-                        return message
-                if deadline.expired:  # a flood of pings or fragments must not outlast the timeout
-                    raise socket.timeout("timed out")
-        except socket.timeout:
-            raise TimeoutError(f"no websocket message{_within(timeout)}") from None
-        except WebSocketError as exc:
-            if self.close_code is None:  # 7.1.7: fail the connection, with the code the error carries
-                self.close(exc.code, exc.reason)
-            raise
-
-    def _read_frame(self, deadline: Deadline, *, closing: bool = False) -> Frame:
-        """The next frame; the payload of a text frame is checked while it arrives."""
-        while True:
-            head, needed = parse_head(self._buf, max_size=self.max_size, allowed_rsv=self._reader.allowed_rsv)
-            if head is not None and len(self._buf) >= needed:
-                frame = head.frame(self._buf)
-                del self._buf[:needed]
-                return frame
-            if head is not None and not closing:
-                self._reader.check_partial(head, self._buf)
-            self._fill(needed, deadline)
-
-    def _fill(self, needed: int, deadline: Deadline) -> None:
-        """One receive towards ``needed`` buffered bytes; a timeout loses nothing."""
-        sock = self.sock
-        if _TCP_QUICKACK is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
-        try:
-            chunk = _recv(sock, min(max(needed - len(self._buf), RECV_SIZE), RECV_SIZE_MAX), deadline)
-        except socket.timeout:
-            raise
-        except OSError as exc:
-            self._lost(f"connection lost: {_os_reason(exc)}")
-        if not chunk:
-            self._lost("connection closed without a close frame")
-        self._buf += chunk
-
-    def _on_control(self, frame: Frame, deadline: Deadline) -> None:
-        if frame.opcode == PING:
-            # 5.5.2: on a Ping an endpoint MUST send a Pong with the same payload, whatever
-            # is left of the caller's wait: a few bytes that a live connection takes at once.
-            self._send_frame(Frame(PONG, frame.payload), Deadline(self.close_timeout))
-        elif frame.opcode == CLOSE:
-            code, reason = parse_close(frame.payload)
-            # 5.5.1: answer a Close with a Close, echoing its code.
-            self._closing = True
-            deadline = Deadline(self.close_timeout)
-            self._send_close(code, "", deadline)
-            self._finish(code, reason, deadline)
-            raise WebSocketClosed(code, reason or "closed by the server")
-
-    # -- closing --
-
-    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
-        """Close: send a close frame with ``code``, wait for the peer's, close the socket.
-
-        All of it takes at most ``close_timeout`` seconds. This is also how a
-        protocol error fails the connection (7.1.7).
-        """
-        if self.close_code is not None:
-            return
-        deadline = Deadline(self.close_timeout)
-        if not self._closing:
-            self._closing = True
-            self._send_close(code, reason, deadline)
-        with contextlib.suppress(OSError, WebSocketError):  # read to the peer's close or EOF, dropping data
-            while self._read_frame(deadline, closing=True).opcode != CLOSE:
-                pass
-        self._finish(code, reason, deadline)
-
-    def _send_close(self, code: int, reason: str, deadline: Deadline) -> None:
-        with contextlib.suppress(OSError):
-            _sendall(self.sock, Frame(CLOSE, close_payload(code, reason)).serialize(mask_key=os.urandom(4)), deadline)
-
-    def _finish(self, code: int, reason: str, deadline: Deadline) -> None:
-        """7.1.1: after the close handshake the client waits for the server's TCP close."""
-        self.close_code, self.close_reason = code, reason
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_WR)
-            while _recv(self.sock, RECV_SIZE, deadline):
-                pass
-        self.sock.close()
-
-    def abort(self, reason: str = "aborted") -> None:
-        """Drop the connection at once, without the close handshake (code 1006)."""
-        if self.close_code is None:
-            self.close_code, self.close_reason = CloseCode.ABNORMAL, reason
-        self.sock.close()
-
-    def _lost(self, reason: str) -> None:
-        """7.1.5: the connection is gone (code 1006); raise WebSocketClosed."""
-        self.abort(reason)
-        raise WebSocketClosed(CloseCode.ABNORMAL, reason)
-
-    def __enter__(self) -> WebSocket:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
 
 
 def _proxy_parts(proxy: str):
@@ -901,7 +313,8 @@ def _open_socket(host: str, port: int, unix_socket: str | None, proxy: str | Non
 
 def _open_stream(host: str, port: int, secure: bool, ssl_context: object, unix_socket: str | None,
                  proxy: str | None, deadline: Deadline, *, tunnel: bool = True) -> socket.socket:
-    """A connected socket to host:port, through a proxy's CONNECT tunnel if ``tunnel``, with TLS if ``secure``."""
+    """A connected socket to host:port, through a proxy's CONNECT tunnel if ``tunnel``, with
+    TLS if ``secure``."""
     sock = _open_socket(host, port, unix_socket, proxy, deadline)
     try:
         if proxy and tunnel:
@@ -916,7 +329,8 @@ def _open_stream(host: str, port: int, secure: bool, ssl_context: object, unix_s
         raise
 
 
-def _connect_tunnel(sock: socket.socket, proxy: str, host: str, port: int, deadline: Deadline) -> None:
+def _connect_tunnel(sock: socket.socket, proxy: str, host: str, port: int,
+                    deadline: Deadline) -> None:
     """Ask an HTTP proxy for a tunnel to host:port (RFC 9110 9.3.6 CONNECT)."""
     parts = _proxy_parts(proxy)
     where = f"{parts.scheme}://{parts.hostname}:{parts.port or 80}/"
@@ -976,7 +390,8 @@ def _http_exchange(sock: socket.socket, lines: list, deadline: Deadline) -> tupl
     head, _, rest = bytes(buf).partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not (parts[1].isascii() and parts[1].isdigit()):
+    if (len(parts) < 2 or not parts[0].startswith("HTTP/")
+            or not (parts[1].isascii() and parts[1].isdigit())):
         raise ValueError(f"not an HTTP answer: {lines[0][:80]!r}")
     fields: dict = {}
     for line in lines[1:]:
@@ -1007,7 +422,8 @@ def _os_reason(exc: BaseException) -> str:
         return f"unknown host ({exc.strerror})"
     if _untrusted(exc):
         return f"its TLS certificate is not trusted ({getattr(exc, 'verify_message', exc)})"
-    text = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+    text = getattr(exc, "strerror", None) or getattr(exc, "reason",
+                                                     None) or str(exc) or type(exc).__name__
     return str(text)
 
 
@@ -1017,7 +433,8 @@ def _untrusted(exc: BaseException) -> bool:
 
 def _unreachable(url: str, exc: BaseException, ssl_context: object = None) -> ServerError:
     """The ServerError for a network error."""
-    return ServerError(url, f"is not reachable: {_os_reason(exc)}", fix=_tls_fix(exc, ssl_context is not None))
+    return ServerError(url, f"is not reachable: {_os_reason(exc)}",
+                       fix=_tls_fix(exc, ssl_context is not None))
 
 
 # OpenSSL's X509_V_ERR codes 80-94 come from the checks that VERIFY_X509_STRICT turns on;
@@ -1046,7 +463,664 @@ def _no_ca_store() -> bool:
     return paths.cafile is None and paths.capath is None
 
 
-# ---- Jupyter REST API (urllib, over the budgeted sockets) ----------------------------
+def _is_loopback(host: str | None) -> bool:
+    host = (host or "").strip("[]").lower()
+    return (host == "localhost" or host.endswith(".localhost") or host.startswith("127.")
+            or host == "::1")
+
+
+def _proxy_for(url: str) -> str | None:
+    """The proxy URL the environment sets for ``url`` (HTTPS_PROXY, HTTP_PROXY, NO_PROXY)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https", "ws", "wss") or _is_loopback(parts.hostname):
+        return None
+    import urllib.request
+    if urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    kind = "https" if parts.scheme in ("https", "wss") else "http"
+    proxy = urllib.request.getproxies().get(kind)
+    if proxy:
+        try:
+            if not _proxy_parts(proxy).hostname or _proxy_parts(proxy).port == 0:
+                raise ValueError("no host")
+        except ValueError:
+            raise ConfigError(f"the {kind.upper()}_PROXY setting is malformed (it needs "
+                              f"http://[user:password@]host:port)") from None
+    return proxy
+
+
+# ---- WebSocket frames (RFC 6455, no I/O) ---------------------------------------------------------
+
+class Opcode(enum.IntEnum):
+    """RFC 6455 5.2 opcodes; 3-7 and 0xB-0xF are reserved."""
+    CONT = 0x0
+    TEXT = 0x1
+    BINARY = 0x2
+    CLOSE = 0x8
+    PING = 0x9
+    PONG = 0xA
+
+
+CONT, TEXT, BINARY = Opcode.CONT, Opcode.TEXT, Opcode.BINARY
+CLOSE, PING, PONG = Opcode.CLOSE, Opcode.PING, Opcode.PONG
+CONTROL_OPCODES = (CLOSE, PING, PONG)
+
+
+class CloseCode(enum.IntEnum):
+    """RFC 6455 7.4.1 status codes."""
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    UNSUPPORTED_DATA = 1003
+    NO_STATUS = 1005          # never sent: stands for a close frame without a code
+    ABNORMAL = 1006           # never sent: stands for a connection lost without a close frame
+    INVALID_DATA = 1007
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    MANDATORY_EXTENSION = 1010
+    INTERNAL_ERROR = 1011
+
+
+# 7.4: codes a peer may put on the wire (1012-1014 are registered with IANA since).
+_SENDABLE_CLOSE_CODES = frozenset([1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011,
+                                   1012, 1013, 1014])
+
+# 5.2 Base Framing Protocol
+FIN_MASK = 0x80
+RSV_MASK = 0x70
+OPCODE_MASK = 0x0F
+MASK_MASK = 0x80
+PAYLOAD_LENGTH_MASK = 0x7F
+PAYLOAD_LENGTH_TWO_BYTE = 126
+PAYLOAD_LENGTH_EIGHT_BYTE = 127
+MAX_CONTROL_PAYLOAD = 125  # 5.5: control frames carry at most 125 bytes
+
+RSV1_MASK = 0x40  # RFC 7692 6: marks the first frame of a compressed message
+
+# 1.3: the server proves it read our key by hashing it with this GUID.
+WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+MAX_MESSAGE_SIZE = 256 * 2**20  # default bound on one message: fits a 100 MB notebook output
+CLOSE_TIMEOUT = 2.0             # how long to wait for the peer's side of the close handshake
+DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
+# RFC 7692 7.2.1: stripped after compressing, added back before inflating
+DEFLATE_TAIL = b"\x00\x00\xff\xff"
+
+
+def accept_key(key: str) -> str:
+    """The Sec-WebSocket-Accept value a server must answer to ``key`` (4.2.2)."""
+    try:
+        # CPython's own SHA-1: hashlib would load OpenSSL (~4 ms) for this one digest.
+        from _sha1 import sha1
+    except ImportError:
+        from hashlib import sha1
+    digest = sha1((key + WEBSOCKET_GUID).encode("ascii")).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+def mask_bytes(data: bytes, key: bytes) -> bytes:
+    """XOR ``data`` with the 4-byte ``key`` repeated (5.3); masking and unmasking are one."""
+    n = len(data)
+    if not n:
+        return b""
+    stream = key * (n // 4) + key[: n % 4]
+    return (int.from_bytes(data, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
+
+
+class Frame(collections.namedtuple("Frame", "opcode payload fin rsv", defaults=(b"", True, 0))):
+    """One websocket frame; ``rsv`` holds the three reserved bits in place (0x70)."""
+    __slots__ = ()
+
+    def serialize(self, *, mask_key: bytes | None = None) -> bytes:
+        """Encode the frame; clients pass a fresh 4-byte ``mask_key`` (5.3)."""
+        n = len(self.payload)
+        head = bytearray([(FIN_MASK if self.fin else 0) | self.rsv | self.opcode])
+        mask_bit = MASK_MASK if mask_key is not None else 0
+        if n < PAYLOAD_LENGTH_TWO_BYTE:
+            head.append(mask_bit | n)
+        elif n < 2**16:
+            head.append(mask_bit | PAYLOAD_LENGTH_TWO_BYTE)
+            head += n.to_bytes(2, "big")
+        else:
+            head.append(mask_bit | PAYLOAD_LENGTH_EIGHT_BYTE)
+            head += n.to_bytes(8, "big")
+        if mask_key is None:
+            return bytes(head) + self.payload
+        return bytes(head) + mask_key + mask_bytes(self.payload, mask_key)
+
+
+class FrameHead(collections.namedtuple("FrameHead", "opcode fin rsv start end key")):
+    """A parsed frame header: the payload lies at ``data[start:end]``, masked with ``key``."""
+    __slots__ = ()
+
+    def frame(self, data: bytes | bytearray) -> Frame:
+        """The whole frame, once ``data`` holds ``end`` bytes."""
+        with memoryview(data) as view:
+            payload = bytes(view[self.start:self.end])
+        return Frame(self.opcode, mask_bytes(payload, self.key) if self.key else payload, self.fin,
+                     self.rsv)
+
+
+def parse_head(data: bytes | bytearray, *, max_size: int | None = MAX_MESSAGE_SIZE,
+               masked: bool = False, allowed_rsv: int = 0) -> tuple[FrameHead | None, int]:
+    """``(head, head.end)`` once the header at the start of ``data`` is whole, else
+    ``(None, needed)``.
+
+    ``masked``: whether frames must be masked (a server reading a client) or
+    must not be. Raises WebSocketError with the close code a violation calls for.
+    """
+    have = len(data)
+    if have < 2:
+        return None, 2
+    b0, b1 = data[0], data[1]
+    fin, rsv, op = bool(b0 & FIN_MASK), b0 & RSV_MASK, b0 & OPCODE_MASK
+    is_masked, length = bool(b1 & MASK_MASK), b1 & PAYLOAD_LENGTH_MASK
+    # 5.2: a nonzero RSV bit without a negotiated meaning MUST fail the connection.
+    if rsv & ~allowed_rsv:
+        raise WebSocketError(CloseCode.PROTOCOL_ERROR, f"reserved bits 0x{rsv:02x} set")
+    # 5.2: an unknown opcode MUST fail the connection.
+    try:
+        opcode = Opcode(op)
+    except ValueError:
+        raise WebSocketError(CloseCode.PROTOCOL_ERROR, f"reserved opcode 0x{op:x}") from None
+    # 5.1: a client MUST close on a masked frame; a server on an unmasked one.
+    if is_masked != masked:
+        state = "masked" if is_masked else "unmasked"
+        raise WebSocketError(CloseCode.PROTOCOL_ERROR, f"{state} frame from the peer")
+    if opcode in CONTROL_OPCODES:
+        # 5.5: control frames MUST NOT be fragmented and carry at most 125 bytes.
+        if rsv:  # RFC 7692 6.1: RSV1 is for data messages only
+            raise WebSocketError(CloseCode.PROTOCOL_ERROR,
+                                 f"control frame with reserved bits 0x{rsv:02x}")
+        if not fin:
+            raise WebSocketError(CloseCode.PROTOCOL_ERROR, "fragmented control frame")
+        if length > MAX_CONTROL_PAYLOAD:
+            raise WebSocketError(CloseCode.PROTOCOL_ERROR, "control frame longer than 125 bytes")
+    pos = 2
+    if length == PAYLOAD_LENGTH_TWO_BYTE:
+        if have < 4:
+            return None, 4
+        length, pos = int.from_bytes(data[2:4], "big"), 4
+    elif length == PAYLOAD_LENGTH_EIGHT_BYTE:
+        if have < 10:
+            return None, 10
+        length, pos = int.from_bytes(data[2:10], "big"), 10
+        if length >> 63:  # 5.2: the most significant bit MUST be 0
+            raise WebSocketError(CloseCode.PROTOCOL_ERROR, "64-bit payload length with top bit set")
+    if max_size is not None and length > max_size:
+        raise WebSocketError(CloseCode.MESSAGE_TOO_BIG,
+                             f"frame of {length} bytes exceeds the limit of {max_size}")
+    key = b""
+    if is_masked:
+        if have < pos + 4:
+            return None, pos + 4
+        key, pos = bytes(data[pos:pos + 4]), pos + 4
+    return FrameHead(opcode, fin, rsv, pos, pos + length, key), pos + length
+
+
+def parse_frame(data: bytes | bytearray, **options) -> tuple[Frame | None, int]:
+    """``(frame, consumed)`` for the whole frame at the start of ``data``, else
+    ``(None, needed)``."""
+    head, needed = parse_head(data, **options)
+    if head is None or len(data) < needed:
+        return None, needed
+    return head.frame(data), needed
+
+
+def close_payload(code: int | None, reason: str = "") -> bytes:
+    """The body of a close frame (5.5.1): a 2-byte code then UTF-8 reason, or nothing."""
+    if code is None or code == CloseCode.NO_STATUS:
+        return b""
+    return int(code).to_bytes(2, "big") + reason.encode("utf-8")[:MAX_CONTROL_PAYLOAD - 2]
+
+
+def parse_close(payload: bytes) -> tuple[int, str]:
+    """Code and reason of a received close frame; raises WebSocketError if malformed."""
+    if not payload:
+        return CloseCode.NO_STATUS, ""
+    if len(payload) == 1:
+        raise WebSocketError(CloseCode.PROTOCOL_ERROR, "close frame with a 1-byte body")
+    code = int.from_bytes(payload[:2], "big")
+    if not (code in _SENDABLE_CLOSE_CODES or 3000 <= code < 5000):
+        raise WebSocketError(CloseCode.PROTOCOL_ERROR, f"invalid close code {code}")
+    try:
+        reason = payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise WebSocketError(CloseCode.INVALID_DATA, "close reason is not valid UTF-8") from None
+    return code, reason
+
+
+def parse_deflate_answer(value: str) -> dict:
+    """The parameters a server chose for permessage-deflate (RFC 7692 7.1); raises if invalid."""
+    fail = lambda why: WebSocketError(CloseCode.PROTOCOL_ERROR,
+                                      f"bad permessage-deflate answer: {why}")
+    offers = [o.strip() for o in value.split(",") if o.strip()]
+    if len(offers) != 1:
+        raise fail("more than one extension")
+    name, *params = [p.strip() for p in offers[0].split(";")]
+    if name != "permessage-deflate":
+        raise fail(f"unknown extension {name!r}")
+    chosen: dict = {}
+    for param in params:
+        key, sep, raw = (x.strip() for x in param.partition("="))
+        if key in chosen:
+            raise fail(f"{key} given twice")
+        if key in ("server_no_context_takeover", "client_no_context_takeover") and not sep:
+            chosen[key] = True
+        elif key in ("server_max_window_bits", "client_max_window_bits") and sep:
+            bits = raw.strip('"')
+            if not bits.isdigit() or not 8 <= int(bits) <= 15 or bits != str(int(bits)):
+                raise fail(f"{key}={raw}")
+            chosen[key] = int(bits)
+        else:
+            raise fail(f"parameter {param!r}")
+    return chosen
+
+
+class _Deflate:
+    """permessage-deflate (RFC 7692) with the parameters the server chose (no I/O)."""
+
+    def __init__(self, params: dict):
+        self.params = params
+        # zlib makes no 8-bit windows
+        self.compresses = params.get("client_max_window_bits", 15) >= 9
+        self._deflater = self._inflater = None
+
+    def compress(self, data: bytes) -> bytes:
+        import zlib
+        if self._deflater is None or self.params.get("client_no_context_takeover"):
+            bits = self.params.get("client_max_window_bits", 15)
+            self._deflater = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -bits)
+        data = self._deflater.compress(data) + self._deflater.flush(zlib.Z_SYNC_FLUSH)
+        return data[:-4] if data.endswith(DEFLATE_TAIL) else data
+
+    def decompress(self, data: bytes, fin: bool, limit: int | None) -> bytes:
+        """Inflate one fragment to at most ``limit`` bytes (no decompression bombs)."""
+        import zlib
+        if self._inflater is None:
+            self._inflater = zlib.decompressobj(-15)  # a 15-bit window reads any smaller one
+        if fin:
+            data += DEFLATE_TAIL
+        try:
+            out = self._inflater.decompress(data, 0 if limit is None else limit + 1)
+        except zlib.error as exc:
+            raise WebSocketError(CloseCode.INVALID_DATA,
+                                 f"compressed message does not inflate: {exc}") from None
+        if self._inflater.unconsumed_tail or (limit is not None and len(out) > limit):
+            raise WebSocketError(CloseCode.MESSAGE_TOO_BIG,
+                                 "message inflates beyond the size limit")
+        if fin and self.params.get("server_no_context_takeover"):
+            self._inflater = None
+        return out
+
+
+class _MessageReader:
+    """Whole messages from data frames (no I/O): joins fragments, checks UTF-8 as it arrives,
+    inflates permessage-deflate, enforces ``max_size`` (a message being joined costs at most
+    that, however many frames carry it). Errors are WebSocketErrors with their close code.
+    """
+
+    def __init__(self, *, max_size: int | None = MAX_MESSAGE_SIZE, deflate: _Deflate | None = None):
+        self.max_size = max_size
+        self.deflate = deflate
+        self.allowed_rsv = RSV1_MASK if deflate is not None else 0
+        self._opcode: Opcode | None = None  # of a fragmented message in progress
+        self._compressed = False            # the message in progress is compressed
+        self._joined = bytearray()
+        self._text = codecs.getincrementaldecoder("utf-8")()   # the message's fragments so far
+        self._partial = codecs.getincrementaldecoder("utf-8")()  # a text frame still arriving
+        self._checked = 0  # payload bytes of that frame already checked
+
+    def receive(self, frame: Frame) -> str | bytes | None:
+        """Take a data frame; return the message it completes, else None."""
+        if frame.opcode == CONT:
+            if self._opcode is None:
+                raise WebSocketError(CloseCode.PROTOCOL_ERROR,
+                                     "continuation frame with no message to continue")
+            if frame.rsv:  # RFC 7692 6.1: RSV1 only on a first frame
+                raise WebSocketError(CloseCode.PROTOCOL_ERROR,
+                                     "continuation frame with reserved bits")
+        elif self._opcode is not None:
+            # 5.4: fragments of one message MUST NOT interleave with another message.
+            raise WebSocketError(CloseCode.PROTOCOL_ERROR,
+                                 "new message began inside a fragmented one")
+        else:
+            self._opcode, self._compressed = frame.opcode, bool(frame.rsv & RSV1_MASK)
+            self._text.reset()
+        self._checked = 0
+        payload = frame.payload
+        room = None if self.max_size is None else self.max_size - len(self._joined)
+        if self._compressed:
+            payload = self.deflate.decompress(payload, frame.fin, room)
+        elif room is not None and len(payload) > room:
+            raise WebSocketError(CloseCode.MESSAGE_TOO_BIG,
+                                 f"message exceeds the limit of {self.max_size} bytes")
+        if frame.fin and not self._joined:  # the common case: a message in one frame
+            opcode, self._opcode = self._opcode, None
+            return _utf8(payload) if opcode == TEXT else payload
+        if self._opcode == TEXT:
+            # 8.1: text MUST be UTF-8; checked per fragment so a bad byte fails at once.
+            _utf8(payload, self._text, frame.fin)
+        self._joined += payload
+        if not frame.fin:
+            return None
+        data, self._joined, opcode, self._opcode = self._joined, bytearray(), self._opcode, None
+        return data.decode("utf-8") if opcode == TEXT else bytes(data)
+
+    def check_partial(self, head: FrameHead, buf: bytes | bytearray) -> None:
+        """8.1 fail fast: check a plain text frame's UTF-8 while its payload still arrives."""
+        if head.key or head.rsv or not (head.opcode == TEXT and self._opcode is None
+                                        or head.opcode == CONT and self._opcode == TEXT
+                                        and not self._compressed):
+            return
+        start = head.start + self._checked
+        if len(buf) <= start:
+            return
+        if self._checked == 0:
+            self._partial.setstate(self._text.getstate() if head.opcode == CONT else (b"", 0))
+        with memoryview(buf) as view:
+            _utf8(view[start:], self._partial)
+        self._checked = len(buf) - head.start
+
+
+def _utf8(data, decoder=None, final: bool = False) -> str:
+    """Decode UTF-8 (through an incremental ``decoder`` when given); bad bytes are close code
+    1007."""
+    try:
+        return decoder.decode(data, final) if decoder is not None else str(data, "utf-8")
+    except UnicodeDecodeError:
+        raise WebSocketError(CloseCode.INVALID_DATA, "text message is not valid UTF-8") from None
+
+
+# ---- WebSocket connection (socket I/O) -----------------------------------------------------------
+
+# Linux delays ACKs by up to 40 ms; a server that leaves Nagle on then holds its
+# next small frame until our ACK arrives. TCP_QUICKACK asks for an immediate ACK,
+# but the kernel clears it again, so it is set before every receive.
+_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+RECV_SIZE = 256 * 1024          # bytes asked of one recv() while waiting for a frame
+RECV_SIZE_MAX = 4 * 2**20       # at most this much in one recv() for a large frame
+
+
+class WebSocket:
+    """A blocking RFC 6455 client: whole messages in, whole messages out.
+
+    Use ``WebSocket.connect(url)``; then ``send``, ``recv``, ``ping`` and
+    ``close``. Pings from the server are answered inside ``recv``.
+    """
+
+    def __init__(self, sock: socket.socket, *, subprotocol: str | None = None,
+                 max_size: int | None = MAX_MESSAGE_SIZE, buffered: bytes = b"",
+                 deflate: dict | None = None):
+        self.sock = sock
+        self.subprotocol = subprotocol
+        self.deflate = deflate  # the permessage-deflate parameters in force, or None
+        self.max_size = max_size
+        self.close_timeout = CLOSE_TIMEOUT
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self._closing = False
+        self._buf = bytearray(buffered)
+        self._deflate = _Deflate(deflate) if deflate is not None else None
+        self._reader = _MessageReader(max_size=max_size, deflate=self._deflate)
+
+    # -- opening --
+
+    @classmethod
+    def connect(cls, url: str, *, headers: dict | None = None,
+                subprotocols: Iterable[str] | None = None, timeout: float | None = None,
+                ssl_context: object = None, max_size: int | None = MAX_MESSAGE_SIZE,
+                unix_socket: str | None = None, proxy: str | None = None,
+                compression: bool = False) -> WebSocket:
+        """Open a websocket to a ``ws://`` or ``wss://`` URL.
+
+        Args:
+            url: the endpoint; ``wss://`` verifies the certificate by default.
+            headers: extra handshake headers (e.g. ``Authorization``).
+            subprotocols: offered in ``Sec-WebSocket-Protocol``; see ``.subprotocol``.
+            timeout: seconds for connect, TLS and handshake together (None: no limit).
+            ssl_context: an ``ssl.SSLContext`` to use instead of the default one.
+            max_size: largest message accepted; larger ones fail with code 1009.
+            unix_socket: connect to this Unix socket path instead of the URL's host.
+            proxy: an ``http://[user:pass@]host:port`` proxy to tunnel through (HTTP CONNECT).
+            compression: offer permessage-deflate (RFC 7692); ``.deflate`` says if the server
+                took it.
+        Raises:
+            ServerError (AuthError for 401/403) when the server answers another
+            status than 101, for network errors and when time runs out;
+            WebSocketError when the answer breaks RFC 6455.
+        """
+        deadline = Deadline(timeout)
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("ws", "wss") or not parts.hostname:
+            raise ValueError(f"not a ws:// or wss:// URL: {url!r}")
+        secure = scheme == "wss"
+        port = parts.port or (443 if secure else 80)
+        origin = f"{scheme}://{parts.netloc}/"
+        sock = None
+        try:
+            sock = _open_stream(parts.hostname, port, secure, ssl_context, unix_socket, proxy,
+                                deadline)
+            headers = dict(headers or {})
+            if compression:
+                headers["Sec-WebSocket-Extensions"] = DEFLATE_OFFER
+            return cls._handshake(sock, parts, list(subprotocols or []), headers, deadline,
+                                  max_size)
+        except BaseException as exc:
+            if sock is not None:
+                sock.close()
+            if isinstance(exc, socket.timeout):
+                step = ("complete the websocket handshake" if sock is not None
+                        else "accept a connection")
+                raise ServerError(origin, f"did not {step}{_within(timeout)}") from None
+            if isinstance(exc, OSError):
+                raise _unreachable(origin, exc, ssl_context) from exc
+            raise
+
+    @classmethod
+    def _handshake(cls, sock, parts, offered, headers, deadline, max_size) -> WebSocket:
+        key = base64.b64encode(os.urandom(16)).decode("ascii")
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        lines = [f"GET {target} HTTP/1.1", f"Host: {parts.netloc.rpartition('@')[2]}",
+                 "Upgrade: websocket", "Connection: Upgrade",
+                 f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
+        if offered:
+            lines.append(f"Sec-WebSocket-Protocol: {', '.join(offered)}")
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        try:
+            status, fields, rest = _http_exchange(sock, lines, deadline)
+        except ConfigError:
+            raise
+        except EOFError as exc:
+            raise WebSocketClosed(CloseCode.ABNORMAL, str(exc)) from None
+        except ValueError as exc:
+            raise WebSocketError(CloseCode.PROTOCOL_ERROR, str(exc)) from None
+        origin = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/"
+        if status != 101:
+            error = AuthError if status in (401, 403) else ServerError
+            raise error(origin, f"refused the websocket handshake{_error_reason(rest)}", status)
+        # 4.1: the client MUST fail the connection when these checks fail.
+        if fields.get("upgrade", "").lower() != "websocket":
+            raise WebSocketError(CloseCode.PROTOCOL_ERROR,
+                                 "handshake answer lacks 'Upgrade: websocket'")
+        if "upgrade" not in fields.get("connection", "").lower():
+            raise WebSocketError(CloseCode.PROTOCOL_ERROR,
+                                 "handshake answer lacks 'Connection: Upgrade'")
+        if fields.get("sec-websocket-accept") != accept_key(key):
+            raise WebSocketError(CloseCode.PROTOCOL_ERROR,
+                                 "handshake answer has a wrong Sec-WebSocket-Accept")
+        deflate = None
+        if fields.get("sec-websocket-extensions"):
+            if "Sec-WebSocket-Extensions" not in headers:
+                raise WebSocketError(CloseCode.PROTOCOL_ERROR,
+                                     "server chose an extension that was not offered")
+            deflate = parse_deflate_answer(fields["sec-websocket-extensions"])
+        chosen = fields.get("sec-websocket-protocol") or None
+        if chosen is not None and chosen not in offered:
+            raise WebSocketError(CloseCode.PROTOCOL_ERROR,
+                                 f"server chose subprotocol {chosen!r}, which was not offered")
+        return cls(sock, subprotocol=chosen, max_size=max_size, buffered=rest, deflate=deflate)
+
+    # -- sending --
+
+    def send(self, message: str | bytes, *, timeout: float | None = None) -> None:
+        """Send a whole message: text for ``str``, binary for ``bytes``.
+
+        With ``timeout``, a send that cannot finish in time closes the connection
+        and raises WebSocketClosed.
+        """
+        opcode, payload = ((TEXT, message.encode("utf-8")) if isinstance(message, str)
+                           else (BINARY, bytes(message)))
+        rsv = RSV1_MASK if self._deflate is not None and self._deflate.compresses else 0
+        self._send_frame(Frame(opcode, self._deflate.compress(payload) if rsv else payload,
+                               rsv=rsv), Deadline(timeout))
+
+    def ping(self, payload: bytes = b"", *, timeout: float | None = None) -> None:
+        """Send a ping; the pong is consumed inside ``recv``."""
+        self._send_frame(Frame(PING, bytes(payload)), Deadline(timeout))
+
+    def _send_frame(self, frame: Frame, deadline: Deadline) -> None:
+        if self.close_code is not None or (self._closing and frame.opcode != CLOSE):
+            raise WebSocketClosed(self.close_code or CloseCode.ABNORMAL, "the websocket is closed")
+        # 5.3: the masking key MUST be unpredictable: a fresh one per frame.
+        data = frame.serialize(mask_key=os.urandom(4))
+        try:
+            _sendall(self.sock, data, deadline)
+        except socket.timeout:  # part of the frame may be out: the connection is unusable
+            self._lost(f"a send did not finish{_within(deadline.timeout)}")
+        except OSError as exc:
+            self._lost(f"send failed: {_os_reason(exc)}")
+
+    # -- receiving --
+
+    def recv(self, *, timeout: float | None = None) -> str | bytes:
+        """Return the next whole message: ``str`` for text, ``bytes`` for binary.
+
+        Fragments are joined, text is checked as UTF-8 as it arrives, pings are
+        answered. With ``timeout``, raises TimeoutError if no whole message
+        arrives in time; the connection stays usable. Raises WebSocketClosed
+        when the peer closes or the connection drops, WebSocketError after
+        failing the connection on a protocol violation.
+        """
+        deadline = Deadline(timeout)
+        try:
+            while True:
+                frame = self._read_frame(deadline)
+                if frame.opcode in CONTROL_OPCODES:
+                    self._on_control(frame, deadline)
+                else:
+                    message = self._reader.receive(frame)
+                    if message is not None:
+                        return message
+                if deadline.expired:  # a flood of pings or fragments must not outlast the timeout
+                    raise socket.timeout("timed out")
+        except socket.timeout:
+            raise TimeoutError(f"no websocket message{_within(timeout)}") from None
+        except WebSocketError as exc:
+            # 7.1.7: fail the connection, with the code the error carries
+            if self.close_code is None:
+                self.close(exc.code, exc.reason)
+            raise
+
+    def _read_frame(self, deadline: Deadline, *, closing: bool = False) -> Frame:
+        """The next frame; the payload of a text frame is checked while it arrives."""
+        while True:
+            head, needed = parse_head(self._buf, max_size=self.max_size,
+                                      allowed_rsv=self._reader.allowed_rsv)
+            if head is not None and len(self._buf) >= needed:
+                frame = head.frame(self._buf)
+                del self._buf[:needed]
+                return frame
+            if head is not None and not closing:
+                self._reader.check_partial(head, self._buf)
+            self._fill(needed, deadline)
+
+    def _fill(self, needed: int, deadline: Deadline) -> None:
+        """One receive towards ``needed`` buffered bytes; a timeout loses nothing."""
+        sock = self.sock
+        if _TCP_QUICKACK is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+        try:
+            chunk = _recv(sock, min(max(needed - len(self._buf), RECV_SIZE), RECV_SIZE_MAX),
+                          deadline)
+        except socket.timeout:
+            raise
+        except OSError as exc:
+            self._lost(f"connection lost: {_os_reason(exc)}")
+        if not chunk:
+            self._lost("connection closed without a close frame")
+        self._buf += chunk
+
+    def _on_control(self, frame: Frame, deadline: Deadline) -> None:
+        if frame.opcode == PING:
+            # 5.5.2: on a Ping an endpoint MUST send a Pong with the same payload, whatever
+            # is left of the caller's wait: a few bytes that a live connection takes at once.
+            self._send_frame(Frame(PONG, frame.payload), Deadline(self.close_timeout))
+        elif frame.opcode == CLOSE:
+            code, reason = parse_close(frame.payload)
+            # 5.5.1: answer a Close with a Close, echoing its code.
+            self._closing = True
+            deadline = Deadline(self.close_timeout)
+            self._send_close(code, "", deadline)
+            self._finish(code, reason, deadline)
+            raise WebSocketClosed(code, reason or "closed by the server")
+
+    # -- closing --
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Close: send a close frame with ``code``, wait for the peer's, close the socket.
+
+        All of it takes at most ``close_timeout`` seconds. This is also how a
+        protocol error fails the connection (7.1.7).
+        """
+        if self.close_code is not None:
+            return
+        deadline = Deadline(self.close_timeout)
+        if not self._closing:
+            self._closing = True
+            self._send_close(code, reason, deadline)
+        # read to the peer's close or EOF, dropping data
+        with contextlib.suppress(OSError, WebSocketError):
+            while self._read_frame(deadline, closing=True).opcode != CLOSE:
+                pass
+        self._finish(code, reason, deadline)
+
+    def _send_close(self, code: int, reason: str, deadline: Deadline) -> None:
+        with contextlib.suppress(OSError):
+            _sendall(self.sock,
+                     Frame(CLOSE, close_payload(code, reason)).serialize(mask_key=os.urandom(4)),
+                     deadline)
+
+    def _finish(self, code: int, reason: str, deadline: Deadline) -> None:
+        """7.1.1: after the close handshake the client waits for the server's TCP close."""
+        self.close_code, self.close_reason = code, reason
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+            while _recv(self.sock, RECV_SIZE, deadline):
+                pass
+        self.sock.close()
+
+    def abort(self, reason: str = "aborted") -> None:
+        """Drop the connection at once, without the close handshake (code 1006)."""
+        if self.close_code is None:
+            self.close_code, self.close_reason = CloseCode.ABNORMAL, reason
+        self.sock.close()
+
+    def _lost(self, reason: str) -> None:
+        """7.1.5: the connection is gone (code 1006); raise WebSocketClosed."""
+        self.abort(reason)
+        raise WebSocketClosed(CloseCode.ABNORMAL, reason)
+
+    def __enter__(self) -> WebSocket:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+# ---- Jupyter REST API (urllib, over the budgeted sockets) ----------------------------------------
 #
 # REST goes through urllib.request. Left to itself urllib bounds each socket read, not the
 # call, and http.client reads a chunk size of -1 as "read to the end". Both are closed where
@@ -1055,7 +1129,8 @@ def _no_ca_store() -> bool:
 # _CappedSocket, whose reads wait at most what is left of the call's deadline and stop at
 # MAX_REST_READ bytes. http.client parses the answer; it cannot read past either bound.
 
-HTTP_TIMEOUT = 90.0         # per request when the call has no deadline; gateways can take 40 s+ to start a kernel
+# per request when the call has no deadline; gateways can take 40 s+ to start a kernel
+HTTP_TIMEOUT = 90.0
 MAX_REST_BODY = 16 * 2**20  # bound on one REST answer's body
 MAX_REST_READ = MAX_REST_BODY + 2**20  # bound on all one request reads: head, chunk lines, body
 MAX_ERROR_BODY = 4096       # what is read of an error answer for its message
@@ -1162,7 +1237,8 @@ def _opener():
                 credentials = _proxy_authorization(proxy)
                 if credentials:
                     call.add_unredirected_header("Proxy-Authorization", credentials)
-            return self.do_open(lambda host, **kwargs: Connection(host, call=call, proxy=proxy, **kwargs),
+            return self.do_open(
+                lambda host, **kwargs: Connection(host, call=call, proxy=proxy, **kwargs),
                                 call)
 
         https_open = http_open
@@ -1182,7 +1258,8 @@ def _opener():
             if not _same_origin(new_url, call.full_url):
                 if call.rest.unix_socket:
                     raise _BadAnswer(f"a redirect away from the Unix socket, to {new_url[:200]}")
-                for name in ("Authorization", "Cookie", "X-xsrftoken", "Host"):  # (urllib's keeps them)
+                # (urllib's keeps them)
+                for name in ("Authorization", "Cookie", "X-xsrftoken", "Host"):
                     fields.pop(name, None)
             method, data = call.get_method(), call.data
             if code == 303 or code in (301, 302) and method == "POST":  # as browsers and urllib do
@@ -1245,7 +1322,8 @@ class _RestClient:
         try:
             status, raw = self._fetch(method, self._base + path, headers, data, budget)
         except socket.timeout:
-            raise ServerError(self.url, f"did not answer {method} {path} within {_seconds(budget.timeout)}") from None
+            raise ServerError(self.url, f"did not answer {method} {path} within "
+                                        f"{_seconds(budget.timeout)}") from None
         except _BadAnswer as exc:  # not HTTP, too big, too many redirects
             raise ServerError(self.url, f"broke HTTP answering {method} {path}: {exc}") from None
         except OSError as exc:
@@ -1281,7 +1359,8 @@ class _RestClient:
             except urllib.error.HTTPError as exc:  # an error status: its body says why
                 answer = exc
             except urllib.error.URLError as exc:  # what failed while connecting or sending
-                raise exc.reason if isinstance(exc.reason, OSError) else OSError(str(exc.reason)) from None
+                raise exc.reason if isinstance(exc.reason,
+                                               OSError) else OSError(str(exc.reason)) from None
             with contextlib.closing(answer):
                 self._keep_xsrf(answer.headers)
                 status = answer.getcode()
@@ -1316,25 +1395,33 @@ class _RestClient:
         if status in (401, 403):
             return self._auth_error(status, detail, method, path, diagnose)
         if status == 424:
-            return ServerError(self.url, "is a JupyterHub server that is not running: start it from the "
-                                         "hub's home page (/hub/home) or with the hub's REST API", status)
+            return ServerError(self.url,
+                               "is a JupyterHub server that is not running: start it from the "
+                                         "hub's home page (/hub/home) or with the hub's REST API",
+                                         status)
         if status == 404:
             return ServerError(self.url, f"has no {path}{detail}", status)
         if status < 400:  # urllib follows the redirects it can
-            return ServerError(self.url, f"redirected {method} {path} where it cannot be followed", status)
+            return ServerError(self.url, f"redirected {method} {path} where it cannot be followed",
+                               status)
         return ServerError(self.url, f"answered an error for {method} {path}{detail}", status)
 
-    def _auth_error(self, status: int, detail: str, method: str, path: str, diagnose: bool) -> ServerError:
+    def _auth_error(self, status: int, detail: str, method: str, path: str,
+                    diagnose: bool) -> ServerError:
         """Say which rule refused us: the token, the Host header, the xsrf check, or another one."""
         if not self.token:
             if "xsrf" in detail.lower():
-                return AuthError(self.url, f"rejected the request: its _xsrf cookie check failed{detail}", status)
+                return AuthError(self.url,
+                                 f"rejected the request: its _xsrf cookie check failed{detail}",
+                                 status)
             return AuthError(self.url, "requires a token", status, fix="token")
         if diagnose:
             # A refusal does not say why; a plain authenticated GET tells the causes apart.
             try:
-                self.request("GET", "api/kernelspecs", deadline=Deadline(SIDE_REQUEST_TIMEOUT), diagnose=False)
-                return AuthError(self.url, f"refused {method} {path}{detail}", status)  # the token is fine
+                self.request("GET", "api/kernelspecs", deadline=Deadline(SIDE_REQUEST_TIMEOUT),
+                             diagnose=False)
+                # the token is fine
+                return AuthError(self.url, f"refused {method} {path}{detail}", status)
             except ServerError as exc:
                 if exc.status == 424:  # JupyterHub: the user's server is stopped
                     return ServerError(self.url, exc.reason, 424)
@@ -1342,10 +1429,13 @@ class _RestClient:
             if not self.unix_socket and not _is_loopback(host):
                 # A server that allows only local names refuses a right token too.
                 try:
-                    self.request("GET", "api/status", deadline=Deadline(SIDE_REQUEST_TIMEOUT), host="localhost",
+                    self.request("GET", "api/status", deadline=Deadline(SIDE_REQUEST_TIMEOUT),
+                                 host="localhost",
                                  diagnose=False)
-                    return AuthError(self.url, f"blocked the request because its Host '{host}' is not a "
-                                               f"local name: connect as localhost, or start the server "
+                    return AuthError(self.url,
+                                     f"blocked the request because its Host '{host}' is not a "
+                                               "local name: connect as localhost, or start the "
+                                               "server "
                                                f"with --ServerApp.allow_remote_access=True", status)
                 except JupyterError:
                     pass
@@ -1356,13 +1446,15 @@ class _RestClient:
     def start_kernel(self, name: str | None, *, env: dict | None = None, path: str | None = None,
                      deadline: Deadline) -> dict:
         body: dict = {"name": name} if name else {}
-        if path is not None:  # the working directory, relative to the server's root (jupyter_server 2)
+        # the working directory, relative to the server's root (jupyter_server 2)
+        if path is not None:
             body["path"] = _session_path(path)
         if env:
             body["env"] = {str(k): str(v) for k, v in env.items()}
         try:
             info = self.request("POST", "api/kernels", body, deadline=deadline)
-        except ServerError as exc:  # (a server without that kernel spec may just say "Unhandled error")
+        # (a server without that kernel spec may just say "Unhandled error")
+        except ServerError as exc:
             if name and exc.status in (400, 404, 500) and not isinstance(exc, AuthError):
                 raise ServerError(self.url, f"{exc.reason} (kernel {name!r})", exc.status) from None
             raise
@@ -1372,16 +1464,19 @@ class _RestClient:
         return _kernel_model(info)
 
     def _plain_id(self, kernel_id: object) -> str:
-        """A kernel id from the server, which must be a plain token (a UUID, as servers make them)."""
+        """A kernel id from the server, which must be a plain token (a UUID, as servers make
+        them)."""
         if isinstance(kernel_id, str) and re.fullmatch(r"[A-Za-z0-9._~:-]{1,128}", kernel_id):
             return kernel_id
-        raise ServerError(self.url, f"answered a kernel id that is not a plain token: {str(kernel_id)[:80]!r}")
+        raise ServerError(self.url, f"answered a kernel id that is not a plain token: "
+                                    f"{str(kernel_id)[:80]!r}")
 
     def get_kernel(self, kernel_id: str, *, deadline: Deadline) -> dict:
         info = self.request("GET", f"api/kernels/{quote(kernel_id, safe='')}", deadline=deadline,
                             missing=f"has no kernel {kernel_id}")
         if not isinstance(info, dict):
-            raise ServerError(self.url, f"answered kernel {kernel_id} with something that is not a kernel")
+            raise ServerError(self.url,
+                              f"answered kernel {kernel_id} with something that is not a kernel")
         return _kernel_model(info)
 
     def find_session(self, path: str, *, deadline: Deadline) -> str | None:
@@ -1399,7 +1494,8 @@ class _RestClient:
         found = []
         for session in sessions if isinstance(sessions, list) else []:
             if isinstance(session, dict):
-                notebook = session.get("notebook") if isinstance(session.get("notebook"), dict) else {}
+                notebook = session.get("notebook")
+                notebook = notebook if isinstance(notebook, dict) else {}
                 path = session.get("path") or notebook.get("path")
                 kernel = session.get("kernel")
                 found.append({"path": path if isinstance(path, str) else None,
@@ -1426,16 +1522,20 @@ class _RestClient:
         self.request("GET", "api/status", deadline=deadline)
 
     def read_file(self, path: str, *, deadline: Deadline) -> str:
-        """A notebook (as JSON text) or a text file from the contents API (``path`` from the root)."""
-        model = self.request("GET", f"api/contents/{quote(_session_path(path))}?content=1", deadline=deadline,
+        """A notebook (as JSON text) or a text file from the contents API (``path`` from the
+        root)."""
+        model = self.request("GET", f"api/contents/{quote(_session_path(path))}?content=1",
+                             deadline=deadline,
                              missing=f"has no file {path}")
         model = model if isinstance(model, dict) else {}
         content = model.get("content")
         if model.get("type") == "notebook" and isinstance(content, dict):
             return json.dumps(content)
-        if model.get("type") == "file" and model.get("format") == "text" and isinstance(content, str):
+        if (model.get("type") == "file" and model.get("format") == "text"
+                and isinstance(content, str)):
             return content
-        raise ServerError(self.url, f"has no notebook or text file at {path} (it is a {model.get('type')})")
+        raise ServerError(self.url,
+                          f"has no notebook or text file at {path} (it is a {model.get('type')})")
 
     def save_notebook(self, path: str, notebook: dict, *, deadline: Deadline) -> None:
         """Write ``notebook`` (plain JSON) at ``path`` through the contents API."""
@@ -1446,10 +1546,12 @@ class _RestClient:
         """The server's kernels; entries that are not objects with a string id are skipped."""
         kernels = self.request("GET", "api/kernels", deadline=deadline)
         return [_kernel_model(kernel) for kernel in kernels
-                if isinstance(kernel, dict) and isinstance(kernel.get("id"), str)] if isinstance(kernels, list) else []
+                if isinstance(kernel, dict)
+                and isinstance(kernel.get("id"), str)] if isinstance(kernels, list) else []
 
     def interrupt_kernel(self, kernel_id: str, *, deadline: Deadline) -> None:
-        self.request("POST", f"api/kernels/{quote(kernel_id, safe='')}/interrupt", deadline=deadline)
+        self.request("POST", f"api/kernels/{quote(kernel_id, safe='')}/interrupt",
+                     deadline=deadline)
 
     def restart_kernel(self, kernel_id: str, *, deadline: Deadline) -> None:
         self.request("POST", f"api/kernels/{quote(kernel_id, safe='')}/restart", deadline=deadline)
@@ -1458,12 +1560,14 @@ class _RestClient:
         """Delete a kernel; gone already is fine. Retries the 500 a restart race answers."""
         for attempt in range(DELETE_RETRIES):
             try:
-                self.request("DELETE", f"api/kernels/{quote(kernel_id, safe='')}", deadline=deadline)
+                self.request("DELETE", f"api/kernels/{quote(kernel_id, safe='')}",
+                             deadline=deadline)
                 return
             except ServerError as exc:
                 if exc.status == 404:
                     return
-                if exc.status is None or exc.status < 500 or attempt == DELETE_RETRIES - 1 or deadline.expired:
+                if (exc.status is None or exc.status < 500 or attempt == DELETE_RETRIES - 1
+                        or deadline.expired):
                     raise
             time.sleep(deadline.remaining(DELETE_BACKOFF * 2**attempt))
 
@@ -1483,35 +1587,10 @@ def _session_path(path: str) -> str:
     return path.lstrip("/")
 
 
-def _is_loopback(host: str | None) -> bool:
-    host = (host or "").strip("[]").lower()
-    return host == "localhost" or host.endswith(".localhost") or host.startswith("127.") or host == "::1"
-
-
 def _unix_socket_path(url: str) -> str | None:
     """The socket path of an ``http+unix://<percent-encoded path>/`` URL, else None."""
     parts = urlsplit(url)
     return unquote(parts.netloc) if parts.scheme == "http+unix" else None
-
-
-def _proxy_for(url: str) -> str | None:
-    """The proxy URL the environment sets for ``url`` (HTTPS_PROXY, HTTP_PROXY, NO_PROXY)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https", "ws", "wss") or _is_loopback(parts.hostname):
-        return None
-    import urllib.request
-    if urllib.request.proxy_bypass(parts.hostname or ""):
-        return None
-    kind = "https" if parts.scheme in ("https", "wss") else "http"
-    proxy = urllib.request.getproxies().get(kind)
-    if proxy:
-        try:
-            if not _proxy_parts(proxy).hostname or _proxy_parts(proxy).port == 0:
-                raise ValueError("no host")
-        except ValueError:
-            raise ConfigError(f"the {kind.upper()}_PROXY setting is malformed (it needs "
-                              f"http://[user:password@]host:port)") from None
-    return proxy
 
 
 def _same_origin(a: str, b: str) -> bool:
@@ -1519,7 +1598,7 @@ def _same_origin(a: str, b: str) -> bool:
     return (pa.scheme, pa.hostname, pa.port) == (pb.scheme, pb.hostname, pb.port)
 
 
-# ---- Jupyter messages and results (no I/O) --------------------------------------
+# ---- Jupyter messages and results (no I/O) -------------------------------------------------------
 
 PROTOCOL_VERSION = "5.3"                      # the message spec version we speak
 V1_SUBPROTOCOL = "v1.kernel.websocket.jupyter.org"
@@ -1609,7 +1688,8 @@ def decode_message(data: str | bytes, *, protocol: str = "legacy") -> dict:
         raise ValueError("message header has no msg_type")
     if not _shallow([content, msg["metadata"]]):
         raise ValueError(f"{msg_type} message nested deeper than {MAX_JSON_DEPTH} levels")
-    fields = [("msg_id", header.get("msg_id"), str), ("parent msg_id", msg["parent_header"].get("msg_id"), str)]
+    fields = [("msg_id", header.get("msg_id"), str),
+              ("parent msg_id", msg["parent_header"].get("msg_id"), str)]
     fields += [(key, content.get(key), kind) for key, kind in _CONTENT_TYPES.get(msg_type, ())]
     transient = content.get("transient")
     if isinstance(transient, dict):
@@ -1639,7 +1719,8 @@ def _is_kind(value: object, kind: object) -> bool:
 
 
 def _shallow(value: object, limit: int = MAX_JSON_DEPTH) -> bool:
-    """Whether JSON ``value`` nests at most ``limit`` levels (walked level by level, no recursion)."""
+    """Whether JSON ``value`` nests at most ``limit`` levels (walked level by level, no
+    recursion)."""
     level = [value]
     for _ in range(limit + 1):
         level = [child for item in level if isinstance(item, (dict, list))
@@ -1720,14 +1801,17 @@ def output_from_msg(msg: dict) -> dict | None:
     """The nbformat v4 output dict for an iopub output message, else None."""
     msg_type, content = msg["header"].get("msg_type"), msg["content"]
     if msg_type == "stream":
-        return {"output_type": "stream", "name": content.get("name") or "stdout", "text": content.get("text") or ""}
+        return {"output_type": "stream", "name": content.get("name") or "stdout",
+                "text": content.get("text") or ""}
     if msg_type in ("display_data", "execute_result"):
-        out = {"output_type": msg_type, "data": content.get("data") or {}, "metadata": content.get("metadata") or {}}
+        out = {"output_type": msg_type, "data": content.get("data") or {},
+               "metadata": content.get("metadata") or {}}
         if msg_type == "execute_result":
             out["execution_count"] = content.get("execution_count")
         return out
     if msg_type == "error":
-        return {"output_type": "error", "ename": content.get("ename") or "", "evalue": content.get("evalue") or "",
+        return {"output_type": "error", "ename": content.get("ename") or "",
+                "evalue": content.get("evalue") or "",
                 "traceback": content.get("traceback") or []}
     return None
 
@@ -1752,7 +1836,8 @@ class Result:
 
     def __repr__(self) -> str:
         return (f"Result(status={self.status!r}, execution_count={self.execution_count!r}, "
-                f"outputs=<{len(self.outputs)}>, error={self.error!r}, truncated={self.truncated!r})")
+                f"outputs=<{len(self.outputs)}>, error={self.error!r}, "
+                f"truncated={self.truncated!r})")
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Result):
@@ -1791,7 +1876,8 @@ class Result:
     def to_dict(self) -> dict:
         """Every field and property as plain JSON data (what ``--json`` prints)."""
         return {"status": self.status, "ok": self.ok, "execution_count": self.execution_count,
-                "stdout": self.stdout, "stderr": self.stderr, "data": self.data, "error": self.error,
+                "stdout": self.stdout, "stderr": self.stderr, "data": self.data,
+                "error": self.error,
                 "outputs": self.outputs, "truncated": self.truncated}
 
 
@@ -1811,7 +1897,8 @@ class _Execution:
         self.heard = False  # any message answering our request has arrived
         self.result = Result()
         self._seen = collections.OrderedDict()  # recent msg_ids, to drop replays
-        self.displays: dict = {} if displays is None else displays  # display_id -> the outputs showing it
+        # display_id -> the outputs showing it
+        self.displays: dict = {} if displays is None else displays
         self._clear_pending = False
 
     @property
@@ -1835,7 +1922,8 @@ class _Execution:
         msg_type = header.get("msg_type")
         content = msg["content"]
         parent = (msg.get("parent_header") or {}).get("msg_id")
-        if msg_type == "status" and not parent and content.get("execution_state") in ("restarting", "dead"):
+        if (msg_type == "status" and not parent
+                and content.get("execution_state") in ("restarting", "dead")):
             self.died = f"the server reports it {content['execution_state']}"
             return
         if parent != self.msg_id:
@@ -1873,7 +1961,8 @@ class _Execution:
             self._clear()
         out = output_from_msg(msg)
         kind, res = out["output_type"], self.result
-        if kind == "stream" and out["name"] == "stderr" and any(m in out["text"] for m in RATE_LIMIT_MARKERS):
+        if kind == "stream" and out["name"] == "stderr" and any(m in out["text"]
+                                                                for m in RATE_LIMIT_MARKERS):
             res.truncated = True
         elif kind == "execute_result":
             res.execution_count = out["execution_count"]
@@ -1932,20 +2021,25 @@ class _Execution:
         return res
 
 
-# ---- Server discovery ------------------------------------------------------------
+# ---- Server discovery ----------------------------------------------------------------------------
 
 def _data_dir(platform: str = sys.platform, environ=os.environ) -> str:
     """Jupyter's data dir, by jupyter_core's rules (JUPYTER_PLATFORM_DIRS=1: the platform's own)."""
     if environ.get("JUPYTER_DATA_DIR"):
         return environ["JUPYTER_DATA_DIR"]
-    platform_dirs = environ.get("JUPYTER_PLATFORM_DIRS", "").lower() not in ("", "no", "n", "false", "off", "0", "0.0")
+    platform_dirs = environ.get("JUPYTER_PLATFORM_DIRS", "").lower() not in (
+        "", "no", "n", "false", "off", "0", "0.0")
     home = os.path.expanduser("~")
     if platform == "darwin":
-        return os.path.join(home, "Library", *(("Application Support", "jupyter") if platform_dirs else ("Jupyter",)))
+        return os.path.join(home, "Library",
+                            *(("Application Support", "jupyter") if platform_dirs
+                              else ("Jupyter",)))
     if platform == "win32":
         if platform_dirs:  # the local, not the roaming, application data
-            return os.path.join(environ.get("LOCALAPPDATA") or os.path.join(home, "AppData", "Local"), "jupyter")
-        return os.path.join(environ.get("APPDATA") or os.path.join(home, "AppData", "Roaming"), "jupyter")
+            return os.path.join(environ.get("LOCALAPPDATA")
+                                or os.path.join(home, "AppData", "Local"), "jupyter")
+        return os.path.join(environ.get("APPDATA") or os.path.join(home, "AppData", "Roaming"),
+                            "jupyter")
     xdg = environ.get("XDG_DATA_HOME") or os.path.join(home, ".local", "share")
     return os.path.join(xdg, "jupyter")
 
@@ -1969,7 +2063,8 @@ def _pid_alive(pid: object, platform: str = sys.platform) -> bool:
 
 
 def _windows_process_alive(pid: int, kernel32=None) -> bool:
-    """Ask Windows whether process ``pid`` still runs (a dead server's runtime file must not win)."""
+    """Ask Windows whether process ``pid`` still runs (a dead server's runtime file must not
+    win)."""
     import ctypes
     kernel32 = kernel32 or ctypes.WinDLL("kernel32", use_last_error=True)
     handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
@@ -1977,7 +2072,8 @@ def _windows_process_alive(pid: int, kernel32=None) -> bool:
         return getattr(ctypes, "get_last_error", int)() == 5  # ERROR_ACCESS_DENIED: another user's
     try:
         code = ctypes.c_ulong()
-        return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259  # STILL_ACTIVE
+        # STILL_ACTIVE
+        return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259
     finally:
         kernel32.CloseHandle(handle)
 
@@ -2002,7 +2098,8 @@ def _server_url(info: dict) -> str:
 
 # The fields of a runtime file that are read, and their JSON types. A file with a field of another
 # type is not a server's and is skipped, but for the fields that are only shown, which are dropped.
-_RUNTIME_FIELDS = {"hostname": str, "ip": str, "port": int, "sock": str, "base_url": str, "secure": bool,
+_RUNTIME_FIELDS = {"hostname": str, "ip": str, "port": int, "sock": str, "base_url": str,
+                   "secure": bool,
                    "token": str, "pid": int, "root_dir": str, "notebook_dir": str, "version": str}
 _SHOWN_FIELDS = ("root_dir", "notebook_dir", "version")
 
@@ -2044,7 +2141,8 @@ def list_servers(runtime_dir: str | None = None) -> list:
             with open(path, encoding="utf-8") as f:
                 info = _runtime_info(json.load(f))
             mtime = os.path.getmtime(path)
-            if info is None or not (info.get("port") or info.get("sock")) or not _pid_alive(info.get("pid")):
+            if info is None or not (info.get("port")
+                                    or info.get("sock")) or not _pid_alive(info.get("pid")):
                 continue
             info["url"] = _normalize_url(_server_url(info))[0]  # a host making no URL: ConfigError
         except (OSError, ValueError, RecursionError):
@@ -2086,12 +2184,14 @@ def _normalize_url(url: str) -> tuple[str, str | None]:
     path = parts.path
     if token is not None:  # a link from Jupyter's log points into the UI: /lab, /tree, /notebooks
         path = re.sub(r"/(lab|tree|notebooks)(/.*)?$", "/", path)
-    path = quote(path if path.endswith("/") else path + "/", safe="/%:@!$&'()*+,;=~")  # HTTP wants ASCII
+    # HTTP wants ASCII
+    path = quote(path if path.endswith("/") else path + "/", safe="/%:@!$&'()*+,;=~")
     return f"{scheme}://{netloc}{path}", token
 
 
 # The schemes a server URL may have, and what REST speaks for each (the websocket follows).
-_SCHEMES = {"http": "http", "https": "https", "ws": "http", "wss": "https", "http+unix": "http+unix"}
+_SCHEMES = {"http": "http", "https": "https", "ws": "http", "wss": "https",
+            "http+unix": "http+unix"}
 
 
 def _env_token() -> str | None:
@@ -2130,7 +2230,8 @@ def resolve_server(url: str | None = None, token: str | None = None) -> tuple[st
         elif token is None:
             wanted = _normalize_url(url)[0]
             for info in servers:
-                if _same_origin(info["url"], wanted) and urlsplit(info["url"]).path == urlsplit(wanted).path:
+                if _same_origin(info["url"],
+                                wanted) and urlsplit(info["url"]).path == urlsplit(wanted).path:
                     token = info.get("token") or None
                     break
     url, url_token = _normalize_url(url)
@@ -2144,11 +2245,12 @@ def _clean_token(token: object) -> str | None:
         return None
     token = str(token).strip()
     if _CONTROL_CHARS.search(token):
-        raise ConfigError("the token holds a control character (CR, LF, NUL, ...); nothing was sent")
+        raise ConfigError("the token holds a control character (CR, LF, NUL, ...); nothing was "
+                          "sent")
     return token
 
 
-# ---- Public API: Kernel, run_code ----------------------------------------------------
+# ---- Public API: Kernel, run_code ----------------------------------------------------------------
 
 # Strategy. While code runs, four clocks tick: the caller's deadline (the only
 # one the caller sets); the completion grace (once one of execute_reply and the
@@ -2166,7 +2268,8 @@ def _clean_token(token: object) -> str | None:
 # close the websocket, delete a kernel we started (DELETE_RESERVE is kept for
 # that), and delete a kernel whose start was answered too late.
 COMPLETION_GRACE = 3.0     # silence that ends the wait for the second of reply and idle
-CLEANUP_TIMEOUT = 6.0      # interrupt, settle, close and delete, all told (documented in the README)
+# interrupt, settle, close and delete, all told (documented in the README)
+CLEANUP_TIMEOUT = 6.0
 DELETE_RESERVE = 2.5       # of that budget, kept for the DELETE
 SILENCE_CHECK = 10.0       # with no message for this long, ask the server if the kernel lives
 STATUS_TICK = 0.5          # how often a waiting caller's on_wait hook runs
@@ -2174,7 +2277,8 @@ RECONNECTS_PER_CALL = 5    # websocket drops survived during one call
 CONNECT_TRIES = 5          # attempts to reopen the websocket after one drop
 RECONNECT_BACKOFF = 0.1    # first pause between attempts; doubles, up to RECONNECT_BACKOFF_MAX
 RECONNECT_BACKOFF_MAX = 2.0
-HANDSHAKE_TIMEOUT = 120.0  # bound on connect + handshake without a deadline (servers hold the 101 up to 60 s)
+# bound on connect + handshake without a deadline (servers hold the 101 up to 60 s)
+HANDSHAKE_TIMEOUT = 120.0
 NUDGE_INTERVAL = 0.5       # resend kernel_info_request this often while a kernel starts
 
 
@@ -2203,7 +2307,7 @@ class Kernel:
         path: start the kernel in this directory (relative to the server's
             root; jupyter_server 2 and its gateways honour it, Notebook 6 does not).
         timeout: seconds for starting and connecting, and the default for each
-            ``execute`` (None: no limit).
+            ``execute`` (None: no limit); the ``timeout`` attribute may be changed later.
         ssl_context: an ``ssl.SSLContext`` for https servers with a private CA.
         protocol: "auto" (offer the v1 binary protocol, fall back to legacy),
             "v1" or "legacy".
@@ -2238,7 +2342,8 @@ class Kernel:
             if notebook:
                 kernel_id = self._rest.find_session(notebook, deadline=deadline)
                 if kernel_id is None:
-                    raise ServerError(self.url, f"has no open notebook {notebook}", 404, fix="notebook")
+                    raise ServerError(self.url, f"has no open notebook {notebook}", 404,
+                                      fix="notebook")
             elif session:
                 kernel_id = (self._rest.find_session(session, deadline=deadline)
                              or self._rest.create_session(session, name, deadline=deadline))
@@ -2260,19 +2365,24 @@ class Kernel:
             self.close()
             raise
 
-    def _start(self, name: str | None, env: dict | None, path: str | None, deadline: Deadline) -> dict:
-        """Start a kernel; one whose start is answered only after ``deadline`` is deleted, not left behind."""
-        late = Deadline(None if deadline.timeout is None else deadline.remaining() + CLEANUP_TIMEOUT)
+    def _start(self, name: str | None, env: dict | None, path: str | None,
+               deadline: Deadline) -> dict:
+        """Start a kernel; one whose start is answered only after ``deadline`` is deleted, not
+        left behind."""
+        late = Deadline(None if deadline.timeout is None else deadline.remaining()
+                        + CLEANUP_TIMEOUT)
         try:
             info = self._rest.start_kernel(name, env=env, path=path, deadline=late)
         except ServerError as exc:
             if exc.status is None and deadline.expired:
-                raise ServerError(self.url, f"did not start a kernel within {_seconds(deadline.timeout)}") from None
+                raise ServerError(self.url, f"did not start a kernel within "
+                                            f"{_seconds(deadline.timeout)}") from None
             raise
         if deadline.expired:
             with contextlib.suppress(JupyterError):
                 self._rest.delete_kernel(info["id"], deadline=late)
-            raise ServerError(self.url, f"did not start a kernel within {_seconds(deadline.timeout)}")
+            raise ServerError(self.url,
+                              f"did not start a kernel within {_seconds(deadline.timeout)}")
         return info
 
     def __repr__(self) -> str:
@@ -2306,13 +2416,16 @@ class Kernel:
 
     def _connect(self, deadline: Deadline) -> None:
         offered = [] if self.protocol == "legacy" else [V1_SUBPROTOCOL]
-        self._ws = WebSocket.connect(self._channels_url(), headers=self._rest.headers(), subprotocols=offered,
+        self._ws = WebSocket.connect(self._channels_url(), headers=self._rest.headers(),
+                                     subprotocols=offered,
                                      timeout=deadline.remaining(HANDSHAKE_TIMEOUT),
-                                     ssl_context=self._rest.ssl_context, unix_socket=self._rest.unix_socket,
+                                     ssl_context=self._rest.ssl_context,
+                                     unix_socket=self._rest.unix_socket,
                                      proxy=_proxy_for(self.url), compression=self.compression)
         if self.protocol == "v1" and self._ws.subprotocol != V1_SUBPROTOCOL:
             self._ws.close()
-            raise ServerError(self.url, "does not speak the v1 kernel websocket protocol", fix="protocol")
+            raise ServerError(self.url, "does not speak the v1 kernel websocket protocol",
+                              fix="protocol")
         self._wire = "v1" if self._ws.subprotocol == V1_SUBPROTOCOL else "legacy"
 
     def _reconnect(self, deadline: Deadline) -> None:
@@ -2334,7 +2447,8 @@ class Kernel:
         raise last  # type: ignore[misc]
 
     def _send(self, msg: dict, deadline: Deadline) -> None:
-        self._ws.send(encode_message(msg, protocol=self._wire), timeout=deadline.remaining(HTTP_TIMEOUT))
+        self._ws.send(encode_message(msg, protocol=self._wire),
+                      timeout=deadline.remaining(HTTP_TIMEOUT))
 
     def _next_message(self, timeout: float | None) -> dict | None:
         """The next kernel message, or None if ``timeout`` passes first.
@@ -2356,7 +2470,8 @@ class Kernel:
     def execute(self, code: str, *, timeout: float | None = None,
                 on_output: Callable[[dict], object] | None = None,
                 stdin: Iterable[str] | Callable[[str, bool], str] | None = None,
-                silent: bool = False, store_history: bool = True) -> Result:
+                silent: bool = False, store_history: bool = True,
+                keep_outputs: bool = True) -> Result:
         """Run ``code`` and return its Result once the kernel is done with it.
 
         Args:
@@ -2370,6 +2485,8 @@ class Kernel:
                 callable ``(prompt, password) -> str``. Without it, ``input()``
                 raises in the kernel at once.
             silent, store_history: as in the Jupyter execute_request.
+            keep_outputs: False keeps no outputs in the Result (``on_output`` saw them), so
+                memory stays bounded however much the code prints.
         Returns:
             the Result; its ``status`` may be "error": see ``raise_for_error``.
         Raises:
@@ -2379,12 +2496,15 @@ class Kernel:
         """
         deadline = Deadline(timeout if timeout is not None else self.timeout)
         return self._execute(code, deadline, on_output=on_output, stdin=stdin, silent=silent,
-                             store_history=store_history)
+                             store_history=store_history, keep_outputs=keep_outputs)
 
-    def _execute(self, code: str, deadline: Deadline, *, on_output=None, stdin=None, silent: bool = False,
+    def _execute(self, code: str, deadline: Deadline, *, on_output=None, stdin=None,
+                 silent: bool = False,
                  store_history: bool = True, keep_outputs: bool = True, on_wait=None,
-                 stop_on_error: bool = True, displays: dict | None = None, sent: dict | None = None) -> Result:
-        """``execute`` within a deadline shared with other steps of a call.
+                 stop_on_error: bool = True, displays: dict | None = None,
+                 sent: dict | None = None) -> Result:
+        """``execute`` within a deadline shared with other steps of a call. A friend of the
+        notebooks section (``_execute_notebook``), as ``_send_ahead`` is.
 
         ``keep_outputs=False`` keeps no output in the Result (a streaming caller
         has seen them); ``on_wait(quiet, elapsed)`` runs every STATUS_TICK;
@@ -2395,9 +2515,12 @@ class Kernel:
             raise JupyterError("the kernel is closed")
         self._cleanup = None
         answer = _stdin_answerer(stdin)
-        request = sent or self._send_ahead(code, deadline, silent=silent, store_history=store_history,
-                                           allow_stdin=answer is not None, stop_on_error=stop_on_error)
-        run = _Execution(request["header"]["msg_id"], on_output, keep_outputs=keep_outputs, displays=displays)
+        request = sent or self._send_ahead(code, deadline, silent=silent,
+                                           store_history=store_history,
+                                           allow_stdin=answer is not None,
+                                           stop_on_error=stop_on_error)
+        run = _Execution(request["header"]["msg_id"], on_output, keep_outputs=keep_outputs,
+                         displays=displays)
         try:
             for msg in self._ahead.pop(run.msg_id, ()):  # what arrived while earlier cells ran
                 run.feed(msg)
@@ -2434,7 +2557,8 @@ class Kernel:
             self._send(request, deadline)
         return request
 
-    def _wait(self, run: _Execution, deadline: Deadline, answer, on_wait, request: dict | None) -> None:
+    def _wait(self, run: _Execution, deadline: Deadline, answer, on_wait,
+              request: dict | None) -> None:
         """Feed ``run`` until it is done, under the clocks of the Strategy above."""
         drops = 0
         started = quiet_since = time.monotonic()
@@ -2476,13 +2600,15 @@ class Kernel:
                 state = self._check_alive(deadline)
                 quiet_since = time.monotonic()
                 if drops and not run.heard and state == "idle" and request is not None:
-                    self._send(request, deadline)  # it went into a dying connection and never arrived
+                    # it went into a dying connection and never arrived
+                    self._send(request, deadline)
                     request = None
             if ending:
                 return  # one of reply/idle never came; what arrived is the result
 
     def _is_for(self, run: _Execution, msg: dict) -> bool:
-        """False for a message of a request sent ahead of ``run``: it waits in ``_ahead`` for its turn."""
+        """False for a message of a request sent ahead of ``run``: it waits in ``_ahead`` for
+        its turn."""
         parent = msg["parent_header"].get("msg_id")
         if parent != run.msg_id and parent in self._ahead:
             self._ahead[parent].append(msg)
@@ -2495,8 +2621,10 @@ class Kernel:
             return
         request, run.input_request = run.input_request, None
         content = request["content"]
-        value = answer(content.get("prompt", ""), bool(content.get("password"))) if answer else EOF_ANSWER
-        self._send(input_reply(value, session=self.session_id, parent_header=request["header"]), deadline)
+        value = answer(content.get("prompt", ""),
+                       bool(content.get("password"))) if answer else EOF_ANSWER
+        self._send(input_reply(value, session=self.session_id, parent_header=request["header"]),
+                   deadline)
 
     def _check_alive(self, deadline: Deadline) -> str | None:
         """Ask the server about the kernel: raise KernelDied if gone; else its state."""
@@ -2517,8 +2645,11 @@ class Kernel:
         next execute would fail if we returned at once.
         """
         budget = self._cleanup = self._cleanup or Deadline(CLEANUP_TIMEOUT)
-        with contextlib.suppress(JupyterError, OSError):  # best effort: the caller is leaving with an error
-            self._rest.interrupt_kernel(self.id, deadline=Deadline(max(0.0, budget.remaining() - DELETE_RESERVE)))
+        # best effort: the caller is leaving with an error
+        with contextlib.suppress(JupyterError, OSError):
+            self._rest.interrupt_kernel(self.id,
+                                        deadline=Deadline(max(0.0,
+                                                              budget.remaining() - DELETE_RESERVE)))
             until = Deadline(max(0.0, budget.remaining() - DELETE_RESERVE) if settle else 0.0)
             while not run.done and not run.died and not until.expired:
                 msg = self._next_message(until.remaining())
@@ -2558,7 +2689,9 @@ class Kernel:
                         and msg["parent_header"].get("msg_id") == request["header"]["msg_id"]):
                     return
             if deadline.expired:
-                raise ServerError(self.url, f"kernel {self.id} did not answer within {_seconds(deadline.timeout)}")
+                raise ServerError(self.url,
+                                  f"kernel {self.id} did not answer within "
+                                  f"{_seconds(deadline.timeout)}")
 
     # -- introspection: what editors ask a kernel (the messaging protocol's shell requests) --
 
@@ -2566,10 +2699,12 @@ class Kernel:
         """The kernel's kernel_info reply: ``language_info``, ``implementation``, ``banner``, ..."""
         return self._ask("kernel_info_request", {}, timeout)
 
-    def complete(self, code: str, cursor_pos: int | None = None, *, timeout: float | None = None) -> dict:
+    def complete(self, code: str, cursor_pos: int | None = None, *,
+                 timeout: float | None = None) -> dict:
         """Completions at ``cursor_pos`` (characters; default: the end of ``code``): a dict of
         ``matches``, ``cursor_start``, ``cursor_end`` (the span they replace) and ``metadata``."""
-        reply = self._ask("complete_request", {"code": code, "cursor_pos": _cursor(code, cursor_pos)}, timeout)
+        reply = self._ask("complete_request",
+                          {"code": code, "cursor_pos": _cursor(code, cursor_pos)}, timeout)
         return {"matches": [str(m) for m in reply.get("matches") or []],
                 "cursor_start": reply.get("cursor_start"), "cursor_end": reply.get("cursor_end"),
                 "metadata": reply.get("metadata") or {}}
@@ -2602,18 +2737,40 @@ class Kernel:
             msg = self._next_message(deadline.remaining(SILENCE_CHECK))
             if msg is None:
                 if deadline.expired:
-                    raise ServerError(self.url, f"kernel {self.id} did not answer within {_seconds(deadline.timeout)}")
+                    raise ServerError(self.url,
+                                      f"kernel {self.id} did not answer within "
+                                      f"{_seconds(deadline.timeout)}")
                 self._check_alive(deadline)
-            elif msg.get("channel") == "shell" and msg["parent_header"].get("msg_id") == request["header"]["msg_id"]:
+            elif (msg.get("channel") == "shell"
+                  and msg["parent_header"].get("msg_id") == request["header"]["msg_id"]):
                 reply = msg["content"]
                 if reply.get("status") == "error":
-                    raise JupyterError(f"the kernel could not answer {msg_type}: "
-                                       f"{reply.get('ename', 'Error')}: {reply.get('evalue', '')}".rstrip(": "))
+                    error = f"{reply.get('ename', 'Error')}: {reply.get('evalue', '')}".rstrip(": ")
+                    raise JupyterError(f"the kernel could not answer {msg_type}: {error}")
                 return reply
 
     def detach(self) -> None:
-        """Leave the kernel running after ``close()``, as an attached kernel is; ``.id`` names it."""
+        """Leave the kernel running after ``close()``, as an attached kernel is; ``.id`` names
+        it."""
         self._owned = False
+
+    def drop(self) -> None:
+        """Let go of the connection at once (no close handshake); the kernel keeps running."""
+        self._owned = False
+        ws, self._ws = self._ws, None
+        self._ahead.clear()
+        if ws is not None:
+            ws.abort("dropped")
+
+    @property
+    def owned(self) -> bool:
+        """Whether this object started the kernel, and so deletes it on ``close()``."""
+        return self._owned
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection is closed (``close()`` or ``drop()``); the kernel may run on."""
+        return self._ws is None
 
     def close(self) -> None:
         """Close the connection, and delete the kernel if this object started it.
@@ -2627,7 +2784,8 @@ class Kernel:
         self._ahead.clear()
         try:
             if ws is not None:
-                ws.close_timeout = min(ws.close_timeout, max(0.0, budget.remaining() - DELETE_RESERVE))
+                ws.close_timeout = min(ws.close_timeout,
+                                       max(0.0, budget.remaining() - DELETE_RESERVE))
                 with contextlib.suppress(Exception):
                     ws.close()
         finally:
@@ -2640,8 +2798,10 @@ def _cursor(code: str, cursor_pos: int | None) -> int:
     """A cursor position in ``code`` (in characters, as protocol 5.2 counts them)."""
     if cursor_pos is None:
         return len(code)
-    if isinstance(cursor_pos, bool) or not isinstance(cursor_pos, int) or not 0 <= cursor_pos <= len(code):
-        raise ValueError(f"cursor_pos must be a position from 0 to {len(code)} in the code, not {cursor_pos!r}")
+    if isinstance(cursor_pos, bool) or not isinstance(cursor_pos,
+                                                      int) or not 0 <= cursor_pos <= len(code):
+        raise ValueError(f"cursor_pos must be a position from 0 to {len(code)} in the code, not "
+                         f"{cursor_pos!r}")
     return cursor_pos
 
 
@@ -2679,7 +2839,7 @@ def run_code(code: str, url: str | None = None, token: str | None = None, *,
         return kernel._execute(code, deadline, on_output=on_output, stdin=stdin)
 
 
-# ---- Notebooks ------------------------------------------------------------------
+# ---- Notebooks -----------------------------------------------------------------------------------
 #
 # A notebook runs as nbclient runs it (cell by cell on one kernel, display ids
 # spanning the notebook) and takes parameters as papermill does.
@@ -2703,7 +2863,8 @@ def _tags(cell: dict) -> list:
 
 
 def _new_cell(kind: str, source: str, tags: list | None = None) -> dict:
-    cell = {"cell_type": kind, "id": _new_id()[:8], "metadata": {"tags": tags} if tags else {}, "source": source}
+    cell = {"cell_type": kind, "id": _new_id()[:8], "metadata": {"tags": tags} if tags else {},
+            "source": source}
     if kind == "code":
         cell.update(execution_count=None, outputs=[])
     return cell
@@ -2729,7 +2890,8 @@ def read_notebook(path: str, rest: _RestClient, deadline: Deadline,
 
 
 def notebook_from(text: str, path: str | None = None) -> dict:
-    """An nbformat 4 notebook from a file's text: a notebook (.ipynb), '# %%' cells (.py), or one cell."""
+    """An nbformat 4 notebook from a file's text: a notebook (.ipynb), '# %%' cells (.py), or
+    one cell."""
     suffix = (path or "").lower().rpartition(".")[2]
     if suffix == "ipynb":
         try:
@@ -2771,11 +2933,13 @@ def _current(notebook: dict) -> dict:
 def _is_notebook(notebook: object) -> bool:
     """Whether JSON has the parts of a notebook that running and writing it use, of their types
     (those nbformat's schema gives them), and nests no deeper than can be written back."""
-    if not (isinstance(notebook, dict) and isinstance(notebook.get("cells"), list) and _shallow(notebook)):
+    if not (isinstance(notebook, dict) and isinstance(notebook.get("cells"), list)
+            and _shallow(notebook)):
         return False
     meta = notebook.get("metadata", {})
     return (isinstance(meta, dict) and _is_kind(notebook.get("nbformat_minor", 0), int)
-            and all(_is_kind(meta.get(key, {}), dict) for key in ("kernelspec", "language_info", "papermill"))
+            and all(_is_kind(meta.get(key, {}), dict)
+                    for key in ("kernelspec", "language_info", "papermill"))
             and all(_is_kind(part.get(key, ""), str) for part, key in (
                 (meta.get("kernelspec", {}), "name"), (meta.get("kernelspec", {}), "language"),
                 (meta.get("language_info", {}), "name")))
@@ -2792,9 +2956,11 @@ def python_literal(value: object) -> str:
     if isinstance(value, float):
         if value - value == 0:
             return str(value)
-        return "float('nan')" if value != value else "float('inf')" if value > 0 else "float('-inf')"
+        return ("float('nan')" if value != value else "float('inf')" if value > 0
+                else "float('-inf')")
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{python_literal(str(k))}: {python_literal(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{python_literal(str(k))}: {python_literal(v)}" for k,
+                               v in value.items()) + "}"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(python_literal(v) for v in value) + "]"
     escaped = str(value).encode("unicode_escape").decode("utf-8").replace('"', r'\"')
@@ -2802,7 +2968,8 @@ def python_literal(value: object) -> str:
 
 
 def parameter_value(text: str) -> object:
-    """A ``-p`` value read as papermill reads it: True, False, None, an int, a float, else the text."""
+    """A ``-p`` value read as papermill reads it: True, False, None, an int, a float, else the
+    text."""
     if text in ("True", "False", "None"):
         return {"True": True, "False": False, "None": None}[text]
     for kind in (int, float):
@@ -2818,17 +2985,21 @@ def inject_parameters(notebook: dict, parameters: dict) -> None:
     (at the top without one), or in place of a cell injected before. They are written as Python,
     so a notebook in another language is refused (ConfigError)."""
     meta = notebook.get("metadata") or {}
-    language = ((meta.get("kernelspec") or {}).get("language") or (meta.get("language_info") or {}).get("name")
+    language = ((meta.get("kernelspec") or {}).get("language")
+                or (meta.get("language_info") or {}).get("name")
                 or "python")
     if language.lower() != "python":
-        raise ConfigError(f"parameters are written as Python (as papermill writes them); this notebook's "
+        raise ConfigError("parameters are written as Python (as papermill writes them); this "
+                          "notebook's "
                           f"language is {language}")
     if not _shallow(parameters):
         raise ConfigError(f"parameters nest deeper than {MAX_JSON_DEPTH} levels")
     cell = _new_cell("code", "# Parameters\n" + "".join(f"{name} = {python_literal(value)}\n"
-                                                       for name, value in parameters.items()), [INJECTED_TAG])
+                                                       for name, value in parameters.items()),
+                                                       [INJECTED_TAG])
     cells = notebook["cells"]
-    tagged = [[i for i, c in enumerate(cells) if tag in _tags(c)] for tag in (INJECTED_TAG, PARAMETERS_TAG)]
+    tagged = [[i for i, c in enumerate(cells) if tag in _tags(c)]
+              for tag in (INJECTED_TAG, PARAMETERS_TAG)]
     if tagged[0]:
         cells[tagged[0][0]] = cell
     else:
@@ -2853,7 +3024,8 @@ def _kernel_dir(url: str, path: str, root: str | None = None) -> str | None:
     return where.replace(os.sep, "/")
 
 
-def _kernel_for(notebook: dict, parameters: dict | None, kernel_name: str | None = None) -> str | None:
+def _kernel_for(notebook: dict, parameters: dict | None,
+                kernel_name: str | None = None) -> str | None:
     """Ready a loaded notebook to run (parameters injected); the kernel spec to start for it:
     ``kernel_name``, else the notebook's, else None (the server's default). Every front end
     runs a notebook through this and ``_execute_notebook``; they only choose where output goes."""
@@ -2887,16 +3059,20 @@ def _execute_notebook(kernel: Kernel, notebook: dict, deadline: Deadline, result
     queue = [(number, cell) for number, cell in enumerate(code, 1) if id(cell) in runs]
     for position, (number, cell) in enumerate(queue):
         allowed = RAISES_TAG in _tags(cell)
-        if not cell_timeout:  # keep the kernel's queue full (not with a cell's clock: it would start in the queue)
+        # keep the kernel's queue full (not with a cell's clock: it would start in the queue)
+        if not cell_timeout:
             for _, ahead in queue[len(sent):position + PIPELINE_DEPTH]:
-                sent[id(ahead)] = kernel._send_ahead(_source(ahead), deadline, allow_stdin=stdin is not None,
-                                                     stop_on_error=not (keep_going or RAISES_TAG in _tags(ahead)))
+                stop = not (keep_going or RAISES_TAG in _tags(ahead))
+                sent[id(ahead)] = kernel._send_ahead(_source(ahead), deadline, stop_on_error=stop,
+                                                     allow_stdin=stdin is not None)
         if on_cell is not None:
             on_cell(number, len(code))
         limit = deadline.cut(cell_timeout) if cell_timeout else deadline
         try:
-            result = kernel._execute(_source(cell), limit, on_output=on_output, stdin=stdin, keep_outputs=keep_outputs,
-                                     on_wait=on_wait, stop_on_error=not (keep_going or allowed), displays=displays,
+            result = kernel._execute(_source(cell), limit, on_output=on_output, stdin=stdin,
+                                     keep_outputs=keep_outputs,
+                                     on_wait=on_wait, stop_on_error=not (keep_going or allowed),
+                                     displays=displays,
                                      sent=sent.get(id(cell)))
         except (ExecutionTimeout, KernelDied) as exc:
             result = exc.result or Result()
@@ -2904,8 +3080,10 @@ def _execute_notebook(kernel: Kernel, notebook: dict, deadline: Deadline, result
                 cell["outputs"], cell["execution_count"] = result.outputs, result.execution_count
                 results.append(result)
                 raise
-            if result.error is None:  # the cell's own limit ran out: an error of that cell, as in nbclient
-                result.error = {"ename": "CellTimeoutError", "evalue": f"the cell did not finish within "
+            # the cell's own limit ran out: an error of that cell, as in nbclient
+            if result.error is None:
+                result.error = {"ename": "CellTimeoutError",
+                                "evalue": f"the cell did not finish within "
                                 f"{_seconds(cell_timeout)}", "traceback": []}
                 result.outputs.append({"output_type": "error", **result.error})
             result.status = "error"
@@ -2919,9 +3097,10 @@ def _execute_notebook(kernel: Kernel, notebook: dict, deadline: Deadline, result
 
 
 def run_notebook(notebook: str | dict, url: str | None = None, token: str | None = None, *,
-                 parameters: dict | None = None, keep_going: bool = False, cell_timeout: float | None = None,
+                 parameters: dict | None = None, keep_going: bool = False,
+                 cell_timeout: float | None = None,
                  timeout: float | None = None, kernel_name: str | None = None) -> dict:
-    """Run a notebook on a new kernel, as nbclient and papermill do, and return the executed notebook.
+    """Run a notebook on a new kernel, as nbclient and papermill do; return the executed one.
 
     Args:
         notebook: a path (.ipynb, a .py file of '# %%' cells, or ``server:PATH`` in the server's
@@ -2960,7 +3139,1126 @@ def run_notebook(notebook: str | dict, url: str | None = None, token: str | None
     return notebook
 
 
-# ---- Command line -------------------------------------------------------------------
+# ---- Python 3.9: the public API's hints, spelled so typing.get_type_hints reads them -------------
+
+if sys.version_info < (3, 10) and __name__ != "__main__":
+    # Python 3.9 cannot evaluate "X | None"; editors, documentation tools and pydantic read the
+    # public API's hints with typing.get_type_hints, so there they are spelled with Union.
+    import typing
+
+    def _union(hint: str) -> str:
+        parts, depth, start = [], 0, 0
+        for i, char in enumerate(hint):
+            depth += (char == "[") - (char == "]")
+            if depth == 0 and hint.startswith(" | ", i):
+                parts.append(hint[start:i])
+                start = i + 3
+        parts = [part.strip() for part in parts + [hint[start:]]]
+        inner = [re.sub(r"\[(.*)\]$", lambda m: "["
+                        + ", ".join(_union(x) for x in _split_args(m.group(1))) + "]", p)
+                 for p in parts]
+        return inner[0] if len(inner) == 1 else f"typing.Union[{', '.join(inner)}]"
+
+    def _split_args(text: str) -> list:
+        args, depth, start = [], 0, 0
+        for i, char in enumerate(text):
+            depth += (char == "[") - (char == "]")
+            if depth == 0 and char == ",":
+                args.append(text[start:i])
+                start = i + 1
+        return args + [text[start:]]
+
+    for _public in [globals()[name] for name in __all__]:
+        for _function in ([_public, *vars(_public).values()] if isinstance(_public, type)
+                          else [_public]):
+            _function = getattr(_function, "__func__", _function)
+            for _name, _hint in getattr(_function, "__annotations__", {}).items():
+                if isinstance(_hint, str) and "|" in _hint:
+                    _function.__annotations__[_name] = _union(_hint)
+
+
+# ---- Front ends: what the command line and the MCP server share ----------------------------------
+
+# FIXES, in the command line's words.
+_CLI_FIXES = {
+    "token": "set JUPYTER_TOKEN or pass --token",
+    "tls": "pass --cafile or set SSL_CERT_FILE for a private CA, or --insecure",
+    "tls-context": "the --cafile given did not sign its certificate; pass the CA that did, or "
+    "--insecure",
+    "tls-store": ("this Python has no CA certificates: on macOS run 'Install Certificates.command' "
+                  "in the Python folder, or set SSL_CERT_FILE; --cafile for a private CA"),
+    "tls-strict": ("Python 3.13+ checks certificates strictly: reissue the certificate or its CA "
+                   "with what is named, or pass --insecure"),
+    "notebook": "open it in JupyterLab first, or use --session",
+    "protocol": "use --protocol legacy",
+}
+
+
+ANSI_ESCAPE = r"\x1b\[[0-9;?]*[ -/]*[@-~]"  # compiled by re on first use
+
+
+def _size(n: int) -> str:
+    return (f"{n} B" if n < 1024 else f"{n / 1024:.1f} KB" if n < 1024**2
+            else f"{n / 1024**2:.1f} MB")
+
+
+def _text_form(data: dict) -> str | None:
+    """The best text form of a mimebundle: text/plain, then JSON pretty-printed."""
+    if "text/plain" in data:
+        text = data["text/plain"]
+        return "".join(text) if isinstance(text, list) else str(text)
+    if "application/json" in data:
+        return json.dumps(data["application/json"], indent=2)
+    return None
+
+
+def _strict_json(obj: object, **options) -> str:
+    """JSON that every parser takes: NaN and the infinities (a server's 1e400 reads as one) are
+    written as the strings "NaN", "Infinity" and "-Infinity"."""
+    try:
+        return json.dumps(obj, allow_nan=False, **options)
+    except ValueError:
+        return json.dumps(_finite(obj), allow_nan=False, **options)
+
+
+def _finite(value: object) -> object:
+    if isinstance(value, float) and value - value != 0:  # NaN or an infinity
+        return "NaN" if value != value else "Infinity" if value > 0 else "-Infinity"
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    return [_finite(item) for item in value] if isinstance(value, (list, tuple)) else value
+
+
+def _write_notebook(path: str, notebook: dict, remote: _RestClient | None,
+                    deadline: Deadline) -> None:
+    """Write the executed notebook to a local file, or to the server for server:PATH."""
+    if path.startswith(SERVER_PREFIX):
+        remote.save_notebook(path[len(SERVER_PREFIX):], json.loads(_strict_json(notebook)),
+                             deadline=deadline.cut(HTTP_TIMEOUT))
+        return
+    text = _notebook_text(notebook)  # (before the file is opened: an error must not leave it empty)
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _notebook_text(notebook: dict) -> str:
+    """A notebook file's text, as nbformat writes it; a lone surrogate (from a JSON escape)
+    stays escaped."""
+    text = _strict_json(notebook, indent=1, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = _strict_json(notebook, indent=1)
+    return text + "\n"
+
+
+# ---- Model Context Protocol server (--mcp) -------------------------------------------------------
+#
+# `jupyter_call.py --mcp` gives an AI agent's host (Claude Code, Claude Desktop, VS Code,
+# any MCP client) tools to run code on Jupyter kernels. The transport is stdio: JSON-RPC
+# 2.0, one message per line in UTF-8; stdout carries protocol messages and nothing else,
+# logs go to stderr, and stdin closing ends the process once its kernels are deleted.
+# Two eras of the specification are served, in the era its client speaks first:
+#   - the handshake era, revisions 2024-11-05 to 2025-11-25 (basic/lifecycle): `initialize`
+#     picks the version, then `notifications/initialized`, `ping`, `tools/*`;
+#   - revision 2026-07-28 (basic/versioning, basic/index): no handshake; every request names
+#     its version in `_meta`; `server/discover`; every result has `resultType` and the
+#     server's info in `_meta`; list results have the caching hints `ttlMs` and `cacheScope`.
+# Requests run concurrently: calls on one kernel one after another, in a lane (a thread
+# while it has work), other calls each in a thread; the reading thread answers the rest.
+
+MCP_HANDSHAKE_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")  # newest first
+MCP_STATELESS_VERSIONS = ("2026-07-28",)
+MCP_VERSIONS = MCP_STATELESS_VERSIONS + MCP_HANDSHAKE_VERSIONS
+_MCP_VERSION_KEY = "io.modelcontextprotocol/protocolVersion"  # in a 2026-07-28 request's _meta
+_MCP_SERVER_KEY = "io.modelcontextprotocol/serverInfo"        # in a 2026-07-28 result's _meta
+MCP_TOOLS_TTL_MS = 3_600_000  # the tools do not change while the process runs
+MAX_MCP_LINE = 64 * 2**20     # bound on one incoming message
+MCP_PROGRESS_EVERY = 2.0      # seconds between progress notifications (at most 5, as promised)
+MCP_MAX_OUTPUT = 20_000       # characters of text per result (--max-output)
+MCP_MAX_IMAGE_BYTES = 1_000_000  # an image inlined at most (--max-image-bytes)
+MCP_MAX_IMAGES = 10           # images inlined in one result at most
+MCP_START_TIMEOUT = HTTP_TIMEOUT  # starting or attaching a kernel (gateways can take 40 s+)
+MCP_ASK_TIMEOUT = 30.0        # inspect: the kernel answers at once unless busy
+# Hosts close stdin, send SIGTERM 2 s later and SIGKILL at 4 s (the official SDKs and the
+# Inspector): the kernels this process started are deleted in parallel within this budget.
+MCP_CLEANUP = 2.5
+MCP_DELETE_RESERVE = 1.0  # of which kept for the deletes, when kernels are still starting
+
+PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS = -32700, -32600, -32601, -32602
+UNSUPPORTED_VERSION = -32022  # revision 2026-07-28, basic/versioning
+
+MCP_INSTRUCTIONS = (
+    "Runs code on Jupyter kernels. run_code without a kernel uses one default kernel that keeps "
+    "its "
+    "state between calls, like a notebook: define things once, then use them. Output comes back as "
+    "text and images; very long output is cut in the middle. Use a timeout for code that may run "
+    "long; "
+    "interrupt_kernel stops a runaway cell, restart_kernel clears all state.")
+
+
+_KERNEL_ID = "^[A-Za-z0-9_~:-][A-Za-z0-9._~:-]{0,127}$"  # a plain token, as servers make kernel ids
+
+
+def _schema(properties: dict, required: tuple = ()) -> dict:
+    return {"type": "object", "properties": properties, "required": list(required),
+            "additionalProperties": False}
+
+
+def _control_tool(name: str, title: str, description: str, *, destructive: bool,
+                  idempotent: bool) -> dict:
+    """A tool that acts on one kernel, named by its id."""
+    return {"name": name, "title": title, "description": description,
+            "inputSchema": _schema({"kernel": {"type": "string", "pattern": _KERNEL_ID,
+                                               "description": "The kernel id."}}, ("kernel",)),
+            "annotations": {"title": title, "readOnlyHint": False, "destructiveHint": destructive,
+                            "idempotentHint": idempotent, "openWorldHint": False}}
+
+
+_KERNEL_ARG = {"type": "string", "pattern": _KERNEL_ID,
+               "description": "A kernel id (from list_kernels or start_kernel). Default: the "
+               "default kernel."}
+_STATUS = {"type": "string", "enum": ["ok", "error", "aborted", "timeout"]}
+
+MCP_TOOLS = (
+    {"name": "run_code", "title": "Run code",
+     "description": "Run code on a Jupyter kernel and return what it printed, its result, images "
+     "it displayed "
+                    "and the traceback if it raised. Without `kernel`, the default kernel is used; "
+                    "its "
+                    "variables, imports and files persist between calls, so build on earlier calls "
+                    "rather "
+                    "than repeating them. The code runs as a notebook cell: the value of its last "
+                    "line is "
+                    "shown. `timeout` (seconds) interrupts code that runs longer and returns what "
+                    "it printed "
+                    "so far. structuredContent.status is ok, error, aborted or timeout.",
+     "inputSchema": _schema({"code": {"type": "string", "description":
+                                      "The code to run (Python for Python kernels)."},
+                             "kernel": _KERNEL_ARG,
+                             "timeout": {"type": "number", "exclusiveMinimum": 0, "description":
+                                         "Seconds before the kernel is interrupted."}},
+                            ("code",)),
+     "outputSchema": _schema({"status": _STATUS, "kernel": {"type": "string"},
+                              "execution_count": {"type": ["integer", "null"]},
+                              "truncated": {"type": "boolean"}},
+                             ("status", "kernel", "execution_count", "truncated")),
+     "annotations": {"title": "Run code", "readOnlyHint": False, "destructiveHint": False,
+                     "idempotentHint": False, "openWorldHint": False}},
+    {"name": "list_kernels", "title": "List kernels",
+     "description": "List the Jupyter server's running kernels (id, kernel name, execution state, "
+     "last activity) "
+                    "and its sessions (the notebooks and consoles open in JupyterLab, with their "
+                    "kernel). "
+                    "`started` marks kernels this MCP server started, `default` the one run_code "
+                    "uses "
+                    "without `kernel`.",
+     "inputSchema": _schema({}),
+     "outputSchema": _schema({
+         "kernels": {"type": "array", "items": _schema({
+             "id": {"type": "string"}, "name": {"type": ["string", "null"]},
+             "state": {"type": ["string", "null"]}, "last_activity": {"type": ["string", "null"]},
+             "started": {"type": "boolean"}, "default": {"type": "boolean"}},
+             ("id", "name", "state", "last_activity", "started", "default"))},
+         "sessions": {"type": "array", "items": _schema({
+             "path": {"type": ["string", "null"]}, "kernel": {"type": ["string", "null"]}},
+             ("path", "kernel"))}},
+         ("kernels", "sessions")),
+     "annotations": {"title": "List kernels", "readOnlyHint": True, "openWorldHint": False}},
+    {"name": "start_kernel", "title": "Start a kernel",
+     "description": "Start a new kernel, separate from the default one, and return its id to pass "
+     "as `kernel` "
+                    "to run_code. `name` is a kernel spec (e.g. python3; default: the server's). "
+                    "It is shut "
+                    "down when this MCP server stops, or by shutdown_kernel.",
+     "inputSchema": _schema({"name": {"type": "string", "description": "The kernel spec name."}}),
+     "outputSchema": _schema({"kernel": {"type": "string"}, "name": {"type": ["string", "null"]}},
+                             ("kernel", "name")),
+     "annotations": {"title": "Start a kernel", "readOnlyHint": False, "destructiveHint": False,
+                     "idempotentHint": False, "openWorldHint": False}},
+    _control_tool("interrupt_kernel", "Interrupt a kernel",
+                  "Interrupt the code a kernel is running (as Ctrl-C does): the running call ends "
+                  "with a "
+                  "KeyboardInterrupt error; the kernel and its state stay.", destructive=False,
+                  idempotent=True),
+    _control_tool("restart_kernel", "Restart a kernel",
+                  "Restart a kernel: all its variables and imports are lost, it keeps its id. Use "
+                  "it when the "
+                  "kernel is stuck or its state is broken.", destructive=True, idempotent=False),
+    _control_tool("shutdown_kernel", "Shut down a kernel",
+                  "Shut down a kernel this MCP server started (the default one or one from "
+                  "start_kernel); "
+                  "its state is lost. Kernels of other people and notebooks are refused.",
+                  destructive=True, idempotent=True),
+    {"name": "inspect", "title": "Look up documentation",
+     "description": "The kernel's documentation of the name at `cursor_pos` in `code` (default: "
+     "the end), as "
+                    "IPython's `name?` shows it: signature and docstring of a function, class or "
+                    "variable "
+                    "the kernel knows.",
+     "inputSchema": _schema({"code": {"type": "string"},
+                             "cursor_pos": {"type": "integer", "minimum": 0,
+                                            "description": "Character position in code."},
+                             "kernel": _KERNEL_ARG}, ("code",)),
+     "annotations": {"title": "Look up documentation", "readOnlyHint": True,
+                     "openWorldHint": False}},
+    {"name": "run_notebook", "title": "Run a notebook",
+     "description": "Run a notebook's code cells in order on a new kernel, as papermill does, and "
+     "return a "
+                    "summary of each cell (status, the start of its output, the first error). "
+                    "`path` is a "
+                    ".ipynb (or '# %%' .py) file on this machine, or server:PATH for a file on the "
+                    "Jupyter "
+                    "server. `parameters` are injected after the cell tagged 'parameters'. `write` "
+                    "saves the "
+                    "executed notebook: a path, server:PATH, or true for the notebook itself.",
+     "inputSchema": _schema({"path": {"type": "string"},
+                             "parameters": {"type": "object",
+                                            "description": "Names and values to inject."},
+                             "write": {"type": ["string", "boolean"]}}, ("path",)),
+     "outputSchema": _schema({"status": {"type": "string", "enum": ["ok", "error"]},
+                              "cells": {"type": "array", "items": _schema({
+                                  "cell": {"type": "integer"}, "status": {"type": "string"},
+                                  "execution_count": {"type": ["integer", "null"]},
+                                  "output": {"type": "string"},
+                                  "error": {"type": ["string", "null"]}},
+                                  ("cell", "status", "execution_count", "output", "error"))},
+                              "written": {"type": ["string", "null"]}},
+                             ("status", "cells", "written")),
+     "annotations": {"title": "Run a notebook", "readOnlyHint": False, "destructiveHint": False,
+                     "idempotentHint": False, "openWorldHint": False}},
+)
+
+
+class _ToolError(Exception):
+    """A tool call that cannot be done: its text is the result's, with isError set."""
+
+
+def _check_arguments(schema: dict, args: object) -> str | None:
+    """What is wrong with ``args`` for an input schema of MCP_TOOLS, or None."""
+    if not isinstance(args, dict):
+        return "the arguments must be an object"
+    properties = schema["properties"]
+    for name in schema["required"]:
+        if name not in args:
+            return f"argument '{name}' is required"
+    for name, value in args.items():
+        rule = properties.get(name)
+        if rule is None:
+            takes = ", ".join(properties) or "nothing"
+            return f"unknown argument '{name}' (this tool takes: {takes})"
+        kinds = rule["type"] if isinstance(rule["type"], list) else [rule["type"]]
+        if not any(_is_json_type(value, kind) for kind in kinds):
+            return f"argument '{name}' must be {' or '.join(kinds)}, not {_json_type(value)}"
+        if "pattern" in rule and isinstance(value, str) and not re.search(rule["pattern"], value):
+            return f"argument '{name}' is not a kernel id: {value[:80]!r}"
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if "minimum" in rule and value < rule["minimum"] or "exclusiveMinimum" in rule and not (
+                    value > rule["exclusiveMinimum"] and value < float("inf")):
+                return (f"argument '{name}' must be a positive number" if "exclusiveMinimum" in rule
+                        else f"argument '{name}' must be at least {rule['minimum']}")
+    return None
+
+
+def _is_json_type(value: object, kind: str) -> bool:
+    if kind == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return {"string": str, "boolean": bool, "object": dict, "array": list,
+            "null": type(None)}[kind] is type(value)
+
+
+def _json_type(value: object) -> str:
+    for kind in ("null", "boolean", "integer", "number", "string", "array", "object"):
+        if _is_json_type(value, kind):
+            return kind
+    return type(value).__name__
+
+
+class _ToolContent:
+    """A cell's outputs as MCP content blocks, collected as they arrive, in bounded memory.
+
+    In order: text for streams, results' and displays' text forms and tracebacks (ANSI
+    colours removed); image blocks for PNG and JPEG up to ``max_image_bytes`` each, at most
+    MCP_MAX_IMAGES of them. Text over ``max_output`` characters keeps its head and tail
+    around one line saying how much was left out; with ``output_dir``, the whole text and
+    the images left out are saved there, and the line says where.
+    """
+
+    def __init__(self, max_output: int = MCP_MAX_OUTPUT, max_image_bytes: int = MCP_MAX_IMAGE_BYTES,
+                 output_dir: str | None = None):
+        self.max_output, self.max_image_bytes = max_output, max_image_bytes
+        self.output_dir = output_dir
+        self.missing = False  # an output is not in the content: cut, saved or described
+        self._spill = None    # with output_dir: every character of text, in case it does not fit
+        self._clear()
+
+    def _clear(self) -> None:
+        self._parts: list = []        # str for text, dict for an image block, while the text fits
+        self._head: str | None = None  # once it does not: its first two thirds of the budget...
+        self._tail = ""               # ...and the last third
+        self._total = 0               # characters of text
+        self._images = 0
+        self._clear_pending = False
+        if self._spill is not None:
+            self._spill[0].seek(0)
+            self._spill[0].truncate()
+
+    def add(self, out: dict) -> None:
+        """Take one output as ``Kernel.execute``'s ``on_output`` gets it."""
+        kind = out.get("output_type")
+        if kind == "clear_output":  # (wait: at the next output)
+            self._clear_pending = True
+            if not out.get("wait"):
+                self._clear()
+            return
+        if kind == "update_display_data":
+            return  # the display stays as first shown
+        if self._clear_pending:
+            self._clear()
+        if kind == "stream":
+            self._text(str(out.get("text", "")))
+        elif kind in ("execute_result", "display_data"):
+            data = out.get("data") or {}
+            mime = next((m for m in ("image/png", "image/jpeg") if isinstance(data.get(m), str)),
+                        None)
+            if mime:
+                self._image(mime, re.sub(r"\s+", "", data[mime]))
+                return
+            shown = _text_form(data)
+            if shown is None:
+                shown = next((data[m] for m in ("text/markdown", "text/html")
+                              if isinstance(data.get(m), str)),
+                             f"[{', '.join(sorted(data)) or 'empty'} output]")
+            self._text(shown if shown.endswith("\n") else shown + "\n")
+        elif kind == "error":
+            trace = "\n".join(str(line) for line in out.get("traceback") or ()) or (
+                f"{out.get('ename', 'Error')}: {out.get('evalue', '')}")
+            self._text(re.sub(ANSI_ESCAPE, "", trace) + "\n")
+
+    def _image(self, mime: str, encoded: str) -> None:
+        size = len(encoded) * 3 // 4 - encoded[-2:].count("=")
+        if size <= self.max_image_bytes and self._images < MCP_MAX_IMAGES:
+            self._images += 1
+            self._parts.append({"type": "image", "data": encoded, "mimeType": mime})
+            return
+        self.missing = True
+        where = None
+        if self.output_dir is not None:
+            try:
+                where = self._file("." + mime.split("/")[1].replace("jpeg", "jpg"), "wb")
+                with where[0]:
+                    where[0].write(base64.b64decode(encoded))
+            except (OSError, ValueError):
+                where = None
+        self._text(f"[{mime} {_size(size)} {'saved to ' + where[1] if where else 'omitted'}]\n")
+
+    def _file(self, suffix: str, mode: str):
+        os.makedirs(self.output_dir, exist_ok=True)
+        path = os.path.abspath(os.path.join(self.output_dir, f"mcp-{_new_id()[:12]}{suffix}"))
+        return open(path, mode, **({"encoding": "utf-8"} if "b" not in mode else {})), path
+
+    def _text(self, piece: str) -> None:
+        if not piece:
+            return
+        self._total += len(piece)
+        if self.output_dir is not None:
+            try:
+                self._spill = self._spill or self._file(".txt", "w")
+                self._spill[0].write(piece)
+            except OSError:
+                self.output_dir = None
+        keep = self.max_output // 3
+        if self._head is not None:
+            self._tail = (self._tail + piece[-keep:])[-keep:]
+            return
+        if self._parts and isinstance(self._parts[-1], str):
+            self._parts[-1] += piece
+        else:
+            self._parts.append(piece)
+        if self._total > self.max_output:  # from here on only the head and the tail are kept
+            whole = "".join(p for p in self._parts if isinstance(p, str))
+            self._head, self._tail = whole[:self.max_output - keep], whole[-keep:] if keep else ""
+            self._parts = [p for p in self._parts if isinstance(p, dict)]
+
+    def finish(self) -> tuple[list, bool]:
+        """The content blocks, and whether any output is missing from them."""
+        spill, self._spill = self._spill, None
+        if spill is not None:
+            spill[0].close()
+        if self._head is None:
+            if spill is not None:
+                with contextlib.suppress(OSError):
+                    os.remove(spill[1])
+            return [p if isinstance(p, dict) else {"type": "text", "text": p}
+                    for p in self._parts], self.missing
+        left_out = self._total - len(self._head) - len(self._tail)
+        where = f"; the whole text is in {spill[1]}" if spill is not None else ""
+        note = f"\n[... {left_out:,} characters left out{where} ...]\n"
+        return [{"type": "text", "text": self._head + note + self._tail}, *self._parts], True
+
+
+def _tool_content(outputs: list, **options) -> tuple[list, bool]:
+    """The content blocks of a list of outputs (see _ToolContent)."""
+    content = _ToolContent(**options)
+    for out in outputs:
+        content.add(out)
+    return content.finish()
+
+
+class _NotebookLog:
+    """--log: every cell the agent ran, with its outputs, appended to a notebook that a person
+    can open; the file is replaced whole after each cell, so it is never half written."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.notebook = {"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+        try:
+            with open(path, encoding="utf-8-sig") as f:
+                text = f.read()
+        except FileNotFoundError:
+            text = None
+        except OSError as exc:
+            raise ConfigError(f"cannot read --log {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            text = "not UTF-8"
+        if text and text.strip():
+            try:
+                notebook = json.loads(text)
+            except (ValueError, RecursionError):
+                notebook = None
+            if not _is_notebook(notebook):
+                raise ConfigError(f"--log {path} exists and is not a notebook; give a new file")
+            self.notebook = _current(notebook)
+        self._write()
+
+    def add(self, code: str, result: Result) -> None:
+        cell = _new_cell("code", code)
+        cell.update(execution_count=result.execution_count, outputs=result.outputs)
+        self.notebook["cells"].append(cell)
+        self._write()
+
+    def _write(self) -> None:
+        part = f"{self.path}.{os.getpid()}.part"
+        try:
+            with open(part, "w", encoding="utf-8") as f:
+                f.write(_notebook_text(self.notebook))
+            os.replace(part, self.path)
+        except OSError as exc:
+            raise ConfigError(f"cannot write --log {self.path}: {exc.strerror}") from None
+
+
+class _Call:
+    """One tools/call in progress."""
+
+    def __init__(self, request_id: object, progress_token: object):
+        self.id, self.progress_token = request_id, progress_token
+        self.cancelled = False
+        self.kernel_id: str | None = None  # the kernel it runs on, once known (for cancellation)
+        self.started = time.monotonic()
+        self.last_line = ""
+
+
+class _McpServer:
+    """The MCP server of ``--mcp``: reads requests from ``stdin`` (binary), writes to ``out``
+    (binary)."""
+
+    def __init__(self, url: str | None, token: str | None, *, ssl_context=None,
+                 kernel_name: str | None = None,
+                 kernel_id: str | None = None, session: str | None = None,
+                 notebook: str | None = None,
+                 timeout: float | None = None, max_output: int = MCP_MAX_OUTPUT,
+                 max_image_bytes: int = MCP_MAX_IMAGE_BYTES, output_dir: str | None = None,
+                 log: _NotebookLog | None = None, err=None, out=None, **kernel_options):
+        import threading
+        self.url, self.token = url, token
+        self.ssl_context, self.kernel_name, self.timeout = ssl_context, kernel_name, timeout
+        self.attach = {"kernel_id": kernel_id, "session": session, "notebook": notebook}
+        self.kernel_options = kernel_options  # env, protocol, compression: as for Kernel
+        self.max_output, self.max_image_bytes = max_output, max_image_bytes
+        self.output_dir = output_dir
+        self.log, self.err, self.out = log, err or sys.stderr, out
+        self.era: str | None = None  # "handshake" or "stateless", fixed by the first request
+        self.version = MCP_HANDSHAKE_VERSIONS[0]
+        self._lock = threading.Lock()        # the tables below
+        self._write_lock = threading.Lock()  # one message at a time on stdout
+        self._kernels: dict = {}    # kernel id -> Kernel connected by this process
+        self._started: set = set()  # ids of kernels this process started
+        self._starting = 0          # kernels being started or attached right now
+        self._closed = False        # cleanup has begun: a kernel started now deletes itself
+        self._settled = threading.Condition(self._lock)  # notified when one of them is done
+        self._default: str | None = None
+        self._lanes: dict = {}      # kernel key -> deque of waiting work, while a lane thread runs
+        self._calls: dict = {}      # request id -> _Call
+        self._rest_client = None
+
+    # -- the transport --
+
+    def serve(self, stdin) -> None:
+        """Answer requests until stdin closes (the caller cleans up)."""
+        while True:
+            line = stdin.readline(MAX_MCP_LINE + 1)
+            if not line:
+                return
+            if len(line) > MAX_MCP_LINE and not line.endswith(b"\n"):
+                while line and not line.endswith(b"\n"):  # drop the rest of the line, unread
+                    line = stdin.readline(RECV_SIZE_MAX)
+                self._error(None, INVALID_REQUEST, f"message longer than {MAX_MCP_LINE} bytes")
+                continue
+            if line.strip():
+                try:
+                    self._receive(line)
+                except Exception as exc:  # a bug must not end the server: say so, go on
+                    self.log_line(f"internal error on a message: {type(exc).__name__}: {exc}")
+                    self._error(None, -32603, f"Internal error: {type(exc).__name__}")
+
+    def _write(self, message: dict) -> None:
+        data = (_strict_json(message, ensure_ascii=False, separators=(",", ":"))
+                + "\n").encode("utf-8", "replace")
+        with self._write_lock:
+            try:
+                self.out.write(data)
+                self.out.flush()
+            except (OSError, ValueError):  # the host went away; stdin closing ends the process
+                pass
+
+    def _result(self, request_id: object, result: dict, *, cacheable: bool = False) -> None:
+        # revision 2026-07-28: resultType on every result, serverInfo in _meta
+        if self.era == "stateless":
+            result = {**result, "resultType": "complete",
+                      "_meta": {_MCP_SERVER_KEY: {"name": "jupyter_call", "version": __version__}}}
+            if cacheable:
+                result.update(ttlMs=MCP_TOOLS_TTL_MS, cacheScope="public")
+        self._write({"jsonrpc": "2.0", "id": request_id, "result": result})
+
+    def _error(self, request_id: object, code: int, message: str, data: object = None) -> None:
+        error = {"code": code, "message": message}
+        if data is not None:
+            error["data"] = data
+        self._write({"jsonrpc": "2.0", "id": request_id, "error": error})
+
+    def _notify(self, method: str, params: dict) -> None:
+        self._write({"jsonrpc": "2.0", "method": method, "params": params})
+
+    def log_line(self, text: str) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.err.write(f"jupyter_call: {self._private(text)}\n")
+            self.err.flush()
+
+    # -- JSON-RPC --
+
+    def _receive(self, line: bytes) -> None:
+        try:
+            msg = json.loads(line.decode("utf-8"))
+        except (ValueError, RecursionError):
+            self._error(None, PARSE_ERROR, "Parse error: not a JSON message")
+            return
+        if not isinstance(msg, dict):
+            self._error(None, INVALID_REQUEST,
+                        "a message must be a JSON object (batches are not supported)")
+            return
+        method, request_id, params = msg.get("method"), msg.get("id"), msg.get("params")
+        if not isinstance(method, str):
+            # (answers to us: none are asked)
+            if "id" in msg and "result" not in msg and "error" not in msg:
+                self._error(request_id, INVALID_REQUEST, "a request needs a method")
+            return
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            if "id" in msg:
+                self._error(request_id, INVALID_PARAMS, "params must be an object")
+            return
+        if "id" not in msg:
+            self._on_notification(method, params)
+        elif isinstance(request_id, (str, int)) and not isinstance(request_id, bool):
+            self._on_request(request_id, method, params)
+        else:
+            self._error(None, INVALID_REQUEST, "a request id must be a string or an integer")
+
+    def _on_notification(self, method: str, params: dict) -> None:
+        if method == "notifications/cancelled":
+            self._cancel(params.get("requestId"))
+        # notifications/initialized and others need nothing
+
+    def _on_request(self, request_id: object, method: str, params: dict) -> None:
+        meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
+        asked = meta.get(_MCP_VERSION_KEY)
+        if self.era is None:
+            stateless = asked is not None or method == "server/discover"
+            self.era = "stateless" if stateless else "handshake"
+        if self.era == "stateless":
+            # a handshake on a 2026-07-28 connection (as the official SDK answers)
+            if method == "initialize":
+                self._error(request_id, UNSUPPORTED_VERSION, "Unsupported protocol version",
+                            {"supported": list(MCP_STATELESS_VERSIONS),
+                             "requested": params.get("protocolVersion")})
+                return
+            if asked is None:
+                self._error(request_id, INVALID_PARAMS,
+                            f"params._meta is missing {_MCP_VERSION_KEY}")
+                return
+            if asked not in MCP_STATELESS_VERSIONS:
+                self._error(request_id, UNSUPPORTED_VERSION, "Unsupported protocol version",
+                            {"supported": list(MCP_STATELESS_VERSIONS), "requested": asked})
+                return
+        handlers = {"tools/list": self._tools_list, "tools/call": self._tools_call}
+        if self.era == "handshake":
+            handlers.update({"initialize": self._initialize, "ping": self._ping})
+        else:  # 2026-07-28 has no ping
+            handlers["server/discover"] = self._discover
+        handler = handlers.get(method)
+        if handler is None:
+            self._error(request_id, METHOD_NOT_FOUND, f"Method not found: {method}")
+            return
+        handler(request_id, params)
+
+    def _initialize(self, request_id: object, params: dict) -> None:
+        # 2025-11-25 basic/lifecycle: the client's version when supported, else the latest.
+        asked = params.get("protocolVersion")
+        self.version = asked if asked in MCP_HANDSHAKE_VERSIONS else MCP_HANDSHAKE_VERSIONS[0]
+        self._result(request_id,
+                     {"protocolVersion": self.version,
+                      "capabilities": {"tools": {"listChanged": False}},
+                                  "serverInfo": {"name": "jupyter_call", "title": "Jupyter kernels",
+                                                 "version": __version__},
+                                  "instructions": MCP_INSTRUCTIONS})
+
+    def _ping(self, request_id: object, params: dict) -> None:
+        self._result(request_id, {})
+
+    def _discover(self, request_id: object, params: dict) -> None:
+        # 2026-07-28 server/discover: the versions, capabilities and instructions, cacheable.
+        self._result(request_id, {"supportedVersions": list(MCP_VERSIONS),
+                                  "capabilities": {"tools": {"listChanged": False}},
+                                  "instructions": MCP_INSTRUCTIONS}, cacheable=True)
+
+    def _tools_list(self, request_id: object, params: dict) -> None:
+        tools = MCP_TOOLS if self.version >= "2025-06-18" or self.era == "stateless" else [
+            {k: v for k, v in tool.items() if k not in ("outputSchema", "title")}
+            for tool in MCP_TOOLS]
+        self._result(request_id, {"tools": list(tools)}, cacheable=True)
+
+    def _tools_call(self, request_id: object, params: dict) -> None:
+        name, args = params.get("name"), params.get("arguments")
+        args = {} if args is None else args
+        tool = next((t for t in MCP_TOOLS if t["name"] == name), None)
+        if tool is None:
+            self._error(request_id, INVALID_PARAMS, f"Unknown tool: {str(name)[:100]}")
+            return
+        problem = _check_arguments(tool["inputSchema"], args)
+        # 2025-11-25: input errors are tool results, so that the model can correct itself
+        if problem:
+            self._result(request_id, self._failure(f"{name}: {problem}"))
+            return
+        meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
+        call = _Call(request_id, meta.get("progressToken"))
+        with self._lock:
+            self._calls[request_id] = call
+        work = getattr(self, f"_tool_{name}")
+        if name in ("run_code", "inspect"):  # one kernel's calls one after another
+            key = args.get("kernel") or ""
+            self._enqueue("" if key == self._default else key,
+                          lambda: self._finish(call, work, args))
+        else:
+            _daemon(self._finish, call, work, args)
+
+    def _finish(self, call: _Call, work, args: dict) -> None:
+        """Run a tool and answer its call, unless it was cancelled."""
+        try:
+            result = work(call, args) if not call.cancelled else None
+        except (_ToolError, ValueError) as exc:
+            result = self._failure(str(exc))
+        except KernelDied as exc:
+            # the next call connects again (the server may have restarted it)
+            self._drop(exc.kernel_id)
+            result = self._failure(f"{exc}; its state is lost")
+        except JupyterError as exc:
+            result = self._failure(self._describe(exc))
+        except Exception as exc:  # a bug must not take the server down
+            result = self._failure(f"internal error: {type(exc).__name__}: {exc}")
+        with self._lock:
+            self._calls.pop(call.id, None)
+        if not call.cancelled and result is not None:
+            self._result(call.id, result)
+
+    def _failure(self, text: str) -> dict:
+        return {"content": [{"type": "text", "text": self._private(text)}], "isError": True}
+
+    def _describe(self, exc: JupyterError) -> str:
+        return exc.describe(_CLI_FIXES) if isinstance(exc, ServerError) else str(exc)
+
+    def _private(self, text: str) -> str:
+        """Text without the server's URL and token: they stay out of every result and log line
+        (any URL on the server's host and port is "the Jupyter server")."""
+        try:
+            url, token = self._rest().url, self._rest().token
+        except JupyterError:  # (an unreadable token file: said elsewhere)
+            url, token = self.url or "", self.token
+        if token:
+            text = text.replace(token, "[token]")
+        host = urlsplit(url).netloc
+        return re.sub(rf"(server at )?\S*{re.escape(host)}\S*", "the Jupyter server",
+                      text) if host else text
+
+    # -- lanes, cancellation, progress --
+
+    def _enqueue(self, key: str, job) -> None:
+        """Run ``job`` after the jobs queued for kernel ``key`` ("" is the default kernel)."""
+        with self._lock:
+            queue = self._lanes.get(key)
+            if queue is not None:
+                queue.append(job)
+                return
+            self._lanes[key] = collections.deque([job])
+        _daemon(self._lane, key)
+
+    def _lane(self, key: str) -> None:
+        while True:
+            with self._lock:
+                queue = self._lanes[key]
+                if not queue:
+                    del self._lanes[key]
+                    return
+                job = queue.popleft()
+            job()
+
+    def _cancel(self, request_id: object) -> None:
+        """notifications/cancelled: nothing more is sent for the call; its kernel is interrupted."""
+        if not isinstance(request_id, (str, int)):
+            return
+        with self._lock:
+            call = self._calls.get(request_id)
+        if call is None:
+            return
+        call.cancelled = True
+        if call.kernel_id:
+            _daemon(self._interrupt_quietly, call.kernel_id)
+
+    def _interrupt_quietly(self, kernel_id: str, deadline: Deadline | None = None) -> None:
+        try:
+            self._rest().interrupt_kernel(kernel_id, deadline=deadline
+                                          or Deadline(SIDE_REQUEST_TIMEOUT))
+        except JupyterError as exc:
+            self.log_line(f"could not interrupt kernel {kernel_id}: {self._describe(exc)}")
+
+    def _progress(self, call: _Call):
+        """Start progress notifications for ``call`` if it asked; returns the event that stops
+        them."""
+        import threading
+        stop = threading.Event()
+        if call.progress_token is None:
+            return stop
+
+        def tick() -> None:
+            while not stop.wait(MCP_PROGRESS_EVERY):
+                if call.cancelled:
+                    return
+                elapsed = round(time.monotonic() - call.started, 1)
+                params = {"progressToken": call.progress_token, "progress": elapsed,
+                          "message": f"running for {elapsed:.0f} s"
+                          + (f": {call.last_line}" if call.last_line else "")}
+                self._notify("notifications/progress", params)
+
+        _daemon(tick)
+        return stop
+
+    # -- kernels --
+
+    def _rest(self) -> _RestClient:
+        """The server's REST client, its URL and token found once (argument, environment,
+        discovery)."""
+        if self._rest_client is None:
+            self._rest_client = _RestClient(*resolve_server(self.url, self.token),
+                                            ssl_context=self.ssl_context)
+        return self._rest_client
+
+    def _kernel(self, kernel_id: str | None) -> Kernel:
+        """The connected Kernel for an id, or the default kernel (started or attached on first
+        use)."""
+        with self._lock:
+            key = kernel_id or self._default
+            kernel = self._kernels.get(key) if key else None
+        if kernel is not None and not kernel.closed:
+            return kernel
+        kernel = None
+        if key:
+            try:
+                kernel = self._open(kernel_id=key)
+            except ServerError as exc:
+                if exc.status != 404 or kernel_id:
+                    raise
+                self.log_line(f"default kernel {key} is gone")
+                self._forget(key)
+        if kernel is None:
+            kernel = self._open(name=self.kernel_name, **self.attach)
+            kernel_id = None
+            self.log_line(f"default kernel {kernel.id}"
+                          + (" started" if kernel.owned else " attached"))
+        with self._lock:
+            self._kernels[kernel.id] = kernel
+            if not kernel_id and not self._default:
+                self._default = kernel.id
+        return kernel
+
+    def _open(self, **options) -> Kernel:
+        """A Kernel on the server, started or attached as ``options`` say; one it starts is
+        ours to delete from the moment it exists."""
+        with self._lock:
+            self._starting += 1
+        try:
+            rest = self._rest()
+            kernel = Kernel(rest.url, rest.token, timeout=MCP_START_TIMEOUT,
+                            ssl_context=self.ssl_context,
+                            **self.kernel_options, **options)
+            kernel.timeout = None  # each call brings its own
+            with self._lock:
+                closed = self._closed
+                if kernel.owned and not closed:
+                    self._started.add(kernel.id)
+            if closed:  # its start outlasted cleanup's wait: do not leave it behind
+                kernel.close()
+                raise JupyterError("the MCP server is stopping")
+            return kernel
+        finally:
+            with self._lock:
+                self._starting -= 1
+                self._settled.notify_all()
+
+    def _drop(self, kernel_id: str) -> None:
+        """Let go of a kernel's connection; the kernel stays (and stays ours to delete)."""
+        with self._lock:
+            kernel = self._kernels.pop(kernel_id, None)
+        if kernel is not None:
+            kernel.drop()
+
+    def _forget(self, kernel_id: str) -> None:
+        """The kernel is gone, or no longer ours: drop it and every mention of it."""
+        self._drop(kernel_id)
+        with self._lock:
+            self._started.discard(kernel_id)
+            if self._default == kernel_id:
+                self._default = None
+
+    # -- the tools --
+
+    def _tool_run_code(self, call: _Call, args: dict) -> dict:
+        kernel = self._kernel(args.get("kernel"))
+        call.kernel_id = kernel.id
+        if call.cancelled:  # while the kernel started
+            return None
+        timeout = args.get("timeout", self.timeout)
+        content = _ToolContent(self.max_output, self.max_image_bytes, self.output_dir)
+
+        def on_output(out: dict) -> None:
+            content.add(out)
+            if out.get("output_type") == "stream":
+                lines = [line for line in str(out.get("text", ""))[-1000:].splitlines()
+                         if line.strip()]
+                if lines:
+                    call.last_line = lines[-1][:200]
+
+        stop = self._progress(call)
+        try:
+            # Only what the content keeps stays in memory (and, for --log, every output).
+            result = kernel.execute(args["code"], timeout=timeout, on_output=on_output,
+                                    keep_outputs=self.log is not None)
+            status = result.status
+        except ExecutionTimeout as exc:
+            result, status = exc.result or Result(), "timeout"
+        finally:
+            stop.set()
+            blocks, missing = content.finish()
+        if self.log is not None:  # a cancelled cell ran too, as far as it got
+            with self._lock:
+                self.log.add(args["code"], result)
+        if call.cancelled:
+            return None
+        if status == "timeout":
+            blocks.append({"type": "text",
+                           "text": f"[timed out after {_seconds(timeout)}; the kernel was "
+                                                   f"interrupted and keeps its state]"})
+        elif status == "aborted":
+            blocks.append({"type": "text", "text": "[the kernel aborted this code]"})
+        structured = {"status": status, "kernel": kernel.id,
+                      "execution_count": result.execution_count,
+                      "truncated": bool(result.truncated or missing)}
+        if not blocks:
+            blocks = [{"type": "text", "text": json.dumps(structured)}]
+        return {"content": blocks, "structuredContent": structured, "isError": status != "ok"}
+
+    def _tool_inspect(self, call: _Call, args: dict) -> dict:
+        kernel = self._kernel(args.get("kernel"))
+        call.kernel_id = kernel.id
+        found = kernel.inspect(args["code"], args.get("cursor_pos"), timeout=MCP_ASK_TIMEOUT)
+        text = (found or {}).get("text/plain") or (found or {}).get("text/markdown")
+        text = re.sub(ANSI_ESCAPE, "", text) if isinstance(text,
+                                                           str) else "nothing found at the cursor"
+        return {"content": [{"type": "text", "text": text}]}
+
+    def _tool_list_kernels(self, call: _Call, args: dict) -> dict:
+        rest = self._rest()
+        deadline = Deadline(SIDE_REQUEST_TIMEOUT)
+        kernels = rest.list_kernels(deadline=deadline)
+        try:
+            sessions = rest.list_sessions(deadline=deadline)
+        except ServerError as exc:  # kernel gateways have no sessions
+            if exc.status is None:
+                raise
+            sessions = []
+        with self._lock:
+            started, default = set(self._started), self._default
+        rows = [{"id": str(k.get("id")), "name": _text_or_none(k.get("name")),
+                 "state": _text_or_none(k.get("execution_state")),
+                 "last_activity": _text_or_none(k.get("last_activity")),
+                 "started": k.get("id") in started, "default": k.get("id") == default}
+                for k in kernels if isinstance(k, dict)]
+        paths = [{"path": s["path"], "kernel": _text_or_none(s["kernel"].get("id"))}
+                 for s in sessions]
+        structured = {"kernels": rows, "sessions": paths}
+        return {"content": [{"type": "text", "text": json.dumps(structured, indent=1)}],
+                "structuredContent": structured}
+
+    def _tool_start_kernel(self, call: _Call, args: dict) -> dict:
+        kernel = self._open(name=args.get("name") or self.kernel_name)
+        with self._lock:
+            self._kernels[kernel.id] = kernel
+        if call.cancelled:  # nobody will learn its id: do not leave it behind
+            self._shutdown(kernel.id)
+            return None
+        structured = {"kernel": kernel.id, "name": kernel.name}
+        return {"content": [{"type": "text", "text": json.dumps(structured)}],
+                "structuredContent": structured}
+
+    def _tool_interrupt_kernel(self, call: _Call, args: dict) -> dict:
+        self._rest().interrupt_kernel(args["kernel"], deadline=Deadline(SIDE_REQUEST_TIMEOUT))
+        return {"content": [{"type": "text", "text": f"kernel {args['kernel']} interrupted"}]}
+
+    def _tool_restart_kernel(self, call: _Call, args: dict) -> dict:
+        self._rest().restart_kernel(args["kernel"], deadline=Deadline(MCP_START_TIMEOUT))
+        return {"content": [{"type": "text",
+                             "text": f"kernel {args['kernel']} restarted: its state is gone"}]}
+
+    def _tool_shutdown_kernel(self, call: _Call, args: dict) -> dict:
+        kernel_id = args["kernel"]
+        with self._lock:
+            ours = kernel_id in self._started
+        if not ours:
+            raise _ToolError(f"kernel {kernel_id} was not started by this MCP server, so it is not "
+                             "shut down "
+                             "(it may be a person's notebook); interrupt_kernel or restart_kernel "
+                             "work on it")
+        self._shutdown(kernel_id)
+        return {"content": [{"type": "text", "text": f"kernel {kernel_id} shut down"}]}
+
+    def _shutdown(self, kernel_id: str, deadline: Deadline | None = None) -> None:
+        self._forget(kernel_id)
+        self._rest().delete_kernel(kernel_id, deadline=deadline or Deadline(CLEANUP_TIMEOUT))
+
+    def _tool_run_notebook(self, call: _Call, args: dict) -> dict:
+        path, write = args["path"], args.get("write")
+        deadline = Deadline(self.timeout)
+        remote = self._rest()
+        try:
+            notebook, where = read_notebook(path, remote, deadline)
+            name = _kernel_for(notebook, args.get("parameters")) or self.kernel_name
+        except ConfigError as exc:
+            raise _ToolError(str(exc)) from None
+        results: list = []
+        # (cleanup deletes it too, should the process end first)
+        with self._open(name=name, path=where) as kernel:
+            call.kernel_id = kernel.id
+            stop = self._progress(call)
+
+            def on_cell(number: int, total: int) -> None:
+                call.last_line = f"cell {number} of {total}"
+
+            try:
+                failed = _execute_notebook(kernel, notebook, deadline, results, on_cell=on_cell)
+            except ExecutionTimeout:
+                failed = 1
+            finally:
+                stop.set()
+                with self._lock:
+                    self._started.discard(kernel.id)
+        if call.cancelled:
+            return None
+        written = None
+        if write:
+            written = path if write is True else write
+            try:
+                _write_notebook(written, notebook, remote, deadline)
+            except ConfigError as exc:
+                raise _ToolError(str(exc)) from None
+        code = [cell for cell in notebook["cells"] if cell.get("cell_type") == "code"]
+        ran = [(n, cell) for n, cell in enumerate(code, 1) if _source(cell).strip()
+               and SKIP_TAG not in _tags(cell)]
+        cells = []
+        for (number, cell), result in zip(ran, results):  # the cells that ran, in order
+            text = "".join(block.get("text", "")
+                           for block in _tool_content(result.outputs, max_output=10**9,
+                                                                            max_image_bytes=0)[0])
+            error = result.error
+            cells.append({"cell": number, "status": result.status,
+                          "execution_count": result.execution_count,
+                          "output": text[:300] + ("..." if len(text) > 300 else ""),
+                          "error": f"{error.get('ename')}: {error.get('evalue')}" if error
+                          else None})
+        structured = {"status": "error" if failed else "ok", "cells": cells, "written": written}
+        lines = [f"cell {c['cell']}: {c['status']}" + (f" ({c['error']})" if c["error"] else "")
+                 for c in cells]
+        summary = f"{len(cells)} cells ran, {'one failed' if failed else 'all ok'}" + (
+            f"; written to {written}" if written else "")
+        return {"content": [{"type": "text", "text": "\n".join([summary, *lines])}],
+                "structuredContent": structured, "isError": bool(failed)}
+
+    # -- the end --
+
+    def cleanup(self) -> None:
+        """Delete the kernels this process started, in parallel, within MCP_CLEANUP seconds;
+        leave the ones it attached to."""
+        deadline = Deadline(MCP_CLEANUP)
+        with self._lock:
+            self._closed = True
+            for call in self._calls.values():
+                call.cancelled = True  # nothing more is sent
+            # A kernel starting now (the first run_code, say) deletes itself once started: wait
+            # for that.
+            self._settled.wait_for(lambda: not self._starting,
+                                   deadline.remaining() - MCP_DELETE_RESERVE)
+            started = list(self._started)
+            running = {call.kernel_id for call in self._calls.values()
+                       if call.kernel_id} - set(started)
+        threads = [_daemon(self._delete_quietly, k, deadline) for k in started] + [
+            # a cell left running elsewhere stops
+            _daemon(self._interrupt_quietly, k, deadline) for k in running]
+        for thread in threads:
+            thread.join(deadline.remaining())
+
+    def _delete_quietly(self, kernel_id: str, deadline: Deadline) -> None:
+        try:
+            self._shutdown(kernel_id, deadline)
+        except JupyterError as exc:
+            self.log_line(f"could not delete kernel {kernel_id}: {self._describe(exc)}")
+
+
+def _daemon(target, *args):
+    """``target(*args)`` in a daemon thread, started; returns the thread."""
+    import threading
+    thread = threading.Thread(target=target, args=args, daemon=True)
+    thread.start()
+    return thread
+
+
+def _text_or_none(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+# ---- Command line --------------------------------------------------------------------------------
 
 # Exit codes, one per way a call can end.
 EXIT_OK = 0             # the code ran without error
@@ -2974,21 +4272,6 @@ EXIT_INTERRUPTED = 130  # Ctrl-C; the kernel was interrupted (128 + SIGINT)
 # Windows, Ctrl-Break and the console's close as SIGBREAK: 149.
 EXIT_BROKEN_PIPE = 141  # the reader of stdout went away, as `| head` does (128 + SIGPIPE)
 
-# FIXES, in the command line's words.
-_CLI_FIXES = {
-    "token": "set JUPYTER_TOKEN or pass --token",
-    "tls": "pass --cafile or set SSL_CERT_FILE for a private CA, or --insecure",
-    "tls-context": "the --cafile given did not sign its certificate; pass the CA that did, or --insecure",
-    "tls-store": ("this Python has no CA certificates: on macOS run 'Install Certificates.command' "
-                  "in the Python folder, or set SSL_CERT_FILE; --cafile for a private CA"),
-    "tls-strict": ("Python 3.13+ checks certificates strictly: reissue the certificate or its CA "
-                   "with what is named, or pass --insecure"),
-    "notebook": "open it in JupyterLab first, or use --session",
-    "protocol": "use --protocol legacy",
-}
-
-ANSI_ESCAPE = r"\x1b\[[0-9;?]*[ -/]*[@-~]"  # compiled by re on first use
-
 USAGE_EXAMPLES = """\
 recipes:
   jupyter_call.py --spawn "print('hello')"         private local server for one call
@@ -2999,7 +4282,7 @@ recipes:
   jupyter_call.py --kernel-id ID "x"                 run in a running kernel
   jupyter_call.py --session work "x = 1"             a named kernel that stays for later calls
   jupyter_call.py --notebook analysis.ipynb "df.shape"
-                                                     run in the kernel of a notebook open in JupyterLab
+                                                     the kernel of a notebook open in JupyterLab
   jupyter_call.py --output-dir plots -f plot.py      save images and other rich outputs
   jupyter_call.py --list                             running servers and their kernels
 
@@ -3032,42 +4315,57 @@ _Option = collections.namedtuple("_Option", "flags metavar help choices repeat s
                                  defaults=((), False, False, 1))
 
 OPTIONS = (
-    _Option(("-f", "--file"), "FILE", "run FILE: code, a notebook (.ipynb) or '# %%' cells (.py); '-' reads stdin; "
+    _Option(("-f", "--file"), "FILE",
+            "run FILE: code, a notebook (.ipynb) or '# %%' cells (.py); '-' reads stdin; "
             "server:PATH is a file on the server"),
-    _Option(("--url",), "URL", "server base URL (default: $JUPYTER_URL, a running server, or http://localhost:8888/)"),
-    _Option(("--token",), "TOKEN", "server token (default: $JUPYTER_TOKEN, $JUPYTER_TOKEN_FILE, or the discovered "
+    _Option(("--url",), "URL",
+            "server base URL (default: $JUPYTER_URL, a running server, or http://localhost:8888/)"),
+    _Option(("--token",), "TOKEN",
+            "server token (default: $JUPYTER_TOKEN, $JUPYTER_TOKEN_FILE, or the discovered "
             "server's); other users can see it in the process list, so prefer the variables"),
     _Option(("--kernel",), "NAME", "kernel spec to start (default: the server's)"),
     _Option(("--kernel-id",), "ID", "run in this running kernel (never deleted)"),
-    _Option(("--session",), "NAME", "run in the kernel of the server session NAME, creating it if needed (kept)"),
+    _Option(("--session",), "NAME",
+            "run in the kernel of the server session NAME, creating it if needed (kept)"),
     _Option(("--notebook",), "PATH", "run in the kernel of this open notebook"),
     _Option(("--keep",), None, "keep the started kernel; print its id on stderr"),
     _Option(("--timeout",), "SECS", "give up after SECS, interrupting the kernel", seconds=True),
-    _Option(("--env",), "KEY=VALUE", "environment variable for the started kernel (repeatable)", repeat=True),
+    _Option(("--env",), "KEY=VALUE", "environment variable for the started kernel (repeatable)",
+            repeat=True),
     _Option(("--cafile",), "PATH", "CA certificates (PEM) to verify an https server with"),
     _Option(("--insecure",), None, "do not verify the server's TLS certificate"),
     _Option(("--input",), "TEXT", "answer for input() (repeatable)", repeat=True),
     _Option(("--output-dir",), "DIR", "save images and other rich outputs in DIR"),
     _Option(("--keep-going",), None, "with cells: go on after a cell fails"),
-    _Option(("--write",), "OUT.ipynb", "write the executed notebook (server:PATH saves it on the server)"),
-    _Option(("-p", "--parameters"), "NAME VALUE", "a parameter, injected as papermill does (True, False, None, "
+    _Option(("--write",), "OUT.ipynb",
+            "write the executed notebook (server:PATH saves it on the server)"),
+    _Option(("-p", "--parameters"), "NAME VALUE",
+            "a parameter, injected as papermill does (True, False, None, "
             "numbers, else text; repeatable)", repeat=True, values=2),
-    _Option(("-r", "--parameters-raw"), "NAME VALUE", "a parameter whose value is always text (repeatable)",
+    _Option(("-r", "--parameters-raw"), "NAME VALUE",
+            "a parameter whose value is always text (repeatable)",
             repeat=True, values=2),
-    _Option(("--parameters-file",), "FILE", "parameters from a JSON object (papermill's YAML files hold the same)"),
-    _Option(("--cell-timeout",), "SECS", "interrupt a cell that runs longer; it counts as an error", seconds=True),
-    _Option(("--color",), "WHEN", "colour tracebacks and streams; auto: on a terminal unless NO_COLOR is set",
+    _Option(("--parameters-file",), "FILE",
+            "parameters from a JSON object (papermill's YAML files hold the same)"),
+    _Option(("--cell-timeout",), "SECS", "interrupt a cell that runs longer; it counts as an error",
+            seconds=True),
+    _Option(("--color",), "WHEN",
+            "colour tracebacks and streams; auto: on a terminal unless NO_COLOR is set",
             choices=("auto", "always", "never")),
     _Option(("--protocol",), "NAME", "kernel websocket protocol", choices=("auto", "v1", "legacy")),
     _Option(("--compress",), None, "offer permessage-deflate compression on the websocket"),
     _Option(("--json",), None, "print the result as one JSON object"),
     _Option(("--list",), None, "list running servers and their kernels"),
-    _Option(("--spawn",), None, "start a private local Jupyter server for this call (needs jupyter_server)"),
-    _Option(("--mcp",), None, "serve AI agents: a Model Context Protocol server on stdin and stdout"),
+    _Option(("--spawn",), None,
+            "start a private local Jupyter server for this call (needs jupyter_server)"),
+    _Option(("--mcp",), None,
+            "serve AI agents: a Model Context Protocol server on stdin and stdout"),
     _Option(("--max-output",), "CHARS", "--mcp: characters of text per result (default 20000)"),
-    _Option(("--max-image-bytes",), "BYTES", "--mcp: larger images are saved in --output-dir or left out "
+    _Option(("--max-image-bytes",), "BYTES",
+            "--mcp: larger images are saved in --output-dir or left out "
             "(default 1000000)"),
-    _Option(("--log",), "FILE.ipynb", "--mcp: append each cell run and its outputs to this notebook"),
+    _Option(("--log",), "FILE.ipynb",
+            "--mcp: append each cell run and its outputs to this notebook"),
     _Option(("--version",), None, "print the version and exit"),
     _Option(("-h", "--help"), None, "show this help and exit"),
 )
@@ -3084,7 +4382,8 @@ def _parse_args(argv: list) -> types.SimpleNamespace:
     unique prefixes of long flags, and ``--`` before code that starts with a dash.
     (argparse would cost a short call more than 5% of its time in imports and set-up.)
     """
-    args = {_dest(o): (o.choices[0] if o.choices else None if o.metavar else False) for o in OPTIONS}
+    args = {_dest(o): (o.choices[0] if o.choices else None if o.metavar else False)
+            for o in OPTIONS}
     code = []
     words = iter(argv)
     for word in words:
@@ -3144,13 +4443,15 @@ def _find_option(name: str) -> _Option:
     if len(found) == 1:
         return found[0]
     if found:
-        raise _UsageError(f"{name} is ambiguous: it could be {', '.join(o.flags[-1] for o in found)}")
+        raise _UsageError(f"{name} is ambiguous: it could be "
+                          f"{', '.join(o.flags[-1] for o in found)}")
     raise _UsageError(f"unknown option {name} (see --help)")
 
 
 def _help() -> str:
     import textwrap
-    lines = ["usage: jupyter_call.py [options] CODE", "       jupyter_call.py [options] -f FILE", "",
+    lines = ["usage: jupyter_call.py [options] CODE", "       jupyter_call.py [options] -f FILE",
+             "",
              "Run code on a Jupyter kernel and print the results.", "",
              "arguments:", "  CODE                  the code to run (or use -f)", "", "options:"]
     for option in OPTIONS:
@@ -3172,7 +4473,8 @@ def _help() -> str:
 # Rich outputs: (mime type, file extension, stored as base64 in the mimebundle)
 RICH_TYPES = (("image/png", "png", True), ("image/jpeg", "jpg", True), ("image/gif", "gif", True),
               ("application/pdf", "pdf", True), ("image/svg+xml", "svg", False),
-              ("text/html", "html", False), ("text/markdown", "md", False), ("text/latex", "tex", False))
+              ("text/html", "html", False), ("text/markdown", "md", False),
+              ("text/latex", "tex", False))
 STATUS_DELAY = 2.0   # seconds of silence before the live status line shows
 SPAWN_TIMEOUT = 60.0 # --spawn: a new jupyter_server answers within seconds; give up after this
 SPAWN_POLL = 0.05    # how often to ask whether the spawned server answers yet
@@ -3189,7 +4491,8 @@ class _Printer:
         self.output_dir = output_dir
         self.cell: int | None = None   # set when running several cells
         self.count = 0                 # rich outputs of the current cell
-        self.live = self.color["err"] and _isatty(err)  # a terminal that takes escapes shows a status line
+        # a terminal that takes escapes shows a status line
+        self.live = self.color["err"] and _isatty(err)
         self.status_shown = False
         self.position = ""             # "cell 3/40 | " while the cells of a notebook run
 
@@ -3255,7 +4558,8 @@ class _Printer:
     def status(self, quiet: float, elapsed: float) -> None:
         """The transient status line on a terminal, after a while without output."""
         if quiet >= STATUS_DELAY:
-            self._status(f"[{self.position}running {elapsed:.0f}s | kernel busy | Ctrl-C to interrupt]")
+            self._status(f"[{self.position}running {elapsed:.0f}s | kernel busy | Ctrl-C to "
+                         "interrupt]")
 
     def _status(self, line: str) -> None:
         if self.live:
@@ -3274,20 +4578,6 @@ class _Printer:
         for which in ("out", "err"):
             if not self.at_line_start[which]:
                 self._write(which, "\n")
-
-
-def _size(n: int) -> str:
-    return f"{n} B" if n < 1024 else f"{n / 1024:.1f} KB" if n < 1024**2 else f"{n / 1024**2:.1f} MB"
-
-
-def _text_form(data: dict) -> str | None:
-    """The best text form of a mimebundle: text/plain, then JSON pretty-printed."""
-    if "text/plain" in data:
-        text = data["text/plain"]
-        return "".join(text) if isinstance(text, list) else str(text)
-    if "application/json" in data:
-        return json.dumps(data["application/json"], indent=2)
-    return None
 
 
 def _isatty(stream) -> bool:
@@ -3332,8 +4622,6 @@ def _enable_vt(handle: int, kernel32) -> bool:
     return bool(kernel32.SetConsoleMode(handle, mode.value | ENABLE_VIRTUAL_TERMINAL_PROCESSING))
 
 
-
-
 def _read_code(args, remote: _RestClient | None, deadline: Deadline) -> tuple[str, bool]:
     """The code to run and whether it came from stdin. Python source and notebooks are UTF-8."""
     if args.file is not None and args.code is not None:
@@ -3341,17 +4629,20 @@ def _read_code(args, remote: _RestClient | None, deadline: Deadline) -> tuple[st
     if args.file == "-":  # UTF-8, whatever the console's code page (a BOM is accepted)
         stdin = getattr(sys.stdin, "buffer", None)
         try:
-            return (stdin.read().decode("utf-8-sig") if stdin is not None else sys.stdin.read()), True
+            return (stdin.read().decode("utf-8-sig") if stdin is not None
+                    else sys.stdin.read()), True
         except UnicodeDecodeError:
             raise _UsageError("the code on stdin is not valid UTF-8") from None
     if args.file is not None and args.file.startswith(SERVER_PREFIX):
         return remote.read_file(args.file[len(SERVER_PREFIX):], deadline=deadline), False
     if args.file is not None:
         try:
-            with open(args.file, encoding="utf-8-sig") as f:  # Windows editors may start it with a BOM
+            # Windows editors may start it with a BOM
+            with open(args.file, encoding="utf-8-sig") as f:
                 return f.read(), False
         except (OSError, UnicodeDecodeError) as exc:
-            raise _UsageError(f"cannot read {args.file}: {getattr(exc, 'strerror', None) or exc}") from None
+            why = getattr(exc, "strerror", None) or exc
+            raise _UsageError(f"cannot read {args.file}: {why}") from None
     if args.code is None:
         raise _UsageError("no code given: pass CODE, or -f FILE (see --help)")
     return args.code, False
@@ -3368,7 +4659,8 @@ def _parameters(args) -> dict:
             raise _UsageError(f"cannot read --parameters-file {args.parameters_file}: "
                               f"{getattr(exc, 'strerror', None) or exc}") from None
         if not isinstance(loaded, dict):
-            raise _UsageError(f"--parameters-file {args.parameters_file} does not hold a JSON object")
+            raise _UsageError(f"--parameters-file {args.parameters_file} does not hold a JSON "
+                              "object")
         parameters.update(loaded)
     parameters.update((name, parameter_value(value)) for name, value in args.parameters or ())
     parameters.update((name, value) for name, value in args.parameters_raw or ())
@@ -3379,7 +4671,8 @@ def _parameters(args) -> dict:
 
 
 def _spawn_server(deadline: Deadline):
-    """Start a private jupyter_server on a free loopback port; return (process, url, token, folder)."""
+    """Start a private jupyter_server on a free loopback port; return (process, url, token,
+    folder)."""
     import subprocess
     import tempfile
     import importlib.util
@@ -3442,7 +4735,8 @@ def _list(args, out, ssl_context=None) -> int:
         servers = [{"url": url, "token": token}]
     rows = []
     for info in servers:
-        entry = {"url": info["url"], "version": info.get("version"), "root_dir": info.get("root_dir"),
+        entry = {"url": info["url"], "version": info.get("version"),
+                 "root_dir": info.get("root_dir"),
                  "kernels": None, "error": None}
         rest = _RestClient(info["url"], info.get("token") or None, ssl_context=ssl_context)
         try:
@@ -3466,7 +4760,8 @@ def _list(args, out, ssl_context=None) -> int:
         if entry["error"]:
             out.write(f"  ({entry['error']})\n")
         for k in entry["kernels"] or []:
-            name, state, seen = (str(k.get(key) or "?") for key in ("name", "execution_state", "last_activity"))
+            name, state, seen = (str(k.get(key) or "?")
+                                 for key in ("name", "execution_state", "last_activity"))
             out.write(f"  {k.get('id')}  {name:<12} {state:<8} {seen}\n")
     return EXIT_OK
 
@@ -3477,7 +4772,8 @@ def _ssl_context_from(args, err):
         return None
     ssl = _ssl_module()
     if args.insecure:
-        err.write("jupyter_call: warning: --insecure: the server's TLS certificate is not verified\n")
+        err.write("jupyter_call: warning: --insecure: the server's TLS certificate is not "
+                  "verified\n")
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -3485,7 +4781,8 @@ def _ssl_context_from(args, err):
     try:
         return ssl.create_default_context(cafile=args.cafile)
     except (OSError, ssl.SSLError) as exc:
-        raise _UsageError(f"cannot load --cafile {args.cafile}: {getattr(exc, 'strerror', None) or exc}") from None
+        raise _UsageError(f"cannot load --cafile {args.cafile}: "
+                          f"{getattr(exc, 'strerror', None) or exc}") from None
 
 
 def _parse_env(pairs) -> dict | None:
@@ -3509,7 +4806,8 @@ def _terminal_stdin(prompt: str, password: bool) -> str:
 
 
 class _Signalled(KeyboardInterrupt):
-    """SIGTERM, SIGHUP or SIGBREAK, handled as Ctrl-C is: the kernel is interrupted, what was started deleted."""
+    """SIGTERM, SIGHUP or SIGBREAK, handled as Ctrl-C is: the kernel is interrupted, what was
+    started deleted."""
 
     def __init__(self, signum: int):
         super().__init__(signum)
@@ -3569,7 +4867,8 @@ class _Output:
             self._gone_is_broken(self.stream.write, text)
         except UnicodeEncodeError:  # raised before anything is written
             encoding = getattr(self.stream, "encoding", None) or "ascii"
-            self._gone_is_broken(self.stream.write, text.encode(encoding, "backslashreplace").decode(encoding))
+            self._gone_is_broken(self.stream.write,
+                                 text.encode(encoding, "backslashreplace").decode(encoding))
 
     def flush(self) -> None:
         self._gone_is_broken(self.stream.flush)
@@ -3586,49 +4885,6 @@ class _Output:
         return getattr(self.stream, name)
 
 
-def main(argv: list | None = None) -> int:
-    """Run the command line; return the exit code."""
-    import signal
-    out, err = _Output(sys.stdout), _Output(sys.stderr)
-    previous = {}
-    # CI cancellations, timeout(1), systemd, closed terminals; Ctrl-Break on Windows
-    for name in ("SIGTERM", "SIGHUP", "SIGBREAK"):
-        with contextlib.suppress(AttributeError, ValueError, OSError):  # absent here, or not the main thread
-            previous[name] = signal.signal(getattr(signal, name), _on_signal)
-    console = _watch_console() if previous else None  # (None where signals cannot be handled)
-    try:
-        return _main(argv, out, err)
-    except (_UsageError, ConfigError) as exc:
-        err.write(f"jupyter_call: usage error: {exc}\n")
-        return EXIT_USAGE
-    except ExecutionTimeout as exc:
-        err.write(f"jupyter_call: timeout: {exc}; the kernel was interrupted\n")
-        return EXIT_TIMEOUT
-    except KernelDied as exc:
-        err.write(f"jupyter_call: {exc}\n")
-        return EXIT_DIED
-    except _Signalled as exc:
-        err.write(f"jupyter_call: ended by {signal.Signals(exc.signum).name}; the kernel was interrupted\n")
-        return 128 + exc.signum
-    except KeyboardInterrupt:
-        err.write("jupyter_call: interrupted\n")
-        return EXIT_INTERRUPTED
-    except JupyterError as exc:
-        text = exc._describe(_CLI_FIXES) if isinstance(exc, ServerError) else str(exc)
-        err.write(f"jupyter_call: error: {text}\n")
-        return EXIT_SERVER
-    except BrokenPipeError:
-        # The reader went away (`| head`): stop quietly, as a process killed by SIGPIPE.
-        with contextlib.suppress(OSError, ValueError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_BROKEN_PIPE
-    finally:
-        for name, handler in previous.items():
-            signal.signal(getattr(signal, name), handler)
-        if console:
-            console[0].set()  # the console handler may return: Windows ends the process
-
-
 def _open_kernel(args, url, token, deadline, env, ssl_context, path, name) -> Kernel:
     try:
         return Kernel(url, token, kernel_id=args.kernel_id, name=name, timeout=deadline.remaining(),
@@ -3636,7 +4892,8 @@ def _open_kernel(args, url, token, deadline, env, ssl_context, path, name) -> Ke
                       ssl_context=ssl_context, protocol=args.protocol, compression=args.compress)
     except ServerError as exc:
         if exc.status is None and url is None and resolve_server()[0] == DEFAULT_URL:
-            raise JupyterError(f"no Jupyter server found (nothing answers at {DEFAULT_URL}): start one "
+            raise JupyterError(f"no Jupyter server found (nothing answers at {DEFAULT_URL}): start "
+                               "one "
                                f"with 'jupyter lab' or 'jupyter server', pass --url and --token, "
                                f"or use --spawn") from exc
         raise
@@ -3678,7 +4935,8 @@ def _main(argv, out, err) -> int:
 def _run(args, out, err, url, token, deadline, env, ssl_context, parameters, root) -> int:
     """Read the code or notebook, run it, print and write what it produced."""
     on_server = any(p and p.startswith(SERVER_PREFIX) for p in (args.file, args.write))
-    remote = _RestClient(*resolve_server(url, token), ssl_context=ssl_context) if on_server else None
+    remote = _RestClient(*resolve_server(url, token),
+                         ssl_context=ssl_context) if on_server else None
     text, code_from_stdin = _read_code(args, remote, deadline)
     path = None if code_from_stdin else args.file
     notebook = notebook_from(text.lstrip("\ufeff"), path)
@@ -3697,7 +4955,8 @@ def _run(args, out, err, url, token, deadline, env, ssl_context, parameters, roo
         stdin = _terminal_stdin
     else:
         stdin = None
-    printer = None if args.json else _Printer(out, err, color=args.color, output_dir=args.output_dir)
+    printer = None if args.json else _Printer(out, err, color=args.color,
+                                              output_dir=args.output_dir)
 
     def on_cell(number: int, total: int) -> None:
         if printer is not None:
@@ -3708,15 +4967,18 @@ def _run(args, out, err, url, token, deadline, env, ssl_context, parameters, roo
     results: list = []
     failed = 0
     try:
-        with _open_kernel(args, url, token, deadline, env, ssl_context, where, name) as kernel:  # deletes what it started
+        # deletes what it started
+        with _open_kernel(args, url, token, deadline, env, ssl_context, where, name) as kernel:
             if args.keep and not (args.kernel_id or args.session or args.notebook):
                 kernel.detach()
                 err.write(f"jupyter_call: kernel {kernel.id} kept running at {kernel.url}\n")
             # Streaming to a terminal keeps nothing already printed (bounded memory),
             # unless the outputs are wanted again for --json or --write.
             failed = _execute_notebook(
-                kernel, notebook, deadline, results, keep_going=args.keep_going, cell_timeout=args.cell_timeout,
-                stdin=stdin, on_output=printer, on_cell=on_cell, keep_outputs=bool(args.json or args.write),
+                kernel, notebook, deadline, results, keep_going=args.keep_going,
+                cell_timeout=args.cell_timeout,
+                stdin=stdin, on_output=printer, on_cell=on_cell,
+                keep_outputs=bool(args.json or args.write),
                 on_wait=printer.status if printer is not None and printer.live else None,
                 language_info=bool(args.write))  # (a round trip only a written notebook shows)
     except BaseException:
@@ -3737,8 +4999,10 @@ def _run(args, out, err, url, token, deadline, env, ssl_context, parameters, roo
     if args.json:
         _print_json(out, results, many, failed=bool(failed))
     elif any(r.truncated for r in results):
-        err.write("jupyter_call: warning: the server dropped output (IOPub rate limit); raise it with "
-                  "--ZMQChannelsWebsocketConnection.iopub_data_rate_limit (--ServerApp. on older servers)\n")
+        err.write("jupyter_call: warning: the server dropped output (IOPub rate limit); raise it "
+                  "with "
+                  "--ZMQChannelsWebsocketConnection.iopub_data_rate_limit (--ServerApp. on older "
+                  "servers)\n")
     if any(r.status == "aborted" for r in results):
         err.write("jupyter_call: the kernel aborted the execution\n")
     return EXIT_ERROR if failed else EXIT_OK
@@ -3748,980 +5012,20 @@ def _print_json(out, results: list, many: bool, *, failed: bool) -> None:
     """One Result.to_dict(), or for cells {"status", "ok", "cells": [Result.to_dict(), ...]}."""
     if many:
         status = next((r.status for r in results if not r.ok), "error") if failed else "ok"
-        out.write(_strict_json({"status": status, "ok": not failed, "cells": [r.to_dict() for r in results]})
+        out.write(_strict_json({"status": status, "ok": not failed,
+                                "cells": [r.to_dict() for r in results]})
                   + "\n")
     elif results:
         out.write(_strict_json(results[0].to_dict()) + "\n")
 
 
-def _strict_json(obj: object, **options) -> str:
-    """JSON that every parser takes: NaN and the infinities (a server's 1e400 reads as one) are
-    written as the strings "NaN", "Infinity" and "-Infinity"."""
-    try:
-        return json.dumps(obj, allow_nan=False, **options)
-    except ValueError:
-        return json.dumps(_finite(obj), allow_nan=False, **options)
-
-
-def _finite(value: object) -> object:
-    if isinstance(value, float) and value - value != 0:  # NaN or an infinity
-        return "NaN" if value != value else "Infinity" if value > 0 else "-Infinity"
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    return [_finite(item) for item in value] if isinstance(value, (list, tuple)) else value
-
-
-def _write_notebook(path: str, notebook: dict, remote: _RestClient | None, deadline: Deadline) -> None:
-    """Write the executed notebook to a local file, or to the server for server:PATH."""
-    if path.startswith(SERVER_PREFIX):
-        remote.save_notebook(path[len(SERVER_PREFIX):], json.loads(_strict_json(notebook)),
-                             deadline=deadline.cut(HTTP_TIMEOUT))
-        return
-    text = _notebook_text(notebook)  # (before the file is opened: an error must not leave it empty)
-    try:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
-    except OSError as exc:
-        raise _UsageError(f"cannot write {path}: {exc.strerror}") from None
-
-
-def _notebook_text(notebook: dict) -> str:
-    """A notebook file's text, as nbformat writes it; a lone surrogate (from a JSON escape) stays escaped."""
-    text = _strict_json(notebook, indent=1, ensure_ascii=False)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = _strict_json(notebook, indent=1)
-    return text + "\n"
-
-
-# ---- Model Context Protocol server (--mcp) -------------------------------------------
-#
-# `jupyter_call.py --mcp` gives an AI agent's host (Claude Code, Claude Desktop, VS Code,
-# any MCP client) tools to run code on Jupyter kernels. The transport is stdio: JSON-RPC
-# 2.0, one message per line in UTF-8; stdout carries protocol messages and nothing else,
-# logs go to stderr, and stdin closing ends the process once its kernels are deleted.
-# Two eras of the specification are served, in the era its client speaks first:
-#   - the handshake era, revisions 2024-11-05 to 2025-11-25 (basic/lifecycle): `initialize`
-#     picks the version, then `notifications/initialized`, `ping`, `tools/*`;
-#   - revision 2026-07-28 (basic/versioning, basic/index): no handshake; every request names
-#     its version in `_meta`; `server/discover`; every result has `resultType` and the
-#     server's info in `_meta`; list results have the caching hints `ttlMs` and `cacheScope`.
-# Requests run concurrently: calls on one kernel one after another, in a lane (a thread
-# while it has work), other calls each in a thread; the reading thread answers the rest.
-
-MCP_HANDSHAKE_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")  # newest first
-MCP_STATELESS_VERSIONS = ("2026-07-28",)
-MCP_VERSIONS = MCP_STATELESS_VERSIONS + MCP_HANDSHAKE_VERSIONS
-_MCP_VERSION_KEY = "io.modelcontextprotocol/protocolVersion"  # in a 2026-07-28 request's _meta
-_MCP_SERVER_KEY = "io.modelcontextprotocol/serverInfo"        # in a 2026-07-28 result's _meta
-MCP_TOOLS_TTL_MS = 3_600_000  # the tools do not change while the process runs
-MAX_MCP_LINE = 64 * 2**20     # bound on one incoming message
-MCP_PROGRESS_EVERY = 2.0      # seconds between progress notifications (at most 5, as promised)
-MCP_MAX_OUTPUT = 20_000       # characters of text per result (--max-output)
-MCP_MAX_IMAGE_BYTES = 1_000_000  # an image inlined at most (--max-image-bytes)
-MCP_MAX_IMAGES = 10           # images inlined in one result at most
-MCP_START_TIMEOUT = HTTP_TIMEOUT  # starting or attaching a kernel (gateways can take 40 s+)
-MCP_ASK_TIMEOUT = 30.0        # inspect: the kernel answers at once unless busy
-# Hosts close stdin, send SIGTERM 2 s later and SIGKILL at 4 s (the official SDKs and the
-# Inspector): the kernels this process started are deleted in parallel within this budget.
-MCP_CLEANUP = 2.5
-MCP_DELETE_RESERVE = 1.0  # of which kept for the deletes, when kernels are still starting
-
-PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS = -32700, -32600, -32601, -32602
-UNSUPPORTED_VERSION = -32022  # revision 2026-07-28, basic/versioning
-
-MCP_INSTRUCTIONS = (
-    "Runs code on Jupyter kernels. run_code without a kernel uses one default kernel that keeps its "
-    "state between calls, like a notebook: define things once, then use them. Output comes back as "
-    "text and images; very long output is cut in the middle. Use a timeout for code that may run long; "
-    "interrupt_kernel stops a runaway cell, restart_kernel clears all state.")
-
-
-_KERNEL_ID = "^[A-Za-z0-9_~:-][A-Za-z0-9._~:-]{0,127}$"  # a plain token, as servers make kernel ids
-
-
-def _schema(properties: dict, required: tuple = ()) -> dict:
-    return {"type": "object", "properties": properties, "required": list(required), "additionalProperties": False}
-
-
-def _control_tool(name: str, title: str, description: str, *, destructive: bool, idempotent: bool) -> dict:
-    """A tool that acts on one kernel, named by its id."""
-    return {"name": name, "title": title, "description": description,
-            "inputSchema": _schema({"kernel": {"type": "string", "pattern": _KERNEL_ID,
-                                               "description": "The kernel id."}}, ("kernel",)),
-            "annotations": {"title": title, "readOnlyHint": False, "destructiveHint": destructive,
-                            "idempotentHint": idempotent, "openWorldHint": False}}
-
-
-_KERNEL_ARG = {"type": "string", "pattern": _KERNEL_ID,
-               "description": "A kernel id (from list_kernels or start_kernel). Default: the default kernel."}
-_STATUS = {"type": "string", "enum": ["ok", "error", "aborted", "timeout"]}
-
-MCP_TOOLS = (
-    {"name": "run_code", "title": "Run code",
-     "description": "Run code on a Jupyter kernel and return what it printed, its result, images it displayed "
-                    "and the traceback if it raised. Without `kernel`, the default kernel is used; its "
-                    "variables, imports and files persist between calls, so build on earlier calls rather "
-                    "than repeating them. The code runs as a notebook cell: the value of its last line is "
-                    "shown. `timeout` (seconds) interrupts code that runs longer and returns what it printed "
-                    "so far. structuredContent.status is ok, error, aborted or timeout.",
-     "inputSchema": _schema({"code": {"type": "string", "description": "The code to run (Python for Python kernels)."},
-                             "kernel": _KERNEL_ARG,
-                             "timeout": {"type": "number", "exclusiveMinimum": 0,
-                                         "description": "Seconds before the kernel is interrupted."}}, ("code",)),
-     "outputSchema": _schema({"status": _STATUS, "kernel": {"type": "string"},
-                              "execution_count": {"type": ["integer", "null"]},
-                              "truncated": {"type": "boolean"}},
-                             ("status", "kernel", "execution_count", "truncated")),
-     "annotations": {"title": "Run code", "readOnlyHint": False, "destructiveHint": False,
-                     "idempotentHint": False, "openWorldHint": False}},
-    {"name": "list_kernels", "title": "List kernels",
-     "description": "List the Jupyter server's running kernels (id, kernel name, execution state, last activity) "
-                    "and its sessions (the notebooks and consoles open in JupyterLab, with their kernel). "
-                    "`started` marks kernels this MCP server started, `default` the one run_code uses "
-                    "without `kernel`.",
-     "inputSchema": _schema({}),
-     "outputSchema": _schema({
-         "kernels": {"type": "array", "items": _schema({
-             "id": {"type": "string"}, "name": {"type": ["string", "null"]},
-             "state": {"type": ["string", "null"]}, "last_activity": {"type": ["string", "null"]},
-             "started": {"type": "boolean"}, "default": {"type": "boolean"}},
-             ("id", "name", "state", "last_activity", "started", "default"))},
-         "sessions": {"type": "array", "items": _schema({
-             "path": {"type": ["string", "null"]}, "kernel": {"type": ["string", "null"]}}, ("path", "kernel"))}},
-         ("kernels", "sessions")),
-     "annotations": {"title": "List kernels", "readOnlyHint": True, "openWorldHint": False}},
-    {"name": "start_kernel", "title": "Start a kernel",
-     "description": "Start a new kernel, separate from the default one, and return its id to pass as `kernel` "
-                    "to run_code. `name` is a kernel spec (e.g. python3; default: the server's). It is shut "
-                    "down when this MCP server stops, or by shutdown_kernel.",
-     "inputSchema": _schema({"name": {"type": "string", "description": "The kernel spec name."}}),
-     "outputSchema": _schema({"kernel": {"type": "string"}, "name": {"type": ["string", "null"]}},
-                             ("kernel", "name")),
-     "annotations": {"title": "Start a kernel", "readOnlyHint": False, "destructiveHint": False,
-                     "idempotentHint": False, "openWorldHint": False}},
-    _control_tool("interrupt_kernel", "Interrupt a kernel",
-                  "Interrupt the code a kernel is running (as Ctrl-C does): the running call ends with a "
-                  "KeyboardInterrupt error; the kernel and its state stay.", destructive=False, idempotent=True),
-    _control_tool("restart_kernel", "Restart a kernel",
-                  "Restart a kernel: all its variables and imports are lost, it keeps its id. Use it when the "
-                  "kernel is stuck or its state is broken.", destructive=True, idempotent=False),
-    _control_tool("shutdown_kernel", "Shut down a kernel",
-                  "Shut down a kernel this MCP server started (the default one or one from start_kernel); "
-                  "its state is lost. Kernels of other people and notebooks are refused.",
-                  destructive=True, idempotent=True),
-    {"name": "inspect", "title": "Look up documentation",
-     "description": "The kernel's documentation of the name at `cursor_pos` in `code` (default: the end), as "
-                    "IPython's `name?` shows it: signature and docstring of a function, class or variable "
-                    "the kernel knows.",
-     "inputSchema": _schema({"code": {"type": "string"},
-                             "cursor_pos": {"type": "integer", "minimum": 0,
-                                            "description": "Character position in code."},
-                             "kernel": _KERNEL_ARG}, ("code",)),
-     "annotations": {"title": "Look up documentation", "readOnlyHint": True, "openWorldHint": False}},
-    {"name": "run_notebook", "title": "Run a notebook",
-     "description": "Run a notebook's code cells in order on a new kernel, as papermill does, and return a "
-                    "summary of each cell (status, the start of its output, the first error). `path` is a "
-                    ".ipynb (or '# %%' .py) file on this machine, or server:PATH for a file on the Jupyter "
-                    "server. `parameters` are injected after the cell tagged 'parameters'. `write` saves the "
-                    "executed notebook: a path, server:PATH, or true for the notebook itself.",
-     "inputSchema": _schema({"path": {"type": "string"},
-                             "parameters": {"type": "object", "description": "Names and values to inject."},
-                             "write": {"type": ["string", "boolean"]}}, ("path",)),
-     "outputSchema": _schema({"status": {"type": "string", "enum": ["ok", "error"]},
-                              "cells": {"type": "array", "items": _schema({
-                                  "cell": {"type": "integer"}, "status": {"type": "string"},
-                                  "execution_count": {"type": ["integer", "null"]},
-                                  "output": {"type": "string"}, "error": {"type": ["string", "null"]}},
-                                  ("cell", "status", "execution_count", "output", "error"))},
-                              "written": {"type": ["string", "null"]}},
-                             ("status", "cells", "written")),
-     "annotations": {"title": "Run a notebook", "readOnlyHint": False, "destructiveHint": False,
-                     "idempotentHint": False, "openWorldHint": False}},
-)
-
-
-class _ToolError(Exception):
-    """A tool call that cannot be done: its text is the result's, with isError set."""
-
-
-def _check_arguments(schema: dict, args: object) -> str | None:
-    """What is wrong with ``args`` for an input schema of MCP_TOOLS, or None."""
-    if not isinstance(args, dict):
-        return "the arguments must be an object"
-    properties = schema["properties"]
-    for name in schema["required"]:
-        if name not in args:
-            return f"argument '{name}' is required"
-    for name, value in args.items():
-        rule = properties.get(name)
-        if rule is None:
-            return f"unknown argument '{name}' (this tool takes: {', '.join(properties) or 'nothing'})"
-        kinds = rule["type"] if isinstance(rule["type"], list) else [rule["type"]]
-        if not any(_is_json_type(value, kind) for kind in kinds):
-            return f"argument '{name}' must be {' or '.join(kinds)}, not {_json_type(value)}"
-        if "pattern" in rule and isinstance(value, str) and not re.search(rule["pattern"], value):
-            return f"argument '{name}' is not a kernel id: {value[:80]!r}"
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if "minimum" in rule and value < rule["minimum"] or "exclusiveMinimum" in rule and not (
-                    value > rule["exclusiveMinimum"] and value < float("inf")):
-                return f"argument '{name}' must be a positive number" if "exclusiveMinimum" in rule else (
-                    f"argument '{name}' must be at least {rule['minimum']}")
-    return None
-
-
-def _is_json_type(value: object, kind: str) -> bool:
-    if kind == "integer":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind == "number":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return {"string": str, "boolean": bool, "object": dict, "array": list, "null": type(None)}[kind] is type(value)
-
-
-def _json_type(value: object) -> str:
-    for kind in ("null", "boolean", "integer", "number", "string", "array", "object"):
-        if _is_json_type(value, kind):
-            return kind
-    return type(value).__name__
-
-
-class _ToolContent:
-    """A cell's outputs as MCP content blocks, collected as they arrive, in bounded memory.
-
-    In order: text for streams, results' and displays' text forms and tracebacks (ANSI
-    colours removed); image blocks for PNG and JPEG up to ``max_image_bytes`` each, at most
-    MCP_MAX_IMAGES of them. Text over ``max_output`` characters keeps its head and tail
-    around one line saying how much was left out; with ``output_dir``, the whole text and
-    the images left out are saved there, and the line says where.
-    """
-
-    def __init__(self, max_output: int = MCP_MAX_OUTPUT, max_image_bytes: int = MCP_MAX_IMAGE_BYTES,
-                 output_dir: str | None = None):
-        self.max_output, self.max_image_bytes, self.output_dir = max_output, max_image_bytes, output_dir
-        self.missing = False  # an output is not in the content: cut, saved or described
-        self._spill = None    # with output_dir: every character of text, in case it does not fit
-        self._clear()
-
-    def _clear(self) -> None:
-        self._parts: list = []        # str for text, dict for an image block, while the text fits
-        self._head: str | None = None  # once it does not: its first two thirds of the budget...
-        self._tail = ""               # ...and the last third
-        self._total = 0               # characters of text
-        self._images = 0
-        self._clear_pending = False
-        if self._spill is not None:
-            self._spill[0].seek(0)
-            self._spill[0].truncate()
-
-    def add(self, out: dict) -> None:
-        """Take one output as ``Kernel.execute``'s ``on_output`` gets it."""
-        kind = out.get("output_type")
-        if kind == "clear_output":  # (wait: at the next output)
-            self._clear_pending = True
-            if not out.get("wait"):
-                self._clear()
-            return
-        if kind == "update_display_data":
-            return  # the display stays as first shown
-        if self._clear_pending:
-            self._clear()
-        if kind == "stream":
-            self._text(str(out.get("text", "")))
-        elif kind in ("execute_result", "display_data"):
-            data = out.get("data") or {}
-            mime = next((m for m in ("image/png", "image/jpeg") if isinstance(data.get(m), str)), None)
-            if mime:
-                self._image(mime, re.sub(r"\s+", "", data[mime]))
-                return
-            shown = _text_form(data)
-            if shown is None:
-                shown = next((data[m] for m in ("text/markdown", "text/html") if isinstance(data.get(m), str)),
-                             f"[{', '.join(sorted(data)) or 'empty'} output]")
-            self._text(shown if shown.endswith("\n") else shown + "\n")
-        elif kind == "error":
-            trace = "\n".join(str(line) for line in out.get("traceback") or ()) or (
-                f"{out.get('ename', 'Error')}: {out.get('evalue', '')}")
-            self._text(re.sub(ANSI_ESCAPE, "", trace) + "\n")
-
-    def _image(self, mime: str, encoded: str) -> None:
-        size = len(encoded) * 3 // 4 - encoded[-2:].count("=")
-        if size <= self.max_image_bytes and self._images < MCP_MAX_IMAGES:
-            self._images += 1
-            self._parts.append({"type": "image", "data": encoded, "mimeType": mime})
-            return
-        self.missing = True
-        where = None
-        if self.output_dir is not None:
-            try:
-                where = self._file("." + mime.split("/")[1].replace("jpeg", "jpg"), "wb")
-                with where[0]:
-                    where[0].write(base64.b64decode(encoded))
-            except (OSError, ValueError):
-                where = None
-        self._text(f"[{mime} {_size(size)} {'saved to ' + where[1] if where else 'omitted'}]\n")
-
-    def _file(self, suffix: str, mode: str):
-        os.makedirs(self.output_dir, exist_ok=True)
-        path = os.path.abspath(os.path.join(self.output_dir, f"mcp-{_new_id()[:12]}{suffix}"))
-        return open(path, mode, **({"encoding": "utf-8"} if "b" not in mode else {})), path
-
-    def _text(self, piece: str) -> None:
-        if not piece:
-            return
-        self._total += len(piece)
-        if self.output_dir is not None:
-            try:
-                self._spill = self._spill or self._file(".txt", "w")
-                self._spill[0].write(piece)
-            except OSError:
-                self.output_dir = None
-        keep = self.max_output // 3
-        if self._head is not None:
-            self._tail = (self._tail + piece[-keep:])[-keep:]
-            return
-        if self._parts and isinstance(self._parts[-1], str):
-            self._parts[-1] += piece
-        else:
-            self._parts.append(piece)
-        if self._total > self.max_output:  # from here on only the head and the tail are kept
-            whole = "".join(p for p in self._parts if isinstance(p, str))
-            self._head, self._tail = whole[:self.max_output - keep], whole[-keep:] if keep else ""
-            self._parts = [p for p in self._parts if isinstance(p, dict)]
-
-    def finish(self) -> tuple[list, bool]:
-        """The content blocks, and whether any output is missing from them."""
-        spill, self._spill = self._spill, None
-        if spill is not None:
-            spill[0].close()
-        if self._head is None:
-            if spill is not None:
-                with contextlib.suppress(OSError):
-                    os.remove(spill[1])
-            return [p if isinstance(p, dict) else {"type": "text", "text": p} for p in self._parts], self.missing
-        left_out = self._total - len(self._head) - len(self._tail)
-        where = f"; the whole text is in {spill[1]}" if spill is not None else ""
-        note = f"\n[... {left_out:,} characters left out{where} ...]\n"
-        return [{"type": "text", "text": self._head + note + self._tail}, *self._parts], True
-
-
-def _tool_content(outputs: list, **options) -> tuple[list, bool]:
-    """The content blocks of a list of outputs (see _ToolContent)."""
-    content = _ToolContent(**options)
-    for out in outputs:
-        content.add(out)
-    return content.finish()
-
-
-class _NotebookLog:
-    """--log: every cell the agent ran, with its outputs, appended to a notebook that a person
-    can open; the file is replaced whole after each cell, so it is never half written."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.notebook = {"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
-        try:
-            with open(path, encoding="utf-8-sig") as f:
-                text = f.read()
-        except FileNotFoundError:
-            text = None
-        except OSError as exc:
-            raise _UsageError(f"cannot read --log {path}: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            text = "not UTF-8"
-        if text and text.strip():
-            try:
-                notebook = json.loads(text)
-            except (ValueError, RecursionError):
-                notebook = None
-            if not _is_notebook(notebook):
-                raise _UsageError(f"--log {path} exists and is not a notebook; give a new file")
-            self.notebook = _current(notebook)
-        self._write()
-
-    def add(self, code: str, result: Result) -> None:
-        cell = _new_cell("code", code)
-        cell.update(execution_count=result.execution_count, outputs=result.outputs)
-        self.notebook["cells"].append(cell)
-        self._write()
-
-    def _write(self) -> None:
-        part = f"{self.path}.{os.getpid()}.part"
-        try:
-            with open(part, "w", encoding="utf-8") as f:
-                f.write(_notebook_text(self.notebook))
-            os.replace(part, self.path)
-        except OSError as exc:
-            raise _UsageError(f"cannot write --log {self.path}: {exc.strerror}") from None
-
-
-class _Call:
-    """One tools/call in progress."""
-
-    def __init__(self, request_id: object, progress_token: object):
-        self.id, self.progress_token = request_id, progress_token
-        self.cancelled = False
-        self.kernel_id: str | None = None  # the kernel it runs on, once known (for cancellation)
-        self.started = time.monotonic()
-        self.last_line = ""
-
-
-class _McpServer:
-    """The MCP server of ``--mcp``: reads requests from ``stdin`` (binary), writes to ``out`` (binary)."""
-
-    def __init__(self, url: str | None, token: str | None, *, ssl_context=None, kernel_name: str | None = None,
-                 kernel_id: str | None = None, session: str | None = None, notebook: str | None = None,
-                 timeout: float | None = None, max_output: int = MCP_MAX_OUTPUT,
-                 max_image_bytes: int = MCP_MAX_IMAGE_BYTES, output_dir: str | None = None,
-                 log: _NotebookLog | None = None, err=None, out=None, **kernel_options):
-        import threading
-        self.url, self.token = url, token
-        self.ssl_context, self.kernel_name, self.timeout = ssl_context, kernel_name, timeout
-        self.attach = {"kernel_id": kernel_id, "session": session, "notebook": notebook}
-        self.kernel_options = kernel_options  # env, protocol, compression: as for Kernel
-        self.max_output, self.max_image_bytes, self.output_dir = max_output, max_image_bytes, output_dir
-        self.log, self.err, self.out = log, err or sys.stderr, out
-        self.era: str | None = None  # "handshake" or "stateless", fixed by the first request
-        self.version = MCP_HANDSHAKE_VERSIONS[0]
-        self._lock = threading.Lock()        # the tables below
-        self._write_lock = threading.Lock()  # one message at a time on stdout
-        self._kernels: dict = {}    # kernel id -> Kernel connected by this process
-        self._started: set = set()  # ids of kernels this process started
-        self._starting = 0          # kernels being started or attached right now
-        self._closed = False        # cleanup has begun: a kernel started now deletes itself
-        self._settled = threading.Condition(self._lock)  # notified when one of them is done
-        self._default: str | None = None
-        self._lanes: dict = {}      # kernel key -> deque of waiting work, while a lane thread runs
-        self._calls: dict = {}      # request id -> _Call
-        self._rest_client = None
-
-    # -- the transport --
-
-    def serve(self, stdin) -> None:
-        """Answer requests until stdin closes (the caller cleans up)."""
-        while True:
-            line = stdin.readline(MAX_MCP_LINE + 1)
-            if not line:
-                return
-            if len(line) > MAX_MCP_LINE and not line.endswith(b"\n"):
-                while line and not line.endswith(b"\n"):  # drop the rest of the line, unread
-                    line = stdin.readline(RECV_SIZE_MAX)
-                self._error(None, INVALID_REQUEST, f"message longer than {MAX_MCP_LINE} bytes")
-                continue
-            if line.strip():
-                try:
-                    self._receive(line)
-                except Exception as exc:  # a bug must not end the server: say so, go on
-                    self.log_line(f"internal error on a message: {type(exc).__name__}: {exc}")
-                    self._error(None, -32603, f"Internal error: {type(exc).__name__}")
-
-    def _write(self, message: dict) -> None:
-        data = (_strict_json(message, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8", "replace")
-        with self._write_lock:
-            try:
-                self.out.write(data)
-                self.out.flush()
-            except (OSError, ValueError):  # the host went away; stdin closing ends the process
-                pass
-
-    def _result(self, request_id: object, result: dict, *, cacheable: bool = False) -> None:
-        if self.era == "stateless":  # revision 2026-07-28: resultType on every result, serverInfo in _meta
-            result = {**result, "resultType": "complete",
-                      "_meta": {_MCP_SERVER_KEY: {"name": "jupyter_call", "version": __version__}}}
-            if cacheable:
-                result.update(ttlMs=MCP_TOOLS_TTL_MS, cacheScope="public")
-        self._write({"jsonrpc": "2.0", "id": request_id, "result": result})
-
-    def _error(self, request_id: object, code: int, message: str, data: object = None) -> None:
-        error = {"code": code, "message": message}
-        if data is not None:
-            error["data"] = data
-        self._write({"jsonrpc": "2.0", "id": request_id, "error": error})
-
-    def _notify(self, method: str, params: dict) -> None:
-        self._write({"jsonrpc": "2.0", "method": method, "params": params})
-
-    def log_line(self, text: str) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self.err.write(f"jupyter_call: {self._private(text)}\n")
-            self.err.flush()
-
-    # -- JSON-RPC --
-
-    def _receive(self, line: bytes) -> None:
-        try:
-            msg = json.loads(line.decode("utf-8"))
-        except (ValueError, RecursionError):
-            self._error(None, PARSE_ERROR, "Parse error: not a JSON message")
-            return
-        if not isinstance(msg, dict):
-            self._error(None, INVALID_REQUEST, "a message must be a JSON object (batches are not supported)")
-            return
-        method, request_id, params = msg.get("method"), msg.get("id"), msg.get("params")
-        if not isinstance(method, str):
-            if "id" in msg and "result" not in msg and "error" not in msg:  # (answers to us: none are asked)
-                self._error(request_id, INVALID_REQUEST, "a request needs a method")
-            return
-        if params is None:
-            params = {}
-        if not isinstance(params, dict):
-            if "id" in msg:
-                self._error(request_id, INVALID_PARAMS, "params must be an object")
-            return
-        if "id" not in msg:
-            self._on_notification(method, params)
-        elif isinstance(request_id, (str, int)) and not isinstance(request_id, bool):
-            self._on_request(request_id, method, params)
-        else:
-            self._error(None, INVALID_REQUEST, "a request id must be a string or an integer")
-
-    def _on_notification(self, method: str, params: dict) -> None:
-        if method == "notifications/cancelled":
-            self._cancel(params.get("requestId"))
-        # notifications/initialized and others need nothing
-
-    def _on_request(self, request_id: object, method: str, params: dict) -> None:
-        meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
-        asked = meta.get(_MCP_VERSION_KEY)
-        if self.era is None:
-            self.era = "stateless" if asked is not None or method == "server/discover" else "handshake"
-        if self.era == "stateless":
-            if method == "initialize":  # a handshake on a 2026-07-28 connection (as the official SDK answers)
-                self._error(request_id, UNSUPPORTED_VERSION, "Unsupported protocol version",
-                            {"supported": list(MCP_STATELESS_VERSIONS), "requested": params.get("protocolVersion")})
-                return
-            if asked is None:
-                self._error(request_id, INVALID_PARAMS, f"params._meta is missing {_MCP_VERSION_KEY}")
-                return
-            if asked not in MCP_STATELESS_VERSIONS:
-                self._error(request_id, UNSUPPORTED_VERSION, "Unsupported protocol version",
-                            {"supported": list(MCP_STATELESS_VERSIONS), "requested": asked})
-                return
-        handlers = {"tools/list": self._tools_list, "tools/call": self._tools_call}
-        if self.era == "handshake":
-            handlers.update({"initialize": self._initialize, "ping": self._ping})
-        else:  # 2026-07-28 has no ping
-            handlers["server/discover"] = self._discover
-        handler = handlers.get(method)
-        if handler is None:
-            self._error(request_id, METHOD_NOT_FOUND, f"Method not found: {method}")
-            return
-        handler(request_id, params)
-
-    def _initialize(self, request_id: object, params: dict) -> None:
-        # 2025-11-25 basic/lifecycle: answer with the client's version when supported, else the latest.
-        asked = params.get("protocolVersion")
-        self.version = asked if asked in MCP_HANDSHAKE_VERSIONS else MCP_HANDSHAKE_VERSIONS[0]
-        self._result(request_id, {"protocolVersion": self.version, "capabilities": {"tools": {"listChanged": False}},
-                                  "serverInfo": {"name": "jupyter_call", "title": "Jupyter kernels",
-                                                 "version": __version__},
-                                  "instructions": MCP_INSTRUCTIONS})
-
-    def _ping(self, request_id: object, params: dict) -> None:
-        self._result(request_id, {})
-
-    def _discover(self, request_id: object, params: dict) -> None:
-        # 2026-07-28 server/discover: the versions, capabilities and instructions, cacheable.
-        self._result(request_id, {"supportedVersions": list(MCP_VERSIONS),
-                                  "capabilities": {"tools": {"listChanged": False}},
-                                  "instructions": MCP_INSTRUCTIONS}, cacheable=True)
-
-    def _tools_list(self, request_id: object, params: dict) -> None:
-        tools = MCP_TOOLS if self.version >= "2025-06-18" or self.era == "stateless" else [
-            {k: v for k, v in tool.items() if k not in ("outputSchema", "title")} for tool in MCP_TOOLS]
-        self._result(request_id, {"tools": list(tools)}, cacheable=True)
-
-    def _tools_call(self, request_id: object, params: dict) -> None:
-        name, args = params.get("name"), params.get("arguments")
-        args = {} if args is None else args
-        tool = next((t for t in MCP_TOOLS if t["name"] == name), None)
-        if tool is None:
-            self._error(request_id, INVALID_PARAMS, f"Unknown tool: {str(name)[:100]}")
-            return
-        problem = _check_arguments(tool["inputSchema"], args)
-        if problem:  # 2025-11-25: input errors are tool results, so that the model can correct itself
-            self._result(request_id, self._failure(f"{name}: {problem}"))
-            return
-        meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
-        call = _Call(request_id, meta.get("progressToken"))
-        with self._lock:
-            self._calls[request_id] = call
-        work = getattr(self, f"_tool_{name}")
-        if name in ("run_code", "inspect"):  # one kernel's calls one after another
-            key = args.get("kernel") or ""
-            self._enqueue("" if key == self._default else key, lambda: self._finish(call, work, args))
-        else:
-            _daemon(self._finish, call, work, args)
-
-    def _finish(self, call: _Call, work, args: dict) -> None:
-        """Run a tool and answer its call, unless it was cancelled."""
-        try:
-            result = work(call, args) if not call.cancelled else None
-        except (_ToolError, _UsageError, ValueError) as exc:
-            result = self._failure(str(exc))
-        except KernelDied as exc:
-            self._drop(exc.kernel_id)  # the next call connects again (the server may have restarted it)
-            result = self._failure(f"{exc}; its state is lost")
-        except JupyterError as exc:
-            result = self._failure(self._describe(exc))
-        except Exception as exc:  # a bug must not take the server down
-            result = self._failure(f"internal error: {type(exc).__name__}: {exc}")
-        with self._lock:
-            self._calls.pop(call.id, None)
-        if not call.cancelled and result is not None:
-            self._result(call.id, result)
-
-    def _failure(self, text: str) -> dict:
-        return {"content": [{"type": "text", "text": self._private(text)}], "isError": True}
-
-    def _describe(self, exc: JupyterError) -> str:
-        return exc._describe(_CLI_FIXES) if isinstance(exc, ServerError) else str(exc)
-
-    def _private(self, text: str) -> str:
-        """Text without the server's URL and token: they stay out of every result and log line
-        (any URL on the server's host and port is "the Jupyter server")."""
-        try:
-            url, token = self._rest().url, self._rest().token
-        except JupyterError:  # (an unreadable token file: said elsewhere)
-            url, token = self.url or "", self.token
-        if token:
-            text = text.replace(token, "[token]")
-        host = urlsplit(url).netloc
-        return re.sub(rf"(server at )?\S*{re.escape(host)}\S*", "the Jupyter server", text) if host else text
-
-    # -- lanes, cancellation, progress --
-
-    def _enqueue(self, key: str, job) -> None:
-        """Run ``job`` after the jobs queued for kernel ``key`` ("" is the default kernel)."""
-        with self._lock:
-            queue = self._lanes.get(key)
-            if queue is not None:
-                queue.append(job)
-                return
-            self._lanes[key] = collections.deque([job])
-        _daemon(self._lane, key)
-
-    def _lane(self, key: str) -> None:
-        while True:
-            with self._lock:
-                queue = self._lanes[key]
-                if not queue:
-                    del self._lanes[key]
-                    return
-                job = queue.popleft()
-            job()
-
-    def _cancel(self, request_id: object) -> None:
-        """notifications/cancelled: nothing more is sent for the call; its kernel is interrupted."""
-        if not isinstance(request_id, (str, int)):
-            return
-        with self._lock:
-            call = self._calls.get(request_id)
-        if call is None:
-            return
-        call.cancelled = True
-        if call.kernel_id:
-            _daemon(self._interrupt_quietly, call.kernel_id)
-
-    def _interrupt_quietly(self, kernel_id: str, deadline: Deadline | None = None) -> None:
-        try:
-            self._rest().interrupt_kernel(kernel_id, deadline=deadline or Deadline(SIDE_REQUEST_TIMEOUT))
-        except JupyterError as exc:
-            self.log_line(f"could not interrupt kernel {kernel_id}: {self._describe(exc)}")
-
-    def _progress(self, call: _Call):
-        """Start progress notifications for ``call`` if it asked; returns the event that stops them."""
-        import threading
-        stop = threading.Event()
-        if call.progress_token is None:
-            return stop
-
-        def tick() -> None:
-            while not stop.wait(MCP_PROGRESS_EVERY):
-                if call.cancelled:
-                    return
-                elapsed = round(time.monotonic() - call.started, 1)
-                params = {"progressToken": call.progress_token, "progress": elapsed,
-                          "message": f"running for {elapsed:.0f} s" + (f": {call.last_line}" if call.last_line else "")}
-                self._notify("notifications/progress", params)
-
-        _daemon(tick)
-        return stop
-
-    # -- kernels --
-
-    def _rest(self) -> _RestClient:
-        """The server's REST client, its URL and token found once (argument, environment, discovery)."""
-        if self._rest_client is None:
-            self._rest_client = _RestClient(*resolve_server(self.url, self.token), ssl_context=self.ssl_context)
-        return self._rest_client
-
-    def _kernel(self, kernel_id: str | None) -> Kernel:
-        """The connected Kernel for an id, or the default kernel (started or attached on first use)."""
-        with self._lock:
-            key = kernel_id or self._default
-            kernel = self._kernels.get(key) if key else None
-        if kernel is not None and kernel._ws is not None:
-            return kernel
-        kernel = None
-        if key:
-            try:
-                kernel = self._open(kernel_id=key)
-            except ServerError as exc:
-                if exc.status != 404 or kernel_id:
-                    raise
-                self.log_line(f"default kernel {key} is gone")
-                self._forget(key)
-        if kernel is None:
-            kernel = self._open(name=self.kernel_name, **self.attach)
-            kernel_id = None
-            self.log_line(f"default kernel {kernel.id}" + (" started" if kernel._owned else " attached"))
-        with self._lock:
-            self._kernels[kernel.id] = kernel
-            if not kernel_id and not self._default:
-                self._default = kernel.id
-        return kernel
-
-    def _open(self, **options) -> Kernel:
-        """A Kernel on the server, started or attached as ``options`` say; one it starts is
-        ours to delete from the moment it exists."""
-        with self._lock:
-            self._starting += 1
-        try:
-            rest = self._rest()
-            kernel = Kernel(rest.url, rest.token, timeout=MCP_START_TIMEOUT, ssl_context=self.ssl_context,
-                            **self.kernel_options, **options)
-            kernel.timeout = None  # each call brings its own
-            with self._lock:
-                closed = self._closed
-                if kernel._owned and not closed:
-                    self._started.add(kernel.id)
-            if closed:  # its start outlasted cleanup's wait: do not leave it behind
-                kernel.close()
-                raise JupyterError("the MCP server is stopping")
-            return kernel
-        finally:
-            with self._lock:
-                self._starting -= 1
-                self._settled.notify_all()
-
-    def _drop(self, kernel_id: str) -> None:
-        """Let go of a kernel's connection; the kernel stays (and stays ours to delete)."""
-        with self._lock:
-            kernel = self._kernels.pop(kernel_id, None)
-        if kernel is not None:
-            kernel.detach()
-            if kernel._ws is not None:
-                kernel._ws.abort("dropped")
-
-    def _forget(self, kernel_id: str) -> None:
-        """The kernel is gone, or no longer ours: drop it and every mention of it."""
-        self._drop(kernel_id)
-        with self._lock:
-            self._started.discard(kernel_id)
-            if self._default == kernel_id:
-                self._default = None
-
-    # -- the tools --
-
-    def _tool_run_code(self, call: _Call, args: dict) -> dict:
-        kernel = self._kernel(args.get("kernel"))
-        call.kernel_id = kernel.id
-        if call.cancelled:  # while the kernel started
-            return None
-        timeout = args.get("timeout", self.timeout)
-        content = _ToolContent(self.max_output, self.max_image_bytes, self.output_dir)
-
-        def on_output(out: dict) -> None:
-            content.add(out)
-            if out.get("output_type") == "stream":
-                lines = [line for line in str(out.get("text", ""))[-1000:].splitlines() if line.strip()]
-                if lines:
-                    call.last_line = lines[-1][:200]
-
-        stop = self._progress(call)
-        try:
-            # Only what the content keeps stays in memory (and, for --log, every output).
-            result = kernel._execute(args["code"], Deadline(timeout), on_output=on_output,
-                                     keep_outputs=self.log is not None)
-            status = result.status
-        except ExecutionTimeout as exc:
-            result, status = exc.result or Result(), "timeout"
-        finally:
-            stop.set()
-            blocks, missing = content.finish()
-        if self.log is not None:  # a cancelled cell ran too, as far as it got
-            with self._lock:
-                self.log.add(args["code"], result)
-        if call.cancelled:
-            return None
-        if status == "timeout":
-            blocks.append({"type": "text", "text": f"[timed out after {_seconds(timeout)}; the kernel was "
-                                                   f"interrupted and keeps its state]"})
-        elif status == "aborted":
-            blocks.append({"type": "text", "text": "[the kernel aborted this code]"})
-        structured = {"status": status, "kernel": kernel.id, "execution_count": result.execution_count,
-                      "truncated": bool(result.truncated or missing)}
-        if not blocks:
-            blocks = [{"type": "text", "text": json.dumps(structured)}]
-        return {"content": blocks, "structuredContent": structured, "isError": status != "ok"}
-
-    def _tool_inspect(self, call: _Call, args: dict) -> dict:
-        kernel = self._kernel(args.get("kernel"))
-        call.kernel_id = kernel.id
-        found = kernel.inspect(args["code"], args.get("cursor_pos"), timeout=MCP_ASK_TIMEOUT)
-        text = (found or {}).get("text/plain") or (found or {}).get("text/markdown")
-        text = re.sub(ANSI_ESCAPE, "", text) if isinstance(text, str) else "nothing found at the cursor"
-        return {"content": [{"type": "text", "text": text}]}
-
-    def _tool_list_kernels(self, call: _Call, args: dict) -> dict:
-        rest = self._rest()
-        deadline = Deadline(SIDE_REQUEST_TIMEOUT)
-        kernels = rest.list_kernels(deadline=deadline)
-        try:
-            sessions = rest.list_sessions(deadline=deadline)
-        except ServerError as exc:  # kernel gateways have no sessions
-            if exc.status is None:
-                raise
-            sessions = []
-        with self._lock:
-            started, default = set(self._started), self._default
-        rows = [{"id": str(k.get("id")), "name": _text_or_none(k.get("name")),
-                 "state": _text_or_none(k.get("execution_state")),
-                 "last_activity": _text_or_none(k.get("last_activity")),
-                 "started": k.get("id") in started, "default": k.get("id") == default}
-                for k in kernels if isinstance(k, dict)]
-        paths = [{"path": s["path"], "kernel": _text_or_none(s["kernel"].get("id"))} for s in sessions]
-        structured = {"kernels": rows, "sessions": paths}
-        return {"content": [{"type": "text", "text": json.dumps(structured, indent=1)}],
-                "structuredContent": structured}
-
-    def _tool_start_kernel(self, call: _Call, args: dict) -> dict:
-        kernel = self._open(name=args.get("name") or self.kernel_name)
-        with self._lock:
-            self._kernels[kernel.id] = kernel
-        if call.cancelled:  # nobody will learn its id: do not leave it behind
-            self._shutdown(kernel.id)
-            return None
-        structured = {"kernel": kernel.id, "name": kernel._name}
-        return {"content": [{"type": "text", "text": json.dumps(structured)}], "structuredContent": structured}
-
-    def _tool_interrupt_kernel(self, call: _Call, args: dict) -> dict:
-        self._rest().interrupt_kernel(args["kernel"], deadline=Deadline(SIDE_REQUEST_TIMEOUT))
-        return {"content": [{"type": "text", "text": f"kernel {args['kernel']} interrupted"}]}
-
-    def _tool_restart_kernel(self, call: _Call, args: dict) -> dict:
-        self._rest().restart_kernel(args["kernel"], deadline=Deadline(MCP_START_TIMEOUT))
-        return {"content": [{"type": "text", "text": f"kernel {args['kernel']} restarted: its state is gone"}]}
-
-    def _tool_shutdown_kernel(self, call: _Call, args: dict) -> dict:
-        kernel_id = args["kernel"]
-        with self._lock:
-            ours = kernel_id in self._started
-        if not ours:
-            raise _ToolError(f"kernel {kernel_id} was not started by this MCP server, so it is not shut down "
-                             f"(it may be a person's notebook); interrupt_kernel or restart_kernel work on it")
-        self._shutdown(kernel_id)
-        return {"content": [{"type": "text", "text": f"kernel {kernel_id} shut down"}]}
-
-    def _shutdown(self, kernel_id: str, deadline: Deadline | None = None) -> None:
-        self._forget(kernel_id)
-        self._rest().delete_kernel(kernel_id, deadline=deadline or Deadline(CLEANUP_TIMEOUT))
-
-    def _tool_run_notebook(self, call: _Call, args: dict) -> dict:
-        path, write = args["path"], args.get("write")
-        deadline = Deadline(self.timeout)
-        remote = self._rest()
-        try:
-            notebook, where = read_notebook(path, remote, deadline)
-            name = _kernel_for(notebook, args.get("parameters")) or self.kernel_name
-        except ConfigError as exc:
-            raise _ToolError(str(exc)) from None
-        results: list = []
-        with self._open(name=name, path=where) as kernel:  # (cleanup deletes it too, should the process end first)
-            call.kernel_id = kernel.id
-            stop = self._progress(call)
-
-            def on_cell(number: int, total: int) -> None:
-                call.last_line = f"cell {number} of {total}"
-
-            try:
-                failed = _execute_notebook(kernel, notebook, deadline, results, on_cell=on_cell)
-            except ExecutionTimeout:
-                failed = 1
-            finally:
-                stop.set()
-                with self._lock:
-                    self._started.discard(kernel.id)
-        if call.cancelled:
-            return None
-        written = None
-        if write:
-            written = path if write is True else write
-            try:
-                _write_notebook(written, notebook, remote, deadline)
-            except _UsageError as exc:
-                raise _ToolError(str(exc)) from None
-        code = [cell for cell in notebook["cells"] if cell.get("cell_type") == "code"]
-        ran = [(n, cell) for n, cell in enumerate(code, 1) if _source(cell).strip() and SKIP_TAG not in _tags(cell)]
-        cells = []
-        for (number, cell), result in zip(ran, results):  # the cells that ran, in order
-            text = "".join(block.get("text", "") for block in _tool_content(result.outputs, max_output=10**9,
-                                                                            max_image_bytes=0)[0])
-            error = result.error
-            cells.append({"cell": number, "status": result.status, "execution_count": result.execution_count,
-                          "output": text[:300] + ("..." if len(text) > 300 else ""),
-                          "error": f"{error.get('ename')}: {error.get('evalue')}" if error else None})
-        structured = {"status": "error" if failed else "ok", "cells": cells, "written": written}
-        lines = [f"cell {c['cell']}: {c['status']}" + (f" ({c['error']})" if c["error"] else "") for c in cells]
-        summary = f"{len(cells)} cells ran, {'one failed' if failed else 'all ok'}" + (
-            f"; written to {written}" if written else "")
-        return {"content": [{"type": "text", "text": "\n".join([summary, *lines])}],
-                "structuredContent": structured, "isError": bool(failed)}
-
-    # -- the end --
-
-    def cleanup(self) -> None:
-        """Delete the kernels this process started, in parallel, within MCP_CLEANUP seconds;
-        leave the ones it attached to."""
-        deadline = Deadline(MCP_CLEANUP)
-        with self._lock:
-            self._closed = True
-            for call in self._calls.values():
-                call.cancelled = True  # nothing more is sent
-            # A kernel starting now (the first run_code, say) deletes itself once started: wait for that.
-            self._settled.wait_for(lambda: not self._starting, deadline.remaining() - MCP_DELETE_RESERVE)
-            started = list(self._started)
-            running = {call.kernel_id for call in self._calls.values() if call.kernel_id} - set(started)
-        threads = [_daemon(self._delete_quietly, k, deadline) for k in started] + [
-            _daemon(self._interrupt_quietly, k, deadline) for k in running]  # a cell left running elsewhere stops
-        for thread in threads:
-            thread.join(deadline.remaining())
-
-    def _delete_quietly(self, kernel_id: str, deadline: Deadline) -> None:
-        try:
-            self._shutdown(kernel_id, deadline)
-        except JupyterError as exc:
-            self.log_line(f"could not delete kernel {kernel_id}: {self._describe(exc)}")
-
-
-def _daemon(target, *args):
-    """``target(*args)`` in a daemon thread, started; returns the thread."""
-    import threading
-    thread = threading.Thread(target=target, args=args, daemon=True)
-    thread.start()
-    return thread
-
-
-def _text_or_none(value: object) -> str | None:
-    return None if value is None else str(value)
-
-
 def _serve_mcp(args, err, ssl_context) -> int:
-    """--mcp: serve until stdin closes, SIGTERM or Ctrl-C; delete what was started; exit 0 (or 128+signal)."""
+    """--mcp: serve until stdin closes, SIGTERM or Ctrl-C; delete what was started; exit 0 (or
+    128 + the signal)."""
     if args.code is not None or args.file is not None:
         raise _UsageError("--mcp takes no code: the MCP client sends it")
-    for flag in ("write", "keep", "json", "input", "parameters", "parameters_raw", "parameters_file", "spawn"):
+    for flag in ("write", "keep", "json", "input", "parameters", "parameters_raw",
+                 "parameters_file", "spawn"):
         if getattr(args, flag):
             raise _UsageError(f"--{flag.replace('_', '-')} cannot be used with --mcp")
     limits = {}
@@ -4732,13 +5036,16 @@ def _serve_mcp(args, err, ssl_context) -> int:
         elif value.isascii() and value.isdigit() and int(value) > 0:
             limits[flag] = int(value)
         else:
-            raise _UsageError(f"--{flag.replace('_', '-')} must be a positive whole number, not {value!r}")
+            raise _UsageError(f"--{flag.replace('_', '-')} must be a positive whole number, not "
+                              f"{value!r}")
     log = _NotebookLog(args.log) if args.log else None
     out = sys.stdout.buffer
     sys.stdout = sys.stderr  # anything printed by mistake must not break the protocol
     server = _McpServer(args.url, args.token, ssl_context=ssl_context, kernel_name=args.kernel,
-                        kernel_id=args.kernel_id, session=args.session, notebook=args.notebook, timeout=args.timeout,
-                        output_dir=args.output_dir, log=log, err=err, out=out, env=_parse_env(args.env),
+                        kernel_id=args.kernel_id, session=args.session, notebook=args.notebook,
+                        timeout=args.timeout,
+                        output_dir=args.output_dir, log=log, err=err, out=out,
+                        env=_parse_env(args.env),
                         protocol=args.protocol, compression=args.compress, **limits)
     ended = None
     try:
@@ -4770,38 +5077,49 @@ def _signals_held():
             signal.signal(getattr(signal, name), handler)
 
 
-if sys.version_info < (3, 10) and __name__ != "__main__":
-    # Python 3.9 cannot evaluate "X | None"; editors, documentation tools and pydantic read the
-    # public API's hints with typing.get_type_hints, so there they are spelled with Union.
-    import typing
-
-    def _union(hint: str) -> str:
-        parts, depth, start = [], 0, 0
-        for i, char in enumerate(hint):
-            depth += (char == "[") - (char == "]")
-            if depth == 0 and hint.startswith(" | ", i):
-                parts.append(hint[start:i])
-                start = i + 3
-        parts = [part.strip() for part in parts + [hint[start:]]]
-        inner = [re.sub(r"\[(.*)\]$", lambda m: "[" + ", ".join(_union(x) for x in _split_args(m.group(1))) + "]", p)
-                 for p in parts]
-        return inner[0] if len(inner) == 1 else f"typing.Union[{', '.join(inner)}]"
-
-    def _split_args(text: str) -> list:
-        args, depth, start = [], 0, 0
-        for i, char in enumerate(text):
-            depth += (char == "[") - (char == "]")
-            if depth == 0 and char == ",":
-                args.append(text[start:i])
-                start = i + 1
-        return args + [text[start:]]
-
-    for _public in [globals()[name] for name in __all__]:
-        for _function in [_public, *vars(_public).values()] if isinstance(_public, type) else [_public]:
-            _function = getattr(_function, "__func__", _function)
-            for _name, _hint in getattr(_function, "__annotations__", {}).items():
-                if isinstance(_hint, str) and "|" in _hint:
-                    _function.__annotations__[_name] = _union(_hint)
+def main(argv: list | None = None) -> int:
+    """Run the command line; return the exit code."""
+    import signal
+    out, err = _Output(sys.stdout), _Output(sys.stderr)
+    previous = {}
+    # CI cancellations, timeout(1), systemd, closed terminals; Ctrl-Break on Windows
+    for name in ("SIGTERM", "SIGHUP", "SIGBREAK"):
+        # absent here, or not the main thread
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            previous[name] = signal.signal(getattr(signal, name), _on_signal)
+    console = _watch_console() if previous else None  # (None where signals cannot be handled)
+    try:
+        return _main(argv, out, err)
+    except (_UsageError, ConfigError) as exc:
+        err.write(f"jupyter_call: usage error: {exc}\n")
+        return EXIT_USAGE
+    except ExecutionTimeout as exc:
+        err.write(f"jupyter_call: timeout: {exc}; the kernel was interrupted\n")
+        return EXIT_TIMEOUT
+    except KernelDied as exc:
+        err.write(f"jupyter_call: {exc}\n")
+        return EXIT_DIED
+    except _Signalled as exc:
+        err.write(f"jupyter_call: ended by {signal.Signals(exc.signum).name}; the kernel was "
+                  "interrupted\n")
+        return 128 + exc.signum
+    except KeyboardInterrupt:
+        err.write("jupyter_call: interrupted\n")
+        return EXIT_INTERRUPTED
+    except JupyterError as exc:
+        text = exc.describe(_CLI_FIXES) if isinstance(exc, ServerError) else str(exc)
+        err.write(f"jupyter_call: error: {text}\n")
+        return EXIT_SERVER
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, as a process killed by SIGPIPE.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
+        if console:
+            console[0].set()  # the console handler may return: Windows ends the process
 
 
 if __name__ == "__main__":
