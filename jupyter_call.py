@@ -2210,8 +2210,11 @@ def _env_token() -> str | None:
     return os.environ.get("JUPYTERHUB_API_TOKEN") or None
 
 
-def resolve_server(url: str | None = None, token: str | None = None) -> tuple[str, str | None]:
-    """The server URL and token to use: arguments, then environment, then discovery."""
+def resolve_server(url: str | None = None, token: str | None = None) -> tuple[str, str]:
+    """The server URL and token to use: arguments, then environment, then discovery.
+
+    The token is "" when there is none to send; passed back in, it asks nothing more.
+    """
     if url is None:
         url = os.environ.get("JUPYTER_URL") or os.environ.get("JUPYTERHUB_SERVICE_URL") or None
     if token is None:
@@ -2235,7 +2238,7 @@ def resolve_server(url: str | None = None, token: str | None = None) -> tuple[st
                     token = info.get("token") or None
                     break
     url, url_token = _normalize_url(url)
-    return url, _clean_token(token if token is not None else url_token)
+    return url, _clean_token(token if token is not None else url_token or "")
 
 
 def _clean_token(token: object) -> str | None:
@@ -2450,20 +2453,28 @@ class Kernel:
         self._ws.send(encode_message(msg, protocol=self._wire),
                       timeout=deadline.remaining(HTTP_TIMEOUT))
 
-    def _next_message(self, timeout: float | None) -> dict | None:
-        """The next kernel message, or None if ``timeout`` passes first.
+    def _next_message(self, timeout: float | None, run: _Execution | None = None) -> dict | None:
+        """The next kernel message, or None if ``timeout`` passes first: the one receive path.
 
-        Raises WebSocketClosed when the connection drops, ServerError for a
-        message that is not a kernel message.
+        A message of a request sent ahead (``_send_ahead``), but ``run``'s own, is kept in
+        ``_ahead`` for its turn and not returned. Raises WebSocketClosed when the connection
+        drops, ServerError for a message that is not a kernel message.
         """
-        try:
-            raw = self._ws.recv(timeout=timeout)
-        except TimeoutError:
-            return None
-        try:
-            return decode_message(raw, protocol=self._wire)
-        except (ValueError, UnicodeDecodeError, KeyError) as exc:
-            raise ServerError(self.url, f"sent a malformed kernel message ({exc})") from None
+        deadline = Deadline(timeout)
+        while True:
+            try:
+                raw = self._ws.recv(timeout=deadline.remaining())
+            except TimeoutError:
+                return None
+            try:
+                msg = decode_message(raw, protocol=self._wire)
+            except (ValueError, UnicodeDecodeError, KeyError) as exc:
+                raise ServerError(self.url, f"sent a malformed kernel message ({exc})") from None
+            parent = msg["parent_header"].get("msg_id")
+            if parent in self._ahead and (run is None or parent != run.msg_id):
+                self._ahead[parent].append(msg)
+                continue
+            return msg
 
     # -- execution --
 
@@ -2569,7 +2580,7 @@ class Kernel:
             if run.answered:
                 wait = min(wait, max(0.0, quiet_since + COMPLETION_GRACE - time.monotonic()))
             try:
-                msg = self._next_message(wait)
+                msg = self._next_message(wait, run)
             except WebSocketClosed:
                 drops += 1
                 if drops > RECONNECTS_PER_CALL:
@@ -2584,8 +2595,6 @@ class Kernel:
             now = time.monotonic()
             if msg is not None:
                 quiet_since = now
-                if not self._is_for(run, msg):
-                    continue
                 run.feed(msg)
                 if run.died:
                     raise KernelDied(self.id, run.died)
@@ -2605,15 +2614,6 @@ class Kernel:
                     request = None
             if ending:
                 return  # one of reply/idle never came; what arrived is the result
-
-    def _is_for(self, run: _Execution, msg: dict) -> bool:
-        """False for a message of a request sent ahead of ``run``: it waits in ``_ahead`` for
-        its turn."""
-        parent = msg["parent_header"].get("msg_id")
-        if parent != run.msg_id and parent in self._ahead:
-            self._ahead[parent].append(msg)
-            return False
-        return True
 
     def _serve_input(self, run: _Execution, answer, deadline: Deadline) -> None:
         """Answer the kernel's input_request, if one came (EOF without an ``answer``)."""
@@ -2652,12 +2652,11 @@ class Kernel:
                                                               budget.remaining() - DELETE_RESERVE)))
             until = Deadline(max(0.0, budget.remaining() - DELETE_RESERVE) if settle else 0.0)
             while not run.done and not run.died and not until.expired:
-                msg = self._next_message(until.remaining())
+                msg = self._next_message(until.remaining(), run)
                 if msg is None:
                     break
-                if self._is_for(run, msg):
-                    run.feed(msg)
-                    self._serve_input(run, None, until)
+                run.feed(msg)
+                self._serve_input(run, None, until)
 
     # -- control --
 
@@ -4891,11 +4890,10 @@ def _open_kernel(args, url, token, deadline, env, ssl_context, path, name) -> Ke
                       env=env, session=args.session, notebook=args.notebook, path=path,
                       ssl_context=ssl_context, protocol=args.protocol, compression=args.compress)
     except ServerError as exc:
-        if exc.status is None and url is None and resolve_server()[0] == DEFAULT_URL:
-            raise JupyterError(f"no Jupyter server found (nothing answers at {DEFAULT_URL}): start "
-                               "one "
-                               f"with 'jupyter lab' or 'jupyter server', pass --url and --token, "
-                               f"or use --spawn") from exc
+        if exc.status is None and args.url is None and not args.spawn and url == DEFAULT_URL:
+            raise JupyterError(f"no Jupyter server found (nothing answers at {DEFAULT_URL}): "
+                               f"start one with 'jupyter lab' or 'jupyter server', pass --url "
+                               f"and --token, or use --spawn") from exc
         raise
 
 
@@ -4925,6 +4923,7 @@ def _main(argv, out, err) -> int:
         spawned = _spawn_server(deadline)
         url, token = spawned[1], spawned[2]
     try:
+        url, token = resolve_server(url, token)  # once: the kernel and every REST call use it
         return _run(args, out, err, url, token, deadline, env, ssl_context, parameters,
                     os.getcwd() if spawned else None)
     finally:
@@ -4935,8 +4934,7 @@ def _main(argv, out, err) -> int:
 def _run(args, out, err, url, token, deadline, env, ssl_context, parameters, root) -> int:
     """Read the code or notebook, run it, print and write what it produced."""
     on_server = any(p and p.startswith(SERVER_PREFIX) for p in (args.file, args.write))
-    remote = _RestClient(*resolve_server(url, token),
-                         ssl_context=ssl_context) if on_server else None
+    remote = _RestClient(url, token, ssl_context=ssl_context) if on_server else None
     text, code_from_stdin = _read_code(args, remote, deadline)
     path = None if code_from_stdin else args.file
     notebook = notebook_from(text.lstrip("\ufeff"), path)
@@ -4946,7 +4944,7 @@ def _run(args, out, err, url, token, deadline, env, ssl_context, parameters, roo
     if path and path.startswith(SERVER_PREFIX):
         where = posixpath.dirname(_session_path(path[len(SERVER_PREFIX):])) or None
     elif path and not (args.kernel_id or args.session or args.notebook):
-        where = _kernel_dir(resolve_server(url, token)[0], path, root)
+        where = _kernel_dir(url, path, root)
     else:
         where = None
     if args.input is not None:
