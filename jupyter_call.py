@@ -485,7 +485,7 @@ def _proxy_for(url: str) -> str | None:
                 raise ValueError("no host")
         except ValueError:
             raise ConfigError(f"the {kind.upper()}_PROXY setting is malformed (it needs "
-                              f"http://[user:password@]host:port)") from None
+                              "http://[user:password@]host:port)") from None
     return proxy
 
 
@@ -1337,8 +1337,8 @@ class _RestClient:
         try:
             return json.loads(raw)
         except (ValueError, RecursionError):
-            raise ServerError(self.url, f"answered {path} with something that is not JSON "
-                                        f"(is this a Jupyter server?)") from None
+            raise ServerError(self.url, f"answered {path} with something that is not JSON (is this "
+                                        "a Jupyter server?)") from None
 
     def _call(self, method: str, url: str, headers: dict, data: bytes | None, deadline: Deadline,
               redirects: int = 0):
@@ -1397,7 +1397,7 @@ class _RestClient:
         if status == 424:
             return ServerError(self.url,
                                "is a JupyterHub server that is not running: start it from the "
-                                         "hub's home page (/hub/home) or with the hub's REST API",
+                               "hub's home page (/hub/home) or with the hub's REST API",
                                          status)
         if status == 404:
             return ServerError(self.url, f"has no {path}{detail}", status)
@@ -1434,9 +1434,8 @@ class _RestClient:
                                  diagnose=False)
                     return AuthError(self.url,
                                      f"blocked the request because its Host '{host}' is not a "
-                                               "local name: connect as localhost, or start the "
-                                               "server "
-                                               f"with --ServerApp.allow_remote_access=True", status)
+                                     "local name: connect as localhost, or start the server with "
+                                     "--ServerApp.allow_remote_access=True", status)
                 except JupyterError:
                     pass
         return AuthError(self.url, "refused the token", status)
@@ -1468,7 +1467,7 @@ class _RestClient:
         them)."""
         if isinstance(kernel_id, str) and re.fullmatch(r"[A-Za-z0-9._~:-]{1,128}", kernel_id):
             return kernel_id
-        raise ServerError(self.url, f"answered a kernel id that is not a plain token: "
+        raise ServerError(self.url, "answered a kernel id that is not a plain token: "
                                     f"{str(kernel_id)[:80]!r}")
 
     def get_kernel(self, kernel_id: str, *, deadline: Deadline) -> dict:
@@ -2378,7 +2377,7 @@ class Kernel:
             info = self._rest.start_kernel(name, env=env, path=path, deadline=late)
         except ServerError as exc:
             if exc.status is None and deadline.expired:
-                raise ServerError(self.url, f"did not start a kernel within "
+                raise ServerError(self.url, "did not start a kernel within "
                                             f"{_seconds(deadline.timeout)}") from None
             raise
         if deadline.expired:
@@ -2989,8 +2988,7 @@ def inject_parameters(notebook: dict, parameters: dict) -> None:
                 or "python")
     if language.lower() != "python":
         raise ConfigError("parameters are written as Python (as papermill writes them); this "
-                          "notebook's "
-                          f"language is {language}")
+                          f"notebook's language is {language}")
     if not _shallow(parameters):
         raise ConfigError(f"parameters nest deeper than {MAX_JSON_DEPTH} levels")
     cell = _new_cell("code", "# Parameters\n" + "".join(f"{name} = {python_literal(value)}\n"
@@ -3081,9 +3079,8 @@ def _execute_notebook(kernel: Kernel, notebook: dict, deadline: Deadline, result
                 raise
             # the cell's own limit ran out: an error of that cell, as in nbclient
             if result.error is None:
-                result.error = {"ename": "CellTimeoutError",
-                                "evalue": f"the cell did not finish within "
-                                f"{_seconds(cell_timeout)}", "traceback": []}
+                result.error = {"ename": "CellTimeoutError", "traceback": [], "evalue":
+                                f"the cell did not finish within {_seconds(cell_timeout)}"}
                 result.outputs.append({"output_type": "error", **result.error})
             result.status = "error"
         cell["outputs"], cell["execution_count"] = result.outputs, result.execution_count
@@ -3183,7 +3180,7 @@ _CLI_FIXES = {
     "token": "set JUPYTER_TOKEN or pass --token",
     "tls": "pass --cafile or set SSL_CERT_FILE for a private CA, or --insecure",
     "tls-context": "the --cafile given did not sign its certificate; pass the CA that did, or "
-    "--insecure",
+                   "--insecure",
     "tls-store": ("this Python has no CA certificates: on macOS run 'Install Certificates.command' "
                   "in the Python folder, or set SSL_CERT_FILE; --cafile for a private CA"),
     "tls-strict": ("Python 3.13+ checks certificates strictly: reissue the certificate or its CA "
@@ -3292,11 +3289,9 @@ UNSUPPORTED_VERSION = -32022  # revision 2026-07-28, basic/versioning
 
 MCP_INSTRUCTIONS = (
     "Runs code on Jupyter kernels. run_code without a kernel uses one default kernel that keeps "
-    "its "
-    "state between calls, like a notebook: define things once, then use them. Output comes back as "
-    "text and images; very long output is cut in the middle. Use a timeout for code that may run "
-    "long; "
-    "interrupt_kernel stops a runaway cell, restart_kernel clears all state.")
+    "its state between calls, like a notebook: define things once, then use them. Output comes "
+    "back as text and images; very long output is cut in the middle. Use a timeout for code that "
+    "may run long; interrupt_kernel stops a runaway cell, restart_kernel clears all state.")
 
 
 _KERNEL_ID = "^[A-Za-z0-9_~:-][A-Za-z0-9._~:-]{0,127}$"  # a plain token, as servers make kernel ids
@@ -3319,22 +3314,18 @@ def _control_tool(name: str, title: str, description: str, *, destructive: bool,
 
 _KERNEL_ARG = {"type": "string", "pattern": _KERNEL_ID,
                "description": "A kernel id (from list_kernels or start_kernel). Default: the "
-               "default kernel."}
+                              "default kernel."}
 _STATUS = {"type": "string", "enum": ["ok", "error", "aborted", "timeout"]}
 
 MCP_TOOLS = (
     {"name": "run_code", "title": "Run code",
      "description": "Run code on a Jupyter kernel and return what it printed, its result, images "
-     "it displayed "
-                    "and the traceback if it raised. Without `kernel`, the default kernel is used; "
-                    "its "
-                    "variables, imports and files persist between calls, so build on earlier calls "
-                    "rather "
-                    "than repeating them. The code runs as a notebook cell: the value of its last "
-                    "line is "
-                    "shown. `timeout` (seconds) interrupts code that runs longer and returns what "
-                    "it printed "
-                    "so far. structuredContent.status is ok, error, aborted or timeout.",
+                    "it displayed and the traceback if it raised. Without `kernel`, the default "
+                    "kernel is used; its variables, imports and files persist between calls, so "
+                    "build on earlier calls rather than repeating them. The code runs as a "
+                    "notebook cell: the value of its last line is shown. `timeout` (seconds) "
+                    "interrupts code that runs longer and returns what it printed so far. "
+                    "structuredContent.status is ok, error, aborted or timeout.",
      "inputSchema": _schema({"code": {"type": "string", "description":
                                       "The code to run (Python for Python kernels)."},
                              "kernel": _KERNEL_ARG,
@@ -3349,12 +3340,9 @@ MCP_TOOLS = (
                      "idempotentHint": False, "openWorldHint": False}},
     {"name": "list_kernels", "title": "List kernels",
      "description": "List the Jupyter server's running kernels (id, kernel name, execution state, "
-     "last activity) "
-                    "and its sessions (the notebooks and consoles open in JupyterLab, with their "
-                    "kernel). "
-                    "`started` marks kernels this MCP server started, `default` the one run_code "
-                    "uses "
-                    "without `kernel`.",
+                    "last activity) and its sessions (the notebooks and consoles open in "
+                    "JupyterLab, with their kernel). `started` marks kernels this MCP server "
+                    "started, `default` the one run_code uses without `kernel`.",
      "inputSchema": _schema({}),
      "outputSchema": _schema({
          "kernels": {"type": "array", "items": _schema({
@@ -3369,10 +3357,8 @@ MCP_TOOLS = (
      "annotations": {"title": "List kernels", "readOnlyHint": True, "openWorldHint": False}},
     {"name": "start_kernel", "title": "Start a kernel",
      "description": "Start a new kernel, separate from the default one, and return its id to pass "
-     "as `kernel` "
-                    "to run_code. `name` is a kernel spec (e.g. python3; default: the server's). "
-                    "It is shut "
-                    "down when this MCP server stops, or by shutdown_kernel.",
+                    "as `kernel` to run_code. `name` is a kernel spec (e.g. python3; default: the "
+                    "server's). It is shut down when this MCP server stops, or by shutdown_kernel.",
      "inputSchema": _schema({"name": {"type": "string", "description": "The kernel spec name."}}),
      "outputSchema": _schema({"kernel": {"type": "string"}, "name": {"type": ["string", "null"]}},
                              ("kernel", "name")),
@@ -3380,24 +3366,21 @@ MCP_TOOLS = (
                      "idempotentHint": False, "openWorldHint": False}},
     _control_tool("interrupt_kernel", "Interrupt a kernel",
                   "Interrupt the code a kernel is running (as Ctrl-C does): the running call ends "
-                  "with a "
-                  "KeyboardInterrupt error; the kernel and its state stay.", destructive=False,
-                  idempotent=True),
+                  "with a KeyboardInterrupt error; the kernel and its state stay.",
+                  destructive=False, idempotent=True),
     _control_tool("restart_kernel", "Restart a kernel",
                   "Restart a kernel: all its variables and imports are lost, it keeps its id. Use "
-                  "it when the "
-                  "kernel is stuck or its state is broken.", destructive=True, idempotent=False),
+                  "it when the kernel is stuck or its state is broken.",
+                  destructive=True, idempotent=False),
     _control_tool("shutdown_kernel", "Shut down a kernel",
                   "Shut down a kernel this MCP server started (the default one or one from "
-                  "start_kernel); "
-                  "its state is lost. Kernels of other people and notebooks are refused.",
+                  "start_kernel); its state is lost. Kernels of other people and notebooks are "
+                  "refused.",
                   destructive=True, idempotent=True),
     {"name": "inspect", "title": "Look up documentation",
      "description": "The kernel's documentation of the name at `cursor_pos` in `code` (default: "
-     "the end), as "
-                    "IPython's `name?` shows it: signature and docstring of a function, class or "
-                    "variable "
-                    "the kernel knows.",
+                    "the end), as IPython's `name?` shows it: signature and docstring of a "
+                    "function, class or variable the kernel knows.",
      "inputSchema": _schema({"code": {"type": "string"},
                              "cursor_pos": {"type": "integer", "minimum": 0,
                                             "description": "Character position in code."},
@@ -3406,14 +3389,11 @@ MCP_TOOLS = (
                      "openWorldHint": False}},
     {"name": "run_notebook", "title": "Run a notebook",
      "description": "Run a notebook's code cells in order on a new kernel, as papermill does, and "
-     "return a "
-                    "summary of each cell (status, the start of its output, the first error). "
-                    "`path` is a "
-                    ".ipynb (or '# %%' .py) file on this machine, or server:PATH for a file on the "
-                    "Jupyter "
-                    "server. `parameters` are injected after the cell tagged 'parameters'. `write` "
-                    "saves the "
-                    "executed notebook: a path, server:PATH, or true for the notebook itself.",
+                    "return a summary of each cell (status, the start of its output, the first "
+                    "error). `path` is a .ipynb (or '# %%' .py) file on this machine, or "
+                    "server:PATH for a file on the Jupyter server. `parameters` are injected after "
+                    "the cell tagged 'parameters'. `write` saves the executed notebook: a path, "
+                    "server:PATH, or true for the notebook itself.",
      "inputSchema": _schema({"path": {"type": "string"},
                              "parameters": {"type": "object",
                                             "description": "Names and values to inject."},
@@ -4080,7 +4060,7 @@ class _McpServer:
         if status == "timeout":
             blocks.append({"type": "text",
                            "text": f"[timed out after {_seconds(timeout)}; the kernel was "
-                                                   f"interrupted and keeps its state]"})
+                                   "interrupted and keeps its state]"})
         elif status == "aborted":
             blocks.append({"type": "text", "text": "[the kernel aborted this code]"})
         structured = {"status": status, "kernel": kernel.id,
@@ -4148,9 +4128,8 @@ class _McpServer:
             ours = kernel_id in self._started
         if not ours:
             raise _ToolError(f"kernel {kernel_id} was not started by this MCP server, so it is not "
-                             "shut down "
-                             "(it may be a person's notebook); interrupt_kernel or restart_kernel "
-                             "work on it")
+                             "shut down (it may be a person's notebook); interrupt_kernel or "
+                             "restart_kernel work on it")
         self._shutdown(kernel_id)
         return {"content": [{"type": "text", "text": f"kernel {kernel_id} shut down"}]}
 
@@ -4339,8 +4318,8 @@ OPTIONS = (
     _Option(("--write",), "OUT.ipynb",
             "write the executed notebook (server:PATH saves it on the server)"),
     _Option(("-p", "--parameters"), "NAME VALUE",
-            "a parameter, injected as papermill does (True, False, None, "
-            "numbers, else text; repeatable)", repeat=True, values=2),
+            "a parameter, injected as papermill does (True, False, None, numbers, else text; "
+            "repeatable)", repeat=True, values=2),
     _Option(("-r", "--parameters-raw"), "NAME VALUE",
             "a parameter whose value is always text (repeatable)",
             repeat=True, values=2),
@@ -4361,8 +4340,7 @@ OPTIONS = (
             "serve AI agents: a Model Context Protocol server on stdin and stdout"),
     _Option(("--max-output",), "CHARS", "--mcp: characters of text per result (default 20000)"),
     _Option(("--max-image-bytes",), "BYTES",
-            "--mcp: larger images are saved in --output-dir or left out "
-            "(default 1000000)"),
+            "--mcp: larger images are saved in --output-dir or left out (default 1000000)"),
     _Option(("--log",), "FILE.ipynb",
             "--mcp: append each cell run and its outputs to this notebook"),
     _Option(("--version",), None, "print the version and exit"),
@@ -4424,7 +4402,7 @@ def _parse_args(argv: list) -> types.SimpleNamespace:
         args[dest] = (args[dest] or []) + [value] if option.repeat else value
     if len(code) > 1:
         raise _UsageError(f"unexpected argument {code[1]!r}: give the code as one quoted argument, "
-                          f"or use -f")
+                          "or use -f")
     args["code"] = code[0] if code else None
     return types.SimpleNamespace(**args)
 
@@ -4705,7 +4683,7 @@ def _spawn_server(deadline: Deadline):
                 return proc, url, token, folder
             except ServerError:
                 if wait.expired:
-                    raise JupyterError(f"the spawned Jupyter server did not answer within "
+                    raise JupyterError("the spawned Jupyter server did not answer within "
                                        f"{_seconds(wait.timeout)}") from None
             time.sleep(SPAWN_POLL)
     except BaseException:
@@ -4891,9 +4869,9 @@ def _open_kernel(args, url, token, deadline, env, ssl_context, path, name) -> Ke
                       ssl_context=ssl_context, protocol=args.protocol, compression=args.compress)
     except ServerError as exc:
         if exc.status is None and args.url is None and not args.spawn and url == DEFAULT_URL:
-            raise JupyterError(f"no Jupyter server found (nothing answers at {DEFAULT_URL}): "
-                               f"start one with 'jupyter lab' or 'jupyter server', pass --url "
-                               f"and --token, or use --spawn") from exc
+            raise JupyterError(f"no Jupyter server found (nothing answers at {DEFAULT_URL}): start "
+                               "one with 'jupyter lab' or 'jupyter server', pass --url and "
+                               "--token, or use --spawn") from exc
         raise
 
 
@@ -4998,9 +4976,8 @@ def _run(args, out, err, url, token, deadline, env, ssl_context, parameters, roo
         _print_json(out, results, many, failed=bool(failed))
     elif any(r.truncated for r in results):
         err.write("jupyter_call: warning: the server dropped output (IOPub rate limit); raise it "
-                  "with "
-                  "--ZMQChannelsWebsocketConnection.iopub_data_rate_limit (--ServerApp. on older "
-                  "servers)\n")
+                  "with --ZMQChannelsWebsocketConnection.iopub_data_rate_limit (--ServerApp. on "
+                  "older servers)\n")
     if any(r.status == "aborted" for r in results):
         err.write("jupyter_call: the kernel aborted the execution\n")
     return EXIT_ERROR if failed else EXIT_OK
