@@ -3317,99 +3317,16 @@ _KERNEL_ARG = {"type": "string", "pattern": _KERNEL_ID,
                               "default kernel."}
 _STATUS = {"type": "string", "enum": ["ok", "error", "aborted", "timeout"]}
 
-MCP_TOOLS = (
-    {"name": "run_code", "title": "Run code",
-     "description": "Run code on a Jupyter kernel and return what it printed, its result, images "
-                    "it displayed and the traceback if it raised. Without `kernel`, the default "
-                    "kernel is used; its variables, imports and files persist between calls, so "
-                    "build on earlier calls rather than repeating them. The code runs as a "
-                    "notebook cell: the value of its last line is shown. `timeout` (seconds) "
-                    "interrupts code that runs longer and returns what it printed so far. "
-                    "structuredContent.status is ok, error, aborted or timeout.",
-     "inputSchema": _schema({"code": {"type": "string", "description":
-                                      "The code to run (Python for Python kernels)."},
-                             "kernel": _KERNEL_ARG,
-                             "timeout": {"type": "number", "exclusiveMinimum": 0, "description":
-                                         "Seconds before the kernel is interrupted."}},
-                            ("code",)),
-     "outputSchema": _schema({"status": _STATUS, "kernel": {"type": "string"},
-                              "execution_count": {"type": ["integer", "null"]},
-                              "truncated": {"type": "boolean"}},
-                             ("status", "kernel", "execution_count", "truncated")),
-     "annotations": {"title": "Run code", "readOnlyHint": False, "destructiveHint": False,
-                     "idempotentHint": False, "openWorldHint": False}},
-    {"name": "list_kernels", "title": "List kernels",
-     "description": "List the Jupyter server's running kernels (id, kernel name, execution state, "
-                    "last activity) and its sessions (the notebooks and consoles open in "
-                    "JupyterLab, with their kernel). `started` marks kernels this MCP server "
-                    "started, `default` the one run_code uses without `kernel`.",
-     "inputSchema": _schema({}),
-     "outputSchema": _schema({
-         "kernels": {"type": "array", "items": _schema({
-             "id": {"type": "string"}, "name": {"type": ["string", "null"]},
-             "state": {"type": ["string", "null"]}, "last_activity": {"type": ["string", "null"]},
-             "started": {"type": "boolean"}, "default": {"type": "boolean"}},
-             ("id", "name", "state", "last_activity", "started", "default"))},
-         "sessions": {"type": "array", "items": _schema({
-             "path": {"type": ["string", "null"]}, "kernel": {"type": ["string", "null"]}},
-             ("path", "kernel"))}},
-         ("kernels", "sessions")),
-     "annotations": {"title": "List kernels", "readOnlyHint": True, "openWorldHint": False}},
-    {"name": "start_kernel", "title": "Start a kernel",
-     "description": "Start a new kernel, separate from the default one, and return its id to pass "
-                    "as `kernel` to run_code. `name` is a kernel spec (e.g. python3; default: the "
-                    "server's). It is shut down when this MCP server stops, or by shutdown_kernel.",
-     "inputSchema": _schema({"name": {"type": "string", "description": "The kernel spec name."}}),
-     "outputSchema": _schema({"kernel": {"type": "string"}, "name": {"type": ["string", "null"]}},
-                             ("kernel", "name")),
-     "annotations": {"title": "Start a kernel", "readOnlyHint": False, "destructiveHint": False,
-                     "idempotentHint": False, "openWorldHint": False}},
-    _control_tool("interrupt_kernel", "Interrupt a kernel",
-                  "Interrupt the code a kernel is running (as Ctrl-C does): the running call ends "
-                  "with a KeyboardInterrupt error; the kernel and its state stay.",
-                  destructive=False, idempotent=True),
-    _control_tool("restart_kernel", "Restart a kernel",
-                  "Restart a kernel: all its variables and imports are lost, it keeps its id. Use "
-                  "it when the kernel is stuck or its state is broken.",
-                  destructive=True, idempotent=False),
-    _control_tool("shutdown_kernel", "Shut down a kernel",
-                  "Shut down a kernel this MCP server started (the default one or one from "
-                  "start_kernel); its state is lost. Kernels of other people and notebooks are "
-                  "refused.",
-                  destructive=True, idempotent=True),
-    {"name": "inspect", "title": "Look up documentation",
-     "description": "The kernel's documentation of the name at `cursor_pos` in `code` (default: "
-                    "the end), as IPython's `name?` shows it: signature and docstring of a "
-                    "function, class or variable the kernel knows.",
-     "inputSchema": _schema({"code": {"type": "string"},
-                             "cursor_pos": {"type": "integer", "minimum": 0,
-                                            "description": "Character position in code."},
-                             "kernel": _KERNEL_ARG}, ("code",)),
-     "annotations": {"title": "Look up documentation", "readOnlyHint": True,
-                     "openWorldHint": False}},
-    {"name": "run_notebook", "title": "Run a notebook",
-     "description": "Run a notebook's code cells in order on a new kernel, as papermill does, and "
-                    "return a summary of each cell (status, the start of its output, the first "
-                    "error). `path` is a .ipynb (or '# %%' .py) file on this machine, or "
-                    "server:PATH for a file on the Jupyter server. `parameters` are injected after "
-                    "the cell tagged 'parameters'. `write` saves the executed notebook: a path, "
-                    "server:PATH, or true for the notebook itself.",
-     "inputSchema": _schema({"path": {"type": "string"},
-                             "parameters": {"type": "object",
-                                            "description": "Names and values to inject."},
-                             "write": {"type": ["string", "boolean"]}}, ("path",)),
-     "outputSchema": _schema({"status": {"type": "string", "enum": ["ok", "error"]},
-                              "cells": {"type": "array", "items": _schema({
-                                  "cell": {"type": "integer"}, "status": {"type": "string"},
-                                  "execution_count": {"type": ["integer", "null"]},
-                                  "output": {"type": "string"},
-                                  "error": {"type": ["string", "null"]}},
-                                  ("cell", "status", "execution_count", "output", "error"))},
-                              "written": {"type": ["string", "null"]}},
-                             ("status", "cells", "written")),
-     "annotations": {"title": "Run a notebook", "readOnlyHint": False, "destructiveHint": False,
-                     "idempotentHint": False, "openWorldHint": False}},
-)
+MCP_TOOLS: list = []  # each tool's declaration, in tools/list order; _tool fills it
+
+
+def _tool(declaration: dict):
+    """Make the method below the body of the MCP tool ``declaration`` declares: its
+    schema stands beside it, and tools/list gives the tools in the order they are defined."""
+    def register(method):
+        MCP_TOOLS.append(declaration)
+        return method
+    return register
 
 
 class _ToolError(Exception):
@@ -4025,6 +3942,28 @@ class _McpServer:
 
     # -- the tools --
 
+    @_tool({"name": "run_code", "title": "Run code",
+            "description": "Run code on a Jupyter kernel and return what it printed, its result, "
+                           "images it displayed and the traceback if it raised. Without `kernel`, "
+                           "the default kernel is used; its variables, imports and files persist "
+                           "between calls, so build on earlier calls rather than repeating them. "
+                           "The code runs as a notebook cell: the value of its last line is shown. "
+                           "`timeout` (seconds) interrupts code that runs longer and returns what "
+                           "it printed so far. structuredContent.status is ok, error, aborted or "
+                           "timeout.",
+            "inputSchema": _schema({"code": {"type": "string", "description":
+                                             "The code to run (Python for Python kernels)."},
+                                    "kernel": _KERNEL_ARG,
+                                    "timeout": {"type": "number", "exclusiveMinimum": 0,
+                                                "description":
+                                                "Seconds before the kernel is interrupted."}},
+                                   ("code",)),
+            "outputSchema": _schema({"status": _STATUS, "kernel": {"type": "string"},
+                                     "execution_count": {"type": ["integer", "null"]},
+                                     "truncated": {"type": "boolean"}},
+                                    ("status", "kernel", "execution_count", "truncated")),
+            "annotations": {"title": "Run code", "readOnlyHint": False, "destructiveHint": False,
+                            "idempotentHint": False, "openWorldHint": False}})
     def _tool_run_code(self, call: _Call, args: dict) -> dict:
         kernel = self._kernel(args.get("kernel"))
         call.kernel_id = kernel.id
@@ -4070,6 +4009,16 @@ class _McpServer:
             blocks = [{"type": "text", "text": json.dumps(structured)}]
         return {"content": blocks, "structuredContent": structured, "isError": status != "ok"}
 
+    @_tool({"name": "inspect", "title": "Look up documentation",
+            "description": "The kernel's documentation of the name at `cursor_pos` in `code` "
+                           "(default: the end), as IPython's `name?` shows it: signature and "
+                           "docstring of a function, class or variable the kernel knows.",
+            "inputSchema": _schema({"code": {"type": "string"},
+                                    "cursor_pos": {"type": "integer", "minimum": 0,
+                                                   "description": "Character position in code."},
+                                    "kernel": _KERNEL_ARG}, ("code",)),
+            "annotations": {"title": "Look up documentation", "readOnlyHint": True,
+                            "openWorldHint": False}})
     def _tool_inspect(self, call: _Call, args: dict) -> dict:
         kernel = self._kernel(args.get("kernel"))
         call.kernel_id = kernel.id
@@ -4079,6 +4028,24 @@ class _McpServer:
                                                            str) else "nothing found at the cursor"
         return {"content": [{"type": "text", "text": text}]}
 
+    @_tool({"name": "list_kernels", "title": "List kernels",
+            "description": "List the Jupyter server's running kernels (id, kernel name, execution "
+                           "state, last activity) and its sessions (the notebooks and consoles "
+                           "open in JupyterLab, with their kernel). `started` marks kernels this "
+                           "MCP server started, `default` the one run_code uses without `kernel`.",
+            "inputSchema": _schema({}),
+            "outputSchema": _schema({
+                "kernels": {"type": "array", "items": _schema({
+                    "id": {"type": "string"}, "name": {"type": ["string", "null"]},
+                    "state": {"type": ["string", "null"]},
+                    "last_activity": {"type": ["string", "null"]},
+                    "started": {"type": "boolean"}, "default": {"type": "boolean"}},
+                    ("id", "name", "state", "last_activity", "started", "default"))},
+                "sessions": {"type": "array", "items": _schema({
+                    "path": {"type": ["string", "null"]}, "kernel": {"type": ["string", "null"]}},
+                    ("path", "kernel"))}},
+                ("kernels", "sessions")),
+            "annotations": {"title": "List kernels", "readOnlyHint": True, "openWorldHint": False}})
     def _tool_list_kernels(self, call: _Call, args: dict) -> dict:
         rest = self._rest()
         deadline = Deadline(SIDE_REQUEST_TIMEOUT)
@@ -4102,6 +4069,19 @@ class _McpServer:
         return {"content": [{"type": "text", "text": json.dumps(structured, indent=1)}],
                 "structuredContent": structured}
 
+    @_tool({"name": "start_kernel", "title": "Start a kernel",
+            "description": "Start a new kernel, separate from the default one, and return its id "
+                           "to pass as `kernel` to run_code. `name` is a kernel spec (e.g. "
+                           "python3; default: the server's). It is shut down when this MCP server "
+                           "stops, or by shutdown_kernel.",
+            "inputSchema": _schema({"name": {"type": "string",
+                                             "description": "The kernel spec name."}}),
+            "outputSchema": _schema({"kernel": {"type": "string"},
+                                     "name": {"type": ["string", "null"]}},
+                                    ("kernel", "name")),
+            "annotations": {"title": "Start a kernel", "readOnlyHint": False,
+                            "destructiveHint": False,
+                            "idempotentHint": False, "openWorldHint": False}})
     def _tool_start_kernel(self, call: _Call, args: dict) -> dict:
         kernel = self._open(name=args.get("name") or self.kernel_name)
         with self._lock:
@@ -4113,15 +4093,28 @@ class _McpServer:
         return {"content": [{"type": "text", "text": json.dumps(structured)}],
                 "structuredContent": structured}
 
+    @_tool(_control_tool("interrupt_kernel", "Interrupt a kernel",
+                         "Interrupt the code a kernel is running (as Ctrl-C does): the running "
+                         "call ends with a KeyboardInterrupt error; the kernel and its state stay.",
+                         destructive=False, idempotent=True))
     def _tool_interrupt_kernel(self, call: _Call, args: dict) -> dict:
         self._rest().interrupt_kernel(args["kernel"], deadline=Deadline(SIDE_REQUEST_TIMEOUT))
         return {"content": [{"type": "text", "text": f"kernel {args['kernel']} interrupted"}]}
 
+    @_tool(_control_tool("restart_kernel", "Restart a kernel",
+                         "Restart a kernel: all its variables and imports are lost, it keeps its "
+                         "id. Use it when the kernel is stuck or its state is broken.",
+                         destructive=True, idempotent=False))
     def _tool_restart_kernel(self, call: _Call, args: dict) -> dict:
         self._rest().restart_kernel(args["kernel"], deadline=Deadline(MCP_START_TIMEOUT))
         return {"content": [{"type": "text",
                              "text": f"kernel {args['kernel']} restarted: its state is gone"}]}
 
+    @_tool(_control_tool("shutdown_kernel", "Shut down a kernel",
+                         "Shut down a kernel this MCP server started (the default one or one from "
+                         "start_kernel); its state is lost. Kernels of other people and notebooks "
+                         "are refused.",
+                         destructive=True, idempotent=True))
     def _tool_shutdown_kernel(self, call: _Call, args: dict) -> dict:
         kernel_id = args["kernel"]
         with self._lock:
@@ -4137,6 +4130,30 @@ class _McpServer:
         self._forget(kernel_id)
         self._rest().delete_kernel(kernel_id, deadline=deadline or Deadline(CLEANUP_TIMEOUT))
 
+    @_tool({"name": "run_notebook", "title": "Run a notebook",
+            "description": "Run a notebook's code cells in order on a new kernel, as papermill "
+                           "does, and return a summary of each cell (status, the start of its "
+                           "output, the first error). `path` is a .ipynb (or '# %%' .py) file on "
+                           "this machine, or server:PATH for a file on the Jupyter server. "
+                           "`parameters` are injected after the cell tagged 'parameters'. `write` "
+                           "saves the executed notebook: a path, server:PATH, or true for the "
+                           "notebook itself.",
+            "inputSchema": _schema({"path": {"type": "string"},
+                                    "parameters": {"type": "object",
+                                                   "description": "Names and values to inject."},
+                                    "write": {"type": ["string", "boolean"]}}, ("path",)),
+            "outputSchema": _schema({"status": {"type": "string", "enum": ["ok", "error"]},
+                                     "cells": {"type": "array", "items": _schema({
+                                         "cell": {"type": "integer"}, "status": {"type": "string"},
+                                         "execution_count": {"type": ["integer", "null"]},
+                                         "output": {"type": "string"},
+                                         "error": {"type": ["string", "null"]}},
+                                         ("cell", "status", "execution_count", "output", "error"))},
+                                     "written": {"type": ["string", "null"]}},
+                                    ("status", "cells", "written")),
+            "annotations": {"title": "Run a notebook", "readOnlyHint": False,
+                            "destructiveHint": False,
+                            "idempotentHint": False, "openWorldHint": False}})
     def _tool_run_notebook(self, call: _Call, args: dict) -> dict:
         path, write = args["path"], args.get("write")
         deadline = Deadline(self.timeout)
