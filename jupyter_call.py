@@ -1129,8 +1129,7 @@ class WebSocket:
 # _CappedSocket, whose reads wait at most what is left of the call's deadline and stop at
 # MAX_REST_READ bytes. http.client parses the answer; it cannot read past either bound.
 
-# per request when the call has no deadline; gateways can take 40 s+ to start a kernel
-HTTP_TIMEOUT = 90.0
+HTTP_TIMEOUT = 90.0         # a request's limit when the call has none (gateways: 40 s+ to start)
 MAX_REST_BODY = 16 * 2**20  # bound on one REST answer's body
 MAX_REST_READ = MAX_REST_BODY + 2**20  # bound on all one request reads: head, chunk lines, body
 MAX_ERROR_BODY = 4096       # what is read of an error answer for its message
@@ -1238,8 +1237,7 @@ def _opener():
                 if credentials:
                     call.add_unredirected_header("Proxy-Authorization", credentials)
             return self.do_open(
-                lambda host, **kwargs: Connection(host, call=call, proxy=proxy, **kwargs),
-                                call)
+                lambda host, **kwargs: Connection(host, call=call, proxy=proxy, **kwargs), call)
 
         https_open = http_open
         http_request = https_request = urllib.request.AbstractHTTPHandler.do_request_
@@ -1258,7 +1256,7 @@ def _opener():
             if not _same_origin(new_url, call.full_url):
                 if call.rest.unix_socket:
                     raise _BadAnswer(f"a redirect away from the Unix socket, to {new_url[:200]}")
-                # (urllib's keeps them)
+                # what urllib's own handler would carry to the other origin
                 for name in ("Authorization", "Cookie", "X-xsrftoken", "Host"):
                     fields.pop(name, None)
             method, data = call.get_method(), call.data
@@ -1420,7 +1418,7 @@ class _RestClient:
             try:
                 self.request("GET", "api/kernelspecs", deadline=Deadline(SIDE_REQUEST_TIMEOUT),
                              diagnose=False)
-                # the token is fine
+                # the token worked there: this request was refused for another reason
                 return AuthError(self.url, f"refused {method} {path}{detail}", status)
             except ServerError as exc:
                 if exc.status == 424:  # JupyterHub: the user's server is stopped
@@ -2071,8 +2069,8 @@ def _windows_process_alive(pid: int, kernel32=None) -> bool:
         return getattr(ctypes, "get_last_error", int)() == 5  # ERROR_ACCESS_DENIED: another user's
     try:
         code = ctypes.c_ulong()
-        # STILL_ACTIVE
-        return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259
+        failed = not kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        return not failed and code.value == 259  # STILL_ACTIVE
     finally:
         kernel32.CloseHandle(handle)
 
@@ -2183,7 +2181,7 @@ def _normalize_url(url: str) -> tuple[str, str | None]:
     path = parts.path
     if token is not None:  # a link from Jupyter's log points into the UI: /lab, /tree, /notebooks
         path = re.sub(r"/(lab|tree|notebooks)(/.*)?$", "/", path)
-    # HTTP wants ASCII
+    # a request line is ASCII: the rest is percent-encoded
     path = quote(path if path.endswith("/") else path + "/", safe="/%:@!$&'()*+,;=~")
     return f"{scheme}://{netloc}{path}", token
 
@@ -2270,8 +2268,7 @@ def _clean_token(token: object) -> str | None:
 # close the websocket, delete a kernel we started (DELETE_RESERVE is kept for
 # that), and delete a kernel whose start was answered too late.
 COMPLETION_GRACE = 3.0     # silence that ends the wait for the second of reply and idle
-# interrupt, settle, close and delete, all told (documented in the README)
-CLEANUP_TIMEOUT = 6.0
+CLEANUP_TIMEOUT = 6.0      # interrupt, settle, close and delete, all told (in the README)
 DELETE_RESERVE = 2.5       # of that budget, kept for the DELETE
 SILENCE_CHECK = 10.0       # with no message for this long, ask the server if the kernel lives
 STATUS_TICK = 0.5          # how often a waiting caller's on_wait hook runs
@@ -2279,8 +2276,7 @@ RECONNECTS_PER_CALL = 5    # websocket drops survived during one call
 CONNECT_TRIES = 5          # attempts to reopen the websocket after one drop
 RECONNECT_BACKOFF = 0.1    # first pause between attempts; doubles, up to RECONNECT_BACKOFF_MAX
 RECONNECT_BACKOFF_MAX = 2.0
-# bound on connect + handshake without a deadline (servers hold the 101 up to 60 s)
-HANDSHAKE_TIMEOUT = 120.0
+HANDSHAKE_TIMEOUT = 120.0  # connect + handshake without a deadline (a 101 may take 60 s)
 NUDGE_INTERVAL = 0.5       # resend kernel_info_request this often while a kernel starts
 
 
@@ -3559,9 +3555,163 @@ class _Call:
         self.last_line = ""
 
 
+class _JsonRpcStdio:
+    """The MCP transport: JSON-RPC 2.0 on stdio, one message a line, and the rules of both eras
+    (the handshake of 2024-11-05..2025-11-25, or 2026-07-28's version in every request's
+    _meta), fixed by the first request. It knows no kernels: ``app`` is given each tools/call
+    (``app.call_tool(request_id, params)``), each cancellation (``app.cancel(request_id)``) and
+    what to log (``app.log_line(text)``); it answers through ``result``, ``error``, ``notify``.
+    """
+
+    def __init__(self, app, out):
+        import threading
+        self.app, self.out = app, out
+        self.era: str | None = None  # "handshake" or "stateless", fixed by the first request
+        self.version = MCP_HANDSHAKE_VERSIONS[0]
+        self._write_lock = threading.Lock()  # one message at a time on stdout
+
+    def serve(self, stdin) -> None:
+        """Answer requests until stdin closes (the caller cleans up)."""
+        while True:
+            line = stdin.readline(MAX_MCP_LINE + 1)
+            if not line:
+                return
+            if len(line) > MAX_MCP_LINE and not line.endswith(b"\n"):
+                while line and not line.endswith(b"\n"):  # drop the rest of the line, unread
+                    line = stdin.readline(RECV_SIZE_MAX)
+                self.error(None, INVALID_REQUEST, f"message longer than {MAX_MCP_LINE} bytes")
+                continue
+            if line.strip():
+                try:
+                    self._receive(line)
+                except Exception as exc:  # a bug must not end the server: say so, go on
+                    self.app.log_line(f"internal error on a message: {type(exc).__name__}: {exc}")
+                    self.error(None, -32603, f"Internal error: {type(exc).__name__}")
+
+    def _write(self, message: dict) -> None:
+        data = (_strict_json(message, ensure_ascii=False, separators=(",", ":"))
+                + "\n").encode("utf-8", "replace")
+        with self._write_lock:
+            try:
+                self.out.write(data)
+                self.out.flush()
+            except (OSError, ValueError):  # the host went away; stdin closing ends the process
+                pass
+
+    def result(self, request_id: object, result: dict, *, cacheable: bool = False) -> None:
+        # revision 2026-07-28: resultType on every result, serverInfo in _meta
+        if self.era == "stateless":
+            result = {**result, "resultType": "complete",
+                      "_meta": {_MCP_SERVER_KEY: {"name": "jupyter_call", "version": __version__}}}
+            if cacheable:
+                result.update(ttlMs=MCP_TOOLS_TTL_MS, cacheScope="public")
+        self._write({"jsonrpc": "2.0", "id": request_id, "result": result})
+
+    def error(self, request_id: object, code: int, message: str, data: object = None) -> None:
+        error = {"code": code, "message": message}
+        if data is not None:
+            error["data"] = data
+        self._write({"jsonrpc": "2.0", "id": request_id, "error": error})
+
+    def notify(self, method: str, params: dict) -> None:
+        self._write({"jsonrpc": "2.0", "method": method, "params": params})
+
+    def _receive(self, line: bytes) -> None:
+        try:
+            msg = json.loads(line.decode("utf-8"))
+        except (ValueError, RecursionError):
+            self.error(None, PARSE_ERROR, "Parse error: not a JSON message")
+            return
+        if not isinstance(msg, dict):
+            self.error(None, INVALID_REQUEST,
+                        "a message must be a JSON object (batches are not supported)")
+            return
+        method, request_id, params = msg.get("method"), msg.get("id"), msg.get("params")
+        if not isinstance(method, str):
+            # (answers to us: none are asked)
+            if "id" in msg and "result" not in msg and "error" not in msg:
+                self.error(request_id, INVALID_REQUEST, "a request needs a method")
+            return
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            if "id" in msg:
+                self.error(request_id, INVALID_PARAMS, "params must be an object")
+            return
+        if "id" not in msg:
+            self._on_notification(method, params)
+        elif isinstance(request_id, (str, int)) and not isinstance(request_id, bool):
+            self._on_request(request_id, method, params)
+        else:
+            self.error(None, INVALID_REQUEST, "a request id must be a string or an integer")
+
+    def _on_notification(self, method: str, params: dict) -> None:
+        if method == "notifications/cancelled":
+            self.app.cancel(params.get("requestId"))
+        # notifications/initialized and others need nothing
+
+    def _on_request(self, request_id: object, method: str, params: dict) -> None:
+        meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
+        asked = meta.get(_MCP_VERSION_KEY)
+        if self.era is None:
+            stateless = asked is not None or method == "server/discover"
+            self.era = "stateless" if stateless else "handshake"
+        if self.era == "stateless":
+            # a handshake on a 2026-07-28 connection (as the official SDK answers)
+            if method == "initialize":
+                self.error(request_id, UNSUPPORTED_VERSION, "Unsupported protocol version",
+                            {"supported": list(MCP_STATELESS_VERSIONS),
+                             "requested": params.get("protocolVersion")})
+                return
+            if asked is None:
+                self.error(request_id, INVALID_PARAMS,
+                            f"params._meta is missing {_MCP_VERSION_KEY}")
+                return
+            if asked not in MCP_STATELESS_VERSIONS:
+                self.error(request_id, UNSUPPORTED_VERSION, "Unsupported protocol version",
+                            {"supported": list(MCP_STATELESS_VERSIONS), "requested": asked})
+                return
+        handlers = {"tools/list": self._tools_list, "tools/call": self.app.call_tool}
+        if self.era == "handshake":
+            handlers.update({"initialize": self._initialize, "ping": self._ping})
+        else:  # 2026-07-28 has no ping
+            handlers["server/discover"] = self._discover
+        handler = handlers.get(method)
+        if handler is None:
+            self.error(request_id, METHOD_NOT_FOUND, f"Method not found: {method}")
+            return
+        handler(request_id, params)
+
+    def _initialize(self, request_id: object, params: dict) -> None:
+        # 2025-11-25 basic/lifecycle: the client's version when supported, else the latest.
+        asked = params.get("protocolVersion")
+        self.version = asked if asked in MCP_HANDSHAKE_VERSIONS else MCP_HANDSHAKE_VERSIONS[0]
+        self.result(request_id,
+                     {"protocolVersion": self.version,
+                      "capabilities": {"tools": {"listChanged": False}},
+                                  "serverInfo": {"name": "jupyter_call", "title": "Jupyter kernels",
+                                                 "version": __version__},
+                                  "instructions": MCP_INSTRUCTIONS})
+
+    def _ping(self, request_id: object, params: dict) -> None:
+        self.result(request_id, {})
+
+    def _discover(self, request_id: object, params: dict) -> None:
+        # 2026-07-28 server/discover: the versions, capabilities and instructions, cacheable.
+        self.result(request_id, {"supportedVersions": list(MCP_VERSIONS),
+                                  "capabilities": {"tools": {"listChanged": False}},
+                                  "instructions": MCP_INSTRUCTIONS}, cacheable=True)
+
+    def _tools_list(self, request_id: object, params: dict) -> None:
+        tools = MCP_TOOLS if self.version >= "2025-06-18" or self.era == "stateless" else [
+            {k: v for k, v in tool.items() if k not in ("outputSchema", "title")}
+            for tool in MCP_TOOLS]
+        self.result(request_id, {"tools": list(tools)}, cacheable=True)
+
+
 class _McpServer:
-    """The MCP server of ``--mcp``: reads requests from ``stdin`` (binary), writes to ``out``
-    (binary)."""
+    """The MCP server of ``--mcp``: the app of a ``_JsonRpcStdio`` on ``out`` (binary) that
+    serves ``stdin`` (binary); it holds the kernels, their lanes and the tools."""
 
     def __init__(self, url: str | None, token: str | None, *, ssl_context=None,
                  kernel_name: str | None = None,
@@ -3577,11 +3727,9 @@ class _McpServer:
         self.kernel_options = kernel_options  # env, protocol, compression: as for Kernel
         self.max_output, self.max_image_bytes = max_output, max_image_bytes
         self.output_dir = output_dir
-        self.log, self.err, self.out = log, err or sys.stderr, out
-        self.era: str | None = None  # "handshake" or "stateless", fixed by the first request
-        self.version = MCP_HANDSHAKE_VERSIONS[0]
+        self.log, self.err = log, err or sys.stderr
+        self.rpc = _JsonRpcStdio(self, out)  # the transport; this object is its app
         self._lock = threading.Lock()        # the tables below
-        self._write_lock = threading.Lock()  # one message at a time on stdout
         self._kernels: dict = {}    # kernel id -> Kernel connected by this process
         self._started: set = set()  # ids of kernels this process started
         self._starting = 0          # kernels being started or attached right now
@@ -3592,164 +3740,28 @@ class _McpServer:
         self._calls: dict = {}      # request id -> _Call
         self._rest_client = None
 
-    # -- the transport --
-
     def serve(self, stdin) -> None:
         """Answer requests until stdin closes (the caller cleans up)."""
-        while True:
-            line = stdin.readline(MAX_MCP_LINE + 1)
-            if not line:
-                return
-            if len(line) > MAX_MCP_LINE and not line.endswith(b"\n"):
-                while line and not line.endswith(b"\n"):  # drop the rest of the line, unread
-                    line = stdin.readline(RECV_SIZE_MAX)
-                self._error(None, INVALID_REQUEST, f"message longer than {MAX_MCP_LINE} bytes")
-                continue
-            if line.strip():
-                try:
-                    self._receive(line)
-                except Exception as exc:  # a bug must not end the server: say so, go on
-                    self.log_line(f"internal error on a message: {type(exc).__name__}: {exc}")
-                    self._error(None, -32603, f"Internal error: {type(exc).__name__}")
-
-    def _write(self, message: dict) -> None:
-        data = (_strict_json(message, ensure_ascii=False, separators=(",", ":"))
-                + "\n").encode("utf-8", "replace")
-        with self._write_lock:
-            try:
-                self.out.write(data)
-                self.out.flush()
-            except (OSError, ValueError):  # the host went away; stdin closing ends the process
-                pass
-
-    def _result(self, request_id: object, result: dict, *, cacheable: bool = False) -> None:
-        # revision 2026-07-28: resultType on every result, serverInfo in _meta
-        if self.era == "stateless":
-            result = {**result, "resultType": "complete",
-                      "_meta": {_MCP_SERVER_KEY: {"name": "jupyter_call", "version": __version__}}}
-            if cacheable:
-                result.update(ttlMs=MCP_TOOLS_TTL_MS, cacheScope="public")
-        self._write({"jsonrpc": "2.0", "id": request_id, "result": result})
-
-    def _error(self, request_id: object, code: int, message: str, data: object = None) -> None:
-        error = {"code": code, "message": message}
-        if data is not None:
-            error["data"] = data
-        self._write({"jsonrpc": "2.0", "id": request_id, "error": error})
-
-    def _notify(self, method: str, params: dict) -> None:
-        self._write({"jsonrpc": "2.0", "method": method, "params": params})
+        self.rpc.serve(stdin)
 
     def log_line(self, text: str) -> None:
         with contextlib.suppress(OSError, ValueError):
             self.err.write(f"jupyter_call: {self._private(text)}\n")
             self.err.flush()
 
-    # -- JSON-RPC --
+    # -- tools/call: each in a lane of its kernel or a thread of its own --
 
-    def _receive(self, line: bytes) -> None:
-        try:
-            msg = json.loads(line.decode("utf-8"))
-        except (ValueError, RecursionError):
-            self._error(None, PARSE_ERROR, "Parse error: not a JSON message")
-            return
-        if not isinstance(msg, dict):
-            self._error(None, INVALID_REQUEST,
-                        "a message must be a JSON object (batches are not supported)")
-            return
-        method, request_id, params = msg.get("method"), msg.get("id"), msg.get("params")
-        if not isinstance(method, str):
-            # (answers to us: none are asked)
-            if "id" in msg and "result" not in msg and "error" not in msg:
-                self._error(request_id, INVALID_REQUEST, "a request needs a method")
-            return
-        if params is None:
-            params = {}
-        if not isinstance(params, dict):
-            if "id" in msg:
-                self._error(request_id, INVALID_PARAMS, "params must be an object")
-            return
-        if "id" not in msg:
-            self._on_notification(method, params)
-        elif isinstance(request_id, (str, int)) and not isinstance(request_id, bool):
-            self._on_request(request_id, method, params)
-        else:
-            self._error(None, INVALID_REQUEST, "a request id must be a string or an integer")
-
-    def _on_notification(self, method: str, params: dict) -> None:
-        if method == "notifications/cancelled":
-            self._cancel(params.get("requestId"))
-        # notifications/initialized and others need nothing
-
-    def _on_request(self, request_id: object, method: str, params: dict) -> None:
-        meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
-        asked = meta.get(_MCP_VERSION_KEY)
-        if self.era is None:
-            stateless = asked is not None or method == "server/discover"
-            self.era = "stateless" if stateless else "handshake"
-        if self.era == "stateless":
-            # a handshake on a 2026-07-28 connection (as the official SDK answers)
-            if method == "initialize":
-                self._error(request_id, UNSUPPORTED_VERSION, "Unsupported protocol version",
-                            {"supported": list(MCP_STATELESS_VERSIONS),
-                             "requested": params.get("protocolVersion")})
-                return
-            if asked is None:
-                self._error(request_id, INVALID_PARAMS,
-                            f"params._meta is missing {_MCP_VERSION_KEY}")
-                return
-            if asked not in MCP_STATELESS_VERSIONS:
-                self._error(request_id, UNSUPPORTED_VERSION, "Unsupported protocol version",
-                            {"supported": list(MCP_STATELESS_VERSIONS), "requested": asked})
-                return
-        handlers = {"tools/list": self._tools_list, "tools/call": self._tools_call}
-        if self.era == "handshake":
-            handlers.update({"initialize": self._initialize, "ping": self._ping})
-        else:  # 2026-07-28 has no ping
-            handlers["server/discover"] = self._discover
-        handler = handlers.get(method)
-        if handler is None:
-            self._error(request_id, METHOD_NOT_FOUND, f"Method not found: {method}")
-            return
-        handler(request_id, params)
-
-    def _initialize(self, request_id: object, params: dict) -> None:
-        # 2025-11-25 basic/lifecycle: the client's version when supported, else the latest.
-        asked = params.get("protocolVersion")
-        self.version = asked if asked in MCP_HANDSHAKE_VERSIONS else MCP_HANDSHAKE_VERSIONS[0]
-        self._result(request_id,
-                     {"protocolVersion": self.version,
-                      "capabilities": {"tools": {"listChanged": False}},
-                                  "serverInfo": {"name": "jupyter_call", "title": "Jupyter kernels",
-                                                 "version": __version__},
-                                  "instructions": MCP_INSTRUCTIONS})
-
-    def _ping(self, request_id: object, params: dict) -> None:
-        self._result(request_id, {})
-
-    def _discover(self, request_id: object, params: dict) -> None:
-        # 2026-07-28 server/discover: the versions, capabilities and instructions, cacheable.
-        self._result(request_id, {"supportedVersions": list(MCP_VERSIONS),
-                                  "capabilities": {"tools": {"listChanged": False}},
-                                  "instructions": MCP_INSTRUCTIONS}, cacheable=True)
-
-    def _tools_list(self, request_id: object, params: dict) -> None:
-        tools = MCP_TOOLS if self.version >= "2025-06-18" or self.era == "stateless" else [
-            {k: v for k, v in tool.items() if k not in ("outputSchema", "title")}
-            for tool in MCP_TOOLS]
-        self._result(request_id, {"tools": list(tools)}, cacheable=True)
-
-    def _tools_call(self, request_id: object, params: dict) -> None:
+    def call_tool(self, request_id: object, params: dict) -> None:
         name, args = params.get("name"), params.get("arguments")
         args = {} if args is None else args
         tool = next((t for t in MCP_TOOLS if t["name"] == name), None)
         if tool is None:
-            self._error(request_id, INVALID_PARAMS, f"Unknown tool: {str(name)[:100]}")
+            self.rpc.error(request_id, INVALID_PARAMS, f"Unknown tool: {str(name)[:100]}")
             return
         problem = _check_arguments(tool["inputSchema"], args)
         # 2025-11-25: input errors are tool results, so that the model can correct itself
         if problem:
-            self._result(request_id, self._failure(f"{name}: {problem}"))
+            self.rpc.result(request_id, self._failure(f"{name}: {problem}"))
             return
         meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
         call = _Call(request_id, meta.get("progressToken"))
@@ -3780,7 +3792,7 @@ class _McpServer:
         with self._lock:
             self._calls.pop(call.id, None)
         if not call.cancelled and result is not None:
-            self._result(call.id, result)
+            self.rpc.result(call.id, result)
 
     def _failure(self, text: str) -> dict:
         return {"content": [{"type": "text", "text": self._private(text)}], "isError": True}
@@ -3823,7 +3835,7 @@ class _McpServer:
                 job = queue.popleft()
             job()
 
-    def _cancel(self, request_id: object) -> None:
+    def cancel(self, request_id: object) -> None:
         """notifications/cancelled: nothing more is sent for the call; its kernel is interrupted."""
         if not isinstance(request_id, (str, int)):
             return
@@ -3858,7 +3870,7 @@ class _McpServer:
                 params = {"progressToken": call.progress_token, "progress": elapsed,
                           "message": f"running for {elapsed:.0f} s"
                           + (f": {call.last_line}" if call.last_line else "")}
-                self._notify("notifications/progress", params)
+                self.rpc.notify("notifications/progress", params)
 
         _daemon(tick)
         return stop
@@ -4960,7 +4972,7 @@ def _run(args, out, err, url, token, deadline, env, ssl_context, parameters, roo
     results: list = []
     failed = 0
     try:
-        # deletes what it started
+        # (the with deletes a kernel it started, on every path)
         with _open_kernel(args, url, token, deadline, env, ssl_context, where, name) as kernel:
             if args.keep and not (args.kernel_id or args.session or args.notebook):
                 kernel.detach()
@@ -5076,7 +5088,7 @@ def main(argv: list | None = None) -> int:
     previous = {}
     # CI cancellations, timeout(1), systemd, closed terminals; Ctrl-Break on Windows
     for name in ("SIGTERM", "SIGHUP", "SIGBREAK"):
-        # absent here, or not the main thread
+        # (a signal absent on this platform, or not the main thread)
         with contextlib.suppress(AttributeError, ValueError, OSError):
             previous[name] = signal.signal(getattr(signal, name), _on_signal)
     console = _watch_console() if previous else None  # (None where signals cannot be handled)

@@ -24,6 +24,7 @@ import json
 import os
 import re
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -965,6 +966,64 @@ def test_mcp_arguments_are_checked_against_the_input_schema():
     assert check({"code": "1", "cod": "x"}).startswith("unknown argument 'cod' (this tool takes: code, kernel")
     assert check([]) == "the arguments must be an object"
     assert check({"code": "1", "kernel": "../../api"}) == "argument 'kernel' is not a kernel id: '../../api'"
+
+
+class _App:
+    """What the MCP transport hands on: tool calls, cancellations, log lines."""
+
+    def __init__(self):
+        self.calls, self.cancelled, self.logged = [], [], []
+
+    def call_tool(self, request_id, params):
+        self.calls.append((request_id, params))
+
+    def cancel(self, request_id):
+        self.cancelled.append(request_id)
+
+    def log_line(self, text):
+        self.logged.append(text)
+
+
+def _rpc(*messages):
+    """The MCP transport run over these messages as stdin lines; (app, the answers it wrote)."""
+    app, out = _App(), io.BytesIO()
+    lines = b"".join((m if isinstance(m, bytes) else json.dumps(m).encode()) + b"\n" for m in messages)
+    jc._JsonRpcStdio(app, out).serve(io.BytesIO(lines))
+    return app, [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+def test_mcp_transport_keeps_the_handshake_eras_rules_on_byte_streams():
+    app, answers = _rpc({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18"}},
+                        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+                        {"jsonrpc": "2.0", "id": 2, "method": "ping"},
+                        {"jsonrpc": "2.0", "id": 3, "method": "tools/list"},
+                        {"jsonrpc": "2.0", "id": 4, "method": "tools/call", "params": {"name": "run_code"}},
+                        {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 4}},
+                        b"not json", b"[1, 2]", {"jsonrpc": "2.0", "id": 5, "method": "server/discover"},
+                        {"jsonrpc": "2.0", "id": True, "method": "ping"})
+    assert answers[0]["result"]["protocolVersion"] == "2025-06-18" and "resultType" not in answers[0]["result"]
+    assert answers[1] == {"jsonrpc": "2.0", "id": 2, "result": {}}
+    tools = answers[2]["result"]["tools"]
+    assert [t["name"] for t in tools] == [t["name"] for t in jc.MCP_TOOLS] and "outputSchema" in tools[0]
+    assert app.calls == [(4, {"name": "run_code"})] and app.cancelled == [4]  # (answered by the app)
+    assert [a["error"]["code"] for a in answers[3:]] == [-32700, -32600, -32601, -32600]
+
+
+def test_mcp_transport_keeps_the_2026_eras_rules_on_byte_streams():
+    key = "io.modelcontextprotocol/protocolVersion"
+    meta = {"_meta": {key: "2026-07-28"}}
+    app, answers = _rpc({"jsonrpc": "2.0", "id": 1, "method": "server/discover", "params": meta},
+                        {"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": {}},
+                        {"jsonrpc": "2.0", "id": 3, "method": "tools/list", "params": {"_meta": {key: "2025-11-25"}}},
+                        {"jsonrpc": "2.0", "id": 4, "method": "initialize", "params": {**meta, "protocolVersion": "x"}},
+                        {"jsonrpc": "2.0", "id": 5, "method": "ping", "params": meta},
+                        {"jsonrpc": "2.0", "id": 6, "method": "tools/list", "params": meta})
+    first = answers[0]["result"]
+    assert "2026-07-28" in first["supportedVersions"] and first["resultType"] == "complete" and first["ttlMs"] > 0
+    assert answers[1]["error"]["code"] == -32602 and key in answers[1]["error"]["message"]
+    assert answers[2]["error"]["code"] == -32022 and answers[2]["error"]["data"]["requested"] == "2025-11-25"
+    assert answers[3]["error"]["code"] == -32022 and answers[4]["error"]["code"] == -32601
+    assert answers[5]["result"]["cacheScope"] == "public" and app.calls == []
 
 
 # ---- 1. Pure: the module itself (standard library only, __all__) ---------------------
@@ -1978,8 +2037,8 @@ class CuttingRelay(LoopbackServer):
     """A TCP relay to the real server that cuts websocket connections at chosen points.
 
     ``cut_after[i]`` is how many server frames the i-th websocket connection
-    forwards before the relay drops both sides (at a read boundary, so the relay
-    itself never swallows a frame it has read).
+    forwards before the relay drops both sides, when nothing more from the server is
+    waiting to be read (what the server believes sent, the relay has passed on).
     """
 
     def __init__(self, target_port, cut_after=()):
@@ -2037,6 +2096,8 @@ class CuttingRelay(LoopbackServer):
                     del buf[:used]
                     frames += 1
                 if limit is not None and frames >= limit and not buf:
+                    if select.select([upstream], [], [], 0)[0]:
+                        continue  # bytes the server already sent: relay them, cut after
                     with self.lock:
                         self.cuts += 1
                     break
