@@ -481,7 +481,8 @@ def _proxy_for(url: str) -> str | None:
     proxy = urllib.request.getproxies().get(kind)
     if proxy:
         try:
-            if not _proxy_parts(proxy).hostname or _proxy_parts(proxy).port == 0:
+            given = _proxy_parts(proxy)
+            if not given.hostname or given.port == 0:
                 raise ValueError("no host")
         except ValueError:
             raise ConfigError(f"the {kind.upper()}_PROXY setting is malformed (it needs "
@@ -1683,15 +1684,17 @@ def decode_message(data: str | bytes, *, protocol: str = "legacy") -> dict:
     msg_type = header.get("msg_type")
     if not isinstance(msg_type, str):
         raise ValueError("message header has no msg_type")
-    if not _shallow([content, msg["metadata"]]):
+    read = _CONTENT_TYPES.get(msg_type, ())
+    # Only the JSON objects kept (outputs, replies) are ever written back; only they are walked.
+    if any(kind is dict for _, kind in read) and not _shallow(content):
         raise ValueError(f"{msg_type} message nested deeper than {MAX_JSON_DEPTH} levels")
     fields = [("msg_id", header.get("msg_id"), str),
               ("parent msg_id", msg["parent_header"].get("msg_id"), str)]
-    fields += [(key, content.get(key), kind) for key, kind in _CONTENT_TYPES.get(msg_type, ())]
+    fields += [(key, content.get(key), kind) for key, kind in read]
     transient = content.get("transient")
     if isinstance(transient, dict):
         fields.append(("display_id", transient.get("display_id"), str))
-    if isinstance(content.get("data"), dict) and ("data", dict) in _CONTENT_TYPES.get(msg_type, ()):
+    if isinstance(content.get("data"), dict) and ("data", dict) in read:
         fields += [(mime, value, _MIME_JSON if mime == "application/json" or mime.endswith("+json")
                     else _MIME_TEXT) for mime, value in content["data"].items()]
     for name, value, kind in fields:
@@ -2149,6 +2152,11 @@ def list_servers(runtime_dir: str | None = None) -> list:
     return [info for _, info in found]
 
 
+# The schemes a server URL may have, and what REST speaks for each (the websocket follows).
+_SCHEMES = {"http": "http", "https": "https", "ws": "http", "wss": "https",
+            "http+unix": "http+unix"}
+
+
 def _normalize_url(url: str) -> tuple[str, str | None]:
     """The base URL (scheme, trailing slash, no query) and a ``?token=`` it carried.
 
@@ -2184,11 +2192,6 @@ def _normalize_url(url: str) -> tuple[str, str | None]:
     # a request line is ASCII: the rest is percent-encoded
     path = quote(path if path.endswith("/") else path + "/", safe="/%:@!$&'()*+,;=~")
     return f"{scheme}://{netloc}{path}", token
-
-
-# The schemes a server URL may have, and what REST speaks for each (the websocket follows).
-_SCHEMES = {"http": "http", "https": "https", "ws": "http", "wss": "https",
-            "http+unix": "http+unix"}
 
 
 def _env_token() -> str | None:
@@ -4170,11 +4173,8 @@ class _McpServer:
         path, write = args["path"], args.get("write")
         deadline = Deadline(self.timeout)
         remote = self._rest()
-        try:
-            notebook, where = read_notebook(path, remote, deadline)
-            name = _kernel_for(notebook, args.get("parameters")) or self.kernel_name
-        except ConfigError as exc:
-            raise _ToolError(str(exc)) from None
+        notebook, where = read_notebook(path, remote, deadline)
+        name = _kernel_for(notebook, args.get("parameters")) or self.kernel_name
         results: list = []
         # (cleanup deletes it too, should the process end first)
         with self._open(name=name, path=where) as kernel:
@@ -4197,10 +4197,7 @@ class _McpServer:
         written = None
         if write:
             written = path if write is True else write
-            try:
-                _write_notebook(written, notebook, remote, deadline)
-            except ConfigError as exc:
-                raise _ToolError(str(exc)) from None
+            _write_notebook(written, notebook, remote, deadline)  # (a ConfigError: the tool's)
         code = [cell for cell in notebook["cells"] if cell.get("cell_type") == "code"]
         ran = [(n, cell) for n, cell in enumerate(code, 1) if _source(cell).strip()
                and SKIP_TAG not in _tags(cell)]
@@ -4628,30 +4625,17 @@ def _enable_vt(handle: int, kernel32) -> bool:
     return bool(kernel32.SetConsoleMode(handle, mode.value | ENABLE_VIRTUAL_TERMINAL_PROCESSING))
 
 
-def _read_code(args, remote: _RestClient | None, deadline: Deadline) -> tuple[str, bool]:
-    """The code to run and whether it came from stdin. Python source and notebooks are UTF-8."""
-    if args.file is not None and args.code is not None:
-        raise _UsageError("give the code as an argument or with -f, not both")
+def _read_code(args) -> str:
+    """The code to run from the argument or stdin (``-f -``); files are read_notebook's."""
     if args.file == "-":  # UTF-8, whatever the console's code page (a BOM is accepted)
         stdin = getattr(sys.stdin, "buffer", None)
         try:
-            return (stdin.read().decode("utf-8-sig") if stdin is not None
-                    else sys.stdin.read()), True
+            return stdin.read().decode("utf-8-sig") if stdin is not None else sys.stdin.read()
         except UnicodeDecodeError:
             raise _UsageError("the code on stdin is not valid UTF-8") from None
-    if args.file is not None and args.file.startswith(SERVER_PREFIX):
-        return remote.read_file(args.file[len(SERVER_PREFIX):], deadline=deadline), False
-    if args.file is not None:
-        try:
-            # Windows editors may start it with a BOM
-            with open(args.file, encoding="utf-8-sig") as f:
-                return f.read(), False
-        except (OSError, UnicodeDecodeError) as exc:
-            why = getattr(exc, "strerror", None) or exc
-            raise _UsageError(f"cannot read {args.file}: {why}") from None
     if args.code is None:
         raise _UsageError("no code given: pass CODE, or -f FILE (see --help)")
-    return args.code, False
+    return args.code
 
 
 def _parameters(args) -> dict:
@@ -4940,20 +4924,19 @@ def _main(argv, out, err) -> int:
 
 def _run(args, out, err, url, token, deadline, env, ssl_context, parameters, root) -> int:
     """Read the code or notebook, run it, print and write what it produced."""
-    on_server = any(p and p.startswith(SERVER_PREFIX) for p in (args.file, args.write))
-    remote = _RestClient(url, token, ssl_context=ssl_context) if on_server else None
-    text, code_from_stdin = _read_code(args, remote, deadline)
-    path = None if code_from_stdin else args.file
-    notebook = notebook_from(text.lstrip("\ufeff"), path)
-    code_cells = [c for c in notebook["cells"] if c.get("cell_type") == "code"]
-    many = (path or "").lower().endswith(".ipynb") or len(code_cells) > 1
-    name = _kernel_for(notebook, parameters, args.kernel)
-    if path and path.startswith(SERVER_PREFIX):
-        where = posixpath.dirname(_session_path(path[len(SERVER_PREFIX):])) or None
-    elif path and not (args.kernel_id or args.session or args.notebook):
-        where = _kernel_dir(url, path, root)
+    if args.file is not None and args.code is not None:
+        raise _UsageError("give the code as an argument or with -f, not both")
+    remote = _RestClient(url, token, ssl_context=ssl_context)  # (no request until one is asked)
+    code_from_stdin = args.file == "-"
+    if args.file is not None and not code_from_stdin:
+        notebook, where = read_notebook(args.file, remote, deadline, root)
     else:
-        where = None
+        notebook, where = notebook_from(_read_code(args).lstrip("\ufeff")), None
+    if args.kernel_id or args.session or args.notebook:
+        where = None  # (an attached kernel runs where it runs)
+    code_cells = [c for c in notebook["cells"] if c.get("cell_type") == "code"]
+    many = (args.file or "").lower().endswith(".ipynb") or len(code_cells) > 1
+    name = _kernel_for(notebook, parameters, args.kernel)
     if args.input is not None:
         stdin = iter(args.input)  # one iterator: later cells get the answers that are left
     elif not code_from_stdin and _isatty(sys.stdin):
