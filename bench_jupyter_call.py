@@ -1377,7 +1377,7 @@ def cmd_mcp(args: argparse.Namespace) -> int:
         # 3. Cleanup: stdin closed with three kernels started, one of them running a cell.
         for _ in range(2):
             host.ask("tools/call", {"name": "start_kernel", "arguments": {}})
-        rest = jupyter_call._RestClient(server.url, server.token)
+        rest = jupyter_call.RestClient(server.url, server.token)
         mine = {k["id"] for k in rest.list_kernels(deadline=jupyter_call.Deadline(30))}  # the default kernel and the two started
         host.proc.stdin.write(json.dumps({"jsonrpc": "2.0", "id": 0, "method": "tools/call", "params": {
             "name": "run_code", "arguments": {"code": "import time; time.sleep(60)"}}}).encode() + b"\n")

@@ -8,28 +8,26 @@ One file, standard library only: copy it into a project, import it, or run it.
     from jupyter_call import run_code
     print(run_code("1 + 1").data["text/plain"])
 
-It speaks the Jupyter server REST API (start, interrupt, restart and delete
-kernels) through urllib, and the kernel channels over its own RFC 6455 websocket
-client on plain sockets; one time budget bounds every step of both (but the
-system's name lookup). Sections, top to bottom, each using only those above it:
-errors; time budget and sockets; websocket frames (no I/O); websocket
-connection; Jupyter REST API (urllib); Jupyter messages and results (no I/O);
-server discovery; the public API (Kernel, run_code); notebooks; the Python 3.9
-type-hint shim; what the front ends share; the Model Context Protocol server for
-AI agents (--mcp); the command line, main() last.
+It speaks the Jupyter server REST API (start, interrupt, restart and delete kernels) through urllib,
+and the kernel channels over its own RFC 6455 websocket client on plain sockets; one time budget
+bounds every step of both (but the system's name lookup). Sections, top to bottom, each using only
+those above it: errors; time budget and sockets; websocket frames (no I/O); websocket connection;
+Jupyter REST API (urllib); Jupyter messages and results (no I/O); server discovery; the public API
+(Kernel, run_code); notebooks; the Python 3.9 type-hint shim; what the front ends share; the Model
+Context Protocol server for AI agents (--mcp); the command line, main() last. A section reaches
+those above through names without a leading underscore (``__all__`` lists the API kept stable);
+one friendship: the notebooks section calls ``Kernel._send_ahead`` and ``Kernel._execute``.
 
 MIT License. Copyright (c) 2026 the jupyter_call authors. See LICENSE.
 """
 from __future__ import annotations
 
-# Start-up policy: a short command-line call spends more time importing than
-# talking to the server, so what only some calls need loads where it is used:
-# ssl (https and wss), urllib.request and http.client (REST; they import ssl and email),
-# zlib (compression); dataclasses never (Result is a plain class). The one SHA-1
-# of the handshake comes from CPython's _sha1 rather than OpenSSL's hashlib,
-# ASCII host names skip the idna codec, and the command line has its own small
-# option parser (argparse would cost more than 5% of a call) and skips the
-# collector's last pass at exit.
+# Start-up policy: a short command-line call spends more time importing than talking to the server,
+# so what only some calls need loads where it is used: ssl (https and wss), urllib.request and
+# http.client (REST; they import ssl and email), zlib (compression); dataclasses never (Result is a
+# plain class). The one SHA-1 of the handshake comes from CPython's _sha1 rather than OpenSSL's
+# hashlib, ASCII host names skip the idna codec, and the command line has its own small option
+# parser (argparse would cost more than 5% of a call) and skips the collector's last pass at exit.
 import base64
 import codecs
 import collections
@@ -52,23 +50,9 @@ from urllib.parse import quote, unquote, urljoin, urlsplit
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "run_code",
-    "run_notebook",
-    "Kernel",
-    "Result",
-    "list_servers",
-    "WebSocket",
-    "JupyterError",
-    "ServerError",
-    "AuthError",
-    "ConfigError",
-    "ExecutionError",
-    "KernelDied",
-    "ExecutionTimeout",
-    "WebSocketError",
-    "WebSocketClosed",
-]
+__all__ = ["run_code", "run_notebook", "Kernel", "Result", "list_servers", "WebSocket",
+           "JupyterError", "ServerError", "AuthError", "ConfigError", "ExecutionError",
+           "KernelDied", "ExecutionTimeout", "WebSocketError", "WebSocketClosed",]
 
 
 # ---- Errors --------------------------------------------------------------------------------------
@@ -77,7 +61,7 @@ class JupyterError(Exception):
     """Root of every error jupyter_call raises."""
 
 
-def _seconds(timeout: float) -> str:
+def duration(timeout: float) -> str:
     # a budget that began a moment after the call's reads as the call's
     return f"{round(timeout, 2):g} s"
 
@@ -101,7 +85,7 @@ class ServerError(JupyterError):
 
 
 # What a caller can do about a ServerError, in the API's words (the command
-# line says the same in its own: _CLI_FIXES).
+# line says the same in its own: CLI_FIXES).
 FIXES = {
     "token": "pass token= or set JUPYTER_TOKEN",
     "tls": "pass an ssl_context that trusts its CA, or set SSL_CERT_FILE",
@@ -166,13 +150,13 @@ class ExecutionTimeout(JupyterError, TimeoutError):
 
     def __init__(self, timeout: float, result: Result | None = None):
         self.timeout, self.result = timeout, result
-        super().__init__(f"the code did not finish within {_seconds(timeout)}")
+        super().__init__(f"the code did not finish within {duration(timeout)}")
 
 
 # ---- Time budget and sockets (Deadline, sliced waits, TLS, proxies) ------------------------------
 
 MAX_HANDSHAKE = 64 * 1024  # bound on the head of the answer to a handshake or a CONNECT
-_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")  # never allowed in a header value (RFC 9110 5.5)
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")  # never allowed in a header value (RFC 9110 5.5)
 
 
 class Deadline:
@@ -198,23 +182,22 @@ class Deadline:
         return Deadline(self.remaining(cap))
 
 
-def _ssl_module():
+def ssl_module():
     import ssl  # costs ~17 ms; only wss:// and https:// need it
     return ssl
 
 
-def _within(timeout: float | None) -> str:
-    return f" within {_seconds(timeout)}" if timeout is not None else " (the system's timeout)"
+def within(timeout: float | None) -> str:
+    return f" within {duration(timeout)}" if timeout is not None else " (the system's timeout)"
 
 
-# Windows runs a Python signal handler only when the blocking call in progress returns,
-# and a socket wait is one call. There every wait is cut into slices of this many
-# seconds, so Ctrl-C, Ctrl-Break and the console's close act within half a second;
-# elsewhere a signal ends the wait itself.
+# Windows runs a Python signal handler only when the blocking call in progress returns, and a socket
+# wait is one call. There every wait is cut into slices of this many seconds, so Ctrl-C, Ctrl-Break
+# and the console's close act within half a second; elsewhere a signal ends the wait itself.
 WAIT_SLICE = 0.5 if sys.platform == "win32" else None
 
 
-def _io(sock: socket.socket, deadline: Deadline, call, *args):
+def sliced_io(sock: socket.socket, deadline: Deadline, call, *args):
     """``call(*args)`` on ``sock`` within ``deadline``, waiting at most WAIT_SLICE at a time.
 
     For calls that may be made again after a timeout: recv, send, the TLS handshake.
@@ -232,18 +215,18 @@ def _io(sock: socket.socket, deadline: Deadline, call, *args):
                 raise
 
 
-def _recv(sock: socket.socket, size: int, deadline: Deadline) -> bytes:
-    return _io(sock, deadline, sock.recv, size)
+def recv_within(sock: socket.socket, size: int, deadline: Deadline) -> bytes:
+    return sliced_io(sock, deadline, sock.recv, size)
 
 
-def _sendall(sock: socket.socket, data: bytes, deadline: Deadline) -> None:
+def sendall_within(sock: socket.socket, data: bytes, deadline: Deadline) -> None:
     """Send all of ``data`` within ``deadline``; after a timeout part of it may be out."""
     if WAIT_SLICE is None:
-        _io(sock, deadline, sock.sendall, data)
+        sliced_io(sock, deadline, sock.sendall, data)
         return
     view = memoryview(data)
     while view:
-        view = view[_io(sock, deadline, sock.send, view):]
+        view = view[sliced_io(sock, deadline, sock.send, view):]
 
 
 _CONNECTING = {errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY, 10035}  # 10035: WSAEWOULDBLOCK
@@ -252,7 +235,7 @@ _CONNECTING = {errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY, 10035}  # 1
 def _connect(sock: socket.socket, address, deadline: Deadline) -> None:
     """Connect within ``deadline``; in WAIT_SLICE slices where they are set."""
     if WAIT_SLICE is None:
-        _io(sock, deadline, sock.connect, address)
+        sliced_io(sock, deadline, sock.connect, address)
         return
     import select
     sock.setblocking(False)
@@ -311,8 +294,8 @@ def _open_socket(host: str, port: int, unix_socket: str | None, proxy: str | Non
     raise failure
 
 
-def _open_stream(host: str, port: int, secure: bool, ssl_context: object, unix_socket: str | None,
-                 proxy: str | None, deadline: Deadline, *, tunnel: bool = True) -> socket.socket:
+def open_stream(host: str, port: int, secure: bool, ssl_context: object, unix_socket: str | None,
+                proxy: str | None, deadline: Deadline, *, tunnel: bool = True) -> socket.socket:
     """A connected socket to host:port, through a proxy's CONNECT tunnel if ``tunnel``, with
     TLS if ``secure``."""
     sock = _open_socket(host, port, unix_socket, proxy, deadline)
@@ -320,9 +303,9 @@ def _open_stream(host: str, port: int, secure: bool, ssl_context: object, unix_s
         if proxy and tunnel:
             _connect_tunnel(sock, proxy, host, port, deadline)
         if secure:
-            context = ssl_context or _ssl_module().create_default_context()
+            context = ssl_context or ssl_module().create_default_context()
             sock = context.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
-            _io(sock, deadline, sock.do_handshake)
+            sliced_io(sock, deadline, sock.do_handshake)
         return sock
     except BaseException:
         sock.close()
@@ -335,11 +318,11 @@ def _connect_tunnel(sock: socket.socket, proxy: str, host: str, port: int,
     parts = _proxy_parts(proxy)
     where = f"{parts.scheme}://{parts.hostname}:{parts.port or 80}/"
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    credentials = _proxy_authorization(proxy)
+    credentials = proxy_authorization(proxy)
     lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
     lines += [f"Proxy-Authorization: {credentials}"] if credentials else []
     try:
-        status = _http_exchange(sock, lines, deadline)[0]
+        status = http_exchange(sock, lines, deadline)[0]
     except ConfigError:
         raise
     except (ValueError, EOFError) as exc:
@@ -348,7 +331,7 @@ def _connect_tunnel(sock: socket.socket, proxy: str, host: str, port: int,
         raise ServerError(where, f"(the proxy) refused a tunnel to {target}", status)
 
 
-def _proxy_authorization(proxy: str) -> str | None:
+def proxy_authorization(proxy: str) -> str | None:
     """The Proxy-Authorization value for a proxy URL with credentials, else None."""
     parts = _proxy_parts(proxy)
     if not parts.username:
@@ -357,10 +340,10 @@ def _proxy_authorization(proxy: str) -> str | None:
     return "Basic " + base64.b64encode(creds.encode("utf-8")).decode("ascii")
 
 
-def _check_header_text(texts: Iterable[str]) -> None:
+def check_header_text(texts: Iterable[str]) -> None:
     """Refuse header text HTTP cannot carry, before anything is sent (ConfigError)."""
     for text in texts:
-        if _CONTROL_CHARS.search(text):
+        if CONTROL_CHARS.search(text):
             raise ConfigError("a request header holds a control character (CR, LF, NUL, ...); "
                               "nothing was sent")
         try:
@@ -370,20 +353,20 @@ def _check_header_text(texts: Iterable[str]) -> None:
                               "Latin-1); nothing was sent") from None
 
 
-def _http_exchange(sock: socket.socket, lines: list, deadline: Deadline) -> tuple[int, dict, bytes]:
+def http_exchange(sock: socket.socket, lines: list, deadline: Deadline) -> tuple[int, dict, bytes]:
     """Send a request head; return the answer's status, header fields and the bytes after its head.
 
     For the two exchanges that precede a byte stream, the websocket handshake and a proxy's
     CONNECT; REST is urllib's. Raises ValueError for an answer that is not HTTP or whose head
     is too long, EOFError when the connection closes first.
     """
-    _check_header_text(lines)
-    _sendall(sock, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"), deadline)
+    check_header_text(lines)
+    sendall_within(sock, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"), deadline)
     buf = bytearray()
     while b"\r\n\r\n" not in buf:
         if len(buf) > MAX_HANDSHAKE:
             raise ValueError(f"HTTP answer head longer than {MAX_HANDSHAKE} bytes")
-        chunk = _recv(sock, 4096, deadline)
+        chunk = recv_within(sock, 4096, deadline)
         if not chunk:
             raise EOFError("connection closed during the handshake")
         buf += chunk
@@ -402,7 +385,7 @@ def _http_exchange(sock: socket.socket, lines: list, deadline: Deadline) -> tupl
     return int(parts[1]), fields, rest
 
 
-def _error_reason(body: bytes) -> str:
+def error_reason(body: bytes) -> str:
     """': <message>' from a Jupyter JSON error body (or its 'reason'), or '' when there is none."""
     try:
         info = json.loads(body.decode("utf-8"))
@@ -412,7 +395,7 @@ def _error_reason(body: bytes) -> str:
     return f": {str(message)[:300]}" if message else ""
 
 
-def _os_reason(exc: BaseException) -> str:
+def os_reason(exc: BaseException) -> str:
     """A short lower-case reason for a network error."""
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
@@ -431,9 +414,9 @@ def _untrusted(exc: BaseException) -> bool:
     return type(exc).__name__ == "SSLCertVerificationError"  # asked without importing ssl
 
 
-def _unreachable(url: str, exc: BaseException, ssl_context: object = None) -> ServerError:
+def unreachable(url: str, exc: BaseException, ssl_context: object = None) -> ServerError:
     """The ServerError for a network error."""
-    return ServerError(url, f"is not reachable: {_os_reason(exc)}",
+    return ServerError(url, f"is not reachable: {os_reason(exc)}",
                        fix=_tls_fix(exc, ssl_context is not None))
 
 
@@ -459,20 +442,20 @@ def _tls_fix(exc: BaseException, custom_context: bool, platform: str = sys.platf
 def _no_ca_store() -> bool:
     """Whether the default context finds no CA file or folder (a python.org macOS install
     before its certificate step, a container without ca-certificates)."""
-    paths = _ssl_module().get_default_verify_paths()
+    paths = ssl_module().get_default_verify_paths()
     return paths.cafile is None and paths.capath is None
 
 
-def _is_loopback(host: str | None) -> bool:
+def is_loopback(host: str | None) -> bool:
     host = (host or "").strip("[]").lower()
     return (host == "localhost" or host.endswith(".localhost") or host.startswith("127.")
             or host == "::1")
 
 
-def _proxy_for(url: str) -> str | None:
+def proxy_for(url: str) -> str | None:
     """The proxy URL the environment sets for ``url`` (HTTPS_PROXY, HTTP_PROXY, NO_PROXY)."""
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https", "ws", "wss") or _is_loopback(parts.hostname):
+    if parts.scheme not in ("http", "https", "ws", "wss") or is_loopback(parts.hostname):
         return None
     import urllib.request
     if urllib.request.proxy_bypass(parts.hostname or ""):
@@ -718,7 +701,7 @@ def parse_deflate_answer(value: str) -> dict:
     return chosen
 
 
-class _Deflate:
+class Deflate:
     """permessage-deflate (RFC 7692) with the parameters the server chose (no I/O)."""
 
     def __init__(self, params: dict):
@@ -755,13 +738,13 @@ class _Deflate:
         return out
 
 
-class _MessageReader:
+class MessageReader:
     """Whole messages from data frames (no I/O): joins fragments, checks UTF-8 as it arrives,
     inflates permessage-deflate, enforces ``max_size`` (a message being joined costs at most
     that, however many frames carry it). Errors are WebSocketErrors with their close code.
     """
 
-    def __init__(self, *, max_size: int | None = MAX_MESSAGE_SIZE, deflate: _Deflate | None = None):
+    def __init__(self, *, max_size: int | None = MAX_MESSAGE_SIZE, deflate: Deflate | None = None):
         self.max_size = max_size
         self.deflate = deflate
         self.allowed_rsv = RSV1_MASK if deflate is not None else 0
@@ -862,8 +845,8 @@ class WebSocket:
         self.close_reason = ""
         self._closing = False
         self._buf = bytearray(buffered)
-        self._deflate = _Deflate(deflate) if deflate is not None else None
-        self._reader = _MessageReader(max_size=max_size, deflate=self._deflate)
+        self._deflate = Deflate(deflate) if deflate is not None else None
+        self._reader = MessageReader(max_size=max_size, deflate=self._deflate)
 
     # -- opening --
 
@@ -901,8 +884,8 @@ class WebSocket:
         origin = f"{scheme}://{parts.netloc}/"
         sock = None
         try:
-            sock = _open_stream(parts.hostname, port, secure, ssl_context, unix_socket, proxy,
-                                deadline)
+            sock = open_stream(parts.hostname, port, secure, ssl_context, unix_socket, proxy,
+                               deadline)
             headers = dict(headers or {})
             if compression:
                 headers["Sec-WebSocket-Extensions"] = DEFLATE_OFFER
@@ -914,9 +897,9 @@ class WebSocket:
             if isinstance(exc, socket.timeout):
                 step = ("complete the websocket handshake" if sock is not None
                         else "accept a connection")
-                raise ServerError(origin, f"did not {step}{_within(timeout)}") from None
+                raise ServerError(origin, f"did not {step}{within(timeout)}") from None
             if isinstance(exc, OSError):
-                raise _unreachable(origin, exc, ssl_context) from exc
+                raise unreachable(origin, exc, ssl_context) from exc
             raise
 
     @classmethod
@@ -930,7 +913,7 @@ class WebSocket:
             lines.append(f"Sec-WebSocket-Protocol: {', '.join(offered)}")
         lines += [f"{name}: {value}" for name, value in headers.items()]
         try:
-            status, fields, rest = _http_exchange(sock, lines, deadline)
+            status, fields, rest = http_exchange(sock, lines, deadline)
         except ConfigError:
             raise
         except EOFError as exc:
@@ -940,7 +923,7 @@ class WebSocket:
         origin = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/"
         if status != 101:
             error = AuthError if status in (401, 403) else ServerError
-            raise error(origin, f"refused the websocket handshake{_error_reason(rest)}", status)
+            raise error(origin, f"refused the websocket handshake{error_reason(rest)}", status)
         # 4.1: the client MUST fail the connection when these checks fail.
         if fields.get("upgrade", "").lower() != "websocket":
             raise WebSocketError(CloseCode.PROTOCOL_ERROR,
@@ -987,22 +970,21 @@ class WebSocket:
         # 5.3: the masking key MUST be unpredictable: a fresh one per frame.
         data = frame.serialize(mask_key=os.urandom(4))
         try:
-            _sendall(self.sock, data, deadline)
+            sendall_within(self.sock, data, deadline)
         except socket.timeout:  # part of the frame may be out: the connection is unusable
-            self._lost(f"a send did not finish{_within(deadline.timeout)}")
+            self._lost(f"a send did not finish{within(deadline.timeout)}")
         except OSError as exc:
-            self._lost(f"send failed: {_os_reason(exc)}")
+            self._lost(f"send failed: {os_reason(exc)}")
 
     # -- receiving --
 
     def recv(self, *, timeout: float | None = None) -> str | bytes:
         """Return the next whole message: ``str`` for text, ``bytes`` for binary.
 
-        Fragments are joined, text is checked as UTF-8 as it arrives, pings are
-        answered. With ``timeout``, raises TimeoutError if no whole message
-        arrives in time; the connection stays usable. Raises WebSocketClosed
-        when the peer closes or the connection drops, WebSocketError after
-        failing the connection on a protocol violation.
+        Fragments are joined, text is checked as UTF-8 as it arrives, pings are answered. With
+        ``timeout``, raises TimeoutError if no whole message arrives in time; the connection stays
+        usable. Raises WebSocketClosed when the peer closes or the connection drops, WebSocketError
+        after failing the connection on a protocol violation.
         """
         deadline = Deadline(timeout)
         try:
@@ -1017,7 +999,7 @@ class WebSocket:
                 if deadline.expired:  # a flood of pings or fragments must not outlast the timeout
                     raise socket.timeout("timed out")
         except socket.timeout:
-            raise TimeoutError(f"no websocket message{_within(timeout)}") from None
+            raise TimeoutError(f"no websocket message{within(timeout)}") from None
         except WebSocketError as exc:
             # 7.1.7: fail the connection, with the code the error carries
             if self.close_code is None:
@@ -1044,12 +1026,12 @@ class WebSocket:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
         try:
-            chunk = _recv(sock, min(max(needed - len(self._buf), RECV_SIZE), RECV_SIZE_MAX),
-                          deadline)
+            chunk = recv_within(sock, min(max(needed - len(self._buf), RECV_SIZE), RECV_SIZE_MAX),
+                                deadline)
         except socket.timeout:
             raise
         except OSError as exc:
-            self._lost(f"connection lost: {_os_reason(exc)}")
+            self._lost(f"connection lost: {os_reason(exc)}")
         if not chunk:
             self._lost("connection closed without a close frame")
         self._buf += chunk
@@ -1090,16 +1072,15 @@ class WebSocket:
 
     def _send_close(self, code: int, reason: str, deadline: Deadline) -> None:
         with contextlib.suppress(OSError):
-            _sendall(self.sock,
-                     Frame(CLOSE, close_payload(code, reason)).serialize(mask_key=os.urandom(4)),
-                     deadline)
+            frame = Frame(CLOSE, close_payload(code, reason))
+            sendall_within(self.sock, frame.serialize(mask_key=os.urandom(4)), deadline)
 
     def _finish(self, code: int, reason: str, deadline: Deadline) -> None:
         """7.1.1: after the close handshake the client waits for the server's TCP close."""
         self.close_code, self.close_reason = code, reason
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_WR)
-            while _recv(self.sock, RECV_SIZE, deadline):
+            while recv_within(self.sock, RECV_SIZE, deadline):
                 pass
         self.sock.close()
 
@@ -1125,7 +1106,7 @@ class WebSocket:
 #
 # REST goes through urllib.request. Left to itself urllib bounds each socket read, not the
 # call, and http.client reads a chunk size of -1 as "read to the end". Both are closed where
-# http.client touches the network: its connection's socket is opened by _open_stream (one
+# http.client touches the network: its connection's socket is opened by open_stream (one
 # budget over name lookup results, connect, a proxy's tunnel and TLS) and handed over in a
 # _CappedSocket, whose reads wait at most what is left of the call's deadline and stop at
 # MAX_REST_READ bytes. http.client parses the answer; it cannot read past either bound.
@@ -1146,7 +1127,7 @@ class _BadAnswer(Exception):
 
 class _CappedSocket(io.RawIOBase):
     """The socket http.client is handed: sends and reads keep to the call's deadline (in
-    WAIT_SLICE slices, through _io) and reads stop at MAX_REST_READ bytes. urllib closes the
+    WAIT_SLICE slices, through sliced_io) and reads stop at MAX_REST_READ bytes. urllib closes the
     connection once the head is read and goes on reading through the answer's file, so the
     socket closes when both have let go, as a real socket's makefile() arranges."""
 
@@ -1170,11 +1151,12 @@ class _CappedSocket(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         if self._unsent:
-            _sendall(self.sock, b"".join(self._unsent), self.deadline)
+            sendall_within(self.sock, b"".join(self._unsent), self.deadline)
             self._unsent.clear()
         if self.left <= 0:
             raise _BadAnswer(f"more than {MAX_REST_BODY} bytes")
-        got = _io(self.sock, self.deadline, self.sock.recv_into, memoryview(buffer)[:self.left])
+        got = sliced_io(self.sock, self.deadline, self.sock.recv_into,
+                        memoryview(buffer)[:self.left])
         self.left -= got
         return got
 
@@ -1223,18 +1205,18 @@ def _opener():
         def connect(self) -> None:
             rest, parts = self.call.rest, urlsplit(self.call.full_url)
             secure = parts.scheme == "https"
-            sock = _open_stream(parts.hostname, parts.port or (443 if secure else 80), secure,
-                                rest.ssl_context, rest.unix_socket, self.proxy, self.call.deadline,
-                                tunnel=secure)
+            sock = open_stream(parts.hostname, parts.port or (443 if secure else 80), secure,
+                               rest.ssl_context, rest.unix_socket, self.proxy, self.call.deadline,
+                               tunnel=secure)
             self.sock = _CappedSocket(sock, self.call.deadline)
 
     class Handler(urllib.request.AbstractHTTPHandler):
         def http_open(self, call):
-            proxy = None if call.rest.unix_socket else _proxy_for(call.full_url)
+            proxy = None if call.rest.unix_socket else proxy_for(call.full_url)
             if proxy and call.type == "http":  # RFC 9112 3.2.2: the absolute form, to a proxy
                 parts = urlsplit(call.full_url)
                 call.selector = f"http://{parts.netloc.rpartition('@')[2]}{call.selector}"
-                credentials = _proxy_authorization(proxy)
+                credentials = proxy_authorization(proxy)
                 if credentials:
                     call.add_unredirected_header("Proxy-Authorization", credentials)
             return self.do_open(
@@ -1254,7 +1236,7 @@ def _opener():
             if urlsplit(new_url).scheme not in ("http", "https"):
                 raise _BadAnswer(f"a redirect to {new_url[:200]}, which is not HTTP")
             fields = dict(call.headers)  # (urllib keeps Host and Content-Length apart)
-            if not _same_origin(new_url, call.full_url):
+            if not same_origin(new_url, call.full_url):
                 if call.rest.unix_socket:
                     raise _BadAnswer(f"a redirect away from the Unix socket, to {new_url[:200]}")
                 # what urllib's own handler would carry to the other origin
@@ -1274,7 +1256,7 @@ def _opener():
     return opener
 
 
-class _RestClient:
+class RestClient:
     """The few calls of the Jupyter server REST API that jupyter_call needs.
 
     Each request goes through urllib (``_opener``) on a connection of its own, over the same
@@ -1309,7 +1291,7 @@ class _RestClient:
             headers["Content-Type"] = "application/json"
         if host:
             headers["Host"] = host
-        _check_header_text([path, *headers.values()])
+        check_header_text([path, *headers.values()])
         if method != "GET" and not self.token:
             # Without a token the server checks the _xsrf cookie on changes instead.
             xsrf = self._xsrf_cookie(deadline)
@@ -1322,11 +1304,11 @@ class _RestClient:
             status, raw = self._fetch(method, self._base + path, headers, data, budget)
         except socket.timeout:
             raise ServerError(self.url, f"did not answer {method} {path} within "
-                                        f"{_seconds(budget.timeout)}") from None
+                                        f"{duration(budget.timeout)}") from None
         except _BadAnswer as exc:  # not HTTP, too big, too many redirects
             raise ServerError(self.url, f"broke HTTP answering {method} {path}: {exc}") from None
         except OSError as exc:
-            raise _unreachable(self.url, exc, self.ssl_context) from exc
+            raise unreachable(self.url, exc, self.ssl_context) from exc
         if status == 404 and missing:
             raise ServerError(self.url, missing, 404)
         if status >= 300:  # an error, or a redirect that did not say where to
@@ -1390,14 +1372,13 @@ class _RestClient:
 
     def _http_error(self, status: int, body: bytes, method: str, path: str, *,
                     diagnose: bool = True) -> ServerError:
-        detail = _error_reason(body)
+        detail = error_reason(body)
         if status in (401, 403):
             return self._auth_error(status, detail, method, path, diagnose)
         if status == 424:
             return ServerError(self.url,
                                "is a JupyterHub server that is not running: start it from the "
-                               "hub's home page (/hub/home) or with the hub's REST API",
-                                         status)
+                               "hub's home page (/hub/home) or with the hub's REST API", status)
         if status == 404:
             return ServerError(self.url, f"has no {path}{detail}", status)
         if status < 400:  # urllib follows the redirects it can
@@ -1425,12 +1406,11 @@ class _RestClient:
                 if exc.status == 424:  # JupyterHub: the user's server is stopped
                     return ServerError(self.url, exc.reason, 424)
             host = urlsplit(self.url).hostname
-            if not self.unix_socket and not _is_loopback(host):
+            if not self.unix_socket and not is_loopback(host):
                 # A server that allows only local names refuses a right token too.
                 try:
                     self.request("GET", "api/status", deadline=Deadline(SIDE_REQUEST_TIMEOUT),
-                                 host="localhost",
-                                 diagnose=False)
+                                 host="localhost", diagnose=False)
                     return AuthError(self.url,
                                      f"blocked the request because its Host '{host}' is not a "
                                      "local name: connect as localhost, or start the server with "
@@ -1446,7 +1426,7 @@ class _RestClient:
         body: dict = {"name": name} if name else {}
         # the working directory, relative to the server's root (jupyter_server 2)
         if path is not None:
-            body["path"] = _session_path(path)
+            body["path"] = session_path(path)
         if env:
             body["env"] = {str(k): str(v) for k, v in env.items()}
         try:
@@ -1479,9 +1459,9 @@ class _RestClient:
 
     def find_session(self, path: str, *, deadline: Deadline) -> str | None:
         """The kernel id of the session at ``path`` (relative to the server root), or None."""
-        wanted = _session_path(path)
+        wanted = session_path(path)
         for session in self.list_sessions(deadline=deadline):
-            if session["kernel"] and _session_path(session["path"] or "") == wanted:
+            if session["kernel"] and session_path(session["path"] or "") == wanted:
                 return self._plain_id(session["kernel"].get("id"))
         return None
 
@@ -1500,9 +1480,8 @@ class _RestClient:
                               "kernel": kernel if isinstance(kernel, dict) else {}})
         return found
 
-    def create_session(self, path: str, kernel_name: str | None, *,
-                       deadline: Deadline) -> str:
-        body = {"path": _session_path(path), "name": os.path.basename(path), "type": "console",
+    def create_session(self, path: str, kernel_name: str | None, *, deadline: Deadline) -> str:
+        body = {"path": session_path(path), "name": os.path.basename(path), "type": "console",
                 "kernel": {"name": kernel_name} if kernel_name else {}}
         info = self.request("POST", "api/sessions", body, deadline=deadline)
         kernel = info.get("kernel") if isinstance(info, dict) else None
@@ -1522,9 +1501,8 @@ class _RestClient:
     def read_file(self, path: str, *, deadline: Deadline) -> str:
         """A notebook (as JSON text) or a text file from the contents API (``path`` from the
         root)."""
-        model = self.request("GET", f"api/contents/{quote(_session_path(path))}?content=1",
-                             deadline=deadline,
-                             missing=f"has no file {path}")
+        model = self.request("GET", f"api/contents/{quote(session_path(path))}?content=1",
+                             deadline=deadline, missing=f"has no file {path}")
         model = model if isinstance(model, dict) else {}
         content = model.get("content")
         if model.get("type") == "notebook" and isinstance(content, dict):
@@ -1537,14 +1515,13 @@ class _RestClient:
 
     def save_notebook(self, path: str, notebook: dict, *, deadline: Deadline) -> None:
         """Write ``notebook`` (plain JSON) at ``path`` through the contents API."""
-        self.request("PUT", f"api/contents/{quote(_session_path(path))}",
+        self.request("PUT", f"api/contents/{quote(session_path(path))}",
                      {"type": "notebook", "format": "json", "content": notebook}, deadline=deadline)
 
     def list_kernels(self, *, deadline: Deadline) -> list:
         """The server's kernels; entries that are not objects with a string id are skipped."""
         kernels = self.request("GET", "api/kernels", deadline=deadline)
-        return [_kernel_model(kernel) for kernel in kernels
-                if isinstance(kernel, dict)
+        return [_kernel_model(kernel) for kernel in kernels if isinstance(kernel, dict)
                 and isinstance(kernel.get("id"), str)] if isinstance(kernels, list) else []
 
     def interrupt_kernel(self, kernel_id: str, *, deadline: Deadline) -> None:
@@ -1577,7 +1554,7 @@ def _kernel_model(info: dict) -> dict:
                        if not isinstance(info.get(key), str)}}
 
 
-def _session_path(path: str) -> str:
+def session_path(path: str) -> str:
     """A session path as the server keeps it: relative, with forward slashes."""
     path = path.replace("\\", "/").strip()
     while path.startswith("./"):
@@ -1591,7 +1568,7 @@ def _unix_socket_path(url: str) -> str | None:
     return unquote(parts.netloc) if parts.scheme == "http+unix" else None
 
 
-def _same_origin(a: str, b: str) -> bool:
+def same_origin(a: str, b: str) -> bool:
     pa, pb = urlsplit(a), urlsplit(b)
     return (pa.scheme, pa.hostname, pa.port) == (pb.scheme, pb.hostname, pb.port)
 
@@ -1606,7 +1583,7 @@ SEEN_IDS = 10_000  # message ids remembered to drop replays (bounds memory on lo
 EOF_ANSWER = "\x04"  # sent when scripted stdin runs out: the kernel raises EOFError
 
 
-def _new_id() -> str:
+def new_id() -> str:
     """A random 128-bit id in hex, as uuid4().hex gives (without importing uuid)."""
     return os.urandom(16).hex()
 
@@ -1618,15 +1595,10 @@ def _now() -> str:
 def new_message(msg_type: str, content: dict, *, session: str, channel: str = "shell",
                 parent_header: dict | None = None, username: str = "jupyter_call") -> dict:
     """A Jupyter message in the shape the websocket expects (all keys present)."""
-    return {
-        "header": {"msg_id": _new_id(), "msg_type": msg_type, "username": username,
-                   "session": session, "date": _now(), "version": PROTOCOL_VERSION},
-        "parent_header": parent_header or {},
-        "metadata": {},
-        "content": content,
-        "channel": channel,
-        "buffers": [],
-    }
+    return {"header": {"msg_id": new_id(), "msg_type": msg_type, "username": username,
+                       "session": session, "date": _now(), "version": PROTOCOL_VERSION},
+                       "parent_header": parent_header or {}, "metadata": {}, "content": content,
+                       "channel": channel, "buffers": [],}
 
 
 def execute_request(code: str, *, session: str, silent: bool = False, store_history: bool = True,
@@ -1686,7 +1658,7 @@ def decode_message(data: str | bytes, *, protocol: str = "legacy") -> dict:
         raise ValueError("message header has no msg_type")
     read = _CONTENT_TYPES.get(msg_type, ())
     # Only the JSON objects kept (outputs, replies) are ever written back; only they are walked.
-    if any(kind is dict for _, kind in read) and not _shallow(content):
+    if any(kind is dict for _, kind in read) and not shallow(content):
         raise ValueError(f"{msg_type} message nested deeper than {MAX_JSON_DEPTH} levels")
     fields = [("msg_id", header.get("msg_id"), str),
               ("parent msg_id", msg["parent_header"].get("msg_id"), str)]
@@ -1696,29 +1668,29 @@ def decode_message(data: str | bytes, *, protocol: str = "legacy") -> dict:
         fields.append(("display_id", transient.get("display_id"), str))
     if isinstance(content.get("data"), dict) and ("data", dict) in read:
         fields += [(mime, value, _MIME_JSON if mime == "application/json" or mime.endswith("+json")
-                    else _MIME_TEXT) for mime, value in content["data"].items()]
+                    else MIME_TEXT) for mime, value in content["data"].items()]
     for name, value, kind in fields:
-        if value is not None and not _is_kind(value, kind):
+        if value is not None and not is_kind(value, kind):
             raise ValueError(f"{msg_type} message with a {type(value).__name__} as {name}")
     return msg
 
 
 MAX_JSON_DEPTH = 200  # deeper JSON from outside is refused: writing it back would recurse too far
 _TEXTS = "a list of strings"  # (nbformat's multiline string, and a traceback's lines)
-_MIME_TEXT = "a string or a list of strings"  # nbformat: every mimebundle value but JSON's
+MIME_TEXT = "a string or a list of strings"  # nbformat: every mimebundle value but JSON's
 _MIME_JSON = "any JSON"  # application/json and */*+json
 
 
-def _is_kind(value: object, kind: object) -> bool:
+def is_kind(value: object, kind: object) -> bool:
     """Whether ``value`` from outside has ``kind``: a type (bool is no int), or a rule above."""
-    if kind is _MIME_JSON or kind is _MIME_TEXT and isinstance(value, str):
+    if kind is _MIME_JSON or kind is MIME_TEXT and isinstance(value, str):
         return True
-    if kind is _TEXTS or kind is _MIME_TEXT:
+    if kind is _TEXTS or kind is MIME_TEXT:
         return isinstance(value, list) and all(isinstance(item, str) for item in value)
     return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
 
 
-def _shallow(value: object, limit: int = MAX_JSON_DEPTH) -> bool:
+def shallow(value: object, limit: int = MAX_JSON_DEPTH) -> bool:
     """Whether JSON ``value`` nests at most ``limit`` levels (walked level by level, no
     recursion)."""
     level = [value]
@@ -1811,21 +1783,19 @@ def output_from_msg(msg: dict) -> dict | None:
         return out
     if msg_type == "error":
         return {"output_type": "error", "ename": content.get("ename") or "",
-                "evalue": content.get("evalue") or "",
-                "traceback": content.get("traceback") or []}
+                "evalue": content.get("evalue") or "", "traceback": content.get("traceback") or []}
     return None
 
 
 class Result:
     """What one execution produced (a plain class, as subprocess.CompletedProcess is).
 
-    ``status`` is "ok", "error" or "aborted" (or "incomplete" on the partial
-    result that ExecutionTimeout and KernelDied carry when no reply arrived).
-    ``outputs`` are nbformat v4 output dicts in arrival order, with
-    ``clear_output`` and ``update_display_data`` applied and adjacent stream
-    chunks of one name merged. ``error`` is None or a dict with ``ename``,
-    ``evalue`` and ``traceback``. ``truncated`` is True when the server dropped
-    output because of its IOPub rate limits.
+    ``status`` is "ok", "error" or "aborted" (or "incomplete" on the partial result that
+    ExecutionTimeout and KernelDied carry when no reply arrived). ``outputs`` are nbformat v4 output
+    dicts in arrival order, with ``clear_output`` and ``update_display_data`` applied and adjacent
+    stream chunks of one name merged. ``error`` is None or a dict with ``ename``, ``evalue`` and
+    ``traceback``. ``truncated`` is True when the server dropped output because of its IOPub rate
+    limits.
     """
 
     def __init__(self, status: str = "incomplete", execution_count: int | None = None,
@@ -1877,11 +1847,10 @@ class Result:
         """Every field and property as plain JSON data (what ``--json`` prints)."""
         return {"status": self.status, "ok": self.ok, "execution_count": self.execution_count,
                 "stdout": self.stdout, "stderr": self.stderr, "data": self.data,
-                "error": self.error,
-                "outputs": self.outputs, "truncated": self.truncated}
+                "error": self.error, "outputs": self.outputs, "truncated": self.truncated}
 
 
-class _Execution:
+class Execution:
     """Follows one execute_request through the messages that answer it (no I/O): ``feed`` takes
     every message; ``done`` once both the execute_reply and the idle status for it are in."""
 
@@ -2049,7 +2018,7 @@ def _runtime_dir() -> str:
 
 
 def _pid_alive(pid: object, platform: str = sys.platform) -> bool:
-    if not _is_kind(pid, int) or not 0 < pid < 2**31:  # (os.kill overflows past a C int)
+    if not is_kind(pid, int) or not 0 < pid < 2**31:  # (os.kill overflows past a C int)
         return False
     if platform == "win32":
         return _windows_process_alive(pid)  # os.kill(pid, 0) would terminate it on Windows
@@ -2109,10 +2078,10 @@ def _runtime_info(info: object) -> dict | None:
     if not isinstance(info, dict):
         return None
     wrong = [key for key, kind in _RUNTIME_FIELDS.items() if info.get(key) is not None
-             and not _is_kind(info[key], kind)]
+             and not is_kind(info[key], kind)]
     if any(key not in _SHOWN_FIELDS for key in wrong) or not 0 <= (info.get("port") or 0) < 65536:
         return None
-    if _CONTROL_CHARS.search((info.get("token") or "").strip()):
+    if CONTROL_CHARS.search((info.get("token") or "").strip()):
         return None
     info = {key: value for key, value in info.items() if key not in wrong}
     info.setdefault("root_dir", info.get("notebook_dir"))
@@ -2160,9 +2129,8 @@ _SCHEMES = {"http": "http", "https": "https", "ws": "http", "wss": "https",
 def _normalize_url(url: str) -> tuple[str, str | None]:
     """The base URL (scheme, trailing slash, no query) and a ``?token=`` it carried.
 
-    URLs copied from Jupyter's log carry the token in the query; it moves to the
-    Authorization header and never appears in a URL or a message. A wildcard
-    host (0.0.0.0, ::) means loopback.
+    URLs copied from Jupyter's log carry the token in the query; it moves to the Authorization
+    header and never appears in a URL or a message. A wildcard host (0.0.0.0, ::) means loopback.
     """
     url = url.strip()
     if "://" not in url:
@@ -2233,8 +2201,8 @@ def resolve_server(url: str | None = None, token: str | None = None) -> tuple[st
         elif token is None:
             wanted = _normalize_url(url)[0]
             for info in servers:
-                if _same_origin(info["url"],
-                                wanted) and urlsplit(info["url"]).path == urlsplit(wanted).path:
+                if same_origin(info["url"],
+                               wanted) and urlsplit(info["url"]).path == urlsplit(wanted).path:
                     token = info.get("token") or None
                     break
     url, url_token = _normalize_url(url)
@@ -2247,7 +2215,7 @@ def _clean_token(token: object) -> str | None:
     if token is None:
         return None
     token = str(token).strip()
-    if _CONTROL_CHARS.search(token):
+    if CONTROL_CHARS.search(token):
         raise ConfigError("the token holds a control character (CR, LF, NUL, ...); nothing was "
                           "sent")
     return token
@@ -2255,20 +2223,17 @@ def _clean_token(token: object) -> str | None:
 
 # ---- Public API: Kernel, run_code ----------------------------------------------------------------
 
-# Strategy. While code runs, four clocks tick: the caller's deadline (the only
-# one the caller sets); the completion grace (once one of execute_reply and the
-# idle status is in, COMPLETION_GRACE of silence ends the wait for the other,
-# which a dropped connection may have lost; silence, since a server that lags
-# behind the kernel still streams output after the reply); the silence check
-# (after SILENCE_CHECK without a message, ask REST whether the kernel lives: a
-# dead one says nothing); the status tick of a waiting caller's hook. A dropped
-# websocket is reopened with the same session id, so the server replays what it
-# buffered: RECONNECTS_PER_CALL drops a call, CONNECT_TRIES attempts each; a
-# request sent into a dying connection is sent again once the kernel idles
-# without having heard it. After a timeout, Ctrl-C or a failure, cleanup runs
-# outside the caller's budget, as subprocess.run kills and reaps after its
-# timeout, on one small budget of its own, CLEANUP_TIMEOUT: interrupt, settle,
-# close the websocket, delete a kernel we started (DELETE_RESERVE is kept for
+# Strategy. While code runs, four clocks tick: the caller's deadline (the only one the caller sets);
+# the completion grace (once one of execute_reply and the idle status is in, COMPLETION_GRACE of
+# silence ends the wait for the other, which a dropped connection may have lost; silence, since a
+# server that lags behind the kernel still streams output after the reply); the silence check (after
+# SILENCE_CHECK without a message, ask REST whether the kernel lives: a dead one says nothing); the
+# status tick of a waiting caller's hook. A dropped websocket is reopened with the same session id,
+# so the server replays what it buffered: RECONNECTS_PER_CALL drops a call, CONNECT_TRIES attempts
+# each; a request sent into a dying connection is sent again once the kernel idles without having
+# heard it. After a timeout, Ctrl-C or a failure, cleanup runs outside the caller's budget, as
+# subprocess.run kills and reaps after its timeout, on one small budget of its own, CLEANUP_TIMEOUT:
+# interrupt, settle, close the websocket, delete a kernel we started (DELETE_RESERVE is kept for
 # that), and delete a kernel whose start was answered too late.
 COMPLETION_GRACE = 3.0     # silence that ends the wait for the second of reply and idle
 CLEANUP_TIMEOUT = 6.0      # interrupt, settle, close and delete, all told (in the README)
@@ -2286,34 +2251,31 @@ NUDGE_INTERVAL = 0.5       # resend kernel_info_request this often while a kerne
 class Kernel:
     """A kernel on a Jupyter server, with one open websocket to it.
 
-    ``Kernel(url, token)`` starts a kernel (``name`` picks the kernel spec) and
-    deletes it on ``close()``; ``Kernel(url, token, kernel_id=ID)`` attaches to a
-    running kernel and never deletes it. Use it as a context manager. State
-    persists across ``execute`` calls.
+    ``Kernel(url, token)`` starts a kernel (``name`` picks the kernel spec) and deletes it on
+    ``close()``; ``Kernel(url, token, kernel_id=ID)`` attaches to a running kernel and never deletes
+    it. Use it as a context manager. State persists across ``execute`` calls.
 
     Args:
-        url: the server's base URL; None uses $JUPYTER_URL, the most recent
-            running server, then http://localhost:8888/.
-        token: the server's token; None uses $JUPYTER_TOKEN, $JUPYTER_TOKEN_FILE,
-            or the token of the discovered server.
+        url: the server's base URL; None uses $JUPYTER_URL, the most recent running server, then
+            http://localhost:8888/.
+        token: the server's token; None uses $JUPYTER_TOKEN, $JUPYTER_TOKEN_FILE, or the token of
+            the discovered server.
         kernel_id: attach to this running kernel instead of starting one.
         name: the kernel spec to start (the server's default when None).
-        env: environment variables for a kernel it starts (gateways pass
-            ``KERNEL_*`` ones on to their launchers).
-        session: use the kernel of the server session at this path (as
-            JupyterLab's consoles and notebooks do), creating the session if
-            there is none; the kernel outlives this object.
-        notebook: use the kernel of this open notebook (a path relative to the
-            server's root), sharing the state its user sees.
-        path: start the kernel in this directory (relative to the server's
-            root; jupyter_server 2 and its gateways honour it, Notebook 6 does not).
-        timeout: seconds for starting and connecting, and the default for each
-            ``execute`` (None: no limit); the ``timeout`` attribute may be changed later.
+        env: environment variables for a kernel it starts (gateways pass ``KERNEL_*`` ones on to
+            their launchers).
+        session: use the kernel of the server session at this path (as JupyterLab's consoles and
+            notebooks do), creating the session if there is none; the kernel outlives this object.
+        notebook: use the kernel of this open notebook (a path relative to the server's root),
+            sharing the state its user sees.
+        path: start the kernel in this directory (relative to the server's root; jupyter_server 2
+            and its gateways honour it, Notebook 6 does not).
+        timeout: seconds for starting and connecting, and the default for each ``execute`` (None: no
+            limit); the ``timeout`` attribute may be changed later.
         ssl_context: an ``ssl.SSLContext`` for https servers with a private CA.
-        protocol: "auto" (offer the v1 binary protocol, fall back to legacy),
-            "v1" or "legacy".
-        compression: offer permessage-deflate; it helps on slow links to
-            servers configured to accept it (``websocket_compression_options``).
+        protocol: "auto" (offer the v1 binary protocol, fall back to legacy), "v1" or "legacy".
+        compression: offer permessage-deflate; it helps on slow links to servers configured to
+            accept it (``websocket_compression_options``).
     Raises:
         ServerError (AuthError for a refused token; also when starting or
         connecting runs out of time), WebSocketError, JupyterError (an
@@ -2329,10 +2291,10 @@ class Kernel:
             raise ValueError(f"protocol must be 'auto', 'v1' or 'legacy', not {protocol!r}")
         self.url, token = resolve_server(url, token)
         self.timeout = timeout
-        self.session_id = _new_id()
+        self.session_id = new_id()
         self.protocol = protocol
         self.compression = compression
-        self._rest = _RestClient(self.url, token, ssl_context=ssl_context)
+        self._rest = RestClient(self.url, token, ssl_context=ssl_context)
         self._ws: WebSocket | None = None
         self._owned = False
         self._cleanup: Deadline | None = None  # the cleanup budget, once cleanup has begun
@@ -2377,13 +2339,13 @@ class Kernel:
         except ServerError as exc:
             if exc.status is None and deadline.expired:
                 raise ServerError(self.url, "did not start a kernel within "
-                                            f"{_seconds(deadline.timeout)}") from None
+                                            f"{duration(deadline.timeout)}") from None
             raise
         if deadline.expired:
             with contextlib.suppress(JupyterError):
                 self._rest.delete_kernel(info["id"], deadline=late)
             raise ServerError(self.url,
-                              f"did not start a kernel within {_seconds(deadline.timeout)}")
+                              f"did not start a kernel within {duration(deadline.timeout)}")
         return info
 
     def __repr__(self) -> str:
@@ -2422,7 +2384,7 @@ class Kernel:
                                      timeout=deadline.remaining(HANDSHAKE_TIMEOUT),
                                      ssl_context=self._rest.ssl_context,
                                      unix_socket=self._rest.unix_socket,
-                                     proxy=_proxy_for(self.url), compression=self.compression)
+                                     proxy=proxy_for(self.url), compression=self.compression)
         if self.protocol == "v1" and self._ws.subprotocol != V1_SUBPROTOCOL:
             self._ws.close()
             raise ServerError(self.url, "does not speak the v1 kernel websocket protocol",
@@ -2451,7 +2413,7 @@ class Kernel:
         self._ws.send(encode_message(msg, protocol=self._wire),
                       timeout=deadline.remaining(HTTP_TIMEOUT))
 
-    def _next_message(self, timeout: float | None, run: _Execution | None = None) -> dict | None:
+    def _next_message(self, timeout: float | None, run: Execution | None = None) -> dict | None:
         """The next kernel message, or None if ``timeout`` passes first: the one receive path.
 
         A message of a request sent ahead (``_send_ahead``), but ``run``'s own, is kept in
@@ -2485,17 +2447,15 @@ class Kernel:
 
         Args:
             code: the source to run.
-            timeout: seconds (default: the Kernel's timeout; None: no limit).
-                On expiry the kernel is interrupted and ExecutionTimeout raised.
-            on_output: called with each output dict as it arrives (stream
-                chunks, display data, results, errors; also ``clear_output``
-                and ``update_display_data`` events).
-            stdin: answers for ``input()``: a list/iterable of strings, or a
-                callable ``(prompt, password) -> str``. Without it, ``input()``
-                raises in the kernel at once.
+            timeout: seconds (default: the Kernel's timeout; None: no limit). On expiry the kernel
+                is interrupted and ExecutionTimeout raised.
+            on_output: called with each output dict as it arrives (stream chunks, display data,
+                results, errors; also ``clear_output`` and ``update_display_data`` events).
+            stdin: answers for ``input()``: a list/iterable of strings, or a callable ``(prompt,
+                password) -> str``. Without it, ``input()`` raises in the kernel at once.
             silent, store_history: as in the Jupyter execute_request.
-            keep_outputs: False keeps no outputs in the Result (``on_output`` saw them), so
-                memory stays bounded however much the code prints.
+            keep_outputs: False keeps no outputs in the Result (``on_output`` saw them), so memory
+                stays bounded however much the code prints.
         Returns:
             the Result; its ``status`` may be "error": see ``raise_for_error``.
         Raises:
@@ -2508,12 +2468,11 @@ class Kernel:
                              store_history=store_history, keep_outputs=keep_outputs)
 
     def _execute(self, code: str, deadline: Deadline, *, on_output=None, stdin=None,
-                 silent: bool = False,
-                 store_history: bool = True, keep_outputs: bool = True, on_wait=None,
-                 stop_on_error: bool = True, displays: dict | None = None,
+                 silent: bool = False, store_history: bool = True, keep_outputs: bool = True,
+                 on_wait=None, stop_on_error: bool = True, displays: dict | None = None,
                  sent: dict | None = None) -> Result:
         """``execute`` within a deadline shared with other steps of a call. A friend of the
-        notebooks section (``_execute_notebook``), as ``_send_ahead`` is.
+        notebooks section (``execute_notebook``), as ``_send_ahead`` is.
 
         ``keep_outputs=False`` keeps no output in the Result (a streaming caller
         has seen them); ``on_wait(quiet, elapsed)`` runs every STATUS_TICK;
@@ -2528,8 +2487,8 @@ class Kernel:
                                            store_history=store_history,
                                            allow_stdin=answer is not None,
                                            stop_on_error=stop_on_error)
-        run = _Execution(request["header"]["msg_id"], on_output, keep_outputs=keep_outputs,
-                         displays=displays)
+        run = Execution(request["header"]["msg_id"], on_output, keep_outputs=keep_outputs,
+                        displays=displays)
         try:
             for msg in self._ahead.pop(run.msg_id, ()):  # what arrived while earlier cells ran
                 run.feed(msg)
@@ -2566,7 +2525,7 @@ class Kernel:
             self._send(request, deadline)
         return request
 
-    def _wait(self, run: _Execution, deadline: Deadline, answer, on_wait,
+    def _wait(self, run: Execution, deadline: Deadline, answer, on_wait,
               request: dict | None) -> None:
         """Feed ``run`` until it is done, under the clocks of the Strategy above."""
         drops = 0
@@ -2613,7 +2572,7 @@ class Kernel:
             if ending:
                 return  # one of reply/idle never came; what arrived is the result
 
-    def _serve_input(self, run: _Execution, answer, deadline: Deadline) -> None:
+    def _serve_input(self, run: Execution, answer, deadline: Deadline) -> None:
         """Answer the kernel's input_request, if one came (EOF without an ``answer``)."""
         if run.input_request is None:
             return
@@ -2636,7 +2595,7 @@ class Kernel:
             raise KernelDied(self.id, "the server reports it dead")
         return info.get("execution_state")
 
-    def _interrupt_and_settle(self, run: _Execution, *, settle: bool = True) -> None:
+    def _interrupt_and_settle(self, run: Execution, *, settle: bool = True) -> None:
         """Interrupt the kernel; with ``settle``, wait (bounded) for the cell to unwind.
 
         The kernel aborts requests that arrive while it still unwinds, so the
@@ -2688,7 +2647,7 @@ class Kernel:
             if deadline.expired:
                 raise ServerError(self.url,
                                   f"kernel {self.id} did not answer within "
-                                  f"{_seconds(deadline.timeout)}")
+                                  f"{duration(deadline.timeout)}")
 
     # -- introspection: what editors ask a kernel (the messaging protocol's shell requests) --
 
@@ -2736,7 +2695,7 @@ class Kernel:
                 if deadline.expired:
                     raise ServerError(self.url,
                                       f"kernel {self.id} did not answer within "
-                                      f"{_seconds(deadline.timeout)}")
+                                      f"{duration(deadline.timeout)}")
                 self._check_alive(deadline)
             elif (msg.get("channel") == "shell"
                   and msg["parent_header"].get("msg_id") == request["header"]["msg_id"]):
@@ -2849,18 +2808,18 @@ INJECTED_TAG = "injected-parameters"
 PERCENT_CELL = re.compile(r"^# %%(.*)$", re.M)  # a cell marker of the '# %%' (percent) format
 
 
-def _source(cell: dict) -> str:
+def cell_source(cell: dict) -> str:
     source = cell.get("source", "")
     return "".join(source) if isinstance(source, list) else str(source)
 
 
-def _tags(cell: dict) -> list:
+def cell_tags(cell: dict) -> list:
     tags = (cell.get("metadata") or {}).get("tags")
     return tags if isinstance(tags, list) else []
 
 
-def _new_cell(kind: str, source: str, tags: list | None = None) -> dict:
-    cell = {"cell_type": kind, "id": _new_id()[:8], "metadata": {"tags": tags} if tags else {},
+def new_cell(kind: str, source: str, tags: list | None = None) -> dict:
+    cell = {"cell_type": kind, "id": new_id()[:8], "metadata": {"tags": tags} if tags else {},
             "source": source}
     if kind == "code":
         cell.update(execution_count=None, outputs=[])
@@ -2870,14 +2829,14 @@ def _new_cell(kind: str, source: str, tags: list | None = None) -> dict:
 SERVER_PREFIX = "server:"  # a notebook path in the server's contents API, relative to its root
 
 
-def read_notebook(path: str, rest: _RestClient, deadline: Deadline,
+def read_notebook(path: str, rest: RestClient, deadline: Deadline,
                   root: str | None = None) -> tuple[dict, str | None]:
     """The notebook at ``path`` (a local .ipynb or '# %%' .py file, or ``server:PATH``) and the
     folder, relative to the server's root, its kernel should start in (None: the server's)."""
     if path.startswith(SERVER_PREFIX):
         where = path[len(SERVER_PREFIX):]
         return notebook_from(rest.read_file(where, deadline=deadline), where), \
-            posixpath.dirname(_session_path(where)) or None
+            posixpath.dirname(session_path(where)) or None
     try:
         with open(path, encoding="utf-8-sig") as f:  # Windows editors may start it with a BOM
             text = f.read()
@@ -2893,16 +2852,16 @@ def notebook_from(text: str, path: str | None = None) -> dict:
     if suffix == "ipynb":
         try:
             notebook = json.loads(text)
-            if not _is_notebook(notebook):
+            if not is_notebook(notebook):
                 raise ValueError("not the shape of a notebook")
         except (ValueError, RecursionError):
             raise ConfigError(f"{path} is not a Jupyter notebook (nbformat 4 JSON)") from None
-        return _current(notebook)
+        return upgrade_notebook(notebook)
     cells = []
     if suffix == "py" and PERCENT_CELL.search(text):
         parts = PERCENT_CELL.split(text)  # [before, marker, body, marker, body, ...]
         if parts[0].strip():
-            cells.append(_new_cell("code", parts[0]))
+            cells.append(new_cell("code", parts[0]))
         for marker, body in zip(parts[1::2], parts[2::2]):
             kind = "markdown" if "[markdown]" in marker else "raw" if "[raw]" in marker else "code"
             tags = re.search(r"tags=(\[.*?\])", marker)
@@ -2912,36 +2871,36 @@ def notebook_from(text: str, path: str | None = None) -> dict:
                 tags = None
             if kind != "code":  # their lines are comments: '# text'
                 body = re.sub(r"^# ?", "", body.strip("\n"), flags=re.M)
-            cells.append(_new_cell(kind, body.lstrip("\n"), tags))
+            cells.append(new_cell(kind, body.lstrip("\n"), tags))
     else:
-        cells.append(_new_cell("code", text))
+        cells.append(new_cell("code", text))
     return {"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
 
 
-def _current(notebook: dict) -> dict:
+def upgrade_notebook(notebook: dict) -> dict:
     """``notebook`` as nbformat 4.5, as papermill upgrades it on load: every cell gets an id
     (4.4 and older have none, and refuse one), so whatever is written validates as 4.5."""
     notebook["nbformat"], notebook["nbformat_minor"] = 4, max(notebook.get("nbformat_minor", 5), 5)
     for cell in notebook["cells"]:
-        cell.setdefault("id", _new_id()[:8])
+        cell.setdefault("id", new_id()[:8])
     return notebook
 
 
-def _is_notebook(notebook: object) -> bool:
+def is_notebook(notebook: object) -> bool:
     """Whether JSON has the parts of a notebook that running and writing it use, of their types
     (those nbformat's schema gives them), and nests no deeper than can be written back."""
     if not (isinstance(notebook, dict) and isinstance(notebook.get("cells"), list)
-            and _shallow(notebook)):
+            and shallow(notebook)):
         return False
     meta = notebook.get("metadata", {})
-    return (isinstance(meta, dict) and _is_kind(notebook.get("nbformat_minor", 0), int)
-            and all(_is_kind(meta.get(key, {}), dict)
+    return (isinstance(meta, dict) and is_kind(notebook.get("nbformat_minor", 0), int)
+            and all(is_kind(meta.get(key, {}), dict)
                     for key in ("kernelspec", "language_info", "papermill"))
-            and all(_is_kind(part.get(key, ""), str) for part, key in (
+            and all(is_kind(part.get(key, ""), str) for part, key in (
                 (meta.get("kernelspec", {}), "name"), (meta.get("kernelspec", {}), "language"),
                 (meta.get("language_info", {}), "name")))
             and all(isinstance(c, dict) and isinstance(c.get("metadata", {}), dict)
-                    and _is_kind(c.get("source", ""), _MIME_TEXT) for c in notebook["cells"]))
+                    and is_kind(c.get("source", ""), MIME_TEXT) for c in notebook["cells"]))
 
 
 def python_literal(value: object) -> str:
@@ -2983,18 +2942,17 @@ def inject_parameters(notebook: dict, parameters: dict) -> None:
     so a notebook in another language is refused (ConfigError)."""
     meta = notebook.get("metadata") or {}
     language = ((meta.get("kernelspec") or {}).get("language")
-                or (meta.get("language_info") or {}).get("name")
-                or "python")
+                or (meta.get("language_info") or {}).get("name") or "python")
     if language.lower() != "python":
         raise ConfigError("parameters are written as Python (as papermill writes them); this "
                           f"notebook's language is {language}")
-    if not _shallow(parameters):
+    if not shallow(parameters):
         raise ConfigError(f"parameters nest deeper than {MAX_JSON_DEPTH} levels")
-    cell = _new_cell("code", "# Parameters\n" + "".join(f"{name} = {python_literal(value)}\n"
+    cell = new_cell("code", "# Parameters\n" + "".join(f"{name} = {python_literal(value)}\n"
                                                        for name, value in parameters.items()),
                                                        [INJECTED_TAG])
     cells = notebook["cells"]
-    tagged = [[i for i, c in enumerate(cells) if tag in _tags(c)]
+    tagged = [[i for i, c in enumerate(cells) if tag in cell_tags(c)]
               for tag in (INJECTED_TAG, PARAMETERS_TAG)]
     if tagged[0]:
         cells[tagged[0][0]] = cell
@@ -3007,7 +2965,7 @@ def _kernel_dir(url: str, path: str, root: str | None = None) -> str | None:
     """The directory of the local file ``path`` relative to the root of the server at ``url``
     (found by discovery unless given), when the file lies inside it; else None."""
     if root is None:
-        root = next((s.get("root_dir") for s in list_servers() if _same_origin(s["url"], url)
+        root = next((s.get("root_dir") for s in list_servers() if same_origin(s["url"], url)
                      and urlsplit(s["url"]).path == urlsplit(url).path), None)
     if not isinstance(root, str) or not root:
         return None
@@ -3020,55 +2978,55 @@ def _kernel_dir(url: str, path: str, root: str | None = None) -> str | None:
     return where.replace(os.sep, "/")
 
 
-def _kernel_for(notebook: dict, parameters: dict | None,
-                kernel_name: str | None = None) -> str | None:
+def kernel_for(notebook: dict, parameters: dict | None,
+               kernel_name: str | None = None) -> str | None:
     """Ready a loaded notebook to run (parameters injected); the kernel spec to start for it:
     ``kernel_name``, else the notebook's, else None (the server's default). Every front end
-    runs a notebook through this and ``_execute_notebook``; they only choose where output goes."""
+    runs a notebook through this and ``execute_notebook``; they only choose where output goes."""
     if parameters:
         inject_parameters(notebook, parameters)
     return kernel_name or ((notebook.get("metadata") or {}).get("kernelspec") or {}).get("name")
 
 
-def _execute_notebook(kernel: Kernel, notebook: dict, deadline: Deadline, results: list, *,
-                      keep_going: bool = False, cell_timeout: float | None = None, stdin=None,
-                      on_output=None, on_cell=None, keep_outputs: bool = True, on_wait=None,
-                      language_info: bool = True) -> int:
+def execute_notebook(kernel: Kernel, notebook: dict, deadline: Deadline, results: list, *,
+                     keep_going: bool = False, cell_timeout: float | None = None, stdin=None,
+                     on_output=None, on_cell=None, keep_outputs: bool = True, on_wait=None,
+                     language_info: bool = True) -> int:
     """Run the code cells in order, as nbclient does, writing outputs and counts into them.
 
-    Appends to ``results`` the Result of each cell that ran (also of one that
-    ended the run by an exception) and returns how many failed without a
-    'raises-exception' tag. Empty cells and cells tagged 'skip-execution' are
-    left as they are; the others lose their old outputs before the run starts.
-    ``metadata.language_info`` comes from the kernel unless ``language_info`` is false (a
+    Appends to ``results`` the Result of each cell that ran (also of one that ended the run by an
+    exception) and returns how many failed without a 'raises-exception' tag. Empty cells and cells
+    tagged 'skip-execution' are left as they are; the others lose their old outputs before the run
+    starts. ``metadata.language_info`` comes from the kernel unless ``language_info`` is false (a
     notebook nobody will see).
     """
     if language_info:
         notebook.setdefault("metadata", {})["language_info"] = kernel.info(
             timeout=deadline.remaining(HTTP_TIMEOUT)).get("language_info", {})
     code = [cell for cell in notebook["cells"] if cell.get("cell_type") == "code"]
-    runs = {id(cell) for cell in code if _source(cell).strip() and SKIP_TAG not in _tags(cell)}
+    runs = {id(cell) for cell in code
+            if cell_source(cell).strip() and SKIP_TAG not in cell_tags(cell)}
     for cell in code:
         if id(cell) in runs:
             cell["outputs"], cell["execution_count"] = [], None
     failed, displays, sent = 0, {}, {}
     queue = [(number, cell) for number, cell in enumerate(code, 1) if id(cell) in runs]
     for position, (number, cell) in enumerate(queue):
-        allowed = RAISES_TAG in _tags(cell)
+        allowed = RAISES_TAG in cell_tags(cell)
         # keep the kernel's queue full (not with a cell's clock: it would start in the queue)
         if not cell_timeout:
             for _, ahead in queue[len(sent):position + PIPELINE_DEPTH]:
-                stop = not (keep_going or RAISES_TAG in _tags(ahead))
-                sent[id(ahead)] = kernel._send_ahead(_source(ahead), deadline, stop_on_error=stop,
+                stop = not (keep_going or RAISES_TAG in cell_tags(ahead))
+                sent[id(ahead)] = kernel._send_ahead(cell_source(ahead), deadline,
+                                                     stop_on_error=stop,
                                                      allow_stdin=stdin is not None)
         if on_cell is not None:
             on_cell(number, len(code))
         limit = deadline.cut(cell_timeout) if cell_timeout else deadline
         try:
-            result = kernel._execute(_source(cell), limit, on_output=on_output, stdin=stdin,
-                                     keep_outputs=keep_outputs,
-                                     on_wait=on_wait, stop_on_error=not (keep_going or allowed),
-                                     displays=displays,
+            result = kernel._execute(cell_source(cell), limit, on_output=on_output, stdin=stdin,
+                                     keep_outputs=keep_outputs, on_wait=on_wait,
+                                     stop_on_error=not (keep_going or allowed), displays=displays,
                                      sent=sent.get(id(cell)))
         except (ExecutionTimeout, KernelDied) as exc:
             result = exc.result or Result()
@@ -3079,7 +3037,7 @@ def _execute_notebook(kernel: Kernel, notebook: dict, deadline: Deadline, result
             # the cell's own limit ran out: an error of that cell, as in nbclient
             if result.error is None:
                 result.error = {"ename": "CellTimeoutError", "traceback": [], "evalue":
-                                f"the cell did not finish within {_seconds(cell_timeout)}"}
+                                f"the cell did not finish within {duration(cell_timeout)}"}
                 result.outputs.append({"output_type": "error", **result.error})
             result.status = "error"
         cell["outputs"], cell["execution_count"] = result.outputs, result.execution_count
@@ -3117,16 +3075,16 @@ def run_notebook(notebook: str | dict, url: str | None = None, token: str | None
     url, token = resolve_server(url, token)
     where = None
     if isinstance(notebook, dict):
-        if not _is_notebook(notebook):
+        if not is_notebook(notebook):
             raise ConfigError("the notebook given is not the shape of a notebook (nbformat 4)")
-        notebook = _current(json.loads(json.dumps(notebook)))  # a deep copy made of plain JSON
+        notebook = upgrade_notebook(json.loads(json.dumps(notebook)))  # a deep, plain JSON copy
     else:
-        notebook, where = read_notebook(notebook, _RestClient(url, token), deadline)
-    name = _kernel_for(notebook, parameters, kernel_name)
+        notebook, where = read_notebook(notebook, RestClient(url, token), deadline)
+    name = kernel_for(notebook, parameters, kernel_name)
     with Kernel(url, token, name=name, timeout=timeout, path=where) as kernel:
         results: list = []
-        failed = _execute_notebook(kernel, notebook, deadline, results, keep_going=keep_going,
-                                   cell_timeout=cell_timeout)
+        failed = execute_notebook(kernel, notebook, deadline, results, keep_going=keep_going,
+                                  cell_timeout=cell_timeout)
     if failed and not keep_going:
         error = ExecutionError(next(r for r in results if not r.ok))
         error.notebook = notebook  # what ran, up to the failing cell
@@ -3175,7 +3133,7 @@ if sys.version_info < (3, 10) and __name__ != "__main__":
 # ---- Front ends: what the command line and the MCP server share ----------------------------------
 
 # FIXES, in the command line's words.
-_CLI_FIXES = {
+CLI_FIXES = {
     "token": "set JUPYTER_TOKEN or pass --token",
     "tls": "pass --cafile or set SSL_CERT_FILE for a private CA, or --insecure",
     "tls-context": "the --cafile given did not sign its certificate; pass the CA that did, or "
@@ -3189,15 +3147,20 @@ _CLI_FIXES = {
 }
 
 
+def error_text(exc: JupyterError) -> str:
+    """An error's message, a ServerError's remedy in the command line's words."""
+    return exc.describe(CLI_FIXES) if isinstance(exc, ServerError) else str(exc)
+
+
 ANSI_ESCAPE = r"\x1b\[[0-9;?]*[ -/]*[@-~]"  # compiled by re on first use
 
 
-def _size(n: int) -> str:
+def human_size(n: int) -> str:
     return (f"{n} B" if n < 1024 else f"{n / 1024:.1f} KB" if n < 1024**2
             else f"{n / 1024**2:.1f} MB")
 
 
-def _text_form(data: dict) -> str | None:
+def text_form(data: dict) -> str | None:
     """The best text form of a mimebundle: text/plain, then JSON pretty-printed."""
     if "text/plain" in data:
         text = data["text/plain"]
@@ -3207,7 +3170,7 @@ def _text_form(data: dict) -> str | None:
     return None
 
 
-def _strict_json(obj: object, **options) -> str:
+def strict_json(obj: object, **options) -> str:
     """JSON that every parser takes: NaN and the infinities (a server's 1e400 reads as one) are
     written as the strings "NaN", "Infinity" and "-Infinity"."""
     try:
@@ -3224,14 +3187,14 @@ def _finite(value: object) -> object:
     return [_finite(item) for item in value] if isinstance(value, (list, tuple)) else value
 
 
-def _write_notebook(path: str, notebook: dict, remote: _RestClient | None,
-                    deadline: Deadline) -> None:
+def write_notebook(path: str, notebook: dict, remote: RestClient | None,
+                   deadline: Deadline) -> None:
     """Write the executed notebook to a local file, or to the server for server:PATH."""
     if path.startswith(SERVER_PREFIX):
-        remote.save_notebook(path[len(SERVER_PREFIX):], json.loads(_strict_json(notebook)),
+        remote.save_notebook(path[len(SERVER_PREFIX):], json.loads(strict_json(notebook)),
                              deadline=deadline.cut(HTTP_TIMEOUT))
         return
-    text = _notebook_text(notebook)  # (before the file is opened: an error must not leave it empty)
+    text = notebook_text(notebook)  # (before the file is opened: an error must not leave it empty)
     try:
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
@@ -3239,14 +3202,14 @@ def _write_notebook(path: str, notebook: dict, remote: _RestClient | None,
         raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
 
 
-def _notebook_text(notebook: dict) -> str:
+def notebook_text(notebook: dict) -> str:
     """A notebook file's text, as nbformat writes it; a lone surrogate (from a JSON escape)
     stays escaped."""
-    text = _strict_json(notebook, indent=1, ensure_ascii=False)
+    text = strict_json(notebook, indent=1, ensure_ascii=False)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        text = _strict_json(notebook, indent=1)
+        text = strict_json(notebook, indent=1)
     return text + "\n"
 
 
@@ -3424,7 +3387,7 @@ class _ToolContent:
             if mime:
                 self._image(mime, re.sub(r"\s+", "", data[mime]))
                 return
-            shown = _text_form(data)
+            shown = text_form(data)
             if shown is None:
                 shown = next((data[m] for m in ("text/markdown", "text/html")
                               if isinstance(data.get(m), str)),
@@ -3450,11 +3413,12 @@ class _ToolContent:
                     where[0].write(base64.b64decode(encoded))
             except (OSError, ValueError):
                 where = None
-        self._text(f"[{mime} {_size(size)} {'saved to ' + where[1] if where else 'omitted'}]\n")
+        saved = f"saved to {where[1]}" if where else "omitted"
+        self._text(f"[{mime} {human_size(size)} {saved}]\n")
 
     def _file(self, suffix: str, mode: str):
         os.makedirs(self.output_dir, exist_ok=True)
-        path = os.path.abspath(os.path.join(self.output_dir, f"mcp-{_new_id()[:12]}{suffix}"))
+        path = os.path.abspath(os.path.join(self.output_dir, f"mcp-{new_id()[:12]}{suffix}"))
         return open(path, mode, **({"encoding": "utf-8"} if "b" not in mode else {})), path
 
     def _text(self, piece: str) -> None:
@@ -3505,7 +3469,7 @@ def _tool_content(outputs: list, **options) -> tuple[list, bool]:
     return content.finish()
 
 
-class _NotebookLog:
+class NotebookLog:
     """--log: every cell the agent ran, with its outputs, appended to a notebook that a person
     can open; the file is replaced whole after each cell, so it is never half written."""
 
@@ -3526,13 +3490,13 @@ class _NotebookLog:
                 notebook = json.loads(text)
             except (ValueError, RecursionError):
                 notebook = None
-            if not _is_notebook(notebook):
+            if not is_notebook(notebook):
                 raise ConfigError(f"--log {path} exists and is not a notebook; give a new file")
-            self.notebook = _current(notebook)
+            self.notebook = upgrade_notebook(notebook)
         self._write()
 
     def add(self, code: str, result: Result) -> None:
-        cell = _new_cell("code", code)
+        cell = new_cell("code", code)
         cell.update(execution_count=result.execution_count, outputs=result.outputs)
         self.notebook["cells"].append(cell)
         self._write()
@@ -3541,7 +3505,7 @@ class _NotebookLog:
         part = f"{self.path}.{os.getpid()}.part"
         try:
             with open(part, "w", encoding="utf-8") as f:
-                f.write(_notebook_text(self.notebook))
+                f.write(notebook_text(self.notebook))
             os.replace(part, self.path)
         except OSError as exc:
             raise ConfigError(f"cannot write --log {self.path}: {exc.strerror}") from None
@@ -3592,7 +3556,7 @@ class _JsonRpcStdio:
                     self.error(None, -32603, f"Internal error: {type(exc).__name__}")
 
     def _write(self, message: dict) -> None:
-        data = (_strict_json(message, ensure_ascii=False, separators=(",", ":"))
+        data = (strict_json(message, ensure_ascii=False, separators=(",", ":"))
                 + "\n").encode("utf-8", "replace")
         with self._write_lock:
             try:
@@ -3627,7 +3591,7 @@ class _JsonRpcStdio:
             return
         if not isinstance(msg, dict):
             self.error(None, INVALID_REQUEST,
-                        "a message must be a JSON object (batches are not supported)")
+                       "a message must be a JSON object (batches are not supported)")
             return
         method, request_id, params = msg.get("method"), msg.get("id"), msg.get("params")
         if not isinstance(method, str):
@@ -3663,16 +3627,16 @@ class _JsonRpcStdio:
             # a handshake on a 2026-07-28 connection (as the official SDK answers)
             if method == "initialize":
                 self.error(request_id, UNSUPPORTED_VERSION, "Unsupported protocol version",
-                            {"supported": list(MCP_STATELESS_VERSIONS),
-                             "requested": params.get("protocolVersion")})
+                           {"supported": list(MCP_STATELESS_VERSIONS),
+                            "requested": params.get("protocolVersion")})
                 return
             if asked is None:
                 self.error(request_id, INVALID_PARAMS,
-                            f"params._meta is missing {_MCP_VERSION_KEY}")
+                           f"params._meta is missing {_MCP_VERSION_KEY}")
                 return
             if asked not in MCP_STATELESS_VERSIONS:
                 self.error(request_id, UNSUPPORTED_VERSION, "Unsupported protocol version",
-                            {"supported": list(MCP_STATELESS_VERSIONS), "requested": asked})
+                           {"supported": list(MCP_STATELESS_VERSIONS), "requested": asked})
                 return
         handlers = {"tools/list": self._tools_list, "tools/call": self.app.call_tool}
         if self.era == "handshake":
@@ -3690,11 +3654,10 @@ class _JsonRpcStdio:
         asked = params.get("protocolVersion")
         self.version = asked if asked in MCP_HANDSHAKE_VERSIONS else MCP_HANDSHAKE_VERSIONS[0]
         self.result(request_id,
-                     {"protocolVersion": self.version,
-                      "capabilities": {"tools": {"listChanged": False}},
-                                  "serverInfo": {"name": "jupyter_call", "title": "Jupyter kernels",
-                                                 "version": __version__},
-                                  "instructions": MCP_INSTRUCTIONS})
+                    {"protocolVersion": self.version,
+                     "capabilities": {"tools": {"listChanged": False}},
+                     "serverInfo": {"name": "jupyter_call", "title": "Jupyter kernels",
+                                    "version": __version__}, "instructions": MCP_INSTRUCTIONS})
 
     def _ping(self, request_id: object, params: dict) -> None:
         self.result(request_id, {})
@@ -3702,8 +3665,8 @@ class _JsonRpcStdio:
     def _discover(self, request_id: object, params: dict) -> None:
         # 2026-07-28 server/discover: the versions, capabilities and instructions, cacheable.
         self.result(request_id, {"supportedVersions": list(MCP_VERSIONS),
-                                  "capabilities": {"tools": {"listChanged": False}},
-                                  "instructions": MCP_INSTRUCTIONS}, cacheable=True)
+                                 "capabilities": {"tools": {"listChanged": False}},
+                                 "instructions": MCP_INSTRUCTIONS}, cacheable=True)
 
     def _tools_list(self, request_id: object, params: dict) -> None:
         tools = MCP_TOOLS if self.version >= "2025-06-18" or self.era == "stateless" else [
@@ -3712,36 +3675,158 @@ class _JsonRpcStdio:
         self.result(request_id, {"tools": list(tools)}, cacheable=True)
 
 
-class _McpServer:
-    """The MCP server of ``--mcp``: the app of a ``_JsonRpcStdio`` on ``out`` (binary) that
-    serves ``stdin`` (binary); it holds the kernels, their lanes and the tools."""
+class _KernelRegistry:
+    """The kernels an MCP server uses, through the public ``Kernel`` API: the default kernel
+    (started or attached on first use), those start_kernel starts, those named by id.
+
+    A kernel it starts is ours to delete from the moment it exists: its id joins ``started``
+    as ``Kernel(...)`` returns, before any tool can hand it out, and a start that ends after
+    ``close`` began deletes its kernel there and then. A kernel it attached to is never deleted.
+    """
 
     def __init__(self, url: str | None, token: str | None, *, ssl_context=None,
-                 kernel_name: str | None = None,
-                 kernel_id: str | None = None, session: str | None = None,
-                 notebook: str | None = None,
-                 timeout: float | None = None, max_output: int = MCP_MAX_OUTPUT,
-                 max_image_bytes: int = MCP_MAX_IMAGE_BYTES, output_dir: str | None = None,
-                 log: _NotebookLog | None = None, err=None, out=None, **kernel_options):
+                 kernel_name: str | None = None, attach: dict | None = None, log=None,
+                 **kernel_options):
         import threading
-        self.url, self.token = url, token
-        self.ssl_context, self.kernel_name, self.timeout = ssl_context, kernel_name, timeout
-        self.attach = {"kernel_id": kernel_id, "session": session, "notebook": notebook}
+        self.url, self.token, self.ssl_context = url, token, ssl_context
+        self.kernel_name, self.attach, self.log = kernel_name, attach or {}, log
         self.kernel_options = kernel_options  # env, protocol, compression: as for Kernel
-        self.max_output, self.max_image_bytes = max_output, max_image_bytes
-        self.output_dir = output_dir
-        self.log, self.err = log, err or sys.stderr
-        self.rpc = _JsonRpcStdio(self, out)  # the transport; this object is its app
-        self._lock = threading.Lock()        # the tables below
+        self.default: str | None = None  # the default kernel's id, once it has one
+        self._lock = threading.Lock()     # the tables below
+        self._settled = threading.Condition(self._lock)  # notified when a start has ended
         self._kernels: dict = {}    # kernel id -> Kernel connected by this process
         self._started: set = set()  # ids of kernels this process started
         self._starting = 0          # kernels being started or attached right now
-        self._closed = False        # cleanup has begun: a kernel started now deletes itself
-        self._settled = threading.Condition(self._lock)  # notified when one of them is done
-        self._default: str | None = None
+        self._closed = False        # close has begun: a kernel started now deletes itself
+        self._rest = None
+
+    def rest(self) -> RestClient:
+        """The server's REST client, its URL and token found once (argument, environment,
+        discovery)."""
+        if self._rest is None:
+            self._rest = RestClient(*resolve_server(self.url, self.token),
+                                    ssl_context=self.ssl_context)
+        return self._rest
+
+    def get(self, kernel_id: str | None) -> Kernel:
+        """The connected Kernel for an id, or the default kernel (started or attached on first
+        use)."""
+        with self._lock:
+            key = kernel_id or self.default
+            kernel = self._kernels.get(key) if key else None
+        if kernel is not None and not kernel.closed:
+            return kernel
+        kernel = None
+        if key:
+            try:
+                kernel = self.open(kernel_id=key)
+            except ServerError as exc:
+                if exc.status != 404 or kernel_id:
+                    raise
+                self.log(f"default kernel {key} is gone")
+                self.forget(key)
+        if kernel is None:
+            kernel = self.open(name=self.kernel_name, **self.attach)
+            kernel_id = None
+            self.log(f"default kernel {kernel.id} {'started' if kernel.owned else 'attached'}")
+        with self._lock:
+            if not kernel_id and not self.default:
+                self.default = kernel.id
+        return kernel
+
+    def open(self, *, keep: bool = True, **options) -> Kernel:
+        """A Kernel on the server, started or attached as ``options`` say, and kept for ``get``
+        unless ``keep`` is false."""
+        with self._lock:
+            self._starting += 1
+        try:
+            rest = self.rest()
+            kernel = Kernel(rest.url, rest.token, timeout=MCP_START_TIMEOUT,
+                            ssl_context=self.ssl_context, **self.kernel_options, **options)
+            kernel.timeout = None  # each call brings its own
+            with self._lock:
+                closed = self._closed
+                if kernel.owned and not closed:
+                    self._started.add(kernel.id)
+                if keep and not closed:
+                    self._kernels[kernel.id] = kernel
+            if closed:  # its start outlasted close's wait: do not leave it behind
+                kernel.close()
+                raise JupyterError("the MCP server is stopping")
+            return kernel
+        finally:
+            with self._lock:
+                self._starting -= 1
+                self._settled.notify_all()
+
+    def ours(self, kernel_id: str) -> bool:
+        """Whether this process started the kernel (and so may delete it)."""
+        with self._lock:
+            return kernel_id in self._started
+
+    def table(self) -> tuple[set, str | None]:
+        """The ids of the kernels started here, and the default kernel's id."""
+        with self._lock:
+            return set(self._started), self.default
+
+    def drop(self, kernel_id: str) -> None:
+        """Let go of a kernel's connection; the kernel stays (and stays ours to delete)."""
+        with self._lock:
+            kernel = self._kernels.pop(kernel_id, None)
+        if kernel is not None:
+            kernel.drop()
+
+    def forget(self, kernel_id: str) -> None:
+        """The kernel is gone, or no longer ours: drop it and every mention of it."""
+        self.drop(kernel_id)
+        with self._lock:
+            self._started.discard(kernel_id)
+            if self.default == kernel_id:
+                self.default = None
+
+    def shutdown(self, kernel_id: str, deadline: Deadline | None = None) -> None:
+        self.forget(kernel_id)
+        self.rest().delete_kernel(kernel_id, deadline=deadline or Deadline(CLEANUP_TIMEOUT))
+
+    def close(self, deadline: Deadline) -> tuple[list, list]:
+        """Delete the kernels started here, each in a thread; a kernel still starting is waited
+        for, leaving MCP_DELETE_RESERVE of ``deadline``. Returns their ids and the threads."""
+        with self._lock:
+            self._closed = True
+            self._settled.wait_for(lambda: not self._starting,
+                                   deadline.remaining() - MCP_DELETE_RESERVE)
+            started = list(self._started)
+        return started, [_daemon(self._delete_quietly, k, deadline) for k in started]
+
+    def _delete_quietly(self, kernel_id: str, deadline: Deadline) -> None:
+        try:
+            self.shutdown(kernel_id, deadline)
+        except JupyterError as exc:
+            self.log(f"could not delete kernel {kernel_id}: {error_text(exc)}")
+
+
+class McpServer:
+    """The MCP server of ``--mcp``: the app of a ``_JsonRpcStdio`` on ``out`` (binary) that
+    serves ``stdin`` (binary). Its tools run on the kernels of a ``_KernelRegistry``, each
+    call in a lane of its kernel or a thread of its own."""
+
+    def __init__(self, url: str | None, token: str | None, *, ssl_context=None,
+                 kernel_name: str | None = None, kernel_id: str | None = None,
+                 session: str | None = None, notebook: str | None = None,
+                 timeout: float | None = None, max_output: int = MCP_MAX_OUTPUT,
+                 max_image_bytes: int = MCP_MAX_IMAGE_BYTES, output_dir: str | None = None,
+                 log: NotebookLog | None = None, err=None, out=None, **kernel_options):
+        import threading
+        self.kernels = _KernelRegistry(url, token, ssl_context=ssl_context,
+                                       kernel_name=kernel_name, log=self.log_line,
+                                       attach={"kernel_id": kernel_id, "session": session,
+                                               "notebook": notebook}, **kernel_options)
+        self.timeout, self.max_output, self.max_image_bytes = timeout, max_output, max_image_bytes
+        self.output_dir, self.log, self.err = output_dir, log, err or sys.stderr
+        self.rpc = _JsonRpcStdio(self, out)  # the transport; this object is its app
+        self._lock = threading.Lock()        # the tables below, and the --log notebook
         self._lanes: dict = {}      # kernel key -> deque of waiting work, while a lane thread runs
         self._calls: dict = {}      # request id -> _Call
-        self._rest_client = None
 
     def serve(self, stdin) -> None:
         """Answer requests until stdin closes (the caller cleans up)."""
@@ -3773,7 +3858,7 @@ class _McpServer:
         work = getattr(self, f"_tool_{name}")
         if name in ("run_code", "inspect"):  # one kernel's calls one after another
             key = args.get("kernel") or ""
-            self._enqueue("" if key == self._default else key,
+            self._enqueue("" if key == self.kernels.default else key,
                           lambda: self._finish(call, work, args))
         else:
             _daemon(self._finish, call, work, args)
@@ -3786,10 +3871,10 @@ class _McpServer:
             result = self._failure(str(exc))
         except KernelDied as exc:
             # the next call connects again (the server may have restarted it)
-            self._drop(exc.kernel_id)
+            self.kernels.drop(exc.kernel_id)
             result = self._failure(f"{exc}; its state is lost")
         except JupyterError as exc:
-            result = self._failure(self._describe(exc))
+            result = self._failure(error_text(exc))
         except Exception as exc:  # a bug must not take the server down
             result = self._failure(f"internal error: {type(exc).__name__}: {exc}")
         with self._lock:
@@ -3800,16 +3885,13 @@ class _McpServer:
     def _failure(self, text: str) -> dict:
         return {"content": [{"type": "text", "text": self._private(text)}], "isError": True}
 
-    def _describe(self, exc: JupyterError) -> str:
-        return exc.describe(_CLI_FIXES) if isinstance(exc, ServerError) else str(exc)
-
     def _private(self, text: str) -> str:
         """Text without the server's URL and token: they stay out of every result and log line
         (any URL on the server's host and port is "the Jupyter server")."""
         try:
-            url, token = self._rest().url, self._rest().token
+            url, token = self.kernels.rest().url, self.kernels.rest().token
         except JupyterError:  # (an unreadable token file: said elsewhere)
-            url, token = self.url or "", self.token
+            url, token = self.kernels.url or "", self.kernels.token
         if token:
             text = text.replace(token, "[token]")
         host = urlsplit(url).netloc
@@ -3852,10 +3934,10 @@ class _McpServer:
 
     def _interrupt_quietly(self, kernel_id: str, deadline: Deadline | None = None) -> None:
         try:
-            self._rest().interrupt_kernel(kernel_id, deadline=deadline
-                                          or Deadline(SIDE_REQUEST_TIMEOUT))
+            self.kernels.rest().interrupt_kernel(
+                kernel_id, deadline=deadline or Deadline(SIDE_REQUEST_TIMEOUT))
         except JupyterError as exc:
-            self.log_line(f"could not interrupt kernel {kernel_id}: {self._describe(exc)}")
+            self.log_line(f"could not interrupt kernel {kernel_id}: {error_text(exc)}")
 
     def _progress(self, call: _Call):
         """Start progress notifications for ``call`` if it asked; returns the event that stops
@@ -3877,83 +3959,6 @@ class _McpServer:
 
         _daemon(tick)
         return stop
-
-    # -- kernels --
-
-    def _rest(self) -> _RestClient:
-        """The server's REST client, its URL and token found once (argument, environment,
-        discovery)."""
-        if self._rest_client is None:
-            self._rest_client = _RestClient(*resolve_server(self.url, self.token),
-                                            ssl_context=self.ssl_context)
-        return self._rest_client
-
-    def _kernel(self, kernel_id: str | None) -> Kernel:
-        """The connected Kernel for an id, or the default kernel (started or attached on first
-        use)."""
-        with self._lock:
-            key = kernel_id or self._default
-            kernel = self._kernels.get(key) if key else None
-        if kernel is not None and not kernel.closed:
-            return kernel
-        kernel = None
-        if key:
-            try:
-                kernel = self._open(kernel_id=key)
-            except ServerError as exc:
-                if exc.status != 404 or kernel_id:
-                    raise
-                self.log_line(f"default kernel {key} is gone")
-                self._forget(key)
-        if kernel is None:
-            kernel = self._open(name=self.kernel_name, **self.attach)
-            kernel_id = None
-            self.log_line(f"default kernel {kernel.id}"
-                          + (" started" if kernel.owned else " attached"))
-        with self._lock:
-            self._kernels[kernel.id] = kernel
-            if not kernel_id and not self._default:
-                self._default = kernel.id
-        return kernel
-
-    def _open(self, **options) -> Kernel:
-        """A Kernel on the server, started or attached as ``options`` say; one it starts is
-        ours to delete from the moment it exists."""
-        with self._lock:
-            self._starting += 1
-        try:
-            rest = self._rest()
-            kernel = Kernel(rest.url, rest.token, timeout=MCP_START_TIMEOUT,
-                            ssl_context=self.ssl_context,
-                            **self.kernel_options, **options)
-            kernel.timeout = None  # each call brings its own
-            with self._lock:
-                closed = self._closed
-                if kernel.owned and not closed:
-                    self._started.add(kernel.id)
-            if closed:  # its start outlasted cleanup's wait: do not leave it behind
-                kernel.close()
-                raise JupyterError("the MCP server is stopping")
-            return kernel
-        finally:
-            with self._lock:
-                self._starting -= 1
-                self._settled.notify_all()
-
-    def _drop(self, kernel_id: str) -> None:
-        """Let go of a kernel's connection; the kernel stays (and stays ours to delete)."""
-        with self._lock:
-            kernel = self._kernels.pop(kernel_id, None)
-        if kernel is not None:
-            kernel.drop()
-
-    def _forget(self, kernel_id: str) -> None:
-        """The kernel is gone, or no longer ours: drop it and every mention of it."""
-        self._drop(kernel_id)
-        with self._lock:
-            self._started.discard(kernel_id)
-            if self._default == kernel_id:
-                self._default = None
 
     # -- the tools --
 
@@ -3980,7 +3985,7 @@ class _McpServer:
             "annotations": {"title": "Run code", "readOnlyHint": False, "destructiveHint": False,
                             "idempotentHint": False, "openWorldHint": False}})
     def _tool_run_code(self, call: _Call, args: dict) -> dict:
-        kernel = self._kernel(args.get("kernel"))
+        kernel = self.kernels.get(args.get("kernel"))
         call.kernel_id = kernel.id
         if call.cancelled:  # while the kernel started
             return None
@@ -4013,7 +4018,7 @@ class _McpServer:
             return None
         if status == "timeout":
             blocks.append({"type": "text",
-                           "text": f"[timed out after {_seconds(timeout)}; the kernel was "
+                           "text": f"[timed out after {duration(timeout)}; the kernel was "
                                    "interrupted and keeps its state]"})
         elif status == "aborted":
             blocks.append({"type": "text", "text": "[the kernel aborted this code]"})
@@ -4035,7 +4040,7 @@ class _McpServer:
             "annotations": {"title": "Look up documentation", "readOnlyHint": True,
                             "openWorldHint": False}})
     def _tool_inspect(self, call: _Call, args: dict) -> dict:
-        kernel = self._kernel(args.get("kernel"))
+        kernel = self.kernels.get(args.get("kernel"))
         call.kernel_id = kernel.id
         found = kernel.inspect(args["code"], args.get("cursor_pos"), timeout=MCP_ASK_TIMEOUT)
         text = (found or {}).get("text/plain") or (found or {}).get("text/markdown")
@@ -4062,7 +4067,7 @@ class _McpServer:
                 ("kernels", "sessions")),
             "annotations": {"title": "List kernels", "readOnlyHint": True, "openWorldHint": False}})
     def _tool_list_kernels(self, call: _Call, args: dict) -> dict:
-        rest = self._rest()
+        rest = self.kernels.rest()
         deadline = Deadline(SIDE_REQUEST_TIMEOUT)
         kernels = rest.list_kernels(deadline=deadline)
         try:
@@ -4071,8 +4076,7 @@ class _McpServer:
             if exc.status is None:
                 raise
             sessions = []
-        with self._lock:
-            started, default = set(self._started), self._default
+        started, default = self.kernels.table()
         rows = [{"id": str(k.get("id")), "name": _text_or_none(k.get("name")),
                  "state": _text_or_none(k.get("execution_state")),
                  "last_activity": _text_or_none(k.get("last_activity")),
@@ -4098,11 +4102,9 @@ class _McpServer:
                             "destructiveHint": False,
                             "idempotentHint": False, "openWorldHint": False}})
     def _tool_start_kernel(self, call: _Call, args: dict) -> dict:
-        kernel = self._open(name=args.get("name") or self.kernel_name)
-        with self._lock:
-            self._kernels[kernel.id] = kernel
+        kernel = self.kernels.open(name=args.get("name") or self.kernels.kernel_name)
         if call.cancelled:  # nobody will learn its id: do not leave it behind
-            self._shutdown(kernel.id)
+            self.kernels.shutdown(kernel.id)
             return None
         structured = {"kernel": kernel.id, "name": kernel.name}
         return {"content": [{"type": "text", "text": json.dumps(structured)}],
@@ -4113,7 +4115,8 @@ class _McpServer:
                          "call ends with a KeyboardInterrupt error; the kernel and its state stay.",
                          destructive=False, idempotent=True))
     def _tool_interrupt_kernel(self, call: _Call, args: dict) -> dict:
-        self._rest().interrupt_kernel(args["kernel"], deadline=Deadline(SIDE_REQUEST_TIMEOUT))
+        self.kernels.rest().interrupt_kernel(args["kernel"],
+                                             deadline=Deadline(SIDE_REQUEST_TIMEOUT))
         return {"content": [{"type": "text", "text": f"kernel {args['kernel']} interrupted"}]}
 
     @_tool(_control_tool("restart_kernel", "Restart a kernel",
@@ -4121,7 +4124,7 @@ class _McpServer:
                          "id. Use it when the kernel is stuck or its state is broken.",
                          destructive=True, idempotent=False))
     def _tool_restart_kernel(self, call: _Call, args: dict) -> dict:
-        self._rest().restart_kernel(args["kernel"], deadline=Deadline(MCP_START_TIMEOUT))
+        self.kernels.rest().restart_kernel(args["kernel"], deadline=Deadline(MCP_START_TIMEOUT))
         return {"content": [{"type": "text",
                              "text": f"kernel {args['kernel']} restarted: its state is gone"}]}
 
@@ -4132,18 +4135,12 @@ class _McpServer:
                          destructive=True, idempotent=True))
     def _tool_shutdown_kernel(self, call: _Call, args: dict) -> dict:
         kernel_id = args["kernel"]
-        with self._lock:
-            ours = kernel_id in self._started
-        if not ours:
+        if not self.kernels.ours(kernel_id):
             raise _ToolError(f"kernel {kernel_id} was not started by this MCP server, so it is not "
                              "shut down (it may be a person's notebook); interrupt_kernel or "
                              "restart_kernel work on it")
-        self._shutdown(kernel_id)
+        self.kernels.shutdown(kernel_id)
         return {"content": [{"type": "text", "text": f"kernel {kernel_id} shut down"}]}
-
-    def _shutdown(self, kernel_id: str, deadline: Deadline | None = None) -> None:
-        self._forget(kernel_id)
-        self._rest().delete_kernel(kernel_id, deadline=deadline or Deadline(CLEANUP_TIMEOUT))
 
     @_tool({"name": "run_notebook", "title": "Run a notebook",
             "description": "Run a notebook's code cells in order on a new kernel, as papermill "
@@ -4172,12 +4169,12 @@ class _McpServer:
     def _tool_run_notebook(self, call: _Call, args: dict) -> dict:
         path, write = args["path"], args.get("write")
         deadline = Deadline(self.timeout)
-        remote = self._rest()
+        remote = self.kernels.rest()
         notebook, where = read_notebook(path, remote, deadline)
-        name = _kernel_for(notebook, args.get("parameters")) or self.kernel_name
+        name = kernel_for(notebook, args.get("parameters")) or self.kernels.kernel_name
         results: list = []
         # (cleanup deletes it too, should the process end first)
-        with self._open(name=name, path=where) as kernel:
+        with self.kernels.open(name=name, path=where, keep=False) as kernel:
             call.kernel_id = kernel.id
             stop = self._progress(call)
 
@@ -4185,27 +4182,25 @@ class _McpServer:
                 call.last_line = f"cell {number} of {total}"
 
             try:
-                failed = _execute_notebook(kernel, notebook, deadline, results, on_cell=on_cell)
+                failed = execute_notebook(kernel, notebook, deadline, results, on_cell=on_cell)
             except ExecutionTimeout:
                 failed = 1
             finally:
                 stop.set()
-                with self._lock:
-                    self._started.discard(kernel.id)
+                self.kernels.forget(kernel.id)
         if call.cancelled:
             return None
         written = None
         if write:
             written = path if write is True else write
-            _write_notebook(written, notebook, remote, deadline)  # (a ConfigError: the tool's)
+            write_notebook(written, notebook, remote, deadline)  # (a ConfigError: the tool's)
         code = [cell for cell in notebook["cells"] if cell.get("cell_type") == "code"]
-        ran = [(n, cell) for n, cell in enumerate(code, 1) if _source(cell).strip()
-               and SKIP_TAG not in _tags(cell)]
+        ran = [(n, cell) for n, cell in enumerate(code, 1) if cell_source(cell).strip()
+               and SKIP_TAG not in cell_tags(cell)]
         cells = []
         for (number, cell), result in zip(ran, results):  # the cells that ran, in order
-            text = "".join(block.get("text", "")
-                           for block in _tool_content(result.outputs, max_output=10**9,
-                                                                            max_image_bytes=0)[0])
+            blocks = _tool_content(result.outputs, max_output=10**9, max_image_bytes=0)[0]
+            text = "".join(block.get("text", "") for block in blocks)
             error = result.error
             cells.append({"cell": number, "status": result.status,
                           "execution_count": result.execution_count,
@@ -4224,30 +4219,17 @@ class _McpServer:
 
     def cleanup(self) -> None:
         """Delete the kernels this process started, in parallel, within MCP_CLEANUP seconds;
-        leave the ones it attached to."""
+        interrupt cells still running in kernels it attached to."""
         deadline = Deadline(MCP_CLEANUP)
         with self._lock:
-            self._closed = True
             for call in self._calls.values():
                 call.cancelled = True  # nothing more is sent
-            # A kernel starting now (the first run_code, say) deletes itself once started: wait
-            # for that.
-            self._settled.wait_for(lambda: not self._starting,
-                                   deadline.remaining() - MCP_DELETE_RESERVE)
-            started = list(self._started)
-            running = {call.kernel_id for call in self._calls.values()
-                       if call.kernel_id} - set(started)
-        threads = [_daemon(self._delete_quietly, k, deadline) for k in started] + [
-            # a cell left running elsewhere stops
-            _daemon(self._interrupt_quietly, k, deadline) for k in running]
+        started, threads = self.kernels.close(deadline)
+        with self._lock:
+            running = {call.kernel_id for call in self._calls.values() if call.kernel_id}
+        threads += [_daemon(self._interrupt_quietly, k, deadline) for k in running - set(started)]
         for thread in threads:
             thread.join(deadline.remaining())
-
-    def _delete_quietly(self, kernel_id: str, deadline: Deadline) -> None:
-        try:
-            self._shutdown(kernel_id, deadline)
-        except JupyterError as exc:
-            self.log_line(f"could not delete kernel {kernel_id}: {self._describe(exc)}")
 
 
 def _daemon(target, *args):
@@ -4311,10 +4293,9 @@ class _UsageError(Exception):
     """Bad command-line input: one line, exit 2."""
 
 
-# One command-line option: its flags; the name of the value it takes (None: a
-# switch); its help; the values it allows (the first is the default); whether
-# it may be repeated (a list), whether its value is a number of seconds, and
-# how many values it takes (more than one: a list of them).
+# One command-line option: its flags; the name of the value it takes (None: a switch); its help; the
+# values it allows (the first is the default); whether it may be repeated (a list), whether its
+# value is a number of seconds, and how many values it takes (more than one: a list of them).
 _Option = collections.namedtuple("_Option", "flags metavar help choices repeat seconds values",
                                  defaults=((), False, False, 1))
 
@@ -4454,9 +4435,8 @@ def _find_option(name: str) -> _Option:
 def _help() -> str:
     import textwrap
     lines = ["usage: jupyter_call.py [options] CODE", "       jupyter_call.py [options] -f FILE",
-             "",
-             "Run code on a Jupyter kernel and print the results.", "",
-             "arguments:", "  CODE                  the code to run (or use -f)", "", "options:"]
+             "", "Run code on a Jupyter kernel and print the results.", "", "arguments:",
+             "  CODE                  the code to run (or use -f)", "", "options:"]
     for option in OPTIONS:
         left, text = "  " + ", ".join(option.flags), option.help
         if option.choices:
@@ -4521,7 +4501,7 @@ class _Printer:
             self._write("err", "\n".join(map(str, lines)) + "\n")
 
     def _rich(self, data: dict) -> None:
-        text = _text_form(data)
+        text = text_form(data)
         if text is not None:
             self._write("out", text + "\n")
         for mime, ext, encoded in RICH_TYPES:
@@ -4542,9 +4522,9 @@ class _Printer:
                         f.write(blob)
                 except OSError as exc:
                     raise _UsageError(f"cannot write {path}: {exc.strerror}") from None
-                self._write("out", f"[{mime} {_size(len(blob))} saved to {path}]\n")
+                self._write("out", f"[{mime} {human_size(len(blob))} saved to {path}]\n")
             elif encoded or text is None:
-                self._write("out", f"[{mime} {_size(len(blob))}: use --output-dir to save]\n")
+                self._write("out", f"[{mime} {human_size(len(blob))}: use --output-dir to save]\n")
 
     def header(self, cell: int, total: int) -> None:
         self.cell, self.count = cell, 0
@@ -4683,7 +4663,7 @@ def _spawn_server(deadline: Deadline):
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
     log.close()
     url = f"http://127.0.0.1:{port}/"
-    rest = _RestClient(url, token)
+    rest = RestClient(url, token)
     wait = deadline.cut(SPAWN_TIMEOUT)
     try:
         while True:
@@ -4697,7 +4677,7 @@ def _spawn_server(deadline: Deadline):
             except ServerError:
                 if wait.expired:
                     raise JupyterError("the spawned Jupyter server did not answer within "
-                                       f"{_seconds(wait.timeout)}") from None
+                                       f"{duration(wait.timeout)}") from None
             time.sleep(SPAWN_POLL)
     except BaseException:
         _stop_server(proc, folder)
@@ -4726,9 +4706,8 @@ def _list(args, out, ssl_context=None) -> int:
     rows = []
     for info in servers:
         entry = {"url": info["url"], "version": info.get("version"),
-                 "root_dir": info.get("root_dir"),
-                 "kernels": None, "error": None}
-        rest = _RestClient(info["url"], info.get("token") or None, ssl_context=ssl_context)
+                 "root_dir": info.get("root_dir"), "kernels": None, "error": None}
+        rest = RestClient(info["url"], info.get("token") or None, ssl_context=ssl_context)
         try:
             if not entry["version"]:
                 about = rest.about(deadline=Deadline(SIDE_REQUEST_TIMEOUT))
@@ -4740,7 +4719,7 @@ def _list(args, out, ssl_context=None) -> int:
             entry["error"] = str(exc)
         rows.append(entry)
     if args.json:
-        out.write(_strict_json(rows, indent=2) + "\n")
+        out.write(strict_json(rows, indent=2) + "\n")
         return EXIT_OK
     if not rows:
         out.write("no running Jupyter servers found\n")
@@ -4760,7 +4739,7 @@ def _ssl_context_from(args, err):
     """The TLS context the options ask for, or None for the verified default."""
     if not args.cafile and not args.insecure:
         return None
-    ssl = _ssl_module()
+    ssl = ssl_module()
     if args.insecure:
         err.write("jupyter_call: warning: --insecure: the server's TLS certificate is not "
                   "verified\n")
@@ -4926,7 +4905,7 @@ def _run(args, out, err, url, token, deadline, env, ssl_context, parameters, roo
     """Read the code or notebook, run it, print and write what it produced."""
     if args.file is not None and args.code is not None:
         raise _UsageError("give the code as an argument or with -f, not both")
-    remote = _RestClient(url, token, ssl_context=ssl_context)  # (no request until one is asked)
+    remote = RestClient(url, token, ssl_context=ssl_context)  # (no request until one is asked)
     code_from_stdin = args.file == "-"
     if args.file is not None and not code_from_stdin:
         notebook, where = read_notebook(args.file, remote, deadline, root)
@@ -4936,7 +4915,7 @@ def _run(args, out, err, url, token, deadline, env, ssl_context, parameters, roo
         where = None  # (an attached kernel runs where it runs)
     code_cells = [c for c in notebook["cells"] if c.get("cell_type") == "code"]
     many = (args.file or "").lower().endswith(".ipynb") or len(code_cells) > 1
-    name = _kernel_for(notebook, parameters, args.kernel)
+    name = kernel_for(notebook, parameters, args.kernel)
     if args.input is not None:
         stdin = iter(args.input)  # one iterator: later cells get the answers that are left
     elif not code_from_stdin and _isatty(sys.stdin):
@@ -4962,7 +4941,7 @@ def _run(args, out, err, url, token, deadline, env, ssl_context, parameters, roo
                 err.write(f"jupyter_call: kernel {kernel.id} kept running at {kernel.url}\n")
             # Streaming to a terminal keeps nothing already printed (bounded memory),
             # unless the outputs are wanted again for --json or --write.
-            failed = _execute_notebook(
+            failed = execute_notebook(
                 kernel, notebook, deadline, results, keep_going=args.keep_going,
                 cell_timeout=args.cell_timeout,
                 stdin=stdin, on_output=printer, on_cell=on_cell,
@@ -4975,7 +4954,7 @@ def _run(args, out, err, url, token, deadline, env, ssl_context, parameters, roo
             _print_json(out, results, many, failed=True)
         if args.write:
             try:
-                _write_notebook(args.write, notebook, remote, deadline)
+                write_notebook(args.write, notebook, remote, deadline)
             except (_UsageError, JupyterError) as write_error:
                 err.write(f"jupyter_call: {write_error}\n")
         raise
@@ -4983,7 +4962,7 @@ def _run(args, out, err, url, token, deadline, env, ssl_context, parameters, roo
         if printer is not None:
             printer.finish()
     if args.write:
-        _write_notebook(args.write, notebook, remote, deadline)
+        write_notebook(args.write, notebook, remote, deadline)
     if args.json:
         _print_json(out, results, many, failed=bool(failed))
     elif any(r.truncated for r in results):
@@ -4999,11 +4978,10 @@ def _print_json(out, results: list, many: bool, *, failed: bool) -> None:
     """One Result.to_dict(), or for cells {"status", "ok", "cells": [Result.to_dict(), ...]}."""
     if many:
         status = next((r.status for r in results if not r.ok), "error") if failed else "ok"
-        out.write(_strict_json({"status": status, "ok": not failed,
-                                "cells": [r.to_dict() for r in results]})
-                  + "\n")
+        out.write(strict_json({"status": status, "ok": not failed,
+                               "cells": [r.to_dict() for r in results]}) + "\n")
     elif results:
-        out.write(_strict_json(results[0].to_dict()) + "\n")
+        out.write(strict_json(results[0].to_dict()) + "\n")
 
 
 def _serve_mcp(args, err, ssl_context) -> int:
@@ -5025,15 +5003,14 @@ def _serve_mcp(args, err, ssl_context) -> int:
         else:
             raise _UsageError(f"--{flag.replace('_', '-')} must be a positive whole number, not "
                               f"{value!r}")
-    log = _NotebookLog(args.log) if args.log else None
+    log = NotebookLog(args.log) if args.log else None
     out = sys.stdout.buffer
     sys.stdout = sys.stderr  # anything printed by mistake must not break the protocol
-    server = _McpServer(args.url, args.token, ssl_context=ssl_context, kernel_name=args.kernel,
-                        kernel_id=args.kernel_id, session=args.session, notebook=args.notebook,
-                        timeout=args.timeout,
-                        output_dir=args.output_dir, log=log, err=err, out=out,
-                        env=_parse_env(args.env),
-                        protocol=args.protocol, compression=args.compress, **limits)
+    server = McpServer(args.url, args.token, ssl_context=ssl_context, kernel_name=args.kernel,
+                       kernel_id=args.kernel_id, session=args.session, notebook=args.notebook,
+                       timeout=args.timeout, output_dir=args.output_dir, log=log, err=err, out=out,
+                       env=_parse_env(args.env), protocol=args.protocol, compression=args.compress,
+                       **limits)
     ended = None
     try:
         server.serve(sys.stdin.buffer)
@@ -5094,8 +5071,7 @@ def main(argv: list | None = None) -> int:
         err.write("jupyter_call: interrupted\n")
         return EXIT_INTERRUPTED
     except JupyterError as exc:
-        text = exc.describe(_CLI_FIXES) if isinstance(exc, ServerError) else str(exc)
-        err.write(f"jupyter_call: error: {text}\n")
+        err.write(f"jupyter_call: error: {error_text(exc)}\n")
         return EXIT_SERVER
     except BrokenPipeError:
         # The reader went away (`| head`): stop quietly, as a process killed by SIGPIPE.

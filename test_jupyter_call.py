@@ -92,14 +92,14 @@ def test_windows_waits_come_in_slices_so_ctrl_c_is_seen(monkeypatch):
 
     monkeypatch.setattr(jc, "WAIT_SLICE", 0.5)
     sock = Socket(answer=4)
-    assert jc._recv(sock, 10, jc.Deadline(None)) == b"late" and sock.timeouts == [0.5] * 4
+    assert jc.recv_within(sock, 10, jc.Deadline(None)) == b"late" and sock.timeouts == [0.5] * 4
     sock = Socket(answer=10**6)  # the last slice is what is left of the deadline, and it ends the wait
     with pytest.raises(socket.timeout):
-        jc._recv(sock, 10, jc.Deadline(0.2))
+        jc.recv_within(sock, 10, jc.Deadline(0.2))
     assert len(sock.timeouts) == 1 and 0 < sock.timeouts[0] <= 0.2
     monkeypatch.setattr(jc, "WAIT_SLICE", None)  # elsewhere: one wait, as long as the deadline
     sock = Socket(answer=1)
-    assert jc._recv(sock, 10, jc.Deadline(None)) == b"late" and sock.timeouts == [None]
+    assert jc.recv_within(sock, 10, jc.Deadline(None)) == b"late" and sock.timeouts == [None]
 
 
 def test_certificate_failures_say_what_failed(tmp_path, monkeypatch):
@@ -118,8 +118,8 @@ def test_certificate_failures_say_what_failed(tmp_path, monkeypatch):
     assert jc._tls_fix(unknown_issuer, False, "darwin") == "tls-store"
     assert jc._tls_fix(unknown_issuer, False, "win32") == "tls"  # Windows reads its own store
     for key in ("tls", "tls-context", "tls-store", "tls-strict"):
-        assert key in jc.FIXES and key in jc._CLI_FIXES
-    assert "--cafile given" in jc._CLI_FIXES["tls-context"] and "Install Certificates" in jc._CLI_FIXES["tls-store"]
+        assert key in jc.FIXES and key in jc.CLI_FIXES
+    assert "--cafile given" in jc.CLI_FIXES["tls-context"] and "Install Certificates" in jc.CLI_FIXES["tls-store"]
 
 
 # ---- 1. Pure: the frame codec (RFC 6455 vectors) -------------------------------------
@@ -248,23 +248,23 @@ def _fails_with(code, call, *args):
 
 
 def test_reader_joins_fragments_into_one_message():
-    reader = jc._MessageReader()
+    reader = jc.MessageReader()
     assert _feed(reader, b"\x01\x03Hel" + b"\x00\x01l" + b"\x80\x01o") == ["Hello"]
     assert _feed(reader, b"\x02\x01\x00" + b"\x80\x01\x01" + b"\x82\x00") == [b"\x00\x01", b""]
 
 
 def test_reader_validates_utf8_split_across_fragments():
     euro = "€".encode("utf-8")  # three bytes, split 1 + 2 across two fragments
-    assert _feed(jc._MessageReader(), b"\x01\x01" + euro[:1] + b"\x80\x02" + euro[1:]) == ["€"]
+    assert _feed(jc.MessageReader(), b"\x01\x01" + euro[:1] + b"\x80\x02" + euro[1:]) == ["€"]
 
 
 def test_reader_fails_invalid_utf8_in_a_first_fragment_with_1007():
     # not final, but 0xC3 0x28 can never be UTF-8
-    _fails_with(CloseCode.INVALID_DATA, _feed, jc._MessageReader(), b"\x01\x02\xc3\x28")
+    _fails_with(CloseCode.INVALID_DATA, _feed, jc.MessageReader(), b"\x01\x02\xc3\x28")
 
 
 def test_reader_fails_invalid_utf8_before_the_rest_of_a_frame_arrives():
-    reader = jc._MessageReader()
+    reader = jc.MessageReader()
     partial = b"\x81\x0a" + b"ok" + b"\xf4\x90\x80\x80"  # 6 of 10 bytes; U+110000 is invalid
     head, needed = jc.parse_head(partial)
     assert needed == 12 and head.start == 2
@@ -273,20 +273,20 @@ def test_reader_fails_invalid_utf8_before_the_rest_of_a_frame_arrives():
 
 
 def test_reader_rejects_a_continuation_without_a_message_and_an_interleaved_message():
-    error = _fails_with(CloseCode.PROTOCOL_ERROR, _feed, jc._MessageReader(), b"\x80\x01x")
+    error = _fails_with(CloseCode.PROTOCOL_ERROR, _feed, jc.MessageReader(), b"\x80\x01x")
     assert "no message to continue" in error.reason
-    error = _fails_with(CloseCode.PROTOCOL_ERROR, _feed, jc._MessageReader(), b"\x01\x01a\x81\x01b")
+    error = _fails_with(CloseCode.PROTOCOL_ERROR, _feed, jc.MessageReader(), b"\x01\x01a\x81\x01b")
     assert "inside a fragmented one" in error.reason
 
 
 def test_reader_rejects_a_fragmented_message_over_max_size_with_1009():
-    reader = jc._MessageReader(max_size=10)
+    reader = jc.MessageReader(max_size=10)
     _fails_with(CloseCode.MESSAGE_TOO_BIG, _feed, reader, b"\x02\x06aaaaaa\x80\x06bbbbbb")
 
 
 def test_many_tiny_fragments_cost_no_more_memory_than_the_message():
     import tracemalloc
-    reader = jc._MessageReader(max_size=1 << 18)
+    reader = jc.MessageReader(max_size=1 << 18)
     tracemalloc.start()
     try:
         assert reader.receive(Frame(Opcode.BINARY, b"", fin=False)) is None
@@ -319,8 +319,8 @@ def _compressed(deflater, data: bytes, opcode=Opcode.TEXT) -> bytes:
 
 def test_compressed_messages_inflate_and_deflate_with_context_takeover():
     import zlib
-    deflate = jc._Deflate({})
-    reader = jc._MessageReader(deflate=deflate)
+    deflate = jc.Deflate({})
+    reader = jc.MessageReader(deflate=deflate)
     deflater = zlib.compressobj(9, zlib.DEFLATED, -15)
     for text in ("hello hello hello", "hello again"):  # the second reuses the first's window
         assert _feed(reader, _compressed(deflater, text.encode())) == [text]
@@ -330,7 +330,7 @@ def test_compressed_messages_inflate_and_deflate_with_context_takeover():
 
 def test_a_compressed_bomb_fails_with_1009_before_it_inflates():
     import zlib
-    reader = jc._MessageReader(deflate=jc._Deflate({}), max_size=1 << 20)
+    reader = jc.MessageReader(deflate=jc.Deflate({}), max_size=1 << 20)
     bomb = _compressed(zlib.compressobj(9, zlib.DEFLATED, -15), bytes(64 << 20), Opcode.BINARY)  # ~64 KB
     _fails_with(CloseCode.MESSAGE_TOO_BIG, _feed, reader, bomb)
 
@@ -403,7 +403,7 @@ def _msg(msg_type, content, parent="req", channel="iopub", msg_id=None):
 
 def test_execution_is_done_only_after_reply_and_idle_in_either_order():
     for order in (("reply", "idle"), ("idle", "reply")):
-        run = jc._Execution("req")
+        run = jc.Execution("req")
         for step in order:
             assert not run.done
             if step == "reply":
@@ -416,7 +416,7 @@ def test_execution_is_done_only_after_reply_and_idle_in_either_order():
 
 def test_execution_ignores_foreign_parents_and_duplicate_ids():
     seen = []
-    run = jc._Execution("req", on_output=seen.append)
+    run = jc.Execution("req", on_output=seen.append)
     run.feed(_msg("stream", {"name": "stdout", "text": "other client\n"}, parent="other"))
     run.feed(_msg("status", {"execution_state": "idle"}, parent="kernel_info"))
     run.feed(_msg("stream", {"name": "stdout", "text": "a\n"}, msg_id="m1"))
@@ -426,7 +426,7 @@ def test_execution_ignores_foreign_parents_and_duplicate_ids():
 
 
 def test_execution_merges_streams_and_keeps_arrival_order():
-    run = jc._Execution("req")
+    run = jc.Execution("req")
     for name, text in [("stdout", "a"), ("stdout", "b\n"), ("stderr", "e\n"), ("stdout", "c\n")]:
         run.feed(_msg("stream", {"name": name, "text": text}))
     run.feed(_msg("execute_result", {"execution_count": 1, "data": {"text/plain": "2"}, "metadata": {}}))
@@ -437,7 +437,7 @@ def test_execution_merges_streams_and_keeps_arrival_order():
 
 
 def test_execution_takes_the_error_from_the_reply():
-    run = jc._Execution("req")
+    run = jc.Execution("req")
     run.feed(_msg("error", {"ename": "ZeroDivisionError", "evalue": "division by zero", "traceback": ["tb"]}))
     run.feed(_msg("execute_reply", {"status": "error", "ename": "ZeroDivisionError",
                                     "evalue": "division by zero", "traceback": ["tb"],
@@ -451,7 +451,7 @@ def test_execution_takes_the_error_from_the_reply():
 
 
 def test_execution_surfaces_aborted():
-    run = jc._Execution("req")
+    run = jc.Execution("req")
     run.feed(_msg("execute_reply", {"status": "aborted"}, channel="shell"))
     res = run.finish()
     assert res.status == "aborted" and not res.ok
@@ -460,7 +460,7 @@ def test_execution_surfaces_aborted():
 
 
 def test_clear_output_and_update_display_data():
-    run = jc._Execution("req")
+    run = jc.Execution("req")
     run.feed(_msg("stream", {"name": "stdout", "text": "old\n"}))
     run.feed(_msg("clear_output", {"wait": True}))
     assert run.result.outputs  # wait=True clears only when the next output comes
@@ -475,7 +475,7 @@ def test_clear_output_and_update_display_data():
 
 
 def test_execution_notes_rate_limit_and_kernel_death():
-    run = jc._Execution("req")
+    run = jc.Execution("req")
     run.feed(_msg("stream", {"name": "stderr", "text": "IOPub data rate exceeded.\nThe server..."}))
     assert run.finish().truncated
     run.feed(_msg("status", {"execution_state": "restarting"}, parent=None))
@@ -541,7 +541,7 @@ def test_decode_keeps_json_mimebundles_and_fields_it_does_not_read():
 
 
 def test_an_error_output_is_never_updated_by_a_display_id():
-    run = jc._Execution("P", keep_outputs=True)
+    run = jc.Execution("P", keep_outputs=True)
     for msg in (_message("display_data", {"data": {"text/plain": "a"}, "transient": {"display_id": "d"}}),
                 _message("error", {"ename": "E", "evalue": "v", "traceback": [], "transient": {"display_id": "d"}}),
                 _message("update_display_data", {"data": {"text/plain": "b"}, "transient": {"display_id": "d"}})):
@@ -598,7 +598,7 @@ def test_random_kernel_messages_end_as_outputs_or_as_malformed_never_as_a_crash(
     rng = random.Random(20)
     for wire in ("legacy", "v1"):
         for _ in range(3000):
-            run, shown = jc._Execution("P", keep_outputs=True), []
+            run, shown = jc.Execution("P", keep_outputs=True), []
             run.on_output = shown.append
             for msg in (_random_message(rng) for _ in range(rng.randrange(1, 5))):
                 try:
@@ -615,7 +615,7 @@ def test_random_kernel_messages_end_as_outputs_or_as_malformed_never_as_a_crash(
                 printer(out)
             printer.finish()
             jc._print_json(io.StringIO(), [result], False, failed=False)
-            jc._notebook_text({"cells": [{"cell_type": "code", "metadata": {}, "source": "", "outputs": result.outputs,
+            jc.notebook_text({"cells": [{"cell_type": "code", "metadata": {}, "source": "", "outputs": result.outputs,
                                           "execution_count": result.execution_count}],
                                "metadata": {}, "nbformat": 4, "nbformat_minor": 5})
 
@@ -666,11 +666,11 @@ def test_parameters_go_after_the_parameters_cell_or_replace_an_injected_one_or_l
 def test_percent_files_become_notebooks_with_their_tags():
     text = 'import os\n# %% tags=["parameters"]\na = 1\n# %% [markdown]\n# Title\n#\n# text\n# %%\nprint(a)\n'
     notebook = jc.notebook_from(text, "Job.PY")
-    assert [(c["cell_type"], c["source"], jc._tags(c)) for c in notebook["cells"]] == [
+    assert [(c["cell_type"], c["source"], jc.cell_tags(c)) for c in notebook["cells"]] == [
         ("code", "import os\n", []), ("code", "a = 1\n", ["parameters"]), ("markdown", "Title\n\ntext", []),
         ("code", "print(a)\n", [])]
     jc.inject_parameters(notebook, {"a": 2})
-    assert jc._source(notebook["cells"][2]) == "# Parameters\na = 2\n"
+    assert jc.cell_source(notebook["cells"][2]) == "# Parameters\na = 2\n"
 
 
 def test_parameters_merge_as_papermill_merges_them(tmp_path):
@@ -697,10 +697,10 @@ def test_every_notebook_written_validates_as_the_version_it_declares(minor, para
             cell.pop("id", None)
     nbformat.validate(old)
     notebook = jc.notebook_from(json.dumps(old), "old.ipynb")
-    jc._kernel_for(notebook, parameters)
+    jc.kernel_for(notebook, parameters)
     notebook["cells"][-1]["outputs"] = [{"output_type": "execute_result", "execution_count": 1, "metadata": {},
                                          "data": {"text/plain": "2"}}]
-    written = nbformat.reads(jc._notebook_text(notebook), as_version=nbformat.NO_CONVERT)
+    written = nbformat.reads(jc.notebook_text(notebook), as_version=nbformat.NO_CONVERT)
     nbformat.validate(written)
     assert written.nbformat_minor == 5 and len({cell.id for cell in written.cells}) == len(written.cells)
 
@@ -1150,7 +1150,7 @@ def test_send_compresses_when_the_server_took_permessage_deflate():
     peer.settimeout(5)
     frame, _ = parse_frame(peer.recv(65536), masked=True, allowed_rsv=jc.RSV1_MASK)
     assert frame.rsv == jc.RSV1_MASK and len(frame.payload) < 50
-    reader = jc._MessageReader(deflate=jc._Deflate({}))
+    reader = jc.MessageReader(deflate=jc.Deflate({}))
     assert _feed(reader, Frame(Opcode.TEXT, frame.payload, rsv=frame.rsv).serialize()) == ["x" * 1000]
 
 
@@ -1450,7 +1450,7 @@ def test_delete_retries_the_500_of_a_restart_race_then_gives_up():
     answers = iter([_http_response(500, b'{"message": "restarting"}')] * 2 + [_http_response(204)])
     fake = FakeJupyter(rest={("DELETE", "/api/kernels/"): lambda: next(answers)})
     try:
-        fake_rest = jc._RestClient(fake.url, "t")
+        fake_rest = jc.RestClient(fake.url, "t")
         fake_rest.delete_kernel("k1", deadline=jc.Deadline(30))  # two 500s, then deleted: no error
         assert fake.requests.count("DELETE /api/kernels/k1") == 3
     finally:
@@ -1458,7 +1458,7 @@ def test_delete_retries_the_500_of_a_restart_race_then_gives_up():
     fake = FakeJupyter(rest={("DELETE", "/api/kernels/"): _http_response(500, b'{"message": "stuck"}')})
     try:
         with pytest.raises(jc.ServerError, match="stuck"):
-            jc._RestClient(fake.url, "t").delete_kernel("k2", deadline=jc.Deadline(30))
+            jc.RestClient(fake.url, "t").delete_kernel("k2", deadline=jc.Deadline(30))
         assert fake.requests.count("DELETE /api/kernels/k2") == jc.DELETE_RETRIES
     finally:
         fake.close()
@@ -1469,7 +1469,7 @@ def test_redirect_to_another_origin_drops_the_token():
     first = FakeJupyter(rest={("GET", "/api/kernels"): (
         b"HTTP/1.1 302 Found\r\nLocation: " + other.url.encode() + b"api/kernels\r\nContent-Length: 0\r\n\r\n")})
     try:
-        rest = jc._RestClient(first.url, "secret-token")
+        rest = jc.RestClient(first.url, "secret-token")
         assert rest.list_kernels(deadline=jc.Deadline(10)) == []
     finally:
         first.close()
@@ -1759,7 +1759,7 @@ class JupyterServer:
             self.log.append(line)
 
     def rest(self):
-        return jc._RestClient(self.url, self.token, ssl_context=self.ssl_context)
+        return jc.RestClient(self.url, self.token, ssl_context=self.ssl_context)
 
     def kernels(self):
         return {k["id"]: k for k in self.rest().list_kernels(deadline=jc.Deadline(10))}
@@ -2153,7 +2153,7 @@ def test_a_request_sent_as_an_idle_connection_drops_is_delivered(server, no_leak
 def test_kernel_deleted_by_someone_else_mid_cell_raises_kernel_died(server, no_leaks):
     with jc.Kernel(server.url, server.token, timeout=60) as k:
         def delete_when_running(out):
-            jc._RestClient(server.url, server.token).delete_kernel(k.id, deadline=jc.Deadline(30))
+            jc.RestClient(server.url, server.token).delete_kernel(k.id, deadline=jc.Deadline(30))
         with pytest.raises(jc.KernelDied):
             k.execute("print('go', flush=True)\nimport time; time.sleep(50)", on_output=delete_when_running)
 
@@ -2300,12 +2300,12 @@ class ExternalServer:
 
     def kernels(self):
         try:
-            return {k["id"]: k for k in jc._RestClient(self.url, self.token).list_kernels(deadline=jc.Deadline(30))}
+            return {k["id"]: k for k in jc.RestClient(self.url, self.token).list_kernels(deadline=jc.Deadline(30))}
         except jc.ServerError:
             return None  # gateways may not list kernels: no leak check then
 
     def rest(self):
-        return jc._RestClient(self.url, self.token)
+        return jc.RestClient(self.url, self.token)
 
 
 def _external_servers():
@@ -2796,7 +2796,7 @@ def test_random_rest_answers_end_in_a_server_error_never_a_crash():
               ("POST", "/api/kernels"), ("GET", "/api/contents/a.ipynb"), ("GET", "/api")]  # (by prefix, in order)
     fake = FakeJupyter(rest={key: functools.partial(lambda key: _http_response(200, json.dumps(answers[key]).encode()),
                                                     key) for key in routes})
-    rest = jc._RestClient(fake.url, "t")
+    rest = jc.RestClient(fake.url, "t")
     calls = [lambda: rest.list_kernels(deadline=jc.Deadline(5)), lambda: rest.list_sessions(deadline=jc.Deadline(5)),
              lambda: rest.find_session("a.ipynb", deadline=jc.Deadline(5)),
              lambda: rest.create_session("a.ipynb", None, deadline=jc.Deadline(5)),
@@ -3374,7 +3374,7 @@ def test_notebooks_and_parameters_of_the_wrong_shape_are_usage_errors(tmp_path):
 
 
 def test_a_lone_surrogate_is_written_escaped_not_lost():
-    text = jc._notebook_text({"cells": [{"cell_type": "markdown", "source": "half \ud83d", "metadata": {}}]})
+    text = jc.notebook_text({"cells": [{"cell_type": "markdown", "source": "half \ud83d", "metadata": {}}]})
     assert json.loads(text.encode("utf-8"))["cells"][0]["source"] == "half \ud83d"
 
 
@@ -3737,7 +3737,7 @@ def test_non_python_notebooks_take_no_parameters_and_keep_their_kernel_in_every_
 
 def test_run_notebook_reads_notebooks_on_the_server(server, no_leaks):
     name = f"api-{secrets.token_hex(3)}.ipynb"
-    jc._RestClient(server.url, server.token).save_notebook(name, _notebook(("code", "print('there')")),
+    jc.RestClient(server.url, server.token).save_notebook(name, _notebook(("code", "print('there')")),
                                                            deadline=jc.Deadline(10))
     executed = jc.run_notebook(f"server:{name}", server.url, server.token, timeout=60)
     assert executed["cells"][0]["outputs"][0]["text"] == "there\n"
@@ -3847,6 +3847,27 @@ def test_mcp_on_the_oldest_and_newest_python(mcp, version):
     assert host.close() == 0
 
 
+def test_mcp_kernel_registry_deletes_only_what_it_started(server, no_leaks):
+    said = []
+    registry = jc._KernelRegistry(server.url, server.token, log=said.append)
+    with jc.Kernel(server.url, server.token) as other:  # someone else's kernel
+        attached = registry.get(other.id)
+        default = registry.get(None)
+        assert registry.table() == ({default.id}, default.id)
+        assert registry.ours(default.id) and not registry.ours(other.id)
+        registry.drop(default.id)  # the connection goes; the kernel stays, and stays ours
+        assert registry.get(None).id == default.id and registry.ours(default.id)
+        started, threads = registry.close(jc.Deadline(30))  # (the host's budget is not the point here)
+        for thread in threads:
+            thread.join(30)
+        assert started == [default.id] and default.id not in server.kernels()
+        assert other.id in server.kernels() and not attached.owned
+        attached.close()
+        with pytest.raises(jc.JupyterError, match="stopping"):  # a start after close: deleted
+            registry.get(None)
+    assert said == [f"default kernel {default.id} started"]
+
+
 def test_mcp_cleanup_waits_for_a_kernel_still_starting(server, no_leaks, monkeypatch):
     starting, started = threading.Event(), []
 
@@ -3858,11 +3879,11 @@ def test_mcp_cleanup_waits_for_a_kernel_still_starting(server, no_leaks, monkeyp
 
     monkeypatch.setattr(jc, "Kernel", Kernel)
     before = set(server.kernels())
-    mcp_server = jc._McpServer(server.url, server.token, out=io.BytesIO(), err=io.StringIO())
+    mcp_server = jc.McpServer(server.url, server.token, out=io.BytesIO(), err=io.StringIO())
 
     def first_call():
         with contextlib.suppress(jc.JupyterError):  # "the MCP server is stopping", if its start outlasted cleanup
-            mcp_server._kernel(None)
+            mcp_server.kernels.get(None)
 
     first = threading.Thread(target=first_call)
     first.start()
