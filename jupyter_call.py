@@ -3225,8 +3225,10 @@ def notebook_text(notebook: dict) -> str:
 #   - revision 2026-07-28 (basic/versioning, basic/index): no handshake; every request names
 #     its version in `_meta`; `server/discover`; every result has `resultType` and the
 #     server's info in `_meta`; list results have the caching hints `ttlMs` and `cacheScope`.
-# Requests run concurrently: calls on one kernel one after another, in a lane (a thread
-# while it has work), other calls each in a thread; the reading thread answers the rest.
+# Requests run concurrently: each call in a thread; the cells of run_code (and inspect's questions)
+# on one kernel one after another, in a lane (a thread while it has work); the reading thread
+# answers the rest. A run_code call waits for its cell at most `wait` seconds; a cell that runs on
+# is a _Run, kept until get_execution returns its final status (or 10 minutes after it ends).
 
 MCP_HANDSHAKE_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")  # newest first
 MCP_STATELESS_VERSIONS = ("2026-07-28",)
@@ -3241,6 +3243,8 @@ MCP_MAX_IMAGE_BYTES = 1_000_000  # an image inlined at most (--max-image-bytes)
 MCP_MAX_IMAGES = 10           # images inlined in one result at most
 MCP_START_TIMEOUT = HTTP_TIMEOUT  # starting or attaching a kernel (gateways can take 40 s+)
 MCP_ASK_TIMEOUT = 30.0        # inspect: the kernel answers at once unless busy
+MCP_WAIT = 45.0               # run_code waits this long for a cell (--wait): hosts give a call 60 s
+MCP_KEEP_ENDED = 600.0        # an execution not collected is dropped this long after it ends
 # Hosts close stdin, send SIGTERM 2 s later and SIGKILL at 4 s (the official SDKs and the
 # Inspector): the kernels this process started are deleted in parallel within this budget.
 MCP_CLEANUP = 2.5
@@ -3253,7 +3257,9 @@ MCP_INSTRUCTIONS = (
     "Runs code on Jupyter kernels. run_code without a kernel uses one default kernel that keeps "
     "its state between calls, like a notebook: define things once, then use them. Output comes "
     "back as text and images; very long output is cut in the middle. Use a timeout for code that "
-    "may run long; interrupt_kernel stops a runaway cell, restart_kernel clears all state.")
+    "may run long; interrupt_kernel stops a runaway cell, restart_kernel clears all state. A cell "
+    "that outlasts run_code's wait keeps running: its status is running, and get_execution with "
+    "its execution id returns what follows.")
 
 
 _KERNEL_ID = "^[A-Za-z0-9_~:-][A-Za-z0-9._~:-]{0,127}$"  # a plain token, as servers make kernel ids
@@ -3278,6 +3284,19 @@ _KERNEL_ARG = {"type": "string", "pattern": _KERNEL_ID,
                "description": "A kernel id (from list_kernels or start_kernel). Default: the "
                               "default kernel."}
 _STATUS = {"type": "string", "enum": ["ok", "error", "aborted", "timeout"]}
+
+
+def _nullable(kind: str) -> dict:
+    # (anyOf, not "type": [kind, "null"], which hosts with a one-type schema dialect refuse)
+    return {"anyOf": [{"type": kind}, {"type": "null"}]}
+
+
+_WAIT_ARG = {"type": "number", "minimum": 0, "description": "Seconds this call waits for the cell "
+             "to end (default 45; 0: return at once). A cell still running keeps running."}
+_RUN_OUTPUT = _schema({"status": {**_STATUS, "enum": ["running", *_STATUS["enum"]]},
+                       "execution": {"type": "string"}, "kernel": {"type": "string"},
+                       "execution_count": _nullable("integer"), "truncated": {"type": "boolean"}},
+                      ("status", "execution_count", "truncated"))
 
 MCP_TOOLS: list = []  # each tool's declaration, in tools/list order; _tool fills it
 
@@ -3308,7 +3327,7 @@ def _check_arguments(schema: dict, args: object) -> str | None:
         if rule is None:
             takes = ", ".join(properties) or "nothing"
             return f"unknown argument '{name}' (this tool takes: {takes})"
-        kinds = rule["type"] if isinstance(rule["type"], list) else [rule["type"]]
+        kinds = [branch["type"] for branch in rule.get("anyOf", [rule])]
         if not any(_is_json_type(value, kind) for kind in kinds):
             return f"argument '{name}' must be {' or '.join(kinds)}, not {_json_type(value)}"
         if "pattern" in rule and isinstance(value, str) and not re.search(rule["pattern"], value):
@@ -3520,6 +3539,47 @@ class _Call:
         self.kernel_id: str | None = None  # the kernel it runs on, once known (for cancellation)
         self.started = time.monotonic()
         self.last_line = ""
+        self.run: _Run | None = None  # run_code's or get_execution's cell
+
+
+class _Run:
+    """A run_code cell, from the call that sends it until a result with its final status: the
+    output since the last result (in a _ToolContent, so bounded), its status, its end."""
+
+    def __init__(self, new_content):
+        import threading
+        self.id = new_id()  # 128 random bits: unguessable
+        self.kernel: str | None = None
+        self.new_content, self.content = new_content, new_content()
+        self.status, self.execution_count, self.truncated = "running", None, False
+        self.note = self.failure = None  # a line to add to the last result; what went wrong
+        self.last_line = ""
+        self.ended: float | None = None
+        self.changed = threading.Condition()
+
+    def add(self, out: dict) -> None:
+        with self.changed:
+            self.content.add(out)
+        if out.get("output_type") == "stream":
+            lines = [line for line in str(out.get("text", ""))[-1000:].splitlines() if line.strip()]
+            if lines:
+                self.last_line = lines[-1][:200]
+
+    def end(self, status: str, result: Result | None = None, note: str | None = None,
+            failure: str | None = None) -> None:
+        with self.changed:
+            self.status, self.note, self.failure = status, note, failure
+            if result is not None:
+                self.execution_count, self.truncated = result.execution_count, result.truncated
+            self.ended = time.monotonic()
+            self.changed.notify_all()
+
+    def take(self) -> tuple[list, bool]:
+        """The content blocks since the last take, and whether output is missing from them (the
+        caller holds ``changed``)."""
+        blocks, missing = self.content.finish()
+        self.content = self.new_content()
+        return blocks, missing
 
 
 class _JsonRpcStdio:
@@ -3815,18 +3875,20 @@ class McpServer:
                  session: str | None = None, notebook: str | None = None,
                  timeout: float | None = None, max_output: int = MCP_MAX_OUTPUT,
                  max_image_bytes: int = MCP_MAX_IMAGE_BYTES, output_dir: str | None = None,
-                 log: NotebookLog | None = None, err=None, out=None, **kernel_options):
+                 log: NotebookLog | None = None, err=None, out=None, wait: float = MCP_WAIT,
+                 **kernel_options):
         import threading
         self.kernels = _KernelRegistry(url, token, ssl_context=ssl_context,
                                        kernel_name=kernel_name, log=self.log_line,
                                        attach={"kernel_id": kernel_id, "session": session,
                                                "notebook": notebook}, **kernel_options)
         self.timeout, self.max_output, self.max_image_bytes = timeout, max_output, max_image_bytes
-        self.output_dir, self.log, self.err = output_dir, log, err or sys.stderr
+        self.output_dir, self.log, self.err, self.wait = output_dir, log, err or sys.stderr, wait
         self.rpc = _JsonRpcStdio(self, out)  # the transport; this object is its app
         self._lock = threading.Lock()        # the tables below, and the --log notebook
         self._lanes: dict = {}      # kernel key -> deque of waiting work, while a lane thread runs
         self._calls: dict = {}      # request id -> _Call
+        self._runs: dict = {}       # execution id -> _Run that returned running, until collected
 
     def serve(self, stdin) -> None:
         """Answer requests until stdin closes (the caller cleans up)."""
@@ -3856,10 +3918,8 @@ class McpServer:
         with self._lock:
             self._calls[request_id] = call
         work = getattr(self, f"_tool_{name}")
-        if name in ("run_code", "inspect"):  # one kernel's calls one after another
-            key = args.get("kernel") or ""
-            self._enqueue("" if key == self.kernels.default else key,
-                          lambda: self._finish(call, work, args))
+        if name == "inspect":  # one kernel's calls one after another (run_code queues its cell)
+            self._enqueue(self._lane_key(args), lambda: self._finish(call, work, args))
         else:
             _daemon(self._finish, call, work, args)
 
@@ -3867,20 +3927,22 @@ class McpServer:
         """Run a tool and answer its call, unless it was cancelled."""
         try:
             result = work(call, args) if not call.cancelled else None
-        except (_ToolError, ValueError) as exc:
-            result = self._failure(str(exc))
-        except KernelDied as exc:
-            # the next call connects again (the server may have restarted it)
-            self.kernels.drop(exc.kernel_id)
-            result = self._failure(f"{exc}; its state is lost")
-        except JupyterError as exc:
-            result = self._failure(error_text(exc))
-        except Exception as exc:  # a bug must not take the server down
-            result = self._failure(f"internal error: {type(exc).__name__}: {exc}")
+        except Exception as exc:
+            result = self._failure(self._explain(exc))
         with self._lock:
             self._calls.pop(call.id, None)
         if not call.cancelled and result is not None:
             self.rpc.result(call.id, result)
+
+    def _explain(self, exc: Exception) -> str:
+        if isinstance(exc, (_ToolError, ValueError)):
+            return str(exc)
+        if isinstance(exc, KernelDied):  # the next call connects again (the server may restart it)
+            self.kernels.drop(exc.kernel_id)
+            return f"{exc}; its state is lost"
+        if isinstance(exc, JupyterError):
+            return error_text(exc)
+        return f"internal error: {type(exc).__name__}: {exc}"  # a bug must not end the server
 
     def _failure(self, text: str) -> dict:
         return {"content": [{"type": "text", "text": self._private(text)}], "isError": True}
@@ -3899,6 +3961,10 @@ class McpServer:
                       text) if host else text
 
     # -- lanes, cancellation, progress --
+
+    def _lane_key(self, args: dict) -> str:
+        key = args.get("kernel") or ""
+        return "" if key == self.kernels.default else key
 
     def _enqueue(self, key: str, job) -> None:
         """Run ``job`` after the jobs queued for kernel ``key`` ("" is the default kernel)."""
@@ -3929,6 +3995,9 @@ class McpServer:
         if call is None:
             return
         call.cancelled = True
+        if call.run is not None:  # a wait for a cell ends
+            with call.run.changed:
+                call.run.changed.notify_all()
         if call.kernel_id:
             _daemon(self._interrupt_quietly, call.kernel_id)
 
@@ -3952,9 +4021,9 @@ class McpServer:
                 if call.cancelled:
                     return
                 elapsed = round(time.monotonic() - call.started, 1)
+                line = call.run.last_line if call.run is not None else call.last_line
                 params = {"progressToken": call.progress_token, "progress": elapsed,
-                          "message": f"running for {elapsed:.0f} s"
-                          + (f": {call.last_line}" if call.last_line else "")}
+                          "message": f"running for {elapsed:.0f} s" + (f": {line}" if line else "")}
                 self.rpc.notify("notifications/progress", params)
 
         _daemon(tick)
@@ -3968,66 +4037,105 @@ class McpServer:
                            "the default kernel is used; its variables, imports and files persist "
                            "between calls, so build on earlier calls rather than repeating them. "
                            "The code runs as a notebook cell: the value of its last line is shown. "
-                           "`timeout` (seconds) interrupts code that runs longer and returns what "
-                           "it printed so far. structuredContent.status is ok, error, aborted or "
-                           "timeout.",
+                           "`timeout` (seconds) interrupts code that runs longer. A cell still "
+                           "running after `wait` seconds (default 45) runs on: the result has "
+                           "what it printed so far, status running and an `execution` id; call "
+                           "get_execution with it for the rest. Cells on one kernel run one "
+                           "after another. structuredContent.status is ok, error, aborted, "
+                           "timeout or running.",
             "inputSchema": _schema({"code": {"type": "string", "description":
                                              "The code to run (Python for Python kernels)."},
                                     "kernel": _KERNEL_ARG,
                                     "timeout": {"type": "number", "exclusiveMinimum": 0,
                                                 "description":
-                                                "Seconds before the kernel is interrupted."}},
-                                   ("code",)),
-            "outputSchema": _schema({"status": _STATUS, "kernel": {"type": "string"},
-                                     "execution_count": {"type": ["integer", "null"]},
-                                     "truncated": {"type": "boolean"}},
-                                    ("status", "kernel", "execution_count", "truncated")),
+                                                "Seconds before the kernel is interrupted."},
+                                    "wait": _WAIT_ARG}, ("code",)),
+            "outputSchema": _RUN_OUTPUT,
             "annotations": {"title": "Run code", "readOnlyHint": False, "destructiveHint": False,
                             "idempotentHint": False, "openWorldHint": False}})
     def _tool_run_code(self, call: _Call, args: dict) -> dict:
-        kernel = self.kernels.get(args.get("kernel"))
-        call.kernel_id = kernel.id
-        if call.cancelled:  # while the kernel started
-            return None
-        timeout = args.get("timeout", self.timeout)
-        content = _ToolContent(self.max_output, self.max_image_bytes, self.output_dir)
+        call.run = _Run(lambda: _ToolContent(self.max_output, self.max_image_bytes,
+                                             self.output_dir))
+        call.run.kernel = args.get("kernel") or self.kernels.default  # (None: not started yet)
+        self._enqueue(self._lane_key(args), lambda: self._execute(call, call.run, args))
+        return self._report(call, call.run, args.get("wait", self.wait))
 
-        def on_output(out: dict) -> None:
-            content.add(out)
-            if out.get("output_type") == "stream":
-                lines = [line for line in str(out.get("text", ""))[-1000:].splitlines()
-                         if line.strip()]
-                if lines:
-                    call.last_line = lines[-1][:200]
-
-        stop = self._progress(call)
+    def _execute(self, call: _Call, run: _Run, args: dict) -> None:
+        """Run a run_code cell in its kernel's lane (its call may have returned meanwhile)."""
+        timeout, result = args.get("timeout", self.timeout), None
         try:
+            kernel = self.kernels.get(args.get("kernel")) if not call.cancelled else None
+            if kernel is None or call.cancelled:  # before its turn, or while its kernel started
+                run.end("aborted")
+                return
+            run.kernel = call.kernel_id = kernel.id
             # Only what the content keeps stays in memory (and, for --log, every output).
-            result = kernel.execute(args["code"], timeout=timeout, on_output=on_output,
+            result = kernel.execute(args["code"], timeout=timeout, on_output=run.add,
                                     keep_outputs=self.log is not None)
-            status = result.status
+            run.end(result.status, result, "[the kernel aborted this code]"
+                    if result.status == "aborted" else None)
         except ExecutionTimeout as exc:
-            result, status = exc.result or Result(), "timeout"
-        finally:
-            stop.set()
-            blocks, missing = content.finish()
-        if self.log is not None:  # a cancelled cell ran too, as far as it got
+            result = exc.result or Result()
+            run.end("timeout", result, f"[timed out after {duration(timeout)}; the kernel was "
+                    "interrupted and keeps its state]")
+        except Exception as exc:
+            result = getattr(exc, "result", None)
+            run.end("error", result, failure=self._explain(exc))
+        if self.log is not None and result is not None:  # a cancelled cell ran too, as it could
             with self._lock:
                 self.log.add(args["code"], result)
+
+    def _report(self, call: _Call, run: _Run, wait: float) -> dict | None:
+        """Wait up to ``wait`` seconds for ``run`` to end; the result of what it printed since the
+        last report, its status final or running (then kept for get_execution)."""
+        stop = self._progress(call)
+        with run.changed:  # (what is read below, read as of one moment)
+            run.changed.wait_for(lambda: run.ended is not None or call.cancelled, wait)
+            blocks, missing = run.take()
+            ended, line = run.ended is not None, run.failure or run.note
+            structured = {"status": run.status, "execution_count": run.execution_count,
+                          "truncated": bool(run.truncated or missing),
+                          **({"kernel": run.kernel} if run.kernel else {}),
+                          **({} if ended else {"execution": run.id})}
+        stop.set()
         if call.cancelled:
             return None
-        if status == "timeout":
-            blocks.append({"type": "text",
-                           "text": f"[timed out after {duration(timeout)}; the kernel was "
-                                   "interrupted and keeps its state]"})
-        elif status == "aborted":
-            blocks.append({"type": "text", "text": "[the kernel aborted this code]"})
-        structured = {"status": status, "kernel": kernel.id,
-                      "execution_count": result.execution_count,
-                      "truncated": bool(result.truncated or missing)}
+        now = time.monotonic()
+        with self._lock:
+            self._runs = {key: kept for key, kept in self._runs.items()
+                          if kept.ended is None or now - kept.ended < MCP_KEEP_ENDED}
+            if ended:
+                self._runs.pop(run.id, None)
+            else:
+                self._runs[run.id] = run
+        if not ended:
+            line = (f"[still running after {duration(wait)}: call get_execution with execution "
+                    f"\"{run.id}\" for what follows]")
+        blocks += [{"type": "text", "text": self._private(line)}] if line else []
         if not blocks:
             blocks = [{"type": "text", "text": json.dumps(structured)}]
-        return {"content": blocks, "structuredContent": structured, "isError": status != "ok"}
+        return {"content": blocks, "structuredContent": structured,
+                "isError": ended and run.status != "ok"}
+
+    @_tool({"name": "get_execution", "title": "Get a running cell's output",
+            "description": "What a cell that run_code left running printed since the last call "
+                           "for it (nothing twice), once it ends or after `wait` seconds (default "
+                           "45). structuredContent.status is running until a final ok, error, "
+                           "aborted or timeout, which collects the execution: its id is then "
+                           "unknown. Ids are kept 10 minutes after their cell ends.",
+            "inputSchema": _schema({"execution": {"type": "string", "description":
+                                                  "The id of a run_code result that is running."},
+                                    "wait": _WAIT_ARG}, ("execution",)),
+            "outputSchema": _RUN_OUTPUT,
+            "annotations": {"title": "Get a running cell's output", "readOnlyHint": True,
+                            "idempotentHint": False, "openWorldHint": False}})
+    def _tool_get_execution(self, call: _Call, args: dict) -> dict:
+        with self._lock:
+            call.run = self._runs.get(args["execution"])
+        if call.run is None:
+            raise _ToolError(f"no execution {args['execution'][:80]!r}: unknown, or collected "
+                             "already by a result with its final status")
+        return self._report(call, call.run, args.get("wait", self.wait))
 
     @_tool({"name": "inspect", "title": "Look up documentation",
             "description": "The kernel's documentation of the name at `cursor_pos` in `code` "
@@ -4052,17 +4160,20 @@ class McpServer:
             "description": "List the Jupyter server's running kernels (id, kernel name, execution "
                            "state, last activity) and its sessions (the notebooks and consoles "
                            "open in JupyterLab, with their kernel). `started` marks kernels this "
-                           "MCP server started, `default` the one run_code uses without `kernel`.",
+                           "MCP server started, `default` the one run_code uses without `kernel`; "
+                           "`executions` are the cells run_code left running, not yet collected "
+                           "by get_execution.",
             "inputSchema": _schema({}),
             "outputSchema": _schema({
                 "kernels": {"type": "array", "items": _schema({
-                    "id": {"type": "string"}, "name": {"type": ["string", "null"]},
-                    "state": {"type": ["string", "null"]},
-                    "last_activity": {"type": ["string", "null"]},
-                    "started": {"type": "boolean"}, "default": {"type": "boolean"}},
-                    ("id", "name", "state", "last_activity", "started", "default"))},
+                    "id": {"type": "string"}, "name": _nullable("string"),
+                    "state": _nullable("string"),
+                    "last_activity": _nullable("string"),
+                    "started": {"type": "boolean"}, "default": {"type": "boolean"},
+                    "executions": {"type": "array", "items": {"type": "string"}}},
+                    ("id", "name", "state", "last_activity", "started", "default", "executions"))},
                 "sessions": {"type": "array", "items": _schema({
-                    "path": {"type": ["string", "null"]}, "kernel": {"type": ["string", "null"]}},
+                    "path": _nullable("string"), "kernel": _nullable("string")},
                     ("path", "kernel"))}},
                 ("kernels", "sessions")),
             "annotations": {"title": "List kernels", "readOnlyHint": True, "openWorldHint": False}})
@@ -4077,10 +4188,13 @@ class McpServer:
                 raise
             sessions = []
         started, default = self.kernels.table()
+        with self._lock:
+            runs = list(self._runs.values())
         rows = [{"id": str(k.get("id")), "name": _text_or_none(k.get("name")),
                  "state": _text_or_none(k.get("execution_state")),
                  "last_activity": _text_or_none(k.get("last_activity")),
-                 "started": k.get("id") in started, "default": k.get("id") == default}
+                 "started": k.get("id") in started, "default": k.get("id") == default,
+                 "executions": [run.id for run in runs if run.kernel == k.get("id")]}
                 for k in kernels if isinstance(k, dict)]
         paths = [{"path": s["path"], "kernel": _text_or_none(s["kernel"].get("id"))}
                  for s in sessions]
@@ -4096,7 +4210,7 @@ class McpServer:
             "inputSchema": _schema({"name": {"type": "string",
                                              "description": "The kernel spec name."}}),
             "outputSchema": _schema({"kernel": {"type": "string"},
-                                     "name": {"type": ["string", "null"]}},
+                                     "name": _nullable("string")},
                                     ("kernel", "name")),
             "annotations": {"title": "Start a kernel", "readOnlyHint": False,
                             "destructiveHint": False,
@@ -4153,15 +4267,16 @@ class McpServer:
             "inputSchema": _schema({"path": {"type": "string"},
                                     "parameters": {"type": "object",
                                                    "description": "Names and values to inject."},
-                                    "write": {"type": ["string", "boolean"]}}, ("path",)),
+                                    "write": {"anyOf": [{"type": "string"}, {"type": "boolean"}]}},
+                                   ("path",)),
             "outputSchema": _schema({"status": {"type": "string", "enum": ["ok", "error"]},
                                      "cells": {"type": "array", "items": _schema({
                                          "cell": {"type": "integer"}, "status": {"type": "string"},
-                                         "execution_count": {"type": ["integer", "null"]},
+                                         "execution_count": _nullable("integer"),
                                          "output": {"type": "string"},
-                                         "error": {"type": ["string", "null"]}},
+                                         "error": _nullable("string")},
                                          ("cell", "status", "execution_count", "output", "error"))},
-                                     "written": {"type": ["string", "null"]}},
+                                     "written": _nullable("string")},
                                     ("status", "cells", "written")),
             "annotations": {"title": "Run a notebook", "readOnlyHint": False,
                             "destructiveHint": False,
@@ -4227,6 +4342,7 @@ class McpServer:
         started, threads = self.kernels.close(deadline)
         with self._lock:
             running = {call.kernel_id for call in self._calls.values() if call.kernel_id}
+            running |= {run.kernel for run in self._runs.values() if run.ended is None} - {None}
         threads += [_daemon(self._interrupt_quietly, k, deadline) for k in running - set(started)]
         for thread in threads:
             thread.join(deadline.remaining())
@@ -4348,6 +4464,9 @@ OPTIONS = (
     _Option(("--max-output",), "CHARS", "--mcp: characters of text per result (default 20000)"),
     _Option(("--max-image-bytes",), "BYTES",
             "--mcp: larger images are saved in --output-dir or left out (default 1000000)"),
+    _Option(("--wait",), "SECS",
+            "--mcp: how long run_code waits for a cell before it answers 'running' with an id "
+            "for get_execution (default 45; 0: at once)"),
     _Option(("--log",), "FILE.ipynb",
             "--mcp: append each cell run and its outputs to this notebook"),
     _Option(("--version",), None, "print the version and exit"),
@@ -5003,6 +5122,12 @@ def _serve_mcp(args, err, ssl_context) -> int:
         else:
             raise _UsageError(f"--{flag.replace('_', '-')} must be a positive whole number, not "
                               f"{value!r}")
+    try:
+        limits["wait"] = MCP_WAIT if args.wait is None else float(args.wait)
+    except ValueError:
+        limits["wait"] = -1.0
+    if not 0 <= limits["wait"] < float("inf"):
+        raise _UsageError("--wait must be a number of seconds, 0 or more")
     log = NotebookLog(args.log) if args.log else None
     out = sys.stdout.buffer
     sys.stdout = sys.stderr  # anything printed by mistake must not break the protocol

@@ -2902,6 +2902,8 @@ def test_cli_spawn_runs_on_a_private_server(tmp_path):
     (["--url", "http://127.0.0.1:9/", "--token", "a\r\nX-Evil: 1", "1"], "the token holds a control character"),
     (["--mcp", "print(1)"], "--mcp takes no code"),
     (["--mcp", "--max-output", "lots"], "--max-output must be a positive whole number"),
+    (["--mcp", "--wait", "-1"], "--wait must be a number of seconds, 0 or more"),
+    (["--mcp", "--wait", "soon"], "--wait must be a number of seconds, 0 or more"),
     (["--mcp", "--json"], "--json cannot be used with --mcp"),
     (["--mcp", "--spawn"], "--spawn cannot be used with --mcp"),
     (["--mcp", "--log", "README.md"], "--log README.md exists and is not a notebook"),
@@ -3491,8 +3493,19 @@ def test_mcp_handshake_era_serves_tools_whose_schemas_are_valid(mcp):
     assert result["serverInfo"]["name"] == "jupyter_call" and result["instructions"]
     assert host.handshake("1999-01-01")["protocolVersion"] == "2025-11-25"  # unknown: the latest
     tools = {t["name"]: t for t in host.request("tools/list")["result"]["tools"]}
-    assert set(tools) == {"run_code", "list_kernels", "start_kernel", "interrupt_kernel", "restart_kernel",
-                          "shutdown_kernel", "inspect", "run_notebook"}
+    assert set(tools) == {"run_code", "get_execution", "list_kernels", "start_kernel", "interrupt_kernel",
+                          "restart_kernel", "shutdown_kernel", "inspect", "run_notebook"}
+
+    def types(schema):  # every "type" in a schema, at any depth
+        if isinstance(schema, dict):
+            yield from ([schema["type"]] if "type" in schema else [])
+            for value in schema.values():
+                yield from types(value)
+        elif isinstance(schema, list):
+            for value in schema:
+                yield from types(value)
+    # portable: one type per schema (nullable fields as anyOf), as one-type dialects need
+    assert all(isinstance(kind, str) for kind in types(list(tools.values())))
     for tool in tools.values():
         jsonschema.Draft202012Validator.check_schema(tool["inputSchema"])
         assert tool["inputSchema"]["type"] == "object" and len(tool["description"]) > 80
@@ -3555,7 +3568,7 @@ def test_mcp_2026_era_discovers_without_a_handshake(mcp):
     assert (found["resultType"], found["cacheScope"]) == ("complete", "public") and found["ttlMs"] > 0
     assert found["_meta"]["io.modelcontextprotocol/serverInfo"]["name"] == "jupyter_call"
     listed = host.request("tools/list", _meta())["result"]
-    assert len(listed["tools"]) == 8 and listed["resultType"] == "complete" and "ttlMs" in listed and "cacheScope" in listed
+    assert len(listed["tools"]) == 9 and listed["resultType"] == "complete" and "ttlMs" in listed and "cacheScope" in listed
     ran = host.request("tools/call", {"name": "run_code", "arguments": {"code": "6 * 7"}, **_meta()})["result"]
     assert ran["content"] == [{"type": "text", "text": "42\n"}] and ran["resultType"] == "complete"
     assert ran["structuredContent"]["status"] == "ok"
@@ -3756,6 +3769,10 @@ def test_the_official_mcp_sdk_speaks_to_it_in_both_eras(server, no_leaks):
             first = await client.call_tool("run_code", {"code": "x = 6 * 7\nprint(x)"})
             second = await client.call_tool("run_code", {"code": "x"})
             kernels = await client.call_tool("list_kernels", {})
+            slow = await client.call_tool("run_code", {"code": "import time; time.sleep(1.5); x", "wait": 0.2})
+            later = await client.call_tool("get_execution", {"execution": slow.structured_content["execution"]})
+            assert (slow.structured_content["status"], later.structured_content["status"]) == ("running", "ok")
+            assert later.content[0].text == "42\n" and later.structured_content["kernel"] == slow.structured_content["kernel"]
             return client.protocol_version, names, first, second, kernels
 
     for mode, era in (("auto", "2026-07-28"), ("legacy", "2025-11-25")):
@@ -3842,9 +3859,87 @@ def test_mcp_on_the_oldest_and_newest_python(mcp, version):
     host = mcp(python=_pyenv_python(version))
     assert host.handshake("2024-11-05")["protocolVersion"] == "2024-11-05"
     tools = host.request("tools/list")["result"]["tools"]
-    assert len(tools) == 8 and not any("outputSchema" in t for t in tools)  # (2025-06-18 brought them)
+    assert len(tools) == 9 and not any("outputSchema" in t for t in tools)  # (2025-06-18 brought them)
     assert _texts(host.call("run_code", code="print('on', 40 + 2)")) == "on 42\n"
     assert host.close() == 0
+
+
+def _running(host, **arguments):
+    """A run_code call expected to leave its cell running: its result."""
+    result = host.call("run_code", **arguments)["result"]
+    assert result["structuredContent"]["status"] == "running" and not result["isError"], result
+    return result
+
+
+def _collect(host, execution, wait=5):
+    """get_execution until a final status: the stream text and the last result."""
+    texts = []
+    while True:
+        result = host.call("get_execution", execution=execution, wait=wait)["result"]
+        texts += [b["text"] for b in result["content"] if b["type"] == "text" and not b["text"].startswith("[")]
+        if result["structuredContent"]["status"] != "running":
+            return "".join(texts), result
+
+
+def test_mcp_a_cell_that_outlasts_its_wait_runs_on_and_is_collected(mcp, server, tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    host = mcp("--log", str(tmp_path / "log.ipynb"))
+    host.handshake()
+    schema = next(t for t in host.request("tools/list")["result"]["tools"] if t["name"] == "get_execution")
+    slow = _running(host, code="import time\nfor i in range(8):\n    print(i, flush=True)\n    time.sleep(1)", wait=2)
+    jsonschema.validate(slow["structuredContent"], schema["outputSchema"])
+    execution, kernel = slow["structuredContent"]["execution"], slow["structuredContent"]["kernel"]
+    first = [b["text"] for b in slow["content"]]
+    assert first[0].startswith("0\n") and "8" not in first[0]  # what it printed so far
+    assert f'call get_execution with execution "{execution}"' in first[-1] and len(execution) == 32
+    queued = _running(host, code="print('second')", wait=0)  # waits its turn, as the kernel would
+    listed = host.call("list_kernels")["result"]["structuredContent"]["kernels"]
+    ids = next(k["executions"] for k in listed if k["id"] == kernel)
+    assert set(ids) == {execution, queued["structuredContent"]["execution"]}
+    rest, last = _collect(host, execution)
+    assert first[0] + rest == "".join(f"{i}\n" for i in range(8))  # nothing lost, nothing twice
+    assert last["structuredContent"]["status"] == "ok" and isinstance(last["structuredContent"]["execution_count"], int)
+    jsonschema.validate(last["structuredContent"], schema["outputSchema"])
+    assert _collect(host, queued["structuredContent"]["execution"])[0] == "second\n"
+    for unknown in (execution, "0" * 32):  # collected, and never known
+        gone = host.call("get_execution", execution=unknown)["result"]
+        assert gone["isError"] and "unknown, or collected already" in _texts({"result": gone})
+    assert host.call("run_code", code="print('at once')")["result"]["structuredContent"]["status"] == "ok"
+    assert host.close() == 0
+    logged = json.loads((tmp_path / "log.ipynb").read_text())["cells"]  # the background cells with all they printed
+    assert [jc.cell_source(c) for c in logged][-2:] == ["print('second')", "print('at once')"]
+    assert "".join(out["text"] for out in logged[0]["outputs"]) == "".join(f"{i}\n" for i in range(8))
+
+
+def test_mcp_background_cells_are_interrupted_bounded_and_cleaned_up(mcp, server):
+    host = mcp("--wait", "0.5")
+    host.handshake()
+    assert host.call("run_code", code="1", wait=60)["result"]["structuredContent"]["status"] == "ok"  # started
+    sleeping = _running(host, code="import time; time.sleep(600)")["structuredContent"]
+    waiting = host.start("tools/call", {"name": "get_execution", "arguments": {"execution": sleeping["execution"],
+                                                                                "wait": 300}})
+    host.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": waiting}})
+    still = host.call("get_execution", execution=sleeping["execution"], wait=0)["result"]  # the wait ended; the cell ran on
+    assert still["structuredContent"]["status"] == "running"
+    with host.arrived:
+        assert not any(m.get("id") == waiting for m in host.messages)
+    host.call("interrupt_kernel", kernel=sleeping["kernel"])
+    text, ended = _collect(host, sleeping["execution"], wait=60)
+    assert ended["structuredContent"]["status"] == "error" and ended["isError"]
+    assert "KeyboardInterrupt" in _texts({"result": ended})
+    with open(f"/proc/{host.proc.pid}/status") as f:
+        before = int(next(line for line in f if line.startswith("VmRSS")).split()[1])
+    loud = _running(host, code="for _ in range(100):\n    print('x' * 10**6, flush=True)", wait=0)["structuredContent"]
+    text, done = _collect(host, loud["execution"], wait=120)
+    assert done["structuredContent"]["status"] == "ok" and done["structuredContent"]["truncated"]
+    assert "characters left out" in _texts({"result": done}) or "characters left out" in text
+    with open(f"/proc/{host.proc.pid}/status") as f:
+        peak = int(next(line for line in f if line.startswith("VmHWM")).split()[1])
+    assert peak - before < 30_000, (before, peak)  # kB: 100 MB printed, a few MB held
+    left = _running(host, code="import time; time.sleep(600)")["structuredContent"]
+    assert left["kernel"] in server.kernels()
+    assert host.close() == 0  # the host leaves with the cell running
+    assert left["kernel"] not in server.kernels()
 
 
 def test_mcp_kernel_registry_deletes_only_what_it_started(server, no_leaks):
