@@ -52,7 +52,7 @@ __version__ = "0.1.0"
 
 __all__ = ["run_code", "run_notebook", "Kernel", "Result", "list_servers", "WebSocket",
            "JupyterError", "ServerError", "AuthError", "ConfigError", "ExecutionError",
-           "KernelDied", "ExecutionTimeout", "WebSocketError", "WebSocketClosed",]
+           "KernelDied", "ExecutionTimeout", "WebSocketError", "WebSocketClosed"]
 
 
 # ---- Errors --------------------------------------------------------------------------------------
@@ -1277,11 +1277,13 @@ class RestClient:
         return {"Authorization": f"token {self.token}"} if self.token else {}
 
     def request(self, method: str, path: str, body: object = None, *,
-                deadline: Deadline, host: str | None = None,
-                diagnose: bool = True, missing: str | None = None) -> object:
+                deadline: Deadline, host: str | None = None, diagnose: bool = True,
+                missing: str | None = None, on_line=None) -> object:
         """Send one request; return the decoded JSON answer (None for an empty one).
 
-        ``missing`` is the reason a 404 gives (e.g. "has no kernel K").
+        ``missing`` is the reason a 404 gives (e.g. "has no kernel K"). With ``on_line``, the
+        answer is a stream (text/event-stream): each line goes to ``on_line`` as it comes, until
+        it returns true or the stream ends, all within ``deadline`` (not capped at HTTP_TIMEOUT).
         """
         data = json.dumps(body).encode("utf-8") if body is not None else None
         if data is None and method in ("POST", "PUT", "PATCH"):
@@ -1297,11 +1299,11 @@ class RestClient:
             xsrf = self._xsrf_cookie(deadline)
             if xsrf:
                 headers.update({"Cookie": f"_xsrf={xsrf}", "X-XSRFToken": xsrf})
-        budget = deadline.cut(HTTP_TIMEOUT)
+        budget = deadline if on_line else deadline.cut(HTTP_TIMEOUT)
         if budget.expired:
             raise ServerError(self.url, f"could not be asked {method} {path}: no time left")
         try:
-            status, raw = self._fetch(method, self._base + path, headers, data, budget)
+            status, raw = self._fetch(method, self._base + path, headers, data, budget, on_line)
         except socket.timeout:
             raise ServerError(self.url, f"did not answer {method} {path} within "
                                         f"{duration(budget.timeout)}") from None
@@ -1330,7 +1332,7 @@ class RestClient:
         return call
 
     def _fetch(self, method: str, url: str, headers: dict, data: bytes | None,
-               deadline: Deadline) -> tuple[int, bytes]:
+               deadline: Deadline, on_line=None) -> tuple[int, bytes]:
         """One request through urllib, following redirects; the status and the (bounded) body."""
         import http.client
         import urllib.error
@@ -1347,6 +1349,10 @@ class RestClient:
                 status = answer.getcode()
                 if status >= 300:
                     return status, answer.read(MAX_ERROR_BODY)
+                if on_line is not None:  # (a line at most 64 KiB, the stream MAX_REST_READ)
+                    while not on_line(answer.readline(2**16) or None):
+                        pass
+                    return status, b""
                 if (answer.length or 0) > MAX_REST_BODY:
                     raise _BadAnswer(f"more than {MAX_REST_BODY} bytes")
                 body = answer.read()
@@ -2221,6 +2227,91 @@ def _clean_token(token: object) -> str | None:
     return token
 
 
+# ---- JupyterHub: a user's server, started and stopped on demand ---------------------------------
+#
+# A hub serves a user's server at <prefix>/user/NAME/[SERVER/], its REST API at <prefix>/hub/api/.
+# A stopped server answers 424; a POST asks the hub to start it, and the start's progress comes as
+# an event stream whose last event is marked ready or failed.
+
+def _hub_server(url: str, token: str | None, ssl_context: object) -> tuple[RestClient, str]:
+    """The hub's REST client and the API path of the user's server at ``url``."""
+    parts = urlsplit(url)
+    found = re.fullmatch(r"(.*/)user/([^/]+)/(?:([^/]+)/)?", parts.path)
+    if found is None:
+        raise ConfigError(f"{url} is not a JupyterHub user's server (.../user/NAME/), which "
+                          "the hub could start")
+    prefix, name, server = found.groups()
+    hub = RestClient(f"{parts.scheme}://{parts.netloc}{prefix}hub/", token,
+                     ssl_context=ssl_context)
+    return hub, f"api/users/{name}/" + (f"servers/{server}" if server else "server")
+
+
+def start_hub_server(url: str, token: str | None, *, user_options: dict | None = None,
+                     timeout: float | None = None, ssl_context: object = None,
+                     on_progress=None) -> bool:
+    """Have JupyterHub start the user's server at ``url`` (``user_options`` for its spawner) and
+    wait until it is ready, ``on_progress(message)`` seeing each step. False if it ran already; a
+    failed start is a ServerError with the hub's message, a token without the scope an AuthError."""
+    deadline = Deadline(timeout)
+    hub, path = _hub_server(url, token, ssl_context)
+    if on_progress is not None:
+        on_progress("asking the hub to start the server")
+    try:  # (the body is the options: JupyterHub reads it so before 5.0 and still does)
+        hub.request("POST", path, user_options or {}, deadline=deadline, diagnose=False)
+    except ServerError as exc:
+        if exc.status == 400 and "already running" in exc.reason:
+            return False
+        if exc.status == 403:
+            user = unquote(path.split("/")[2])
+            raise AuthError(url, "could not be started: the token lacks the scope servers!user="
+                            f"{user} (start:servers!user={user} on JupyterHub 5+); make a token "
+                            f"with it on the hub's token page, {hub.url}token", 403) from None
+        if exc.status is None or exc.status < 500:
+            raise  # (a start that fails at once answers 500; the progress stream says why)
+    last: dict = {}
+
+    def on_line(line: bytes | None) -> bool:
+        event = None
+        with contextlib.suppress(ValueError, RecursionError):
+            event = json.loads(line[5:]) if line and line.startswith(b"data:") else None
+        if isinstance(event, dict):
+            last.update(event)
+            if on_progress is not None and isinstance(event.get("message"), str):
+                on_progress(re.sub(r"[\x00-\x1f\x7f]", " ", event["message"])[:300])
+        return line is None or bool(last.get("ready") or last.get("failed"))
+
+    hub.request("GET", path + "/progress", deadline=deadline, diagnose=False, on_line=on_line)
+    if not last.get("ready") or last.get("failed"):
+        why = last.get("message") if last.get("failed") else "its progress stream ended early"
+        raise ServerError(url, f"could not be started by the hub: {str(why)[:300]}")
+    return True
+
+
+def start_if_stopped(url: str, token: str | None, user_options: dict | None,
+                     deadline: Deadline, ssl_context: object = None, on_progress=None) -> bool:
+    """Start the hub user's server at ``url`` if it answers that it is not running; if it did."""
+    try:
+        RestClient(url, token, ssl_context=ssl_context).status(
+            deadline=deadline.cut(SIDE_REQUEST_TIMEOUT))
+        return False
+    except ServerError as exc:
+        if exc.status != 424:
+            return False  # (what else is wrong, the call itself will say)
+    return start_hub_server(url, token, user_options=user_options, timeout=deadline.remaining(),
+                            ssl_context=ssl_context, on_progress=on_progress)
+
+
+def stop_hub_server(url: str, token: str | None, *, timeout: float | None = None,
+                    ssl_context: object = None) -> None:
+    """Ask JupyterHub to stop the user's server at ``url`` (one not running is fine)."""
+    hub, path = _hub_server(url, token, ssl_context)
+    try:
+        hub.request("DELETE", path, deadline=Deadline(timeout), diagnose=False)
+    except ServerError as exc:
+        if exc.status not in (400, 404):
+            raise
+
+
 # ---- Public API: Kernel, run_code ----------------------------------------------------------------
 
 # Strategy. While code runs, four clocks tick: the caller's deadline (the only one the caller sets);
@@ -2276,6 +2367,8 @@ class Kernel:
         protocol: "auto" (offer the v1 binary protocol, fall back to legacy), "v1" or "legacy".
         compression: offer permessage-deflate; it helps on slow links to servers configured to
             accept it (``websocket_compression_options``).
+        start_server: have the hub start a stopped JupyterHub user's server first (with
+            ``user_options`` for its spawner), in ``timeout``; ``started_server`` says if it did.
     Raises:
         ServerError (AuthError for a refused token; also when starting or
         connecting runs out of time), WebSocketError, JupyterError (an
@@ -2286,7 +2379,8 @@ class Kernel:
                  kernel_id: str | None = None, name: str | None = None,
                  timeout: float | None = None, env: dict | None = None,
                  session: str | None = None, notebook: str | None = None, path: str | None = None,
-                 ssl_context: object = None, protocol: str = "auto", compression: bool = False):
+                 ssl_context: object = None, protocol: str = "auto", compression: bool = False,
+                 start_server: bool = False, user_options: dict | None = None):
         if protocol not in ("auto", "v1", "legacy"):
             raise ValueError(f"protocol must be 'auto', 'v1' or 'legacy', not {protocol!r}")
         self.url, token = resolve_server(url, token)
@@ -2300,32 +2394,45 @@ class Kernel:
         self._cleanup: Deadline | None = None  # the cleanup budget, once cleanup has begun
         self._ahead: dict = {}  # msg_id of a request sent ahead -> its messages that came early
         self.id: str | None = None
+        self.started_server = False
         deadline = Deadline(timeout)
         try:
-            if notebook:
-                kernel_id = self._rest.find_session(notebook, deadline=deadline)
-                if kernel_id is None:
-                    raise ServerError(self.url, f"has no open notebook {notebook}", 404,
-                                      fix="notebook")
-            elif session:
-                kernel_id = (self._rest.find_session(session, deadline=deadline)
-                             or self._rest.create_session(session, name, deadline=deadline))
-            if kernel_id:
-                # No REST call: the websocket handshake answers 404 for an unknown
-                # kernel, and attaching stays one round trip.
-                self.id, self._name = kernel_id, None
-            else:
-                info = self._start(name, env, path, deadline)
-                self._owned = True
-                self.id, self._name = info["id"], info.get("name")
             try:
-                self._connect(deadline)
+                self._open(kernel_id, name, env, session, notebook, path, deadline)
             except ServerError as exc:
-                if exc.status == 404:
-                    raise ServerError(self.url, f"has no kernel {self.id}", 404) from None
-                raise
+                if exc.status != 424 or not start_server:
+                    raise
+                self.started_server = start_hub_server(
+                    self.url, token, user_options=user_options, timeout=deadline.remaining(),
+                    ssl_context=ssl_context)
+                self._open(kernel_id, name, env, session, notebook, path, deadline)
         except BaseException:
             self.close()
+            raise
+
+    def _open(self, kernel_id, name, env, session, notebook, path, deadline: Deadline) -> None:
+        """Start or find the kernel, and connect to it."""
+        if notebook:
+            kernel_id = self._rest.find_session(notebook, deadline=deadline)
+            if kernel_id is None:
+                raise ServerError(self.url, f"has no open notebook {notebook}", 404,
+                                  fix="notebook")
+        elif session:
+            kernel_id = (self._rest.find_session(session, deadline=deadline)
+                         or self._rest.create_session(session, name, deadline=deadline))
+        if kernel_id:
+            # No REST call: the websocket handshake answers 404 for an unknown
+            # kernel, and attaching stays one round trip.
+            self.id, self._name = kernel_id, None
+        else:
+            info = self._start(name, env, path, deadline)
+            self._owned = True
+            self.id, self._name = info["id"], info.get("name")
+        try:
+            self._connect(deadline)
+        except ServerError as exc:
+            if exc.status == 404:
+                raise ServerError(self.url, f"has no kernel {self.id}", 404) from None
             raise
 
     def _start(self, name: str | None, env: dict | None, path: str | None,
@@ -2777,13 +2884,15 @@ def run_code(code: str, url: str | None = None, token: str | None = None, *,
              kernel_id: str | None = None, kernel_name: str | None = None,
              timeout: float | None = None,
              stdin: Iterable[str] | Callable[[str, bool], str] | None = None,
-             on_output: Callable[[dict], object] | None = None) -> Result:
+             on_output: Callable[[dict], object] | None = None, start_server: bool = False,
+             user_options: dict | None = None) -> Result:
     """Run ``code`` on a Jupyter kernel and return its Result.
 
     Starts a kernel (``kernel_name`` picks the spec) or attaches to
     ``kernel_id``, runs the code, and deletes a kernel it started on every path.
     ``timeout`` covers the whole call: connecting, starting and running. See
-    ``Kernel`` for ``url``/``token`` defaults and ``Kernel.execute`` for the rest.
+    ``Kernel`` for ``url``/``token`` defaults, ``start_server`` and ``user_options``, and
+    ``Kernel.execute`` for the rest.
 
     Raises:
         ServerError, AuthError, KernelDied, ExecutionTimeout, WebSocketError.
@@ -2791,7 +2900,8 @@ def run_code(code: str, url: str | None = None, token: str | None = None, *,
         ``result.raise_for_error()``.
     """
     deadline = Deadline(timeout)  # one budget for the whole call
-    with Kernel(url, token, kernel_id=kernel_id, name=kernel_name, timeout=timeout) as kernel:
+    with Kernel(url, token, kernel_id=kernel_id, name=kernel_name, timeout=timeout,
+                start_server=start_server, user_options=user_options) as kernel:
         return kernel._execute(code, deadline, on_output=on_output, stdin=stdin)
 
 
@@ -3052,7 +3162,8 @@ def execute_notebook(kernel: Kernel, notebook: dict, deadline: Deadline, results
 def run_notebook(notebook: str | dict, url: str | None = None, token: str | None = None, *,
                  parameters: dict | None = None, keep_going: bool = False,
                  cell_timeout: float | None = None,
-                 timeout: float | None = None, kernel_name: str | None = None) -> dict:
+                 timeout: float | None = None, kernel_name: str | None = None,
+                 start_server: bool = False, user_options: dict | None = None) -> dict:
     """Run a notebook on a new kernel, as nbclient and papermill do; return the executed one.
 
     Args:
@@ -3064,6 +3175,7 @@ def run_notebook(notebook: str | dict, url: str | None = None, token: str | None
         cell_timeout: seconds for each cell; a cell that runs longer is interrupted and is an error.
         timeout: seconds for the whole run, kernel start included.
         kernel_name: the kernel spec (default: the notebook's, else the server's).
+        start_server, user_options: as for ``Kernel`` (a stopped JupyterHub server is started).
     Returns:
         the executed notebook: outputs and execution counts filled in, ``metadata.language_info``
         from the kernel, ``metadata.papermill.parameters`` when there were parameters.
@@ -3073,6 +3185,8 @@ def run_notebook(notebook: str | dict, url: str | None = None, token: str | None
     """
     deadline = Deadline(timeout)
     url, token = resolve_server(url, token)
+    if start_server:
+        start_if_stopped(url, token, user_options, deadline)
     where = None
     if isinstance(notebook, dict):
         if not is_notebook(notebook):
@@ -3081,7 +3195,7 @@ def run_notebook(notebook: str | dict, url: str | None = None, token: str | None
     else:
         notebook, where = read_notebook(notebook, RestClient(url, token), deadline)
     name = kernel_for(notebook, parameters, kernel_name)
-    with Kernel(url, token, name=name, timeout=timeout, path=where) as kernel:
+    with Kernel(url, token, name=name, timeout=deadline.remaining(), path=where) as kernel:
         results: list = []
         failed = execute_notebook(kernel, notebook, deadline, results, keep_going=keep_going,
                                   cell_timeout=cell_timeout)
@@ -3554,7 +3668,7 @@ class _Run:
         self.status, self.execution_count, self.truncated = "running", None, False
         self.note = self.failure = None  # a line to add to the last result; what went wrong
         self.last_line = ""
-        self.ended: float | None = None
+        self.queued, self.ended = time.monotonic(), None  # (ended: when it did)
         self.changed = threading.Condition()
 
     def add(self, out: dict) -> None:
@@ -3889,6 +4003,7 @@ class McpServer:
         self._lanes: dict = {}      # kernel key -> deque of waiting work, while a lane thread runs
         self._calls: dict = {}      # request id -> _Call
         self._runs: dict = {}       # execution id -> _Run that returned running, until collected
+        self._failed: dict = {}     # kernel key -> when a cell there last ended in an error
 
     def serve(self, stdin) -> None:
         """Answer requests until stdin closes (the caller cleans up)."""
@@ -4057,12 +4172,16 @@ class McpServer:
         call.run = _Run(lambda: _ToolContent(self.max_output, self.max_image_bytes,
                                              self.output_dir))
         call.run.kernel = args.get("kernel") or self.kernels.default  # (None: not started yet)
-        self._enqueue(self._lane_key(args), lambda: self._execute(call, call.run, args))
+        key = self._lane_key(args)
+        self._enqueue(key, lambda: self._execute(call, call.run, args, key))
         return self._report(call, call.run, args.get("wait", self.wait))
 
-    def _execute(self, call: _Call, run: _Run, args: dict) -> None:
+    def _execute(self, call: _Call, run: _Run, args: dict, key: str) -> None:
         """Run a run_code cell in its kernel's lane (its call may have returned meanwhile)."""
         timeout, result = args.get("timeout", self.timeout), None
+        if self._failed.get(key, -1.0) > run.queued:  # as a kernel aborts what waits behind errors
+            run.end("aborted", note="[aborted: a cell before it on this kernel failed]")
+            return
         try:
             kernel = self.kernels.get(args.get("kernel")) if not call.cancelled else None
             if kernel is None or call.cancelled:  # before its turn, or while its kernel started
@@ -4081,6 +4200,8 @@ class McpServer:
         except Exception as exc:
             result = getattr(exc, "result", None)
             run.end("error", result, failure=self._explain(exc))
+        if run.status in ("error", "timeout") and not call.cancelled:  # (a cancel is asked for)
+            self._failed[key] = run.ended
         if self.log is not None and result is not None:  # a cancelled cell ran too, as it could
             with self._lock:
                 self.log.add(args["code"], result)
@@ -4088,6 +4209,7 @@ class McpServer:
     def _report(self, call: _Call, run: _Run, wait: float) -> dict | None:
         """Wait up to ``wait`` seconds for ``run`` to end; the result of what it printed since the
         last report, its status final or running (then kept for get_execution)."""
+        wait = min(wait, 86_400.0)  # (a day: a longer wait overflows the platform's clock)
         stop = self._progress(call)
         with run.changed:  # (what is read below, read as of one moment)
             run.changed.wait_for(lambda: run.ended is not None or call.cancelled, wait)
@@ -4435,6 +4557,11 @@ OPTIONS = (
             repeat=True),
     _Option(("--cafile",), "PATH", "CA certificates (PEM) to verify an https server with"),
     _Option(("--insecure",), None, "do not verify the server's TLS certificate"),
+    _Option(("--start-server",), None, "a stopped JupyterHub user's server: have the hub start "
+            "it first (within --timeout: spawns can take minutes)"),
+    _Option(("--stop-server",), None, "stop it after the run if this call started it"),
+    _Option(("--user-options",), "JSON", "--start-server: the spawner's options, a JSON object"),
+    _Option(("--profile",), "SLUG", "--start-server: the spawner's profile ({\"profile\": SLUG})"),
     _Option(("--input",), "TEXT", "answer for input() (repeatable)", repeat=True),
     _Option(("--output-dir",), "DIR", "save images and other rich outputs in DIR"),
     _Option(("--keep-going",), None, "with cells: go on after a cell fails"),
@@ -4873,6 +5000,20 @@ def _ssl_context_from(args, err):
                           f"{getattr(exc, 'strerror', None) or exc}") from None
 
 
+def _user_options(args) -> dict | None:
+    if not args.start_server:
+        if args.stop_server or args.user_options is not None or args.profile:
+            raise _UsageError("--stop-server, --user-options and --profile go with --start-server")
+        return None
+    try:
+        options = json.loads(args.user_options or "{}")
+    except (ValueError, RecursionError):
+        options = None
+    if not isinstance(options, dict):
+        raise _UsageError("--user-options must be a JSON object, e.g. '{\"profile\": \"gpu\"}'")
+    return {**options, **({"profile": args.profile} if args.profile else {})}
+
+
 def _parse_env(pairs) -> dict | None:
     if not pairs:
         return None
@@ -4999,25 +5140,44 @@ def _main(argv, out, err) -> int:
     if args.keep and args.spawn:
         raise _UsageError("--keep cannot keep a kernel of the server that --spawn stops afterwards")
     ssl_context = _ssl_context_from(args, err)
+    user_options = _user_options(args)
     if args.list:
         return _list(args, out, ssl_context)
     if args.mcp:
-        return _serve_mcp(args, err, ssl_context)
+        return _serve_mcp(args, err, ssl_context, user_options)
     parameters = _parameters(args)
     env = _parse_env(args.env)
     deadline = Deadline(args.timeout)
-    spawned = None
+    spawned, started = None, []  # started: the hub was asked to start the server
     url, token = args.url, args.token
     if args.spawn:
         spawned = _spawn_server(deadline)
         url, token = spawned[1], spawned[2]
     try:
         url, token = resolve_server(url, token)  # once: the kernel and every REST call use it
+        if args.start_server:
+            shown = _Printer(out, err, color=args.color)
+
+            def on_progress(message: str) -> None:
+                started[:] = [True]  # (from the moment it is asked: a Ctrl-C now stops it too)
+                shown._status(f"[{message}]")  # (on a terminal)
+
+            try:
+                if not start_if_stopped(url, token, user_options, deadline, ssl_context,
+                                        on_progress):
+                    started.clear()
+            finally:
+                shown.clear_status()
         return _run(args, out, err, url, token, deadline, env, ssl_context, parameters,
                     os.getcwd() if spawned else None)
     finally:
         if spawned is not None:
             _stop_server(spawned[0], spawned[3])
+        if started and args.stop_server:  # (a server running before this call is never stopped)
+            try:
+                stop_hub_server(url, token, timeout=CLEANUP_TIMEOUT, ssl_context=ssl_context)
+            except JupyterError as exc:
+                err.write(f"jupyter_call: could not stop the server: {error_text(exc)}\n")
 
 
 def _run(args, out, err, url, token, deadline, env, ssl_context, parameters, root) -> int:
@@ -5103,13 +5263,13 @@ def _print_json(out, results: list, many: bool, *, failed: bool) -> None:
         out.write(strict_json(results[0].to_dict()) + "\n")
 
 
-def _serve_mcp(args, err, ssl_context) -> int:
+def _serve_mcp(args, err, ssl_context, user_options) -> int:
     """--mcp: serve until stdin closes, SIGTERM or Ctrl-C; delete what was started; exit 0 (or
     128 + the signal)."""
     if args.code is not None or args.file is not None:
         raise _UsageError("--mcp takes no code: the MCP client sends it")
     for flag in ("write", "keep", "json", "input", "parameters", "parameters_raw",
-                 "parameters_file", "spawn"):
+                 "parameters_file", "spawn", "stop_server"):
         if getattr(args, flag):
             raise _UsageError(f"--{flag.replace('_', '-')} cannot be used with --mcp")
     limits = {}
@@ -5135,7 +5295,7 @@ def _serve_mcp(args, err, ssl_context) -> int:
                        kernel_id=args.kernel_id, session=args.session, notebook=args.notebook,
                        timeout=args.timeout, output_dir=args.output_dir, log=log, err=err, out=out,
                        env=_parse_env(args.env), protocol=args.protocol, compression=args.compress,
-                       **limits)
+                       start_server=args.start_server, user_options=user_options, **limits)
     ended = None
     try:
         server.serve(sys.stdin.buffer)

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -832,6 +833,17 @@ def test_discovery_reads_unix_sockets_and_jupyterhub_variables(tmp_path, monkeyp
     monkeypatch.setenv("JUPYTERHUB_SERVICE_URL", "http://0.0.0.0:8888/user/ann")
     monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "hubtok")
     assert jc.resolve_server() == ("http://127.0.0.1:8888/user/ann/", "hubtok")
+
+
+def test_a_hub_users_server_url_gives_the_hubs_api_beside_it():
+    for url, hub, path in [
+            ("https://hub.example.org/user/ann/", "https://hub.example.org/hub/", "api/users/ann/server"),
+            ("http://h:8000/jupyter/user/ann/gpu/", "http://h:8000/jupyter/hub/", "api/users/ann/servers/gpu"),
+            ("http://h/user/a%40b.org/", "http://h/hub/", "api/users/a%40b.org/server")]:
+        rest, found = jc._hub_server(url, "t", None)
+        assert (rest.url, found, rest.token) == (hub, path, "t")
+    with pytest.raises(jc.ConfigError, match="not a JupyterHub user's server"):
+        jc._hub_server("http://h:8888/lab/", "t", None)
 
 
 # ---- 1. Pure: the command line (parser, help, Windows consoles) ----------------------------------
@@ -1783,7 +1795,11 @@ def no_leaks(server):
     """Fails the test if it leaves a kernel behind that it started."""
     before = set(server.kernels())
     yield
-    leaked = set(server.kernels()) - before
+    # A DELETE the server has taken is its to finish, however long the kernel takes to go: a
+    # busy machine can outlast a client's cleanup budget. What is never deleted stays and fails.
+    give_up = time.monotonic() + 15
+    while (leaked := set(server.kernels()) - before) and time.monotonic() < give_up:
+        time.sleep(0.1)
     assert not leaked, f"kernels left behind: {leaked}"
 
 
@@ -2576,6 +2592,169 @@ def test_compression_against_a_server_that_accepts_it(tmp_path_factory):
         srv.stop()
 
 
+# -- JupyterHub: a user's server started on demand (--start-server, --stop-server)
+
+HUB_CONFIG = """
+import asyncio, json, sys
+c = get_config()
+c.JupyterHub.ip, c.JupyterHub.port, c.JupyterHub.base_url = "127.0.0.1", {port}, "/jupyter/"
+c.JupyterHub.hub_ip, c.JupyterHub.hub_port = "127.0.0.1", {hub_port}
+c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{proxy_api_port}"
+c.JupyterHub.authenticator_class, c.JupyterHub.spawner_class = "dummy", "simple"
+c.Authenticator.allowed_users = {{"ann", "bob", "cal"}}
+c.SimpleLocalProcessSpawner.home_dir_template = {home!r} + "/{{username}}"
+c.Spawner.cmd = [sys.executable, "-m", "jupyterhub.singleuser"]
+c.Spawner.args = ["--allow-root"] if {root_user} else []
+c.JupyterHub.services = [{{"name": "maintainer", "api_token": {secret!r}}}]
+c.JupyterHub.load_roles = [{{"name": "maintainer", "services": ["maintainer"],
+                            "scopes": ["admin:users", "admin:servers", "tokens"]}}]
+
+async def pre_spawn(spawner):  # ann starts; bob's server exits at once; cal's takes its time
+    spawner.environment["JC_OPTIONS"] = json.dumps(spawner.user_options)
+    if spawner.user.name == "bob":
+        spawner.cmd, spawner.http_timeout = ["false"], 3
+    if spawner.user.name == "cal":
+        await asyncio.sleep(30)
+c.Spawner.pre_spawn_hook = pre_spawn
+"""
+
+
+class JupyterHub:
+    """A real JupyterHub behind the base URL /jupyter/: dummy authenticator, local processes,
+    configurable-http-proxy; its users' servers start and stop as the tests ask."""
+
+    def __init__(self, root: Path):
+        if TIERS < 3:
+            pytest.skip(f"a real hub is tier 3 (JUPYTER_CALL_TIERS={TIERS})")
+        pytest.importorskip("jupyterhub", reason="needs jupyterhub (pip install jupyterhub)")
+        if shutil.which("configurable-http-proxy") is None:
+            pytest.skip("needs configurable-http-proxy on PATH (npm install -g configurable-http-proxy)")
+        self.port, self.secret = _free_port(), secrets.token_hex(16)
+        self.url = f"http://127.0.0.1:{self.port}/jupyter/"
+        (root / "home").mkdir()
+        (root / "jupyterhub_config.py").write_text(HUB_CONFIG.format(
+            port=self.port, hub_port=_free_port(), proxy_api_port=_free_port(), home=str(root / "home"),
+            root_user=hasattr(os, "geteuid") and os.geteuid() == 0, secret=self.secret))
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTER", "JPY"))}
+        self.env.update(HOME=str(root / "home"), JUPYTER_RUNTIME_DIR=str(root / "runtime"))
+        self.log: list = []
+        self.proc = subprocess.Popen([sys.executable, "-m", "jupyterhub", "-f", "jupyterhub_config.py"], cwd=root,
+                                     env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        threading.Thread(target=lambda: self.log.extend(self.proc.stdout), daemon=True).start()
+        give_up = time.monotonic() + 120
+        while self.proc.poll() is None and time.monotonic() < give_up:
+            with contextlib.suppress(jc.ServerError):
+                self.api("GET", "api/")
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("the hub did not start:\n" + "".join(self.log[-30:]))
+
+    def api(self, method, path, body=None):
+        return jc.RestClient(self.url + "hub/", self.secret).request(method, path, body, deadline=jc.Deadline(60))
+
+    def token(self, user, scopes=("inherit",)):
+        return self.api("POST", f"api/users/{user}/tokens", {"scopes": list(scopes)})["token"]
+
+    def server(self, user):
+        """The state of the user's server: None (stopped), "ready", or what is pending."""
+        found = self.api("GET", f"api/users/{user}")["servers"].get("")
+        return None if found is None else "ready" if found["ready"] else found["pending"]
+
+    def settle(self, user):
+        """The user's server state once nothing is pending (bounded)."""
+        give_up = time.monotonic() + 60
+        while self.server(user) not in (None, "ready") and time.monotonic() < give_up:
+            time.sleep(0.1)
+        return self.server(user)
+
+    def stop_server(self, user):
+        jc.stop_hub_server(f"{self.url}user/{user}/", self.secret, timeout=60)
+        assert self.settle(user) is None
+
+    def stop(self):
+        if self.proc.poll() is None:
+            jc._stop_server(self.proc)
+
+
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory):
+    srv = JupyterHub(tmp_path_factory.mktemp("hub"))
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _hub_cli(hub, user, token, *args):
+    return cli("--url", f"{hub.url}user/{user}/", "--token", token, *args, env=hub.env, timeout=120)
+
+
+def test_hub_starts_a_stopped_server_and_stops_only_what_it_started(hub):
+    token = hub.token("ann")
+    stopped = _hub_cli(hub, "ann", token, "print(1)")
+    assert stopped.returncode == 3 and "JupyterHub server that is not running" in stopped.stderr
+    ran = _hub_cli(hub, "ann", token, "--start-server", "--profile", "gpu", "--user-options", '{"image": "x"}',
+                   "import os; print(os.environ['JC_OPTIONS'])")
+    assert ran.returncode == 0 and json.loads(ran.stdout) == {"image": "x", "profile": "gpu"}, ran.stderr
+    assert ran.stderr == "" and hub.server("ann") == "ready"  # --start-server alone: it keeps running
+    again = _hub_cli(hub, "ann", token, "--start-server", "--stop-server", "print(2)")
+    assert again.stdout == "2\n" and hub.server("ann") == "ready"  # running before: never stopped
+    hub.stop_server("ann")
+    shown = types.SimpleNamespace(url=f"{hub.url}user/ann/", token=token, env=hub.env)
+    _, screen, code = _pty_run(shown, ["--start-server", "--stop-server", "print(3)"])
+    assert code == 0 and b"Server ready at /jupyter/user/ann/" in screen and b"3\r\n" in screen
+    assert hub.settle("ann") is None  # started by the call: stopped after it
+
+
+def test_hub_refusals_and_failed_starts_are_one_line_exit_3(hub):
+    failed = _hub_cli(hub, "bob", hub.token("bob"), "--start-server", "print(1)")
+    assert failed.returncode == 3 and len(failed.stderr.splitlines()) == 1
+    assert "could not be started by the hub: Spawn failed" in failed.stderr
+    limited = _hub_cli(hub, "ann", hub.token("ann", ["access:servers!user=ann"]), "--start-server", "print(1)")
+    assert limited.returncode == 3 and len(limited.stderr.splitlines()) == 1
+    assert "lacks the scope servers!user=ann" in limited.stderr and f"{hub.url}hub/token" in limited.stderr
+    assert hub.server("ann") is None
+
+
+def test_hub_ctrl_c_during_a_start_stops_what_was_started(hub):
+    proc = subprocess.Popen([sys.executable, str(MODULE), "--url", f"{hub.url}user/cal/", "--token",
+                             hub.token("cal"), "--start-server", "--stop-server", "print(1)"], env=hub.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        give_up = time.monotonic() + 60
+        while hub.server("cal") != "spawn" and time.monotonic() < give_up:  # its pre-spawn hook waits 30 s
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 130
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert hub.settle("cal") is None
+
+
+def test_hub_python_api_and_mcp_start_a_stopped_server(hub):
+    url, token = f"{hub.url}user/ann/", hub.token("ann")
+    with contextlib.suppress(AssertionError):
+        hub.stop_server("ann")
+    result = jc.run_code("import os; print(os.environ['JC_OPTIONS'])", url, token, start_server=True,
+                         user_options={"profile": "cpu"}, timeout=120)
+    assert json.loads(result.stdout) == {"profile": "cpu"}
+    with jc.Kernel(url, token, start_server=True, timeout=120) as kernel:
+        assert kernel.started_server is False  # running already
+    hub.stop_server("ann")
+    host = McpProcess(types.SimpleNamespace(url=url, token=token, env=hub.env), "--start-server")
+    try:
+        host.handshake()
+        assert _texts(host.call("run_code", code="print(6 * 7)")) == "42\n"
+        assert host.close() == 0
+    finally:
+        host.stop()
+    assert hub.server("ann") == "ready"  # (the MCP server starts it; it never stops it)
+    hub.stop_server("ann")
+
+
 # ---- 3. The command line: exit codes, flags, discovery, usage errors, other Pythons ----
 
 def test_cli_prints_output_and_exits_0(server, no_leaks):
@@ -2905,6 +3084,9 @@ def test_cli_spawn_runs_on_a_private_server(tmp_path):
     (["--mcp", "--wait", "-1"], "--wait must be a number of seconds, 0 or more"),
     (["--mcp", "--wait", "soon"], "--wait must be a number of seconds, 0 or more"),
     (["--mcp", "--json"], "--json cannot be used with --mcp"),
+    (["--profile", "gpu", "1"], "--stop-server, --user-options and --profile go with --start-server"),
+    (["--start-server", "--user-options", "[1]", "1"], "--user-options must be a JSON object"),
+    (["--mcp", "--start-server", "--stop-server"], "--stop-server cannot be used with --mcp"),
     (["--mcp", "--spawn"], "--spawn cannot be used with --mcp"),
     (["--mcp", "--log", "README.md"], "--log README.md exists and is not a notebook"),
 ])
@@ -3923,10 +4105,13 @@ def test_mcp_background_cells_are_interrupted_bounded_and_cleaned_up(mcp, server
     assert still["structuredContent"]["status"] == "running"
     with host.arrived:
         assert not any(m.get("id") == waiting for m in host.messages)
+    queued = _running(host, code="print('never')")["structuredContent"]  # behind the sleeping cell
     host.call("interrupt_kernel", kernel=sleeping["kernel"])
     text, ended = _collect(host, sleeping["execution"], wait=60)
     assert ended["structuredContent"]["status"] == "error" and ended["isError"]
     assert "KeyboardInterrupt" in _texts({"result": ended})
+    text, aborted = _collect(host, queued["execution"], wait=60)  # as Jupyter aborts what waited behind an error
+    assert aborted["structuredContent"]["status"] == "aborted" and text == "" and "aborted" in _texts({"result": aborted})
     with open(f"/proc/{host.proc.pid}/status") as f:
         before = int(next(line for line in f if line.startswith("VmRSS")).split()[1])
     loud = _running(host, code="for _ in range(100):\n    print('x' * 10**6, flush=True)", wait=0)["structuredContent"]
