@@ -2233,6 +2233,9 @@ def _clean_token(token: object) -> str | None:
 # A stopped server answers 424; a POST asks the hub to start it, and the start's progress comes as
 # an event stream whose last event is marked ready or failed.
 
+HUB_START_TIMEOUT = 600.0  # a start's limit when the call has none (KubeSpawner gives up at 300)
+
+
 def _hub_server(url: str, token: str | None, ssl_context: object) -> tuple[RestClient, str]:
     """The hub's REST client and the API path of the user's server at ``url``."""
     parts = urlsplit(url)
@@ -2252,7 +2255,7 @@ def start_hub_server(url: str, token: str | None, *, user_options: dict | None =
     """Have JupyterHub start the user's server at ``url`` (``user_options`` for its spawner) and
     wait until it is ready, ``on_progress(message)`` seeing each step. False if it ran already; a
     failed start is a ServerError with the hub's message, a token without the scope an AuthError."""
-    deadline = Deadline(timeout)
+    deadline = Deadline(HUB_START_TIMEOUT if timeout is None else timeout)
     hub, path = _hub_server(url, token, ssl_context)
     if on_progress is not None:
         on_progress("asking the hub to start the server")

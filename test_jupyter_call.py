@@ -1602,6 +1602,40 @@ def test_hostile_peer_errors_are_jupyter_errors_in_the_api():
         list(pool.map(attempt, HOSTILE))  # (re-raises the first failure)
 
 
+def test_a_hubs_start_ends_in_its_message_or_within_the_budget(monkeypatch):
+    server, progress = "/hub/api/users/ann/server", "/hub/api/users/ann/server/progress"
+    stream = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
+    cases = [  # the POST's answer, the progress stream, what the caller sees
+        (_http_response(500, b'{"message": "Internal Server Error"}'),
+         stream + b'data: {"progress": 50, "message": "Spawning"}\n\n: keepalive\n\ndata: [1\n\n'
+                  b'data: {"progress": 100, "failed": true, "message": "Spawn failed: quota"}\n\n',
+         "could not be started by the hub: Spawn failed: quota"),
+        (_http_response(202), stream + b'data: {"progress": 10}\n\n', "its progress stream ended early"),
+        (_http_response(202), Paced(stream + b"\n\n" * 400, piece=2, every=0.05), "within 1 s")]  # a drip
+    for post, events, words in cases:
+        fake = FakeJupyter(rest={("POST", server): post, ("GET", progress): events})
+        try:
+            start = time.monotonic()
+            with pytest.raises(jc.ServerError, match=re.escape(words)):
+                jc.start_hub_server(fake.url + "user/ann/", "t", timeout=1)
+            assert time.monotonic() - start < 5
+        finally:
+            fake.close()
+    monkeypatch.setattr(jc, "HUB_START_TIMEOUT", 1.0)  # a call with no time limit gets the hub's
+    fake = FakeJupyter(rest={("POST", server): _http_response(202), ("GET", progress): cases[2][1]})
+    try:
+        with pytest.raises(jc.ServerError, match="within 1 s"):
+            jc.start_hub_server(fake.url + "user/ann/", "t")
+    finally:
+        fake.close()
+    fake = FakeJupyter(rest={("POST", server): _http_response(400, b'{"message": "ann is already running"}')})
+    try:
+        assert jc.start_hub_server(fake.url + "user/ann/", "t") is False
+        assert fake.requests == [f"POST {server}"]  # nothing more asked of a running server
+    finally:
+        fake.close()
+
+
 @pytest.mark.parametrize("case", list(HOSTILE))
 def test_hostile_peer_ends_in_one_line_and_exit_3(case):
     kwargs, words = HOSTILE[case]
