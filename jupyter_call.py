@@ -2397,45 +2397,34 @@ class Kernel:
         self._cleanup: Deadline | None = None  # the cleanup budget, once cleanup has begun
         self._ahead: dict = {}  # msg_id of a request sent ahead -> its messages that came early
         self.id: str | None = None
-        self.started_server = False
         deadline = Deadline(timeout)
         try:
+            self.started_server = start_server and start_if_stopped(
+                self.url, token, user_options, deadline, ssl_context)
+            if notebook:
+                kernel_id = self._rest.find_session(notebook, deadline=deadline)
+                if kernel_id is None:
+                    raise ServerError(self.url, f"has no open notebook {notebook}", 404,
+                                      fix="notebook")
+            elif session:
+                kernel_id = (self._rest.find_session(session, deadline=deadline)
+                             or self._rest.create_session(session, name, deadline=deadline))
+            if kernel_id:
+                # No REST call: the websocket handshake answers 404 for an unknown
+                # kernel, and attaching stays one round trip.
+                self.id, self._name = kernel_id, None
+            else:
+                info = self._start(name, env, path, deadline)
+                self._owned = True
+                self.id, self._name = info["id"], info.get("name")
             try:
-                self._open(kernel_id, name, env, session, notebook, path, deadline)
+                self._connect(deadline)
             except ServerError as exc:
-                if exc.status != 424 or not start_server:
-                    raise
-                self.started_server = start_hub_server(
-                    self.url, token, user_options=user_options, timeout=deadline.remaining(),
-                    ssl_context=ssl_context)
-                self._open(kernel_id, name, env, session, notebook, path, deadline)
+                if exc.status == 404:
+                    raise ServerError(self.url, f"has no kernel {self.id}", 404) from None
+                raise
         except BaseException:
             self.close()
-            raise
-
-    def _open(self, kernel_id, name, env, session, notebook, path, deadline: Deadline) -> None:
-        """Start or find the kernel, and connect to it."""
-        if notebook:
-            kernel_id = self._rest.find_session(notebook, deadline=deadline)
-            if kernel_id is None:
-                raise ServerError(self.url, f"has no open notebook {notebook}", 404,
-                                  fix="notebook")
-        elif session:
-            kernel_id = (self._rest.find_session(session, deadline=deadline)
-                         or self._rest.create_session(session, name, deadline=deadline))
-        if kernel_id:
-            # No REST call: the websocket handshake answers 404 for an unknown
-            # kernel, and attaching stays one round trip.
-            self.id, self._name = kernel_id, None
-        else:
-            info = self._start(name, env, path, deadline)
-            self._owned = True
-            self.id, self._name = info["id"], info.get("name")
-        try:
-            self._connect(deadline)
-        except ServerError as exc:
-            if exc.status == 404:
-                raise ServerError(self.url, f"has no kernel {self.id}", 404) from None
             raise
 
     def _start(self, name: str | None, env: dict | None, path: str | None,
@@ -3623,12 +3612,10 @@ class NotebookLog:
             text = "not UTF-8"
         if text and text.strip():
             try:
-                notebook = json.loads(text)
-            except (ValueError, RecursionError):
-                notebook = None
-            if not is_notebook(notebook):
-                raise ConfigError(f"--log {path} exists and is not a notebook; give a new file")
-            self.notebook = upgrade_notebook(notebook)
+                self.notebook = notebook_from(text, ".ipynb")  # (whatever its name ends with)
+            except ConfigError:
+                raise ConfigError(f"--log {path} exists and is not a notebook; give a new "
+                                  "file") from None
         self._write()
 
     def add(self, code: str, result: Result) -> None:
@@ -4139,7 +4126,7 @@ class McpServer:
                 if call.cancelled:
                     return
                 elapsed = round(time.monotonic() - call.started, 1)
-                line = call.run.last_line if call.run is not None else call.last_line
+                line = (call.run or call).last_line
                 params = {"progressToken": call.progress_token, "progress": elapsed,
                           "message": f"running for {elapsed:.0f} s" + (f": {line}" if line else "")}
                 self.rpc.notify("notifications/progress", params)
