@@ -104,7 +104,7 @@ def _run_case(url: str, label: str, args: argparse.Namespace) -> tuple[str, str]
     dog = _Watchdog(args.case_timeout, label)
     ws, echoed = None, 0
     try:
-        ws = WebSocket.connect(url, timeout=args.io_timeout, max_size=MAX_SIZE, compression=args.deflate)
+        ws = WebSocket.connect(url, timeout=args.io_timeout, max_size=MAX_SIZE)
         dog.sock = ws.sock
         while True:
             ws.send(ws.recv(timeout=args.io_timeout))  # pings and the close reply are handled inside
@@ -1498,8 +1498,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wall-clock limit per case (default %(default)s)")
     p.add_argument("--control-timeout", type=float, default=120.0, metavar="S",
                    help="limit for getCaseCount and updateReports (default %(default)s)")
-    p.add_argument("--deflate", action="store_true",
-                   help="offer permessage-deflate (for sections 12 and 13)")
     p.set_defaults(func=cmd_autobahn)
     return parser
 

@@ -12,11 +12,12 @@ It speaks the Jupyter server REST API (start, interrupt, restart and delete kern
 and the kernel channels over its own RFC 6455 websocket client on plain sockets; one time budget
 bounds every step of both (but the system's name lookup). Sections, top to bottom, each using only
 those above it: errors; time budget and sockets; websocket frames (no I/O); websocket connection;
-Jupyter REST API (urllib); Jupyter messages and results (no I/O); server discovery; the public API
-(Kernel, run_code); notebooks; the Python 3.9 type-hint shim; what the front ends share; the Model
-Context Protocol server for AI agents (--mcp); the command line, main() last. A section reaches
-those above through names without a leading underscore (``__all__`` lists the API kept stable);
-one friendship: the notebooks section calls ``Kernel._send_ahead`` and ``Kernel._execute``.
+Jupyter REST API (urllib); Jupyter messages and results (no I/O); server discovery; JupyterHub
+servers on demand; the public API (Kernel, run_code); notebooks; what the front ends share; the
+Model Context Protocol server for AI agents (--mcp); the command line, main() last. A section
+reaches those above through names without a leading underscore (``__all__`` lists the API kept
+stable), and keeps its own names underscored; one friendship: the notebooks section calls
+``Kernel._send_ahead`` and ``Kernel._execute``.
 
 MIT License. Copyright (c) 2026 the jupyter_call authors. See LICENSE.
 """
@@ -24,16 +25,17 @@ from __future__ import annotations
 
 # Start-up policy: a short command-line call spends more time importing than talking to the server,
 # so what only some calls need loads where it is used: ssl (https and wss), urllib.request and
-# http.client (REST; they import ssl and email), zlib (compression); dataclasses never (Result is a
-# plain class). The one SHA-1 of the handshake comes from CPython's _sha1 rather than OpenSSL's
-# hashlib, ASCII host names skip the idna codec, and the command line has its own small option
-# parser (argparse would cost more than 5% of a call) and skips the collector's last pass at exit.
+# http.client (REST; they import ssl and email); dataclasses never (Result is a plain class). The
+# one SHA-1 of the handshake comes from CPython's _sha1 rather than OpenSSL's hashlib, ASCII host
+# names skip the idna codec, and the command line has its own small option parser (argparse would
+# cost more than 5% of a call) and skips the collector's last pass at exit.
 import base64
 import codecs
 import collections
 import contextlib
 import enum
 import errno
+import functools
 import gc
 import io
 import json
@@ -46,7 +48,7 @@ import sys
 import time
 import types
 from collections.abc import Callable, Iterable
-from urllib.parse import quote, unquote, urljoin, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 __version__ = "0.1.0"
 
@@ -85,7 +87,7 @@ class ServerError(JupyterError):
 
 
 # What a caller can do about a ServerError, in the API's words (the command
-# line says the same in its own: CLI_FIXES).
+# line says the same in its own: _CLI_FIXES).
 FIXES = {
     "token": "pass token= or set JUPYTER_TOKEN",
     "tls": "pass an ssl_context that trusts its CA, or set SSL_CERT_FILE",
@@ -128,9 +130,14 @@ class ExecutionError(JupyterError):
 
     def __init__(self, result: Result):
         self.result = result
-        err = result.error or {}
         super().__init__("execution was aborted by the kernel" if result.status == "aborted"
-                         else f"{err.get('ename', 'Error')}: {err.get('evalue', '')}".rstrip(": "))
+                         else error_line(result.error))
+
+
+def error_line(error: dict | None) -> str:
+    """A kernel's error in one line, 'ename: evalue' (of an error output or reply)."""
+    ename, evalue = (str((error or {}).get(key) or "") for key in ("ename", "evalue"))
+    return f"{ename or 'Error'}: {evalue}" if evalue else ename or "Error"
 
 
 class KernelDied(JupyterError):
@@ -155,7 +162,7 @@ class ExecutionTimeout(JupyterError, TimeoutError):
 
 # ---- Time budget and sockets (Deadline, sliced waits, TLS, proxies) ------------------------------
 
-MAX_HANDSHAKE = 64 * 1024  # bound on the head of the answer to a handshake or a CONNECT
+_MAX_HANDSHAKE = 64 * 1024  # bound on the head of the answer to a handshake or a CONNECT
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")  # never allowed in a header value (RFC 9110 5.5)
 
 
@@ -194,11 +201,11 @@ def within(timeout: float | None) -> str:
 # Windows runs a Python signal handler only when the blocking call in progress returns, and a socket
 # wait is one call. There every wait is cut into slices of this many seconds, so Ctrl-C, Ctrl-Break
 # and the console's close act within half a second; elsewhere a signal ends the wait itself.
-WAIT_SLICE = 0.5 if sys.platform == "win32" else None
+_WAIT_SLICE = 0.5 if sys.platform == "win32" else None
 
 
 def sliced_io(sock: socket.socket, deadline: Deadline, call, *args):
-    """``call(*args)`` on ``sock`` within ``deadline``, waiting at most WAIT_SLICE at a time.
+    """``call(*args)`` on ``sock`` within ``deadline``, waiting at most _WAIT_SLICE at a time.
 
     For calls that may be made again after a timeout: recv, send, the TLS handshake.
     """
@@ -206,8 +213,8 @@ def sliced_io(sock: socket.socket, deadline: Deadline, call, *args):
         left = deadline.remaining()
         if left is not None and left <= 0:
             raise socket.timeout("timed out")  # (a zero timeout would make the socket non-blocking)
-        last = WAIT_SLICE is None or (left is not None and left <= WAIT_SLICE)
-        sock.settimeout(left if last else WAIT_SLICE)
+        last = _WAIT_SLICE is None or (left is not None and left <= _WAIT_SLICE)
+        sock.settimeout(left if last else _WAIT_SLICE)
         try:
             return call(*args)
         except socket.timeout:
@@ -221,7 +228,7 @@ def recv_within(sock: socket.socket, size: int, deadline: Deadline) -> bytes:
 
 def sendall_within(sock: socket.socket, data: bytes, deadline: Deadline) -> None:
     """Send all of ``data`` within ``deadline``; after a timeout part of it may be out."""
-    if WAIT_SLICE is None:
+    if _WAIT_SLICE is None:
         sliced_io(sock, deadline, sock.sendall, data)
         return
     view = memoryview(data)
@@ -233,15 +240,15 @@ _CONNECTING = {errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY, 10035}  # 1
 
 
 def _connect(sock: socket.socket, address, deadline: Deadline) -> None:
-    """Connect within ``deadline``; in WAIT_SLICE slices where they are set."""
-    if WAIT_SLICE is None:
+    """Connect within ``deadline``; in _WAIT_SLICE slices where they are set."""
+    if _WAIT_SLICE is None:
         sliced_io(sock, deadline, sock.connect, address)
         return
     import select
     sock.setblocking(False)
     code = sock.connect_ex(address)
     while code in _CONNECTING:
-        left = deadline.remaining(WAIT_SLICE)
+        left = deadline.remaining(_WAIT_SLICE)
         if left <= 0:
             raise socket.timeout("timed out")
         # Windows reports a refusal in `failed`
@@ -296,8 +303,7 @@ def _open_socket(host: str, port: int, unix_socket: str | None, proxy: str | Non
 
 def open_stream(host: str, port: int, secure: bool, ssl_context: object, unix_socket: str | None,
                 proxy: str | None, deadline: Deadline, *, tunnel: bool = True) -> socket.socket:
-    """A connected socket to host:port, through a proxy's CONNECT tunnel if ``tunnel``, with
-    TLS if ``secure``."""
+    """A socket connected to host:port, through a proxy's CONNECT if ``tunnel``, TLS if secure."""
     sock = _open_socket(host, port, unix_socket, proxy, deadline)
     try:
         if proxy and tunnel:
@@ -364,8 +370,8 @@ def http_exchange(sock: socket.socket, lines: list, deadline: Deadline) -> tuple
     sendall_within(sock, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"), deadline)
     buf = bytearray()
     while b"\r\n\r\n" not in buf:
-        if len(buf) > MAX_HANDSHAKE:
-            raise ValueError(f"HTTP answer head longer than {MAX_HANDSHAKE} bytes")
+        if len(buf) > _MAX_HANDSHAKE:
+            raise ValueError(f"HTTP answer head longer than {_MAX_HANDSHAKE} bytes")
         chunk = recv_within(sock, 4096, deadline)
         if not chunk:
             raise EOFError("connection closed during the handshake")
@@ -485,7 +491,7 @@ class Opcode(enum.IntEnum):
     PONG = 0xA
 
 
-CONT, TEXT, BINARY = Opcode.CONT, Opcode.TEXT, Opcode.BINARY
+_CONT, TEXT, BINARY = Opcode.CONT, Opcode.TEXT, Opcode.BINARY
 CLOSE, PING, PONG = Opcode.CLOSE, Opcode.PING, Opcode.PONG
 CONTROL_OPCODES = (CLOSE, PING, PONG)
 
@@ -510,25 +516,20 @@ _SENDABLE_CLOSE_CODES = frozenset([1000, 1001, 1002, 1003, 1007, 1008, 1009, 101
                                    1012, 1013, 1014])
 
 # 5.2 Base Framing Protocol
-FIN_MASK = 0x80
-RSV_MASK = 0x70
-OPCODE_MASK = 0x0F
-MASK_MASK = 0x80
-PAYLOAD_LENGTH_MASK = 0x7F
-PAYLOAD_LENGTH_TWO_BYTE = 126
-PAYLOAD_LENGTH_EIGHT_BYTE = 127
-MAX_CONTROL_PAYLOAD = 125  # 5.5: control frames carry at most 125 bytes
-
-RSV1_MASK = 0x40  # RFC 7692 6: marks the first frame of a compressed message
+_FIN_MASK = 0x80
+_RSV_MASK = 0x70
+_OPCODE_MASK = 0x0F
+_MASK_MASK = 0x80
+_PAYLOAD_LENGTH_MASK = 0x7F
+_PAYLOAD_LENGTH_TWO_BYTE = 126
+_PAYLOAD_LENGTH_EIGHT_BYTE = 127
+_MAX_CONTROL_PAYLOAD = 125  # 5.5: control frames carry at most 125 bytes
 
 # 1.3: the server proves it read our key by hashing it with this GUID.
-WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 MAX_MESSAGE_SIZE = 256 * 2**20  # default bound on one message: fits a 100 MB notebook output
 CLOSE_TIMEOUT = 2.0             # how long to wait for the peer's side of the close handshake
-DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
-# RFC 7692 7.2.1: stripped after compressing, added back before inflating
-DEFLATE_TAIL = b"\x00\x00\xff\xff"
 
 
 def accept_key(key: str) -> str:
@@ -538,11 +539,11 @@ def accept_key(key: str) -> str:
         from _sha1 import sha1
     except ImportError:
         from hashlib import sha1
-    digest = sha1((key + WEBSOCKET_GUID).encode("ascii")).digest()
+    digest = sha1((key + _WEBSOCKET_GUID).encode("ascii")).digest()
     return base64.b64encode(digest).decode("ascii")
 
 
-def mask_bytes(data: bytes, key: bytes) -> bytes:
+def _mask_bytes(data: bytes, key: bytes) -> bytes:
     """XOR ``data`` with the 4-byte ``key`` repeated (5.3); masking and unmasking are one."""
     n = len(data)
     if not n:
@@ -558,22 +559,22 @@ class Frame(collections.namedtuple("Frame", "opcode payload fin rsv", defaults=(
     def serialize(self, *, mask_key: bytes | None = None) -> bytes:
         """Encode the frame; clients pass a fresh 4-byte ``mask_key`` (5.3)."""
         n = len(self.payload)
-        head = bytearray([(FIN_MASK if self.fin else 0) | self.rsv | self.opcode])
-        mask_bit = MASK_MASK if mask_key is not None else 0
-        if n < PAYLOAD_LENGTH_TWO_BYTE:
+        head = bytearray([(_FIN_MASK if self.fin else 0) | self.rsv | self.opcode])
+        mask_bit = _MASK_MASK if mask_key is not None else 0
+        if n < _PAYLOAD_LENGTH_TWO_BYTE:
             head.append(mask_bit | n)
         elif n < 2**16:
-            head.append(mask_bit | PAYLOAD_LENGTH_TWO_BYTE)
+            head.append(mask_bit | _PAYLOAD_LENGTH_TWO_BYTE)
             head += n.to_bytes(2, "big")
         else:
-            head.append(mask_bit | PAYLOAD_LENGTH_EIGHT_BYTE)
+            head.append(mask_bit | _PAYLOAD_LENGTH_EIGHT_BYTE)
             head += n.to_bytes(8, "big")
         if mask_key is None:
             return bytes(head) + self.payload
-        return bytes(head) + mask_key + mask_bytes(self.payload, mask_key)
+        return bytes(head) + mask_key + _mask_bytes(self.payload, mask_key)
 
 
-class FrameHead(collections.namedtuple("FrameHead", "opcode fin rsv start end key")):
+class _FrameHead(collections.namedtuple("_FrameHead", "opcode fin rsv start end key")):
     """A parsed frame header: the payload lies at ``data[start:end]``, masked with ``key``."""
     __slots__ = ()
 
@@ -581,12 +582,12 @@ class FrameHead(collections.namedtuple("FrameHead", "opcode fin rsv start end ke
         """The whole frame, once ``data`` holds ``end`` bytes."""
         with memoryview(data) as view:
             payload = bytes(view[self.start:self.end])
-        return Frame(self.opcode, mask_bytes(payload, self.key) if self.key else payload, self.fin,
+        return Frame(self.opcode, _mask_bytes(payload, self.key) if self.key else payload, self.fin,
                      self.rsv)
 
 
 def parse_head(data: bytes | bytearray, *, max_size: int | None = MAX_MESSAGE_SIZE,
-               masked: bool = False, allowed_rsv: int = 0) -> tuple[FrameHead | None, int]:
+               masked: bool = False) -> tuple[_FrameHead | None, int]:
     """``(head, head.end)`` once the header at the start of ``data`` is whole, else
     ``(None, needed)``.
 
@@ -597,10 +598,11 @@ def parse_head(data: bytes | bytearray, *, max_size: int | None = MAX_MESSAGE_SI
     if have < 2:
         return None, 2
     b0, b1 = data[0], data[1]
-    fin, rsv, op = bool(b0 & FIN_MASK), b0 & RSV_MASK, b0 & OPCODE_MASK
-    is_masked, length = bool(b1 & MASK_MASK), b1 & PAYLOAD_LENGTH_MASK
-    # 5.2: a nonzero RSV bit without a negotiated meaning MUST fail the connection.
-    if rsv & ~allowed_rsv:
+    fin, rsv, op = bool(b0 & _FIN_MASK), b0 & _RSV_MASK, b0 & _OPCODE_MASK
+    is_masked, length = bool(b1 & _MASK_MASK), b1 & _PAYLOAD_LENGTH_MASK
+    # 5.2: a nonzero RSV bit without a negotiated meaning MUST fail the connection (no extension
+    # is ever negotiated).
+    if rsv:
         raise WebSocketError(CloseCode.PROTOCOL_ERROR, f"reserved bits 0x{rsv:02x} set")
     # 5.2: an unknown opcode MUST fail the connection.
     try:
@@ -613,19 +615,16 @@ def parse_head(data: bytes | bytearray, *, max_size: int | None = MAX_MESSAGE_SI
         raise WebSocketError(CloseCode.PROTOCOL_ERROR, f"{state} frame from the peer")
     if opcode in CONTROL_OPCODES:
         # 5.5: control frames MUST NOT be fragmented and carry at most 125 bytes.
-        if rsv:  # RFC 7692 6.1: RSV1 is for data messages only
-            raise WebSocketError(CloseCode.PROTOCOL_ERROR,
-                                 f"control frame with reserved bits 0x{rsv:02x}")
         if not fin:
             raise WebSocketError(CloseCode.PROTOCOL_ERROR, "fragmented control frame")
-        if length > MAX_CONTROL_PAYLOAD:
+        if length > _MAX_CONTROL_PAYLOAD:
             raise WebSocketError(CloseCode.PROTOCOL_ERROR, "control frame longer than 125 bytes")
     pos = 2
-    if length == PAYLOAD_LENGTH_TWO_BYTE:
+    if length == _PAYLOAD_LENGTH_TWO_BYTE:
         if have < 4:
             return None, 4
         length, pos = int.from_bytes(data[2:4], "big"), 4
-    elif length == PAYLOAD_LENGTH_EIGHT_BYTE:
+    elif length == _PAYLOAD_LENGTH_EIGHT_BYTE:
         if have < 10:
             return None, 10
         length, pos = int.from_bytes(data[2:10], "big"), 10
@@ -639,23 +638,14 @@ def parse_head(data: bytes | bytearray, *, max_size: int | None = MAX_MESSAGE_SI
         if have < pos + 4:
             return None, pos + 4
         key, pos = bytes(data[pos:pos + 4]), pos + 4
-    return FrameHead(opcode, fin, rsv, pos, pos + length, key), pos + length
-
-
-def parse_frame(data: bytes | bytearray, **options) -> tuple[Frame | None, int]:
-    """``(frame, consumed)`` for the whole frame at the start of ``data``, else
-    ``(None, needed)``."""
-    head, needed = parse_head(data, **options)
-    if head is None or len(data) < needed:
-        return None, needed
-    return head.frame(data), needed
+    return _FrameHead(opcode, fin, rsv, pos, pos + length, key), pos + length
 
 
 def close_payload(code: int | None, reason: str = "") -> bytes:
     """The body of a close frame (5.5.1): a 2-byte code then UTF-8 reason, or nothing."""
     if code is None or code == CloseCode.NO_STATUS:
         return b""
-    return int(code).to_bytes(2, "big") + reason.encode("utf-8")[:MAX_CONTROL_PAYLOAD - 2]
+    return int(code).to_bytes(2, "big") + reason.encode("utf-8")[:_MAX_CONTROL_PAYLOAD - 2]
 
 
 def parse_close(payload: bytes) -> tuple[int, str]:
@@ -674,82 +664,15 @@ def parse_close(payload: bytes) -> tuple[int, str]:
     return code, reason
 
 
-def parse_deflate_answer(value: str) -> dict:
-    """The parameters a server chose for permessage-deflate (RFC 7692 7.1); raises if invalid."""
-    fail = lambda why: WebSocketError(CloseCode.PROTOCOL_ERROR,
-                                      f"bad permessage-deflate answer: {why}")
-    offers = [o.strip() for o in value.split(",") if o.strip()]
-    if len(offers) != 1:
-        raise fail("more than one extension")
-    name, *params = [p.strip() for p in offers[0].split(";")]
-    if name != "permessage-deflate":
-        raise fail(f"unknown extension {name!r}")
-    chosen: dict = {}
-    for param in params:
-        key, sep, raw = (x.strip() for x in param.partition("="))
-        if key in chosen:
-            raise fail(f"{key} given twice")
-        if key in ("server_no_context_takeover", "client_no_context_takeover") and not sep:
-            chosen[key] = True
-        elif key in ("server_max_window_bits", "client_max_window_bits") and sep:
-            bits = raw.strip('"')
-            if not bits.isdigit() or not 8 <= int(bits) <= 15 or bits != str(int(bits)):
-                raise fail(f"{key}={raw}")
-            chosen[key] = int(bits)
-        else:
-            raise fail(f"parameter {param!r}")
-    return chosen
-
-
-class Deflate:
-    """permessage-deflate (RFC 7692) with the parameters the server chose (no I/O)."""
-
-    def __init__(self, params: dict):
-        self.params = params
-        # zlib makes no 8-bit windows
-        self.compresses = params.get("client_max_window_bits", 15) >= 9
-        self._deflater = self._inflater = None
-
-    def compress(self, data: bytes) -> bytes:
-        import zlib
-        if self._deflater is None or self.params.get("client_no_context_takeover"):
-            bits = self.params.get("client_max_window_bits", 15)
-            self._deflater = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -bits)
-        data = self._deflater.compress(data) + self._deflater.flush(zlib.Z_SYNC_FLUSH)
-        return data[:-4] if data.endswith(DEFLATE_TAIL) else data
-
-    def decompress(self, data: bytes, fin: bool, limit: int | None) -> bytes:
-        """Inflate one fragment to at most ``limit`` bytes (no decompression bombs)."""
-        import zlib
-        if self._inflater is None:
-            self._inflater = zlib.decompressobj(-15)  # a 15-bit window reads any smaller one
-        if fin:
-            data += DEFLATE_TAIL
-        try:
-            out = self._inflater.decompress(data, 0 if limit is None else limit + 1)
-        except zlib.error as exc:
-            raise WebSocketError(CloseCode.INVALID_DATA,
-                                 f"compressed message does not inflate: {exc}") from None
-        if self._inflater.unconsumed_tail or (limit is not None and len(out) > limit):
-            raise WebSocketError(CloseCode.MESSAGE_TOO_BIG,
-                                 "message inflates beyond the size limit")
-        if fin and self.params.get("server_no_context_takeover"):
-            self._inflater = None
-        return out
-
-
 class MessageReader:
     """Whole messages from data frames (no I/O): joins fragments, checks UTF-8 as it arrives,
-    inflates permessage-deflate, enforces ``max_size`` (a message being joined costs at most
-    that, however many frames carry it). Errors are WebSocketErrors with their close code.
+    enforces ``max_size`` (a message being joined costs at most that, however many frames carry
+    it). Errors are WebSocketErrors with their close code.
     """
 
-    def __init__(self, *, max_size: int | None = MAX_MESSAGE_SIZE, deflate: Deflate | None = None):
+    def __init__(self, *, max_size: int | None = MAX_MESSAGE_SIZE):
         self.max_size = max_size
-        self.deflate = deflate
-        self.allowed_rsv = RSV1_MASK if deflate is not None else 0
         self._opcode: Opcode | None = None  # of a fragmented message in progress
-        self._compressed = False            # the message in progress is compressed
         self._joined = bytearray()
         self._text = codecs.getincrementaldecoder("utf-8")()   # the message's fragments so far
         self._partial = codecs.getincrementaldecoder("utf-8")()  # a text frame still arriving
@@ -757,26 +680,20 @@ class MessageReader:
 
     def receive(self, frame: Frame) -> str | bytes | None:
         """Take a data frame; return the message it completes, else None."""
-        if frame.opcode == CONT:
+        if frame.opcode == _CONT:
             if self._opcode is None:
                 raise WebSocketError(CloseCode.PROTOCOL_ERROR,
                                      "continuation frame with no message to continue")
-            if frame.rsv:  # RFC 7692 6.1: RSV1 only on a first frame
-                raise WebSocketError(CloseCode.PROTOCOL_ERROR,
-                                     "continuation frame with reserved bits")
         elif self._opcode is not None:
             # 5.4: fragments of one message MUST NOT interleave with another message.
             raise WebSocketError(CloseCode.PROTOCOL_ERROR,
                                  "new message began inside a fragmented one")
         else:
-            self._opcode, self._compressed = frame.opcode, bool(frame.rsv & RSV1_MASK)
+            self._opcode = frame.opcode
             self._text.reset()
         self._checked = 0
         payload = frame.payload
-        room = None if self.max_size is None else self.max_size - len(self._joined)
-        if self._compressed:
-            payload = self.deflate.decompress(payload, frame.fin, room)
-        elif room is not None and len(payload) > room:
+        if self.max_size is not None and len(payload) > self.max_size - len(self._joined):
             raise WebSocketError(CloseCode.MESSAGE_TOO_BIG,
                                  f"message exceeds the limit of {self.max_size} bytes")
         if frame.fin and not self._joined:  # the common case: a message in one frame
@@ -791,25 +708,23 @@ class MessageReader:
         data, self._joined, opcode, self._opcode = self._joined, bytearray(), self._opcode, None
         return data.decode("utf-8") if opcode == TEXT else bytes(data)
 
-    def check_partial(self, head: FrameHead, buf: bytes | bytearray) -> None:
+    def check_partial(self, head: _FrameHead, buf: bytes | bytearray) -> None:
         """8.1 fail fast: check a plain text frame's UTF-8 while its payload still arrives."""
-        if head.key or head.rsv or not (head.opcode == TEXT and self._opcode is None
-                                        or head.opcode == CONT and self._opcode == TEXT
-                                        and not self._compressed):
+        if head.key or not (head.opcode == TEXT and self._opcode is None
+                            or head.opcode == _CONT and self._opcode == TEXT):
             return
         start = head.start + self._checked
         if len(buf) <= start:
             return
         if self._checked == 0:
-            self._partial.setstate(self._text.getstate() if head.opcode == CONT else (b"", 0))
+            self._partial.setstate(self._text.getstate() if head.opcode == _CONT else (b"", 0))
         with memoryview(buf) as view:
             _utf8(view[start:], self._partial)
         self._checked = len(buf) - head.start
 
 
 def _utf8(data, decoder=None, final: bool = False) -> str:
-    """Decode UTF-8 (through an incremental ``decoder`` when given); bad bytes are close code
-    1007."""
+    """Decode UTF-8 (through an incremental ``decoder`` if given); bad bytes: close code 1007."""
     try:
         return decoder.decode(data, final) if decoder is not None else str(data, "utf-8")
     except UnicodeDecodeError:
@@ -822,7 +737,7 @@ def _utf8(data, decoder=None, final: bool = False) -> str:
 # next small frame until our ACK arrives. TCP_QUICKACK asks for an immediate ACK,
 # but the kernel clears it again, so it is set before every receive.
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
-RECV_SIZE = 256 * 1024          # bytes asked of one recv() while waiting for a frame
+_RECV_SIZE = 256 * 1024          # bytes asked of one recv() while waiting for a frame
 RECV_SIZE_MAX = 4 * 2**20       # at most this much in one recv() for a large frame
 
 
@@ -834,19 +749,16 @@ class WebSocket:
     """
 
     def __init__(self, sock: socket.socket, *, subprotocol: str | None = None,
-                 max_size: int | None = MAX_MESSAGE_SIZE, buffered: bytes = b"",
-                 deflate: dict | None = None):
+                 max_size: int | None = MAX_MESSAGE_SIZE, buffered: bytes = b""):
         self.sock = sock
         self.subprotocol = subprotocol
-        self.deflate = deflate  # the permessage-deflate parameters in force, or None
         self.max_size = max_size
         self.close_timeout = CLOSE_TIMEOUT
         self.close_code: int | None = None
         self.close_reason = ""
         self._closing = False
         self._buf = bytearray(buffered)
-        self._deflate = Deflate(deflate) if deflate is not None else None
-        self._reader = MessageReader(max_size=max_size, deflate=self._deflate)
+        self._reader = MessageReader(max_size=max_size)
 
     # -- opening --
 
@@ -854,8 +766,7 @@ class WebSocket:
     def connect(cls, url: str, *, headers: dict | None = None,
                 subprotocols: Iterable[str] | None = None, timeout: float | None = None,
                 ssl_context: object = None, max_size: int | None = MAX_MESSAGE_SIZE,
-                unix_socket: str | None = None, proxy: str | None = None,
-                compression: bool = False) -> WebSocket:
+                unix_socket: str | None = None, proxy: str | None = None) -> WebSocket:
         """Open a websocket to a ``ws://`` or ``wss://`` URL.
 
         Args:
@@ -867,8 +778,6 @@ class WebSocket:
             max_size: largest message accepted; larger ones fail with code 1009.
             unix_socket: connect to this Unix socket path instead of the URL's host.
             proxy: an ``http://[user:pass@]host:port`` proxy to tunnel through (HTTP CONNECT).
-            compression: offer permessage-deflate (RFC 7692); ``.deflate`` says if the server
-                took it.
         Raises:
             ServerError (AuthError for 401/403) when the server answers another
             status than 101, for network errors and when time runs out;
@@ -886,11 +795,8 @@ class WebSocket:
         try:
             sock = open_stream(parts.hostname, port, secure, ssl_context, unix_socket, proxy,
                                deadline)
-            headers = dict(headers or {})
-            if compression:
-                headers["Sec-WebSocket-Extensions"] = DEFLATE_OFFER
-            return cls._handshake(sock, parts, list(subprotocols or []), headers, deadline,
-                                  max_size)
+            return cls._handshake(sock, parts, list(subprotocols or []), dict(headers or {}),
+                                  deadline, max_size)
         except BaseException as exc:
             if sock is not None:
                 sock.close()
@@ -934,17 +840,14 @@ class WebSocket:
         if fields.get("sec-websocket-accept") != accept_key(key):
             raise WebSocketError(CloseCode.PROTOCOL_ERROR,
                                  "handshake answer has a wrong Sec-WebSocket-Accept")
-        deflate = None
-        if fields.get("sec-websocket-extensions"):
-            if "Sec-WebSocket-Extensions" not in headers:
-                raise WebSocketError(CloseCode.PROTOCOL_ERROR,
-                                     "server chose an extension that was not offered")
-            deflate = parse_deflate_answer(fields["sec-websocket-extensions"])
+        if fields.get("sec-websocket-extensions"):  # 4.1: none is ever offered
+            raise WebSocketError(CloseCode.PROTOCOL_ERROR,
+                                 "server chose an extension that was not offered")
         chosen = fields.get("sec-websocket-protocol") or None
         if chosen is not None and chosen not in offered:
             raise WebSocketError(CloseCode.PROTOCOL_ERROR,
                                  f"server chose subprotocol {chosen!r}, which was not offered")
-        return cls(sock, subprotocol=chosen, max_size=max_size, buffered=rest, deflate=deflate)
+        return cls(sock, subprotocol=chosen, max_size=max_size, buffered=rest)
 
     # -- sending --
 
@@ -956,9 +859,7 @@ class WebSocket:
         """
         opcode, payload = ((TEXT, message.encode("utf-8")) if isinstance(message, str)
                            else (BINARY, bytes(message)))
-        rsv = RSV1_MASK if self._deflate is not None and self._deflate.compresses else 0
-        self._send_frame(Frame(opcode, self._deflate.compress(payload) if rsv else payload,
-                               rsv=rsv), Deadline(timeout))
+        self._send_frame(Frame(opcode, payload), Deadline(timeout))
 
     def ping(self, payload: bytes = b"", *, timeout: float | None = None) -> None:
         """Send a ping; the pong is consumed inside ``recv``."""
@@ -1009,8 +910,7 @@ class WebSocket:
     def _read_frame(self, deadline: Deadline, *, closing: bool = False) -> Frame:
         """The next frame; the payload of a text frame is checked while it arrives."""
         while True:
-            head, needed = parse_head(self._buf, max_size=self.max_size,
-                                      allowed_rsv=self._reader.allowed_rsv)
+            head, needed = parse_head(self._buf, max_size=self.max_size)
             if head is not None and len(self._buf) >= needed:
                 frame = head.frame(self._buf)
                 del self._buf[:needed]
@@ -1026,7 +926,7 @@ class WebSocket:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
         try:
-            chunk = recv_within(sock, min(max(needed - len(self._buf), RECV_SIZE), RECV_SIZE_MAX),
+            chunk = recv_within(sock, min(max(needed - len(self._buf), _RECV_SIZE), RECV_SIZE_MAX),
                                 deadline)
         except socket.timeout:
             raise
@@ -1080,7 +980,7 @@ class WebSocket:
         self.close_code, self.close_reason = code, reason
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_WR)
-            while recv_within(self.sock, RECV_SIZE, deadline):
+            while recv_within(self.sock, _RECV_SIZE, deadline):
                 pass
         self.sock.close()
 
@@ -1109,15 +1009,15 @@ class WebSocket:
 # http.client touches the network: its connection's socket is opened by open_stream (one
 # budget over name lookup results, connect, a proxy's tunnel and TLS) and handed over in a
 # _CappedSocket, whose reads wait at most what is left of the call's deadline and stop at
-# MAX_REST_READ bytes. http.client parses the answer; it cannot read past either bound.
+# _MAX_REST_READ bytes. http.client parses the answer; it cannot read past either bound.
 
 HTTP_TIMEOUT = 90.0         # a request's limit when the call has none (gateways: 40 s+ to start)
-MAX_REST_BODY = 16 * 2**20  # bound on one REST answer's body
-MAX_REST_READ = MAX_REST_BODY + 2**20  # bound on all one request reads: head, chunk lines, body
-MAX_ERROR_BODY = 4096       # what is read of an error answer for its message
-MAX_REDIRECTS = 10          # as urllib allows
-DELETE_RETRIES = 5          # a DELETE racing an automatic restart answers 500; try again
-DELETE_BACKOFF = 0.2        # first pause between DELETE attempts; doubles
+_MAX_REST_BODY = 16 * 2**20  # bound on one REST answer's body
+_MAX_REST_READ = _MAX_REST_BODY + 2**20  # bound on all one request reads: head, chunk lines, body
+_MAX_ERROR_BODY = 4096       # what is read of an error answer for its message
+_MAX_REDIRECTS = 10          # as urllib allows
+_DELETE_RETRIES = 5          # a DELETE racing an automatic restart answers 500; try again
+_DELETE_BACKOFF = 0.2        # first pause between DELETE attempts; doubles
 SIDE_REQUEST_TIMEOUT = 10.0 # a request that only diagnoses or lists must not hold a call up longer
 
 
@@ -1127,13 +1027,13 @@ class _BadAnswer(Exception):
 
 class _CappedSocket(io.RawIOBase):
     """The socket http.client is handed: sends and reads keep to the call's deadline (in
-    WAIT_SLICE slices, through sliced_io) and reads stop at MAX_REST_READ bytes. urllib closes the
+    _WAIT_SLICE slices, through sliced_io) and reads stop at _MAX_REST_READ bytes. urllib closes the
     connection once the head is read and goes on reading through the answer's file, so the
     socket closes when both have let go, as a real socket's makefile() arranges."""
 
     def __init__(self, sock: socket.socket, deadline: Deadline):
         super().__init__()
-        self.sock, self.deadline, self.left, self._users = sock, deadline, MAX_REST_READ, 1
+        self.sock, self.deadline, self.left, self._users = sock, deadline, _MAX_REST_READ, 1
         self._unsent: list = []
 
     def sendall(self, data: bytes) -> None:
@@ -1154,7 +1054,7 @@ class _CappedSocket(io.RawIOBase):
             sendall_within(self.sock, b"".join(self._unsent), self.deadline)
             self._unsent.clear()
         if self.left <= 0:
-            raise _BadAnswer(f"more than {MAX_REST_BODY} bytes")
+            raise _BadAnswer(f"more than {_MAX_REST_BODY} bytes")
         got = sliced_io(self.sock, self.deadline, self.sock.recv_into,
                         memoryview(buffer)[:self.left])
         self.left -= got
@@ -1168,18 +1068,13 @@ class _CappedSocket(io.RawIOBase):
                 super().close()
 
 
-_OPENER = None
-
-
+@functools.cache
 def _opener():
     """The urllib opener for every REST call, made at first use: urllib.request imports ssl,
     http.client and email, which a caller who only imports the module does not pay for.
 
     Its handlers carry a request's budget, client and redirect count on the Request itself.
     """
-    global _OPENER
-    if _OPENER is not None:
-        return _OPENER
     import http.client
     import urllib.request
 
@@ -1191,8 +1086,8 @@ def _opener():
                 size = -1
             if size < 0:
                 raise _BadAnswer(f"bad chunk size {size}")
-            if size > MAX_REST_BODY:
-                raise _BadAnswer(f"more than {MAX_REST_BODY} bytes")
+            if size > _MAX_REST_BODY:
+                raise _BadAnswer(f"more than {_MAX_REST_BODY} bytes")
             return size
 
     class Connection(http.client.HTTPConnection):
@@ -1226,13 +1121,13 @@ def _opener():
         http_request = https_request = urllib.request.AbstractHTTPHandler.do_request_
 
     class Redirects(urllib.request.HTTPRedirectHandler):
-        max_repeats = max_redirections = MAX_REDIRECTS + 1  # our own count ends a loop first
+        max_repeats = max_redirections = _MAX_REDIRECTS + 1  # our own count ends a loop first
         http_error_308 = urllib.request.HTTPRedirectHandler.http_error_302  # (Python < 3.11)
 
         def redirect_request(self, call, answer, code, msg, headers, new_url):
             call.rest._keep_xsrf(headers)
-            if call.redirects >= MAX_REDIRECTS:
-                raise _BadAnswer(f"more than {MAX_REDIRECTS} redirects")
+            if call.redirects >= _MAX_REDIRECTS:
+                raise _BadAnswer(f"more than {_MAX_REDIRECTS} redirects")
             if urlsplit(new_url).scheme not in ("http", "https"):
                 raise _BadAnswer(f"a redirect to {new_url[:200]}, which is not HTTP")
             fields = dict(call.headers)  # (urllib keeps Host and Content-Length apart)
@@ -1252,7 +1147,6 @@ def _opener():
     for handler in (Handler(), Redirects(), urllib.request.HTTPDefaultErrorHandler(),
                     urllib.request.HTTPErrorProcessor(), urllib.request.UnknownHandler()):
         opener.add_handler(handler)
-    _OPENER = opener  # (whole before any thread sees it)
     return opener
 
 
@@ -1265,12 +1159,11 @@ class RestClient:
     """
 
     def __init__(self, url: str, token: str | None, *, ssl_context: object = None):
-        self.url = url
-        self.token = token
-        self.ssl_context = ssl_context
-        self.unix_socket = _unix_socket_path(url)
+        self.url, self.token, self.ssl_context = url, token, ssl_context
+        parts = urlsplit(url)  # (http+unix://<percent-encoded socket path>/...)
+        self.unix_socket = unquote(parts.netloc) if parts.scheme == "http+unix" else None
         # Requests over a Unix socket go to http://localhost/ (the Host the server expects).
-        self._base = f"http://localhost{urlsplit(url).path}" if self.unix_socket else url
+        self._base = f"http://localhost{parts.path}" if self.unix_socket else url
         self._xsrf: str | None = None
 
     def headers(self) -> dict:
@@ -1348,18 +1241,18 @@ class RestClient:
                 self._keep_xsrf(answer.headers)
                 status = answer.getcode()
                 if status >= 300:
-                    return status, answer.read(MAX_ERROR_BODY)
-                if on_line is not None:  # (a line at most 64 KiB, the stream MAX_REST_READ)
+                    return status, answer.read(_MAX_ERROR_BODY)
+                if on_line is not None:  # (a line at most 64 KiB, the stream _MAX_REST_READ)
                     while not on_line(answer.readline(2**16) or None):
                         pass
                     return status, b""
-                if (answer.length or 0) > MAX_REST_BODY:
-                    raise _BadAnswer(f"more than {MAX_REST_BODY} bytes")
+                if (answer.length or 0) > _MAX_REST_BODY:
+                    raise _BadAnswer(f"more than {_MAX_REST_BODY} bytes")
                 body = answer.read()
         except http.client.HTTPException as exc:  # (before OSError: RemoteDisconnected is both)
             raise _BadAnswer(str(exc) or type(exc).__name__) from None
-        if len(body) > MAX_REST_BODY:
-            raise _BadAnswer(f"more than {MAX_REST_BODY} bytes")
+        if len(body) > _MAX_REST_BODY:
+            raise _BadAnswer(f"more than {_MAX_REST_BODY} bytes")
         return status, body
 
     def _keep_xsrf(self, headers) -> None:
@@ -1448,8 +1341,7 @@ class RestClient:
         return _kernel_model(info)
 
     def _plain_id(self, kernel_id: object) -> str:
-        """A kernel id from the server, which must be a plain token (a UUID, as servers make
-        them)."""
+        """A kernel id from the server: a plain token (servers make UUIDs), else ServerError."""
         if isinstance(kernel_id, str) and re.fullmatch(r"[A-Za-z0-9._~:-]{1,128}", kernel_id):
             return kernel_id
         raise ServerError(self.url, "answered a kernel id that is not a plain token: "
@@ -1505,8 +1397,7 @@ class RestClient:
         self.request("GET", "api/status", deadline=deadline)
 
     def read_file(self, path: str, *, deadline: Deadline) -> str:
-        """A notebook (as JSON text) or a text file from the contents API (``path`` from the
-        root)."""
+        """A notebook (as JSON text) or a text file at ``path`` in the contents API."""
         model = self.request("GET", f"api/contents/{quote(session_path(path))}?content=1",
                              deadline=deadline, missing=f"has no file {path}")
         model = model if isinstance(model, dict) else {}
@@ -1539,7 +1430,7 @@ class RestClient:
 
     def delete_kernel(self, kernel_id: str, *, deadline: Deadline) -> None:
         """Delete a kernel; gone already is fine. Retries the 500 a restart race answers."""
-        for attempt in range(DELETE_RETRIES):
+        for attempt in range(_DELETE_RETRIES):
             try:
                 self.request("DELETE", f"api/kernels/{quote(kernel_id, safe='')}",
                              deadline=deadline)
@@ -1547,15 +1438,14 @@ class RestClient:
             except ServerError as exc:
                 if exc.status == 404:
                     return
-                if (exc.status is None or exc.status < 500 or attempt == DELETE_RETRIES - 1
+                if (exc.status is None or exc.status < 500 or attempt == _DELETE_RETRIES - 1
                         or deadline.expired):
                     raise
-            time.sleep(deadline.remaining(DELETE_BACKOFF * 2**attempt))
+            time.sleep(deadline.remaining(_DELETE_BACKOFF * 2**attempt))
 
 
 def _kernel_model(info: dict) -> dict:
-    """A kernel model from the server with the text fields read (name, state, last activity)
-    set to None where they are not strings."""
+    """A kernel model from the server: its name, state and last activity None unless strings."""
     return {**info, **{key: None for key in ("name", "execution_state", "last_activity")
                        if not isinstance(info.get(key), str)}}
 
@@ -1568,12 +1458,6 @@ def session_path(path: str) -> str:
     return path.lstrip("/")
 
 
-def _unix_socket_path(url: str) -> str | None:
-    """The socket path of an ``http+unix://<percent-encoded path>/`` URL, else None."""
-    parts = urlsplit(url)
-    return unquote(parts.netloc) if parts.scheme == "http+unix" else None
-
-
 def same_origin(a: str, b: str) -> bool:
     pa, pb = urlsplit(a), urlsplit(b)
     return (pa.scheme, pa.hostname, pa.port) == (pb.scheme, pb.hostname, pb.port)
@@ -1581,11 +1465,11 @@ def same_origin(a: str, b: str) -> bool:
 
 # ---- Jupyter messages and results (no I/O) -------------------------------------------------------
 
-PROTOCOL_VERSION = "5.3"                      # the message spec version we speak
+_PROTOCOL_VERSION = "5.3"                      # the message spec version we speak
 V1_SUBPROTOCOL = "v1.kernel.websocket.jupyter.org"
-OUTPUT_TYPES = ("stream", "display_data", "execute_result", "error")
-RATE_LIMIT_MARKERS = ("IOPub data rate exceeded", "IOPub message rate exceeded")
-SEEN_IDS = 10_000  # message ids remembered to drop replays (bounds memory on long cells)
+_OUTPUT_TYPES = ("stream", "display_data", "execute_result", "error")
+_RATE_LIMIT_MARKERS = ("IOPub data rate exceeded", "IOPub message rate exceeded")
+_SEEN_IDS = 10_000  # message ids remembered to drop replays (bounds memory on long cells)
 EOF_ANSWER = "\x04"  # sent when scripted stdin runs out: the kernel raises EOFError
 
 
@@ -1599,10 +1483,10 @@ def _now() -> str:
 
 
 def new_message(msg_type: str, content: dict, *, session: str, channel: str = "shell",
-                parent_header: dict | None = None, username: str = "jupyter_call") -> dict:
+                parent_header: dict | None = None) -> dict:
     """A Jupyter message in the shape the websocket expects (all keys present)."""
-    return {"header": {"msg_id": new_id(), "msg_type": msg_type, "username": username,
-                       "session": session, "date": _now(), "version": PROTOCOL_VERSION},
+    return {"header": {"msg_id": new_id(), "msg_type": msg_type, "username": "jupyter_call",
+                       "session": session, "date": _now(), "version": _PROTOCOL_VERSION},
                        "parent_header": parent_header or {}, "metadata": {}, "content": content,
                        "channel": channel, "buffers": [],}
 
@@ -1644,13 +1528,10 @@ def decode_message(data: str | bytes, *, protocol: str = "legacy") -> dict:
     Every field jupyter_call reads is checked for its type here, where messages
     enter, so that an odd message is a ValueError and never a crash further on.
     """
+    if protocol != "v1" and not isinstance(data, str):
+        raise ValueError("a legacy message that is not text")
     try:
-        if protocol == "v1":
-            msg = _unpack_v1(data)
-        elif isinstance(data, str):
-            msg = _loads(data)
-        else:
-            msg = _unpack_legacy_binary(data)
+        msg = _unpack_v1(data) if protocol == "v1" else _loads(data)
     except RecursionError:
         raise ValueError("message nested too deeply") from None
     if not isinstance(msg, dict) or "header" not in msg:
@@ -1693,12 +1574,11 @@ def is_kind(value: object, kind: object) -> bool:
         return True
     if kind is _TEXTS or kind is MIME_TEXT:
         return isinstance(value, list) and all(isinstance(item, str) for item in value)
-    return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    return isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
 
 
 def shallow(value: object, limit: int = MAX_JSON_DEPTH) -> bool:
-    """Whether JSON ``value`` nests at most ``limit`` levels (walked level by level, no
-    recursion)."""
+    """Whether JSON ``value`` nests at most ``limit`` levels (walked by level, not recursion)."""
     level = [value]
     for _ in range(limit + 1):
         level = [child for item in level if isinstance(item, (dict, list))
@@ -1721,28 +1601,8 @@ _CONTENT_TYPES = {
                       ("traceback", _TEXTS)),
     "status": (("execution_state", str),),
     "input_request": (("prompt", str),),
-    "complete_reply": (("matches", _TEXTS), ("cursor_start", int), ("cursor_end", int),
-                       ("metadata", dict)),
-    "inspect_reply": (("data", dict), ("metadata", dict)),
-    "is_complete_reply": (("status", str), ("indent", str)),
     "kernel_info_reply": (("language_info", dict),),
 }
-
-
-def _unpack_legacy_binary(data: bytes) -> dict:
-    """Legacy binary messages: uint32 BE count, offsets, JSON, then buffers."""
-    if len(data) < 8:
-        raise ValueError("binary message too short")
-    (count,) = struct.unpack_from("!I", data)
-    if count < 1 or 4 * (count + 1) > len(data):
-        raise ValueError("binary message with a bad part count")
-    offsets = list(struct.unpack_from(f"!{count}I", data, 4)) + [len(data)]
-    if offsets != sorted(offsets) or offsets[0] < 4 * (count + 1):
-        raise ValueError("binary message with bad offsets")
-    msg = json.loads(data[offsets[0]:offsets[1]])
-    if isinstance(msg, dict):
-        msg["buffers"] = [data[offsets[i]:offsets[i + 1]] for i in range(1, count)]
-    return msg
 
 
 def _unpack_v1(data: str | bytes) -> dict:
@@ -1775,7 +1635,7 @@ def _loads(text: str) -> object:
     return value
 
 
-def output_from_msg(msg: dict) -> dict | None:
+def _output_from_msg(msg: dict) -> dict | None:
     """The nbformat v4 output dict for an iopub output message, else None."""
     msg_type, content = msg["header"].get("msg_type"), msg["content"]
     if msg_type == "stream":
@@ -1811,9 +1671,8 @@ class Result:
         self.truncated = truncated
 
     def __repr__(self) -> str:
-        return (f"Result(status={self.status!r}, execution_count={self.execution_count!r}, "
-                f"outputs=<{len(self.outputs)}>, error={self.error!r}, "
-                f"truncated={self.truncated!r})")
+        return (f"Result(status={self.status!r}, execution_count={self.execution_count!r}, outputs="
+                f"<{len(self.outputs)}>, error={self.error!r}, truncated={self.truncated!r})")
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Result):
@@ -1874,7 +1733,7 @@ class Execution:
         self._seen = collections.OrderedDict()  # recent msg_ids, to drop replays
         # display_id -> the outputs showing it
         self.displays: dict = {} if displays is None else displays
-        self._clear_pending = False
+        self._clear_pending = self._shown_error = False  # (_shown_error: an error output came)
 
     @property
     def done(self) -> bool:
@@ -1892,7 +1751,7 @@ class Execution:
             if msg_id in self._seen:  # a replay after a reconnect
                 return
             self._seen[msg_id] = None
-            if len(self._seen) > SEEN_IDS:
+            if len(self._seen) > _SEEN_IDS:
                 self._seen.popitem(last=False)
         msg_type = header.get("msg_type")
         content = msg["content"]
@@ -1919,7 +1778,7 @@ class Execution:
             self._notify({"output_type": "clear_output", "wait": bool(content.get("wait"))})
         elif msg_type == "update_display_data":
             self._update_display(content)
-        elif msg_type in OUTPUT_TYPES:
+        elif msg_type in _OUTPUT_TYPES:
             self._add_output(msg)
 
     def _on_reply(self, content: dict) -> None:
@@ -1934,15 +1793,16 @@ class Execution:
     def _add_output(self, msg: dict) -> None:
         if self._clear_pending:
             self._clear()
-        out = output_from_msg(msg)
+        out = _output_from_msg(msg)
         kind, res = out["output_type"], self.result
         if kind == "stream" and out["name"] == "stderr" and any(m in out["text"]
-                                                                for m in RATE_LIMIT_MARKERS):
+                                                                for m in _RATE_LIMIT_MARKERS):
             res.truncated = True
         elif kind == "execute_result":
             res.execution_count = out["execution_count"]
-        elif kind == "error" and res.error is None:
-            res.error = {k: out[k] for k in ("ename", "evalue", "traceback")}
+        elif kind == "error":
+            self._shown_error = True
+            res.error = res.error or {k: out[k] for k in ("ename", "evalue", "traceback")}
         if self.keep_outputs:
             self._keep(out, msg)
         self._notify(out)
@@ -1993,10 +1853,26 @@ class Execution:
         if self.reply is None and self.idle and not self.died:
             # idle without a reply (lost with a dropped connection): judge by the outputs
             res.status = "error" if res.error else "ok"
+        if self.reply is not None and res.error and not self._shown_error:
+            # the reply's error, whose output never came (iopub drops what a kernel says while
+            # the server subscribes again after a restart)
+            self._add_output({"header": {"msg_type": "error"}, "content": res.error})
         return res
 
 
 # ---- Server discovery ----------------------------------------------------------------------------
+
+def read_text(path: str, what: str = "") -> str:
+    """A small UTF-8 text file (a leading BOM dropped, as Windows editors write one); one that
+    cannot be read is a ConfigError naming it (``what``: "--log ", ...)."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return f.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what}{path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"cannot read {what}{path}: it is not UTF-8 text") from None
+
 
 def _data_dir(platform: str = sys.platform, environ=os.environ) -> str:
     """Jupyter's data dir, by jupyter_core's rules (JUPYTER_PLATFORM_DIRS=1: the platform's own)."""
@@ -2038,8 +1914,7 @@ def _pid_alive(pid: object, platform: str = sys.platform) -> bool:
 
 
 def _windows_process_alive(pid: int, kernel32=None) -> bool:
-    """Ask Windows whether process ``pid`` still runs (a dead server's runtime file must not
-    win)."""
+    """Whether process ``pid`` still runs, as Windows says (a dead server's file must not win)."""
     import ctypes
     kernel32 = kernel32 or ctypes.WinDLL("kernel32", use_last_error=True)
     handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
@@ -2113,8 +1988,7 @@ def list_servers(runtime_dir: str | None = None) -> list:
             continue
         path = os.path.join(folder, name)
         try:
-            with open(path, encoding="utf-8") as f:
-                info = _runtime_info(json.load(f))
+            info = _runtime_info(json.loads(read_text(path)))
             mtime = os.path.getmtime(path)
             if info is None or not (info.get("port")
                                     or info.get("sock")) or not _pid_alive(info.get("pid")):
@@ -2171,21 +2045,17 @@ def _normalize_url(url: str) -> tuple[str, str | None]:
 def _env_token() -> str | None:
     if os.environ.get("JUPYTER_TOKEN", "").strip():
         return os.environ["JUPYTER_TOKEN"]
-    path = os.environ.get("JUPYTER_TOKEN_FILE")
-    if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                return f.read().strip()
-        except OSError as exc:
-            raise JupyterError(f"cannot read JUPYTER_TOKEN_FILE {path}: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"JUPYTER_TOKEN_FILE {path} is not UTF-8 text") from None
+    if os.environ.get("JUPYTER_TOKEN_FILE"):
+        return read_text(os.environ["JUPYTER_TOKEN_FILE"], "JUPYTER_TOKEN_FILE ")
     # inside a JupyterHub single-user server
     return os.environ.get("JUPYTERHUB_API_TOKEN") or None
 
 
-def resolve_server(url: str | None = None, token: str | None = None) -> tuple[str, str]:
-    """The server URL and token to use: arguments, then environment, then discovery.
+def resolve_server(url: str | None = None,
+                   token: str | None = None) -> tuple[str, str, str | None]:
+    """The server URL and token to use, from the arguments, then the environment, then the
+    runtime files of running servers (discovery), and the server's root folder on this machine
+    when its runtime file says (else None).
 
     The token is "" when there is none to send; passed back in, it asks nothing more.
     """
@@ -2193,38 +2063,24 @@ def resolve_server(url: str | None = None, token: str | None = None) -> tuple[st
         url = os.environ.get("JUPYTER_URL") or os.environ.get("JUPYTERHUB_SERVICE_URL") or None
     if token is None:
         token = _env_token()
-    if url is not None and token is None:
-        token = _normalize_url(url)[1]
-    if url is None or token is None:
-        servers = list_servers()
-        if url is None:
-            if servers:
-                url = servers[0]["url"]
-                if token is None:
-                    token = servers[0].get("token") or None
-            else:
-                url = DEFAULT_URL
-        elif token is None:
-            wanted = _normalize_url(url)[0]
-            for info in servers:
-                if same_origin(info["url"],
-                               wanted) and urlsplit(info["url"]).path == urlsplit(wanted).path:
-                    token = info.get("token") or None
-                    break
+    servers = list_servers()
+    if url is None:
+        found = servers[0] if servers else {"url": DEFAULT_URL}
+        url = found["url"]
+    else:
+        wanted = _normalize_url(url)[0]  # (a runtime file's URL is normalized: see list_servers)
+        found = next((info for info in servers if same_origin(info["url"], wanted)
+                      and urlsplit(info["url"]).path == urlsplit(wanted).path), {})
     url, url_token = _normalize_url(url)
-    return url, _clean_token(token if token is not None else url_token or "")
-
-
-def _clean_token(token: object) -> str | None:
-    """The token as sent: without surrounding whitespace (the newline a file or secret ends
-    with); one that still holds a control character is refused, and never shown."""
     if token is None:
-        return None
+        token = url_token if url_token is not None else found.get("token") or ""
+    # Sent without surrounding whitespace (the newline a file or secret ends with); a control
+    # character left is refused, and never shown.
     token = str(token).strip()
     if CONTROL_CHARS.search(token):
         raise ConfigError("the token holds a control character (CR, LF, NUL, ...); nothing was "
                           "sent")
-    return token
+    return url, token, found.get("root_dir")
 
 
 # ---- JupyterHub: a user's server, started and stopped on demand ---------------------------------
@@ -2233,7 +2089,7 @@ def _clean_token(token: object) -> str | None:
 # A stopped server answers 424; a POST asks the hub to start it, and the start's progress comes as
 # an event stream whose last event is marked ready or failed.
 
-HUB_START_TIMEOUT = 600.0  # a start's limit when the call has none (KubeSpawner gives up at 300)
+_HUB_START_TIMEOUT = 600.0  # a start's limit when the call has none (KubeSpawner gives up at 300)
 
 
 def _hub_server(url: str, token: str | None, ssl_context: object) -> tuple[RestClient, str]:
@@ -2249,13 +2105,13 @@ def _hub_server(url: str, token: str | None, ssl_context: object) -> tuple[RestC
     return hub, f"api/users/{name}/" + (f"servers/{server}" if server else "server")
 
 
-def start_hub_server(url: str, token: str | None, *, user_options: dict | None = None,
+def _start_hub_server(url: str, token: str | None, *, user_options: dict | None = None,
                      timeout: float | None = None, ssl_context: object = None,
                      on_progress=None) -> bool:
     """Have JupyterHub start the user's server at ``url`` (``user_options`` for its spawner) and
     wait until it is ready, ``on_progress(message)`` seeing each step. False if it ran already; a
     failed start is a ServerError with the hub's message, a token without the scope an AuthError."""
-    deadline = Deadline(HUB_START_TIMEOUT if timeout is None else timeout)
+    deadline = Deadline(_HUB_START_TIMEOUT if timeout is None else timeout)
     hub, path = _hub_server(url, token, ssl_context)
     if on_progress is not None:
         on_progress("asking the hub to start the server")
@@ -2300,7 +2156,7 @@ def start_if_stopped(url: str, token: str | None, user_options: dict | None,
     except ServerError as exc:
         if exc.status != 424:
             return False  # (what else is wrong, the call itself will say)
-    return start_hub_server(url, token, user_options=user_options, timeout=deadline.remaining(),
+    return _start_hub_server(url, token, user_options=user_options, timeout=deadline.remaining(),
                             ssl_context=ssl_context, on_progress=on_progress)
 
 
@@ -2318,28 +2174,28 @@ def stop_hub_server(url: str, token: str | None, *, timeout: float | None = None
 # ---- Public API: Kernel, run_code ----------------------------------------------------------------
 
 # Strategy. While code runs, four clocks tick: the caller's deadline (the only one the caller sets);
-# the completion grace (once one of execute_reply and the idle status is in, COMPLETION_GRACE of
+# the completion grace (once one of execute_reply and the idle status is in, _COMPLETION_GRACE of
 # silence ends the wait for the other, which a dropped connection may have lost; silence, since a
 # server that lags behind the kernel still streams output after the reply); the silence check (after
-# SILENCE_CHECK without a message, ask REST whether the kernel lives: a dead one says nothing); the
+# _SILENCE_CHECK without a message, ask REST whether the kernel lives: a dead one says nothing); the
 # status tick of a waiting caller's hook. A dropped websocket is reopened with the same session id,
-# so the server replays what it buffered: RECONNECTS_PER_CALL drops a call, CONNECT_TRIES attempts
+# so the server replays what it buffered: _RECONNECTS_PER_CALL drops a call, _CONNECT_TRIES attempts
 # each; a request sent into a dying connection is sent again once the kernel idles without having
 # heard it. After a timeout, Ctrl-C or a failure, cleanup runs outside the caller's budget, as
 # subprocess.run kills and reaps after its timeout, on one small budget of its own, CLEANUP_TIMEOUT:
-# interrupt, settle, close the websocket, delete a kernel we started (DELETE_RESERVE is kept for
+# interrupt, settle, close the websocket, delete a kernel we started (_DELETE_RESERVE is kept for
 # that), and delete a kernel whose start was answered too late.
-COMPLETION_GRACE = 3.0     # silence that ends the wait for the second of reply and idle
+_COMPLETION_GRACE = 3.0     # silence that ends the wait for the second of reply and idle
 CLEANUP_TIMEOUT = 6.0      # interrupt, settle, close and delete, all told (in the README)
-DELETE_RESERVE = 2.5       # of that budget, kept for the DELETE
-SILENCE_CHECK = 10.0       # with no message for this long, ask the server if the kernel lives
-STATUS_TICK = 0.5          # how often a waiting caller's on_wait hook runs
-RECONNECTS_PER_CALL = 5    # websocket drops survived during one call
-CONNECT_TRIES = 5          # attempts to reopen the websocket after one drop
-RECONNECT_BACKOFF = 0.1    # first pause between attempts; doubles, up to RECONNECT_BACKOFF_MAX
-RECONNECT_BACKOFF_MAX = 2.0
-HANDSHAKE_TIMEOUT = 120.0  # connect + handshake without a deadline (a 101 may take 60 s)
-NUDGE_INTERVAL = 0.5       # resend kernel_info_request this often while a kernel starts
+_DELETE_RESERVE = 2.5       # of that budget, kept for the DELETE
+_SILENCE_CHECK = 10.0       # with no message for this long, ask the server if the kernel lives
+_STATUS_TICK = 0.5          # how often a waiting caller's on_wait hook runs
+_RECONNECTS_PER_CALL = 5    # websocket drops survived during one call
+_CONNECT_TRIES = 5          # attempts to reopen the websocket after one drop
+_RECONNECT_BACKOFF = 0.1    # first pause between attempts; doubles, up to _RECONNECT_BACKOFF_MAX
+_RECONNECT_BACKOFF_MAX = 2.0
+_HANDSHAKE_TIMEOUT = 120.0  # connect + handshake without a deadline (a 101 may take 60 s)
+_NUDGE_INTERVAL = 0.5       # resend kernel_info_request this often while a kernel starts
 
 
 class Kernel:
@@ -2368,8 +2224,6 @@ class Kernel:
             limit); the ``timeout`` attribute may be changed later.
         ssl_context: an ``ssl.SSLContext`` for https servers with a private CA.
         protocol: "auto" (offer the v1 binary protocol, fall back to legacy), "v1" or "legacy".
-        compression: offer permessage-deflate; it helps on slow links to servers configured to
-            accept it (``websocket_compression_options``).
         start_server: have the hub start a stopped JupyterHub user's server first (with
             ``user_options`` for its spawner), in ``timeout``; ``started_server`` says if it did.
     Raises:
@@ -2382,15 +2236,14 @@ class Kernel:
                  kernel_id: str | None = None, name: str | None = None,
                  timeout: float | None = None, env: dict | None = None,
                  session: str | None = None, notebook: str | None = None, path: str | None = None,
-                 ssl_context: object = None, protocol: str = "auto", compression: bool = False,
-                 start_server: bool = False, user_options: dict | None = None):
+                 ssl_context: object = None, protocol: str = "auto", start_server: bool = False,
+                 user_options: dict | None = None):
         if protocol not in ("auto", "v1", "legacy"):
             raise ValueError(f"protocol must be 'auto', 'v1' or 'legacy', not {protocol!r}")
-        self.url, token = resolve_server(url, token)
+        self.url, token, _ = resolve_server(url, token)
         self.timeout = timeout
         self.session_id = new_id()
         self.protocol = protocol
-        self.compression = compression
         self._rest = RestClient(self.url, token, ssl_context=ssl_context)
         self._ws: WebSocket | None = None
         self._owned = False
@@ -2429,22 +2282,21 @@ class Kernel:
 
     def _start(self, name: str | None, env: dict | None, path: str | None,
                deadline: Deadline) -> dict:
-        """Start a kernel; one whose start is answered only after ``deadline`` is deleted, not
-        left behind."""
+        """Start a kernel; one whose start is answered after ``deadline`` is deleted, not left."""
         late = Deadline(None if deadline.timeout is None else deadline.remaining()
                         + CLEANUP_TIMEOUT)
+        info = None
         try:
             info = self._rest.start_kernel(name, env=env, path=path, deadline=late)
         except ServerError as exc:
-            if exc.status is None and deadline.expired:
-                raise ServerError(self.url, "did not start a kernel within "
-                                            f"{duration(deadline.timeout)}") from None
-            raise
+            if exc.status is not None or not deadline.expired:
+                raise
         if deadline.expired:
-            with contextlib.suppress(JupyterError):
-                self._rest.delete_kernel(info["id"], deadline=late)
-            raise ServerError(self.url,
-                              f"did not start a kernel within {duration(deadline.timeout)}")
+            if info is not None:
+                with contextlib.suppress(JupyterError):
+                    self._rest.delete_kernel(info["id"], deadline=late)
+            raise ServerError(self.url, f"did not start a kernel within "
+                                        f"{duration(deadline.timeout)}")
         return info
 
     def __repr__(self) -> str:
@@ -2480,10 +2332,10 @@ class Kernel:
         offered = [] if self.protocol == "legacy" else [V1_SUBPROTOCOL]
         self._ws = WebSocket.connect(self._channels_url(), headers=self._rest.headers(),
                                      subprotocols=offered,
-                                     timeout=deadline.remaining(HANDSHAKE_TIMEOUT),
+                                     timeout=deadline.remaining(_HANDSHAKE_TIMEOUT),
                                      ssl_context=self._rest.ssl_context,
                                      unix_socket=self._rest.unix_socket,
-                                     proxy=proxy_for(self.url), compression=self.compression)
+                                     proxy=proxy_for(self.url))
         if self.protocol == "v1" and self._ws.subprotocol != V1_SUBPROTOCOL:
             self._ws.close()
             raise ServerError(self.url, "does not speak the v1 kernel websocket protocol",
@@ -2495,16 +2347,15 @@ class Kernel:
         if self._ws is not None:
             self._ws.abort()
         last: BaseException | None = None
-        for attempt in range(CONNECT_TRIES):
+        for attempt in range(_CONNECT_TRIES):
             if attempt:
-                time.sleep(min(RECONNECT_BACKOFF * 2**attempt, RECONNECT_BACKOFF_MAX,
-                               deadline.remaining(RECONNECT_BACKOFF_MAX) or 0))
+                time.sleep(min(_RECONNECT_BACKOFF * 2**attempt, _RECONNECT_BACKOFF_MAX,
+                               deadline.remaining(_RECONNECT_BACKOFF_MAX) or 0))
             try:
                 self._connect(deadline)
                 return
             except (ServerError, WebSocketError) as exc:
-                if isinstance(exc, ServerError) and exc.status == 404:
-                    raise KernelDied(self.id, "the server no longer has the kernel") from exc
+                self._if_gone(exc)
                 last = exc
         raise last  # type: ignore[misc]
 
@@ -2525,6 +2376,8 @@ class Kernel:
                 raw = self._ws.recv(timeout=deadline.remaining())
             except TimeoutError:
                 return None
+            if self._wire == "legacy" and not isinstance(raw, str):
+                continue  # (there only comm messages with buffers are binary: widgets, not ours)
             try:
                 msg = decode_message(raw, protocol=self._wire)
             except (ValueError, UnicodeDecodeError, KeyError) as exc:
@@ -2574,7 +2427,7 @@ class Kernel:
         notebooks section (``execute_notebook``), as ``_send_ahead`` is.
 
         ``keep_outputs=False`` keeps no output in the Result (a streaming caller
-        has seen them); ``on_wait(quiet, elapsed)`` runs every STATUS_TICK;
+        has seen them); ``on_wait(quiet, elapsed)`` runs every _STATUS_TICK;
         ``displays`` (display_id -> outputs) is shared by the cells of a notebook;
         ``sent`` is a request that ``_send_ahead`` sent already (``code`` unused).
         """
@@ -2632,14 +2485,14 @@ class Kernel:
         while not run.done:
             if deadline.expired:
                 raise ExecutionTimeout(deadline.timeout)
-            wait = deadline.remaining(STATUS_TICK if on_wait else SILENCE_CHECK)
+            wait = deadline.remaining(_STATUS_TICK if on_wait else _SILENCE_CHECK)
             if run.answered:
-                wait = min(wait, max(0.0, quiet_since + COMPLETION_GRACE - time.monotonic()))
+                wait = min(wait, max(0.0, quiet_since + _COMPLETION_GRACE - time.monotonic()))
             try:
                 msg = self._next_message(wait, run)
             except WebSocketClosed:
                 drops += 1
-                if drops > RECONNECTS_PER_CALL:
+                if drops > _RECONNECTS_PER_CALL:
                     raise
                 try:
                     self._reconnect(deadline)
@@ -2660,8 +2513,8 @@ class Kernel:
                 raise ExecutionTimeout(deadline.timeout)
             if on_wait is not None:
                 on_wait(now - quiet_since, now - started)
-            ending = run.answered and now >= quiet_since + COMPLETION_GRACE
-            if ending or now - quiet_since >= SILENCE_CHECK:
+            ending = run.answered and now >= quiet_since + _COMPLETION_GRACE
+            if ending or now - quiet_since >= _SILENCE_CHECK:
                 state = self._check_alive(deadline)
                 quiet_since = time.monotonic()
                 if drops and not run.heard and state == "idle" and request is not None:
@@ -2687,12 +2540,16 @@ class Kernel:
         try:
             info = self._rest.get_kernel(self.id, deadline=deadline.cut(HTTP_TIMEOUT))
         except ServerError as exc:
-            if exc.status == 404:
-                raise KernelDied(self.id, "the server no longer has the kernel") from None
+            self._if_gone(exc)
             return None  # the server is busy or unreachable; the websocket will tell
         if info.get("execution_state") == "dead":
             raise KernelDied(self.id, "the server reports it dead")
         return info.get("execution_state")
+
+    def _if_gone(self, exc: JupyterError) -> None:
+        """A 404 for the kernel, once it ran: it is gone (KernelDied)."""
+        if isinstance(exc, ServerError) and exc.status == 404:
+            raise KernelDied(self.id, "the server no longer has the kernel") from None
 
     def _interrupt_and_settle(self, run: Execution, *, settle: bool = True) -> None:
         """Interrupt the kernel; with ``settle``, wait (bounded) for the cell to unwind.
@@ -2703,10 +2560,9 @@ class Kernel:
         budget = self._cleanup = self._cleanup or Deadline(CLEANUP_TIMEOUT)
         # best effort: the caller is leaving with an error
         with contextlib.suppress(JupyterError, OSError):
-            self._rest.interrupt_kernel(self.id,
-                                        deadline=Deadline(max(0.0,
-                                                              budget.remaining() - DELETE_RESERVE)))
-            until = Deadline(max(0.0, budget.remaining() - DELETE_RESERVE) if settle else 0.0)
+            left = max(0.0, budget.remaining() - _DELETE_RESERVE)
+            self._rest.interrupt_kernel(self.id, deadline=Deadline(left))
+            until = Deadline(max(0.0, budget.remaining() - _DELETE_RESERVE) if settle else 0.0)
             while not run.done and not run.died and not until.expired:
                 msg = self._next_message(until.remaining(), run)
                 if msg is None:
@@ -2722,91 +2578,42 @@ class Kernel:
 
     def restart(self) -> None:
         """Restart the kernel and wait until it answers: its state is lost; the connection stays."""
-        deadline = Deadline(self.timeout if self.timeout is not None else HANDSHAKE_TIMEOUT)
+        deadline = Deadline(self.timeout if self.timeout is not None else _HANDSHAKE_TIMEOUT)
         self._rest.restart_kernel(self.id, deadline=deadline)
-        self._wait_ready(deadline)
-
-    def _wait_ready(self, deadline: Deadline) -> None:
-        """Nudge the kernel with kernel_info requests until its iopub messages reach us.
-
-        A kernel's iopub publishes before the server's subscription is in place
-        are lost, so the first output after a (re)start could go missing.
-        """
-        while True:
-            request = new_message("kernel_info_request", {}, session=self.session_id)
-            self._send(request, deadline)
-            nudge = deadline.cut(NUDGE_INTERVAL)
-            while not nudge.expired:
-                msg = self._next_message(nudge.remaining())
-                if msg is None:
-                    break
-                if (msg.get("channel") == "iopub"
-                        and msg["parent_header"].get("msg_id") == request["header"]["msg_id"]):
-                    return
-            if deadline.expired:
-                raise ServerError(self.url,
-                                  f"kernel {self.id} did not answer within "
-                                  f"{duration(deadline.timeout)}")
-
-    # -- introspection: what editors ask a kernel (the messaging protocol's shell requests) --
+        # A kernel's iopub messages before the server's subscription is in place are lost, so the
+        # first output after a (re)start could go missing: wait until one reaches us.
+        self._kernel_info(deadline, "iopub")
 
     def info(self, *, timeout: float | None = None) -> dict:
-        """The kernel's kernel_info reply: ``language_info``, ``implementation``, ``banner``, ..."""
-        return self._ask("kernel_info_request", {}, timeout)
+        """The kernel_info reply (``language_info``, ``banner``, ...) within ``timeout``."""
+        return self._kernel_info(Deadline(timeout if timeout is not None else self.timeout))
 
-    def complete(self, code: str, cursor_pos: int | None = None, *,
-                 timeout: float | None = None) -> dict:
-        """Completions at ``cursor_pos`` (characters; default: the end of ``code``): a dict of
-        ``matches``, ``cursor_start``, ``cursor_end`` (the span they replace) and ``metadata``."""
-        reply = self._ask("complete_request",
-                          {"code": code, "cursor_pos": _cursor(code, cursor_pos)}, timeout)
-        return {"matches": [str(m) for m in reply.get("matches") or []],
-                "cursor_start": reply.get("cursor_start"), "cursor_end": reply.get("cursor_end"),
-                "metadata": reply.get("metadata") or {}}
-
-    def inspect(self, code: str, cursor_pos: int | None = None, detail_level: int = 0, *,
-                timeout: float | None = None) -> dict | None:
-        """The kernel's documentation of the name at ``cursor_pos`` as a mimebundle
-        (``{"text/plain": ...}``), or None when it knows nothing; ``detail_level=1`` asks
-        for more (IPython: the source)."""
-        reply = self._ask("inspect_request", {"code": code, "cursor_pos": _cursor(code, cursor_pos),
-                                              "detail_level": detail_level}, timeout)
-        data = reply.get("data")
-        return data if reply.get("found") and isinstance(data, dict) and data else None
-
-    def is_complete(self, code: str, *, timeout: float | None = None) -> str:
-        """Whether ``code`` is ready to run: "complete", "incomplete" (more lines to come),
-        "invalid" or "unknown"."""
-        status = self._ask("is_complete_request", {"code": code}, timeout).get("status")
-        return status if status in ("complete", "incomplete", "invalid") else "unknown"
-
-    def _ask(self, msg_type: str, content: dict, timeout: float | None = None) -> dict:
-        """Send a shell request and return its reply's content, within ``timeout`` (default:
-        the Kernel's); a reply with status "error" is a JupyterError."""
-        deadline = Deadline(timeout if timeout is not None else self.timeout)
+    def _kernel_info(self, deadline: Deadline, channel: str = "shell") -> dict:
+        """Ask kernel_info until a message answering it comes on ``channel`` (its reply, or on
+        iopub the sign that iopub reaches us); asked again every _NUDGE_INTERVAL on iopub, where
+        answers can be lost, and after _SILENCE_CHECK on shell, once the kernel is known alive."""
         if self._ws is None:
             raise JupyterError("the kernel is closed")
-        request = new_message(msg_type, content, session=self.session_id)
-        self._send(request, deadline)
+        asked: set = set()
         while True:
-            msg = self._next_message(deadline.remaining(SILENCE_CHECK))
-            if msg is None:
-                if deadline.expired:
-                    raise ServerError(self.url,
-                                      f"kernel {self.id} did not answer within "
-                                      f"{duration(deadline.timeout)}")
+            request = new_message("kernel_info_request", {}, session=self.session_id)
+            asked.add(request["header"]["msg_id"])
+            self._send(request, deadline)
+            again = deadline.cut(_NUDGE_INTERVAL if channel == "iopub" else _SILENCE_CHECK)
+            while not again.expired:
+                msg = self._next_message(again.remaining())
+                if msg is None:
+                    break
+                if msg.get("channel") == channel and msg["parent_header"].get("msg_id") in asked:
+                    return msg["content"]
+            if deadline.expired:
+                raise ServerError(self.url, f"kernel {self.id} did not answer within "
+                                            f"{duration(deadline.timeout)}")
+            if channel == "shell":
                 self._check_alive(deadline)
-            elif (msg.get("channel") == "shell"
-                  and msg["parent_header"].get("msg_id") == request["header"]["msg_id"]):
-                reply = msg["content"]
-                if reply.get("status") == "error":
-                    error = f"{reply.get('ename', 'Error')}: {reply.get('evalue', '')}".rstrip(": ")
-                    raise JupyterError(f"the kernel could not answer {msg_type}: {error}")
-                return reply
 
     def detach(self) -> None:
-        """Leave the kernel running after ``close()``, as an attached kernel is; ``.id`` names
-        it."""
+        """Leave the kernel running after ``close()``, as an attached one is (``.id`` names it)."""
         self._owned = False
 
     def drop(self) -> None:
@@ -2840,24 +2647,13 @@ class Kernel:
         try:
             if ws is not None:
                 ws.close_timeout = min(ws.close_timeout,
-                                       max(0.0, budget.remaining() - DELETE_RESERVE))
+                                       max(0.0, budget.remaining() - _DELETE_RESERVE))
                 with contextlib.suppress(Exception):
                     ws.close()
         finally:
             if self._owned and self.id:
                 self._owned = False
                 self._rest.delete_kernel(self.id, deadline=budget)
-
-
-def _cursor(code: str, cursor_pos: int | None) -> int:
-    """A cursor position in ``code`` (in characters, as protocol 5.2 counts them)."""
-    if cursor_pos is None:
-        return len(code)
-    if isinstance(cursor_pos, bool) or not isinstance(cursor_pos,
-                                                      int) or not 0 <= cursor_pos <= len(code):
-        raise ValueError(f"cursor_pos must be a position from 0 to {len(code)} in the code, not "
-                         f"{cursor_pos!r}")
-    return cursor_pos
 
 
 def _stdin_answerer(stdin) -> Callable[[str, bool], str] | None:
@@ -2902,20 +2698,20 @@ def run_code(code: str, url: str | None = None, token: str | None = None, *,
 # A notebook runs as nbclient runs it (cell by cell on one kernel, display ids
 # spanning the notebook) and takes parameters as papermill does.
 
-SKIP_TAG = "skip-execution"        # nbclient: the cell is not run; its stored outputs stay
-PIPELINE_DEPTH = 16                # cells sent ahead of the one waited for (the kernel queues them)
-RAISES_TAG = "raises-exception"    # nbclient: the cell may fail and the run goes on
-PARAMETERS_TAG = "parameters"      # papermill: parameters are injected after this cell
-INJECTED_TAG = "injected-parameters"
-PERCENT_CELL = re.compile(r"^# %%(.*)$", re.M)  # a cell marker of the '# %%' (percent) format
+_SKIP_TAG = "skip-execution"      # nbclient: the cell is not run; its stored outputs stay
+_PIPELINE_DEPTH = 16              # cells sent ahead of the one waited for (the kernel queues them)
+_RAISES_TAG = "raises-exception"  # nbclient: the cell may fail and the run goes on
+_PARAMETERS_TAG = "parameters"    # papermill: parameters are injected after this cell
+_INJECTED_TAG = "injected-parameters"
+_PERCENT_CELL = re.compile(r"^# %%(.*)$", re.M)  # a cell marker of the '# %%' (percent) format
 
 
-def cell_source(cell: dict) -> str:
+def _cell_source(cell: dict) -> str:
     source = cell.get("source", "")
     return "".join(source) if isinstance(source, list) else str(source)
 
 
-def cell_tags(cell: dict) -> list:
+def _cell_tags(cell: dict) -> list:
     tags = (cell.get("metadata") or {}).get("tags")
     return tags if isinstance(tags, list) else []
 
@@ -2939,29 +2735,23 @@ def read_notebook(path: str, rest: RestClient, deadline: Deadline,
         where = path[len(SERVER_PREFIX):]
         return notebook_from(rest.read_file(where, deadline=deadline), where), \
             posixpath.dirname(session_path(where)) or None
-    try:
-        with open(path, encoding="utf-8-sig") as f:  # Windows editors may start it with a BOM
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    return notebook_from(text, path), _kernel_dir(rest.url, path, root)
+    return notebook_from(read_text(path), path), _kernel_dir(path, root)
 
 
 def notebook_from(text: str, path: str | None = None) -> dict:
-    """An nbformat 4 notebook from a file's text: a notebook (.ipynb), '# %%' cells (.py), or
-    one cell."""
+    """An nbformat 4 notebook from a file's text: .ipynb, '# %%' cells (.py), else one cell."""
     suffix = (path or "").lower().rpartition(".")[2]
     if suffix == "ipynb":
         try:
             notebook = json.loads(text)
-            if not is_notebook(notebook):
+            if not _is_notebook(notebook):
                 raise ValueError("not the shape of a notebook")
         except (ValueError, RecursionError):
             raise ConfigError(f"{path} is not a Jupyter notebook (nbformat 4 JSON)") from None
-        return upgrade_notebook(notebook)
+        return _upgrade_notebook(notebook)
     cells = []
-    if suffix == "py" and PERCENT_CELL.search(text):
-        parts = PERCENT_CELL.split(text)  # [before, marker, body, marker, body, ...]
+    if suffix == "py" and _PERCENT_CELL.search(text):
+        parts = _PERCENT_CELL.split(text)  # [before, marker, body, marker, body, ...]
         if parts[0].strip():
             cells.append(new_cell("code", parts[0]))
         for marker, body in zip(parts[1::2], parts[2::2]):
@@ -2979,7 +2769,7 @@ def notebook_from(text: str, path: str | None = None) -> dict:
     return {"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
 
 
-def upgrade_notebook(notebook: dict) -> dict:
+def _upgrade_notebook(notebook: dict) -> dict:
     """``notebook`` as nbformat 4.5, as papermill upgrades it on load: every cell gets an id
     (4.4 and older have none, and refuse one), so whatever is written validates as 4.5."""
     notebook["nbformat"], notebook["nbformat_minor"] = 4, max(notebook.get("nbformat_minor", 5), 5)
@@ -2988,7 +2778,7 @@ def upgrade_notebook(notebook: dict) -> dict:
     return notebook
 
 
-def is_notebook(notebook: object) -> bool:
+def _is_notebook(notebook: object) -> bool:
     """Whether JSON has the parts of a notebook that running and writing it use, of their types
     (those nbformat's schema gives them), and nests no deeper than can be written back."""
     if not (isinstance(notebook, dict) and isinstance(notebook.get("cells"), list)
@@ -3005,11 +2795,9 @@ def is_notebook(notebook: object) -> bool:
                     and is_kind(c.get("source", ""), MIME_TEXT) for c in notebook["cells"]))
 
 
-def python_literal(value: object) -> str:
+def _python_literal(value: object) -> str:
     """``value`` in Python source, written exactly as papermill's Python translator writes it."""
-    if value is None or isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int):
+    if value is None or isinstance(value, int):  # (bools too)
         return str(value)
     if isinstance(value, float):
         if value - value == 0:
@@ -3017,17 +2805,16 @@ def python_literal(value: object) -> str:
         return ("float('nan')" if value != value else "float('inf')" if value > 0
                 else "float('-inf')")
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{python_literal(str(k))}: {python_literal(v)}" for k,
+        return "{" + ", ".join(f"{_python_literal(str(k))}: {_python_literal(v)}" for k,
                                v in value.items()) + "}"
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(python_literal(v) for v in value) + "]"
+        return "[" + ", ".join(_python_literal(v) for v in value) + "]"
     escaped = str(value).encode("unicode_escape").decode("utf-8").replace('"', r'\"')
     return f'"{escaped}"'
 
 
 def parameter_value(text: str) -> object:
-    """A ``-p`` value read as papermill reads it: True, False, None, an int, a float, else the
-    text."""
+    """A ``-p`` value as papermill reads it: True, False, None, an int, a float, else text."""
     if text in ("True", "False", "None"):
         return {"True": True, "False": False, "None": None}[text]
     for kind in (int, float):
@@ -3038,7 +2825,7 @@ def parameter_value(text: str) -> object:
     return text
 
 
-def inject_parameters(notebook: dict, parameters: dict) -> None:
+def _inject_parameters(notebook: dict, parameters: dict) -> None:
     """Put papermill's parameters cell in ``notebook``: after the first cell tagged 'parameters'
     (at the top without one), or in place of a cell injected before. They are written as Python,
     so a notebook in another language is refused (ConfigError)."""
@@ -3050,12 +2837,12 @@ def inject_parameters(notebook: dict, parameters: dict) -> None:
                           f"notebook's language is {language}")
     if not shallow(parameters):
         raise ConfigError(f"parameters nest deeper than {MAX_JSON_DEPTH} levels")
-    cell = new_cell("code", "# Parameters\n" + "".join(f"{name} = {python_literal(value)}\n"
+    cell = new_cell("code", "# Parameters\n" + "".join(f"{name} = {_python_literal(value)}\n"
                                                        for name, value in parameters.items()),
-                                                       [INJECTED_TAG])
+                                                       [_INJECTED_TAG])
     cells = notebook["cells"]
-    tagged = [[i for i, c in enumerate(cells) if tag in cell_tags(c)]
-              for tag in (INJECTED_TAG, PARAMETERS_TAG)]
+    tagged = [[i for i, c in enumerate(cells) if tag in _cell_tags(c)]
+              for tag in (_INJECTED_TAG, _PARAMETERS_TAG)]
     if tagged[0]:
         cells[tagged[0][0]] = cell
     else:
@@ -3063,13 +2850,10 @@ def inject_parameters(notebook: dict, parameters: dict) -> None:
     notebook.setdefault("metadata", {}).setdefault("papermill", {})["parameters"] = parameters
 
 
-def _kernel_dir(url: str, path: str, root: str | None = None) -> str | None:
-    """The directory of the local file ``path`` relative to the root of the server at ``url``
-    (found by discovery unless given), when the file lies inside it; else None."""
-    if root is None:
-        root = next((s.get("root_dir") for s in list_servers() if same_origin(s["url"], url)
-                     and urlsplit(s["url"]).path == urlsplit(url).path), None)
-    if not isinstance(root, str) or not root:
+def _kernel_dir(path: str, root: str | None) -> str | None:
+    """The directory of the local file ``path`` relative to the server's ``root`` folder (as
+    ``resolve_server`` finds it), when the file lies inside it; else None."""
+    if not root:
         return None
     try:
         where = os.path.relpath(os.path.dirname(os.path.realpath(path)), os.path.realpath(root))
@@ -3086,55 +2870,53 @@ def kernel_for(notebook: dict, parameters: dict | None,
     ``kernel_name``, else the notebook's, else None (the server's default). Every front end
     runs a notebook through this and ``execute_notebook``; they only choose where output goes."""
     if parameters:
-        inject_parameters(notebook, parameters)
+        _inject_parameters(notebook, parameters)
     return kernel_name or ((notebook.get("metadata") or {}).get("kernelspec") or {}).get("name")
 
 
-def execute_notebook(kernel: Kernel, notebook: dict, deadline: Deadline, results: list, *,
-                     keep_going: bool = False, cell_timeout: float | None = None, stdin=None,
-                     on_output=None, on_cell=None, keep_outputs: bool = True, on_wait=None,
-                     language_info: bool = True) -> int:
-    """Run the code cells in order, as nbclient does, writing outputs and counts into them.
+def execute_notebook(kernel: Kernel, notebook: dict, deadline: Deadline, *,
+                     keep_going: bool = False, cell_timeout: float | None = None, on_cell=None,
+                     language_info: bool = True, **execute):
+    """Run the code cells in order, as nbclient does, writing outputs and counts into them, and
+    yield ``(cell, result)`` as each ends (also for the cell that ends the run by an exception,
+    before it propagates).
 
-    Appends to ``results`` the Result of each cell that ran (also of one that ended the run by an
-    exception) and returns how many failed without a 'raises-exception' tag. Empty cells and cells
-    tagged 'skip-execution' are left as they are; the others lose their old outputs before the run
-    starts. ``metadata.language_info`` comes from the kernel unless ``language_info`` is false (a
-    notebook nobody will see).
+    Empty cells and cells tagged 'skip-execution' are left as they are; the others lose their old
+    outputs before the run starts. A cell that fails without a 'raises-exception' tag ends the run
+    unless ``keep_going``. ``on_cell(number, total)`` hears which code cell starts; ``execute``
+    goes to ``Kernel._execute`` (``stdin``, ``on_output``, ``keep_outputs``, ``on_wait``).
+    ``metadata.language_info`` comes from the kernel unless ``language_info`` is false (a notebook
+    nobody will see).
     """
     if language_info:
         notebook.setdefault("metadata", {})["language_info"] = kernel.info(
             timeout=deadline.remaining(HTTP_TIMEOUT)).get("language_info", {})
     code = [cell for cell in notebook["cells"] if cell.get("cell_type") == "code"]
-    runs = {id(cell) for cell in code
-            if cell_source(cell).strip() and SKIP_TAG not in cell_tags(cell)}
-    for cell in code:
-        if id(cell) in runs:
-            cell["outputs"], cell["execution_count"] = [], None
-    failed, displays, sent = 0, {}, {}
-    queue = [(number, cell) for number, cell in enumerate(code, 1) if id(cell) in runs]
+    queue = [(number, cell) for number, cell in enumerate(code, 1)
+             if _cell_source(cell).strip() and _SKIP_TAG not in _cell_tags(cell)]
+    for _, cell in queue:
+        cell["outputs"], cell["execution_count"] = [], None
+    displays, sent = {}, {}
     for position, (number, cell) in enumerate(queue):
-        allowed = RAISES_TAG in cell_tags(cell)
+        allowed = keep_going or _RAISES_TAG in _cell_tags(cell)
         # keep the kernel's queue full (not with a cell's clock: it would start in the queue)
         if not cell_timeout:
-            for _, ahead in queue[len(sent):position + PIPELINE_DEPTH]:
-                stop = not (keep_going or RAISES_TAG in cell_tags(ahead))
-                sent[id(ahead)] = kernel._send_ahead(cell_source(ahead), deadline,
+            for _, ahead in queue[len(sent):position + _PIPELINE_DEPTH]:
+                stop = not (keep_going or _RAISES_TAG in _cell_tags(ahead))
+                sent[id(ahead)] = kernel._send_ahead(_cell_source(ahead), deadline,
                                                      stop_on_error=stop,
-                                                     allow_stdin=stdin is not None)
+                                                     allow_stdin=execute.get("stdin") is not None)
         if on_cell is not None:
             on_cell(number, len(code))
         limit = deadline.cut(cell_timeout) if cell_timeout else deadline
         try:
-            result = kernel._execute(cell_source(cell), limit, on_output=on_output, stdin=stdin,
-                                     keep_outputs=keep_outputs, on_wait=on_wait,
-                                     stop_on_error=not (keep_going or allowed), displays=displays,
-                                     sent=sent.get(id(cell)))
+            result = kernel._execute(_cell_source(cell), limit, stop_on_error=not allowed,
+                                     displays=displays, sent=sent.get(id(cell)), **execute)
         except (ExecutionTimeout, KernelDied) as exc:
             result = exc.result or Result()
             if not isinstance(exc, ExecutionTimeout) or not cell_timeout or deadline.expired:
                 cell["outputs"], cell["execution_count"] = result.outputs, result.execution_count
-                results.append(result)
+                yield cell, result
                 raise
             # the cell's own limit ran out: an error of that cell, as in nbclient
             if result.error is None:
@@ -3143,12 +2925,15 @@ def execute_notebook(kernel: Kernel, notebook: dict, deadline: Deadline, results
                 result.outputs.append({"output_type": "error", **result.error})
             result.status = "error"
         cell["outputs"], cell["execution_count"] = result.outputs, result.execution_count
-        results.append(result)
+        yield cell, result
         if not result.ok and not allowed:
-            failed += 1
-            if not keep_going:
-                break
-    return failed
+            return
+
+
+def failures(ran: list) -> list:
+    """The results in ``ran`` (cell, result pairs) that failed, but in 'raises-exception' cells."""
+    return [result for cell, result in ran
+            if not result.ok and _RAISES_TAG not in _cell_tags(cell)]
 
 
 def run_notebook(notebook: str | dict, url: str | None = None, token: str | None = None, *,
@@ -3176,70 +2961,31 @@ def run_notebook(notebook: str | dict, url: str | None = None, token: str | None
         the notebook as far as it ran; otherwise as ``Kernel``.
     """
     deadline = Deadline(timeout)
-    url, token = resolve_server(url, token)
+    url, token, root = resolve_server(url, token)
     if start_server:
         start_if_stopped(url, token, user_options, deadline)
     where = None
     if isinstance(notebook, dict):
-        if not is_notebook(notebook):
+        if not _is_notebook(notebook):
             raise ConfigError("the notebook given is not the shape of a notebook (nbformat 4)")
-        notebook = upgrade_notebook(json.loads(json.dumps(notebook)))  # a deep, plain JSON copy
+        notebook = _upgrade_notebook(json.loads(json.dumps(notebook)))  # a deep, plain JSON copy
     else:
-        notebook, where = read_notebook(notebook, RestClient(url, token), deadline)
+        notebook, where = read_notebook(notebook, RestClient(url, token), deadline, root)
     name = kernel_for(notebook, parameters, kernel_name)
     with Kernel(url, token, name=name, timeout=deadline.remaining(), path=where) as kernel:
-        results: list = []
-        failed = execute_notebook(kernel, notebook, deadline, results, keep_going=keep_going,
-                                  cell_timeout=cell_timeout)
+        failed = failures(list(execute_notebook(kernel, notebook, deadline, keep_going=keep_going,
+                                                cell_timeout=cell_timeout)))
     if failed and not keep_going:
-        error = ExecutionError(next(r for r in results if not r.ok))
+        error = ExecutionError(failed[0])
         error.notebook = notebook  # what ran, up to the failing cell
         raise error
     return notebook
 
 
-# ---- Python 3.9: the public API's hints, spelled so typing.get_type_hints reads them -------------
-
-if sys.version_info < (3, 10) and __name__ != "__main__":
-    # Python 3.9 cannot evaluate "X | None"; editors, documentation tools and pydantic read the
-    # public API's hints with typing.get_type_hints, so there they are spelled with Union.
-    import typing
-
-    def _union(hint: str) -> str:
-        parts, depth, start = [], 0, 0
-        for i, char in enumerate(hint):
-            depth += (char == "[") - (char == "]")
-            if depth == 0 and hint.startswith(" | ", i):
-                parts.append(hint[start:i])
-                start = i + 3
-        parts = [part.strip() for part in parts + [hint[start:]]]
-        inner = [re.sub(r"\[(.*)\]$", lambda m: "["
-                        + ", ".join(_union(x) for x in _split_args(m.group(1))) + "]", p)
-                 for p in parts]
-        return inner[0] if len(inner) == 1 else f"typing.Union[{', '.join(inner)}]"
-
-    def _split_args(text: str) -> list:
-        args, depth, start = [], 0, 0
-        for i, char in enumerate(text):
-            depth += (char == "[") - (char == "]")
-            if depth == 0 and char == ",":
-                args.append(text[start:i])
-                start = i + 1
-        return args + [text[start:]]
-
-    for _public in [globals()[name] for name in __all__]:
-        for _function in ([_public, *vars(_public).values()] if isinstance(_public, type)
-                          else [_public]):
-            _function = getattr(_function, "__func__", _function)
-            for _name, _hint in getattr(_function, "__annotations__", {}).items():
-                if isinstance(_hint, str) and "|" in _hint:
-                    _function.__annotations__[_name] = _union(_hint)
-
-
 # ---- Front ends: what the command line and the MCP server share ----------------------------------
 
 # FIXES, in the command line's words.
-CLI_FIXES = {
+_CLI_FIXES = {
     "token": "set JUPYTER_TOKEN or pass --token",
     "tls": "pass --cafile or set SSL_CERT_FILE for a private CA, or --insecure",
     "tls-context": "the --cafile given did not sign its certificate; pass the CA that did, or "
@@ -3255,7 +3001,7 @@ CLI_FIXES = {
 
 def error_text(exc: JupyterError) -> str:
     """An error's message, a ServerError's remedy in the command line's words."""
-    return exc.describe(CLI_FIXES) if isinstance(exc, ServerError) else str(exc)
+    return exc.describe(_CLI_FIXES) if isinstance(exc, ServerError) else str(exc)
 
 
 ANSI_ESCAPE = r"\x1b\[[0-9;?]*[ -/]*[@-~]"  # compiled by re on first use
@@ -3293,24 +3039,26 @@ def _finite(value: object) -> object:
     return [_finite(item) for item in value] if isinstance(value, (list, tuple)) else value
 
 
-def write_notebook(path: str, notebook: dict, remote: RestClient | None,
-                   deadline: Deadline) -> None:
-    """Write the executed notebook to a local file, or to the server for server:PATH."""
+def write_notebook(path: str, notebook: dict, remote: RestClient | None = None,
+                   deadline: Deadline | None = None) -> None:
+    """Write a notebook to a local file, replaced whole (never half written), or server:PATH."""
     if path.startswith(SERVER_PREFIX):
         remote.save_notebook(path[len(SERVER_PREFIX):], json.loads(strict_json(notebook)),
                              deadline=deadline.cut(HTTP_TIMEOUT))
         return
-    text = notebook_text(notebook)  # (before the file is opened: an error must not leave it empty)
+    part = f"{path}.{os.getpid()}.part"
     try:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(part, "w", encoding="utf-8") as f:
+            f.write(_notebook_text(notebook))
+        os.replace(part, path)
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.remove(part)
         raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
 
 
-def notebook_text(notebook: dict) -> str:
-    """A notebook file's text, as nbformat writes it; a lone surrogate (from a JSON escape)
-    stays escaped."""
+def _notebook_text(notebook: dict) -> str:
+    """A notebook file's text, as nbformat writes it; a lone surrogate stays escaped."""
     text = strict_json(notebook, indent=1, ensure_ascii=False)
     try:
         text.encode("utf-8")
@@ -3331,35 +3079,34 @@ def notebook_text(notebook: dict) -> str:
 #   - revision 2026-07-28 (basic/versioning, basic/index): no handshake; every request names
 #     its version in `_meta`; `server/discover`; every result has `resultType` and the
 #     server's info in `_meta`; list results have the caching hints `ttlMs` and `cacheScope`.
-# Requests run concurrently: each call in a thread; the cells of run_code (and inspect's questions)
-# on one kernel one after another, in a lane (a thread while it has work); the reading thread
-# answers the rest. A run_code call waits for its cell at most `wait` seconds; a cell that runs on
-# is a _Run, kept until get_execution returns its final status (or 10 minutes after it ends).
+# Requests run concurrently: each call in a thread; the cells of run_code on one kernel one after
+# another, in a lane (a thread while it has work); the reading thread answers the rest. A run_code
+# call waits for its cell at most `wait` seconds; a cell that runs on is a _Run, kept in _Runs
+# until get_execution returns its final status (or 10 minutes after it ends).
 
-MCP_HANDSHAKE_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")  # newest first
-MCP_STATELESS_VERSIONS = ("2026-07-28",)
-MCP_VERSIONS = MCP_STATELESS_VERSIONS + MCP_HANDSHAKE_VERSIONS
+_MCP_HANDSHAKE_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")  # newest first
+_MCP_STATELESS_VERSIONS = ("2026-07-28",)
+_MCP_VERSIONS = _MCP_STATELESS_VERSIONS + _MCP_HANDSHAKE_VERSIONS
 _MCP_VERSION_KEY = "io.modelcontextprotocol/protocolVersion"  # in a 2026-07-28 request's _meta
 _MCP_SERVER_KEY = "io.modelcontextprotocol/serverInfo"        # in a 2026-07-28 result's _meta
-MCP_TOOLS_TTL_MS = 3_600_000  # the tools do not change while the process runs
-MAX_MCP_LINE = 64 * 2**20     # bound on one incoming message
-MCP_PROGRESS_EVERY = 2.0      # seconds between progress notifications (at most 5, as promised)
+_MCP_TOOLS_TTL_MS = 3_600_000  # the tools do not change while the process runs
+_MAX_MCP_LINE = 64 * 2**20     # bound on one incoming message
+_MCP_PROGRESS_EVERY = 2.0      # seconds between progress notifications (at most 5, as promised)
 MCP_MAX_OUTPUT = 20_000       # characters of text per result (--max-output)
 MCP_MAX_IMAGE_BYTES = 1_000_000  # an image inlined at most (--max-image-bytes)
-MCP_MAX_IMAGES = 10           # images inlined in one result at most
-MCP_START_TIMEOUT = HTTP_TIMEOUT  # starting or attaching a kernel (gateways can take 40 s+)
-MCP_ASK_TIMEOUT = 30.0        # inspect: the kernel answers at once unless busy
+_MCP_MAX_IMAGES = 10           # images inlined in one result at most
+_MCP_START_TIMEOUT = HTTP_TIMEOUT  # starting or attaching a kernel (gateways can take 40 s+)
 MCP_WAIT = 45.0               # run_code waits this long for a cell (--wait): hosts give a call 60 s
-MCP_KEEP_ENDED = 600.0        # an execution not collected is dropped this long after it ends
+_MCP_KEEP_ENDED = 600.0        # an execution not collected is dropped this long after it ends
 # Hosts close stdin, send SIGTERM 2 s later and SIGKILL at 4 s (the official SDKs and the
 # Inspector): the kernels this process started are deleted in parallel within this budget.
-MCP_CLEANUP = 2.5
-MCP_DELETE_RESERVE = 1.0  # of which kept for the deletes, when kernels are still starting
+_MCP_CLEANUP = 2.5
+_MCP_DELETE_RESERVE = 1.0  # of which kept for the deletes, when kernels are still starting
 
-PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS = -32700, -32600, -32601, -32602
-UNSUPPORTED_VERSION = -32022  # revision 2026-07-28, basic/versioning
+_PARSE_ERROR, _INVALID_REQUEST, _METHOD_NOT_FOUND, _INVALID_PARAMS = -32700, -32600, -32601, -32602
+_UNSUPPORTED_VERSION = -32022  # revision 2026-07-28, basic/versioning
 
-MCP_INSTRUCTIONS = (
+_MCP_INSTRUCTIONS = (
     "Runs code on Jupyter kernels. run_code without a kernel uses one default kernel that keeps "
     "its state between calls, like a notebook: define things once, then use them. Output comes "
     "back as text and images; very long output is cut in the middle. Use a timeout for code that "
@@ -3376,19 +3123,11 @@ def _schema(properties: dict, required: tuple = ()) -> dict:
             "additionalProperties": False}
 
 
-def _control_tool(name: str, title: str, description: str, *, destructive: bool,
-                  idempotent: bool) -> dict:
-    """A tool that acts on one kernel, named by its id."""
-    return {"name": name, "title": title, "description": description,
-            "inputSchema": _schema({"kernel": {"type": "string", "pattern": _KERNEL_ID,
-                                               "description": "The kernel id."}}, ("kernel",)),
-            "annotations": {"title": title, "readOnlyHint": False, "destructiveHint": destructive,
-                            "idempotentHint": idempotent, "openWorldHint": False}}
-
-
 _KERNEL_ARG = {"type": "string", "pattern": _KERNEL_ID,
                "description": "A kernel id (from list_kernels or start_kernel). Default: the "
                               "default kernel."}
+_KERNEL_PROPERTY = {"kernel": {"type": "string", "pattern": _KERNEL_ID,
+                               "description": "The kernel id."}}
 _STATUS = {"type": "string", "enum": ["ok", "error", "aborted", "timeout"]}
 
 
@@ -3404,14 +3143,23 @@ _RUN_OUTPUT = _schema({"status": {**_STATUS, "enum": ["running", *_STATUS["enum"
                        "execution_count": _nullable("integer"), "truncated": {"type": "boolean"}},
                       ("status", "execution_count", "truncated"))
 
-MCP_TOOLS: list = []  # each tool's declaration, in tools/list order; _tool fills it
+_MCP_TOOLS: dict = {}  # name -> (declaration, method), in tools/list order; _tool fills it
 
 
-def _tool(declaration: dict):
-    """Make the method below the body of the MCP tool ``declaration`` declares: its
-    schema stands beside it, and tools/list gives the tools in the order they are defined."""
+def _tool(name: str, title: str, description: str, properties: dict, required: tuple = (), *,
+          output: dict | None = None, read_only: bool = False, destructive: bool = False,
+          idempotent: bool = False):
+    """Make the method below the body of MCP tool ``name``, declared by the rest: its schema
+    stands beside it, and tools/list gives the tools in the order they are defined."""
+    declaration = {"name": name, "title": title, "description": description,
+                   "inputSchema": _schema(properties, required),
+                   **({"outputSchema": output} if output else {}),
+                   "annotations": {"title": title, "readOnlyHint": read_only,
+                                   "destructiveHint": destructive, "idempotentHint": idempotent,
+                                   "openWorldHint": False}}
+
     def register(method):
-        MCP_TOOLS.append(declaration)
+        _MCP_TOOLS[name] = (declaration, method)
         return method
     return register
 
@@ -3420,8 +3168,17 @@ class _ToolError(Exception):
     """A tool call that cannot be done: its text is the result's, with isError set."""
 
 
+_JSON_TYPES = {"null": type(None), "boolean": bool, "integer": int, "number": (int, float),
+               "string": str, "array": list, "object": dict}
+
+
+def _json_type(value: object) -> str:
+    return next((kind for kind, types in _JSON_TYPES.items() if is_kind(value, types)),
+                type(value).__name__)
+
+
 def _check_arguments(schema: dict, args: object) -> str | None:
-    """What is wrong with ``args`` for an input schema of MCP_TOOLS, or None."""
+    """What is wrong with ``args`` for an input schema of _MCP_TOOLS, or None."""
     if not isinstance(args, dict):
         return "the arguments must be an object"
     properties = schema["properties"]
@@ -3434,7 +3191,7 @@ def _check_arguments(schema: dict, args: object) -> str | None:
             takes = ", ".join(properties) or "nothing"
             return f"unknown argument '{name}' (this tool takes: {takes})"
         kinds = [branch["type"] for branch in rule.get("anyOf", [rule])]
-        if not any(_is_json_type(value, kind) for kind in kinds):
+        if not any(is_kind(value, _JSON_TYPES[kind]) for kind in kinds):
             return f"argument '{name}' must be {' or '.join(kinds)}, not {_json_type(value)}"
         if "pattern" in rule and isinstance(value, str) and not re.search(rule["pattern"], value):
             return f"argument '{name}' is not a kernel id: {value[:80]!r}"
@@ -3446,28 +3203,12 @@ def _check_arguments(schema: dict, args: object) -> str | None:
     return None
 
 
-def _is_json_type(value: object, kind: str) -> bool:
-    if kind == "integer":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind == "number":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return {"string": str, "boolean": bool, "object": dict, "array": list,
-            "null": type(None)}[kind] is type(value)
-
-
-def _json_type(value: object) -> str:
-    for kind in ("null", "boolean", "integer", "number", "string", "array", "object"):
-        if _is_json_type(value, kind):
-            return kind
-    return type(value).__name__
-
-
 class _ToolContent:
     """A cell's outputs as MCP content blocks, collected as they arrive, in bounded memory.
 
     In order: text for streams, results' and displays' text forms and tracebacks (ANSI
     colours removed); image blocks for PNG and JPEG up to ``max_image_bytes`` each, at most
-    MCP_MAX_IMAGES of them. Text over ``max_output`` characters keeps its head and tail
+    _MCP_MAX_IMAGES of them. Text over ``max_output`` characters keeps its head and tail
     around one line saying how much was left out; with ``output_dir``, the whole text and
     the images left out are saved there, and the line says where.
     """
@@ -3519,13 +3260,12 @@ class _ToolContent:
                              f"[{', '.join(sorted(data)) or 'empty'} output]")
             self._text(shown if shown.endswith("\n") else shown + "\n")
         elif kind == "error":
-            trace = "\n".join(str(line) for line in out.get("traceback") or ()) or (
-                f"{out.get('ename', 'Error')}: {out.get('evalue', '')}")
+            trace = "\n".join(str(line) for line in out.get("traceback") or ()) or error_line(out)
             self._text(re.sub(ANSI_ESCAPE, "", trace) + "\n")
 
     def _image(self, mime: str, encoded: str) -> None:
         size = len(encoded) * 3 // 4 - encoded[-2:].count("=")
-        if size <= self.max_image_bytes and self._images < MCP_MAX_IMAGES:
+        if size <= self.max_image_bytes and self._images < _MCP_MAX_IMAGES:
             self._images += 1
             self._parts.append({"type": "image", "data": encoded, "mimeType": mime})
             return
@@ -3601,37 +3341,20 @@ class NotebookLog:
     def __init__(self, path: str):
         self.path = path
         self.notebook = {"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
-        try:
-            with open(path, encoding="utf-8-sig") as f:
-                text = f.read()
-        except FileNotFoundError:
-            text = None
-        except OSError as exc:
-            raise ConfigError(f"cannot read --log {path}: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            text = "not UTF-8"
-        if text and text.strip():
+        text = read_text(path, "--log ") if os.path.exists(path) else ""
+        if text.strip():
             try:
                 self.notebook = notebook_from(text, ".ipynb")  # (whatever its name ends with)
             except ConfigError:
                 raise ConfigError(f"--log {path} exists and is not a notebook; give a new "
                                   "file") from None
-        self._write()
+        write_notebook(path, self.notebook)
 
     def add(self, code: str, result: Result) -> None:
         cell = new_cell("code", code)
         cell.update(execution_count=result.execution_count, outputs=result.outputs)
         self.notebook["cells"].append(cell)
-        self._write()
-
-    def _write(self) -> None:
-        part = f"{self.path}.{os.getpid()}.part"
-        try:
-            with open(part, "w", encoding="utf-8") as f:
-                f.write(notebook_text(self.notebook))
-            os.replace(part, self.path)
-        except OSError as exc:
-            raise ConfigError(f"cannot write --log {self.path}: {exc.strerror}") from None
+        write_notebook(self.path, self.notebook)
 
 
 class _Call:
@@ -3642,8 +3365,12 @@ class _Call:
         self.cancelled = False
         self.kernel_id: str | None = None  # the kernel it runs on, once known (for cancellation)
         self.started = time.monotonic()
-        self.last_line = ""
+        self.last_line, self.progress = "", 0.0  # (progress: the last notification's)
         self.run: _Run | None = None  # run_code's or get_execution's cell
+
+    def say(self, line: str) -> None:
+        """Show ``line`` in the call's progress notifications."""
+        self.last_line = line
 
 
 class _Run:
@@ -3667,7 +3394,9 @@ class _Run:
         if out.get("output_type") == "stream":
             lines = [line for line in str(out.get("text", ""))[-1000:].splitlines() if line.strip()]
             if lines:
-                self.last_line = lines[-1][:200]
+                self.say(lines[-1][:200])
+
+    say = _Call.say
 
     def end(self, status: str, result: Result | None = None, note: str | None = None,
             failure: str | None = None) -> None:
@@ -3679,11 +3408,44 @@ class _Run:
             self.changed.notify_all()
 
     def take(self) -> tuple[list, bool]:
-        """The content blocks since the last take, and whether output is missing from them (the
-        caller holds ``changed``)."""
+        """The content blocks since the last take; whether output is missing (hold ``changed``)."""
         blocks, missing = self.content.finish()
         self.content = self.new_content()
         return blocks, missing
+
+
+class _Runs:
+    """The long work of agents, kept in one place: the _Runs a result left running, until a result
+    with their final status collects them (or _MCP_KEEP_ENDED after they end, pruned in
+    ``settle``), and when a cell last failed on each kernel."""
+
+    def __init__(self):
+        import threading
+        self._lock = threading.Lock()
+        self._kept: dict = {}    # execution id -> _Run, until collected
+        self._failed: dict = {}  # kernel key -> when a cell there last ended in an error
+
+    def settle(self, run: _Run, ended: bool) -> None:
+        """After a result for ``run``: keep it for get_execution, or collect it if ``ended``."""
+        now = time.monotonic()
+        with self._lock:
+            self._kept = {key: kept for key, kept in self._kept.items()
+                          if kept.ended is None or now - kept.ended < _MCP_KEEP_ENDED}
+            if ended:
+                self._kept.pop(run.id, None)
+            else:
+                self._kept[run.id] = run
+
+    def kept(self) -> list:
+        with self._lock:
+            return list(self._kept.values())
+
+    def failed(self, key: str, when: float) -> None:
+        """A cell on kernel ``key`` failed at ``when``: what was queued behind it is aborted."""
+        self._failed[key] = when
+
+    def failed_after(self, key: str, when: float) -> bool:
+        return self._failed.get(key, -1.0) > when
 
 
 class _JsonRpcStdio:
@@ -3698,19 +3460,19 @@ class _JsonRpcStdio:
         import threading
         self.app, self.out = app, out
         self.era: str | None = None  # "handshake" or "stateless", fixed by the first request
-        self.version = MCP_HANDSHAKE_VERSIONS[0]
+        self.version = _MCP_HANDSHAKE_VERSIONS[0]
         self._write_lock = threading.Lock()  # one message at a time on stdout
 
     def serve(self, stdin) -> None:
         """Answer requests until stdin closes (the caller cleans up)."""
         while True:
-            line = stdin.readline(MAX_MCP_LINE + 1)
+            line = stdin.readline(_MAX_MCP_LINE + 1)
             if not line:
                 return
-            if len(line) > MAX_MCP_LINE and not line.endswith(b"\n"):
+            if len(line) > _MAX_MCP_LINE and not line.endswith(b"\n"):
                 while line and not line.endswith(b"\n"):  # drop the rest of the line, unread
                     line = stdin.readline(RECV_SIZE_MAX)
-                self.error(None, INVALID_REQUEST, f"message longer than {MAX_MCP_LINE} bytes")
+                self.error(None, _INVALID_REQUEST, f"message longer than {_MAX_MCP_LINE} bytes")
                 continue
             if line.strip():
                 try:
@@ -3735,7 +3497,7 @@ class _JsonRpcStdio:
             result = {**result, "resultType": "complete",
                       "_meta": {_MCP_SERVER_KEY: {"name": "jupyter_call", "version": __version__}}}
             if cacheable:
-                result.update(ttlMs=MCP_TOOLS_TTL_MS, cacheScope="public")
+                result.update(ttlMs=_MCP_TOOLS_TTL_MS, cacheScope="public")
         self._write({"jsonrpc": "2.0", "id": request_id, "result": result})
 
     def error(self, request_id: object, code: int, message: str, data: object = None) -> None:
@@ -3751,30 +3513,30 @@ class _JsonRpcStdio:
         try:
             msg = json.loads(line.decode("utf-8"))
         except (ValueError, RecursionError):
-            self.error(None, PARSE_ERROR, "Parse error: not a JSON message")
+            self.error(None, _PARSE_ERROR, "Parse error: not a JSON message")
             return
         if not isinstance(msg, dict):
-            self.error(None, INVALID_REQUEST,
+            self.error(None, _INVALID_REQUEST,
                        "a message must be a JSON object (batches are not supported)")
             return
         method, request_id, params = msg.get("method"), msg.get("id"), msg.get("params")
         if not isinstance(method, str):
             # (answers to us: none are asked)
             if "id" in msg and "result" not in msg and "error" not in msg:
-                self.error(request_id, INVALID_REQUEST, "a request needs a method")
+                self.error(request_id, _INVALID_REQUEST, "a request needs a method")
             return
         if params is None:
             params = {}
         if not isinstance(params, dict):
             if "id" in msg:
-                self.error(request_id, INVALID_PARAMS, "params must be an object")
+                self.error(request_id, _INVALID_PARAMS, "params must be an object")
             return
         if "id" not in msg:
             self._on_notification(method, params)
         elif isinstance(request_id, (str, int)) and not isinstance(request_id, bool):
             self._on_request(request_id, method, params)
         else:
-            self.error(None, INVALID_REQUEST, "a request id must be a string or an integer")
+            self.error(None, _INVALID_REQUEST, "a request id must be a string or an integer")
 
     def _on_notification(self, method: str, params: dict) -> None:
         if method == "notifications/cancelled":
@@ -3788,55 +3550,49 @@ class _JsonRpcStdio:
             stateless = asked is not None or method == "server/discover"
             self.era = "stateless" if stateless else "handshake"
         if self.era == "stateless":
-            # a handshake on a 2026-07-28 connection (as the official SDK answers)
-            if method == "initialize":
-                self.error(request_id, UNSUPPORTED_VERSION, "Unsupported protocol version",
-                           {"supported": list(MCP_STATELESS_VERSIONS),
-                            "requested": params.get("protocolVersion")})
-                return
-            if asked is None:
-                self.error(request_id, INVALID_PARAMS,
+            if asked is None and method != "initialize":
+                self.error(request_id, _INVALID_PARAMS,
                            f"params._meta is missing {_MCP_VERSION_KEY}")
                 return
-            if asked not in MCP_STATELESS_VERSIONS:
-                self.error(request_id, UNSUPPORTED_VERSION, "Unsupported protocol version",
-                           {"supported": list(MCP_STATELESS_VERSIONS), "requested": asked})
+            if method == "initialize" or asked not in _MCP_STATELESS_VERSIONS:
+                # (a handshake on a 2026-07-28 connection: answered as the official SDK does)
+                self.error(request_id, _UNSUPPORTED_VERSION, "Unsupported protocol version", {
+                    "supported": list(_MCP_STATELESS_VERSIONS),
+                    "requested": params.get("protocolVersion") if asked is None else asked})
                 return
         handlers = {"tools/list": self._tools_list, "tools/call": self.app.call_tool}
         if self.era == "handshake":
-            handlers.update({"initialize": self._initialize, "ping": self._ping})
+            handlers.update(initialize=self._initialize, ping=lambda i, _: self.result(i, {}))
         else:  # 2026-07-28 has no ping
             handlers["server/discover"] = self._discover
         handler = handlers.get(method)
         if handler is None:
-            self.error(request_id, METHOD_NOT_FOUND, f"Method not found: {method}")
+            self.error(request_id, _METHOD_NOT_FOUND, f"Method not found: {method}")
             return
         handler(request_id, params)
 
     def _initialize(self, request_id: object, params: dict) -> None:
         # 2025-11-25 basic/lifecycle: the client's version when supported, else the latest.
         asked = params.get("protocolVersion")
-        self.version = asked if asked in MCP_HANDSHAKE_VERSIONS else MCP_HANDSHAKE_VERSIONS[0]
+        self.version = asked if asked in _MCP_HANDSHAKE_VERSIONS else _MCP_HANDSHAKE_VERSIONS[0]
         self.result(request_id,
                     {"protocolVersion": self.version,
                      "capabilities": {"tools": {"listChanged": False}},
                      "serverInfo": {"name": "jupyter_call", "title": "Jupyter kernels",
-                                    "version": __version__}, "instructions": MCP_INSTRUCTIONS})
-
-    def _ping(self, request_id: object, params: dict) -> None:
-        self.result(request_id, {})
+                                    "version": __version__}, "instructions": _MCP_INSTRUCTIONS})
 
     def _discover(self, request_id: object, params: dict) -> None:
         # 2026-07-28 server/discover: the versions, capabilities and instructions, cacheable.
-        self.result(request_id, {"supportedVersions": list(MCP_VERSIONS),
+        self.result(request_id, {"supportedVersions": list(_MCP_VERSIONS),
                                  "capabilities": {"tools": {"listChanged": False}},
-                                 "instructions": MCP_INSTRUCTIONS}, cacheable=True)
+                                 "instructions": _MCP_INSTRUCTIONS}, cacheable=True)
 
     def _tools_list(self, request_id: object, params: dict) -> None:
-        tools = MCP_TOOLS if self.version >= "2025-06-18" or self.era == "stateless" else [
-            {k: v for k, v in tool.items() if k not in ("outputSchema", "title")}
-            for tool in MCP_TOOLS]
-        self.result(request_id, {"tools": list(tools)}, cacheable=True)
+        tools = [tool for tool, _ in _MCP_TOOLS.values()]
+        if self.version < "2025-06-18" and self.era != "stateless":
+            tools = [{k: v for k, v in tool.items() if k not in ("outputSchema", "title")}
+                     for tool in tools]
+        self.result(request_id, {"tools": tools}, cacheable=True)
 
 
 class _KernelRegistry:
@@ -3846,15 +3602,20 @@ class _KernelRegistry:
     A kernel it starts is ours to delete from the moment it exists: its id joins ``started``
     as ``Kernel(...)`` returns, before any tool can hand it out, and a start that ends after
     ``close`` began deletes its kernel there and then. A kernel it attached to is never deleted.
+    With ``start_server``, a stopped JupyterHub server is started before a kernel is opened, within
+    ``timeout`` (None: _HUB_START_TIMEOUT), as the command line does.
     """
 
     def __init__(self, url: str | None, token: str | None, *, ssl_context=None,
                  kernel_name: str | None = None, attach: dict | None = None, log=None,
-                 **kernel_options):
+                 start_server: bool = False, user_options: dict | None = None,
+                 timeout: float | None = None, **kernel_options):
         import threading
         self.url, self.token, self.ssl_context = url, token, ssl_context
         self.kernel_name, self.attach, self.log = kernel_name, attach or {}, log
-        self.kernel_options = kernel_options  # env, protocol, compression: as for Kernel
+        self.start_server, self.user_options, self.timeout = start_server, user_options, timeout
+        self.kernel_options = kernel_options  # env, protocol: as for Kernel
+        self.root: str | None = None  # the server's root folder on this machine, when known
         self.default: str | None = None  # the default kernel's id, once it has one
         self._lock = threading.Lock()     # the tables below
         self._settled = threading.Condition(self._lock)  # notified when a start has ended
@@ -3865,16 +3626,15 @@ class _KernelRegistry:
         self._rest = None
 
     def rest(self) -> RestClient:
-        """The server's REST client, its URL and token found once (argument, environment,
-        discovery)."""
+        """The server's REST client, its URL and token found once (arguments, environment, ...)."""
         if self._rest is None:
-            self._rest = RestClient(*resolve_server(self.url, self.token),
-                                    ssl_context=self.ssl_context)
+            url, token, self.root = resolve_server(self.url, self.token)
+            self._rest = RestClient(url, token, ssl_context=self.ssl_context)
         return self._rest
 
-    def get(self, kernel_id: str | None) -> Kernel:
+    def get(self, kernel_id: str | None, on_progress=None) -> Kernel:
         """The connected Kernel for an id, or the default kernel (started or attached on first
-        use)."""
+        use); ``on_progress`` hears the steps of a hub server's start."""
         with self._lock:
             key = kernel_id or self.default
             kernel = self._kernels.get(key) if key else None
@@ -3883,14 +3643,14 @@ class _KernelRegistry:
         kernel = None
         if key:
             try:
-                kernel = self.open(kernel_id=key)
+                kernel = self.open(kernel_id=key, on_progress=on_progress)
             except ServerError as exc:
                 if exc.status != 404 or kernel_id:
                     raise
                 self.log(f"default kernel {key} is gone")
                 self.forget(key)
         if kernel is None:
-            kernel = self.open(name=self.kernel_name, **self.attach)
+            kernel = self.open(name=self.kernel_name, on_progress=on_progress, **self.attach)
             kernel_id = None
             self.log(f"default kernel {kernel.id} {'started' if kernel.owned else 'attached'}")
         with self._lock:
@@ -3898,14 +3658,16 @@ class _KernelRegistry:
                 self.default = kernel.id
         return kernel
 
-    def open(self, *, keep: bool = True, **options) -> Kernel:
-        """A Kernel on the server, started or attached as ``options`` say, and kept for ``get``
-        unless ``keep`` is false."""
+    def open(self, *, keep: bool = True, on_progress=None, **options) -> Kernel:
+        """A Kernel started or attached as ``options`` say, kept for ``get`` unless not ``keep``."""
         with self._lock:
             self._starting += 1
         try:
             rest = self.rest()
-            kernel = Kernel(rest.url, rest.token, timeout=MCP_START_TIMEOUT,
+            if self.start_server:
+                start_if_stopped(rest.url, rest.token, self.user_options, Deadline(self.timeout),
+                                 self.ssl_context, on_progress)
+            kernel = Kernel(rest.url, rest.token, timeout=_MCP_START_TIMEOUT,
                             ssl_context=self.ssl_context, **self.kernel_options, **options)
             kernel.timeout = None  # each call brings its own
             with self._lock:
@@ -3954,11 +3716,11 @@ class _KernelRegistry:
 
     def close(self, deadline: Deadline) -> tuple[list, list]:
         """Delete the kernels started here, each in a thread; a kernel still starting is waited
-        for, leaving MCP_DELETE_RESERVE of ``deadline``. Returns their ids and the threads."""
+        for, leaving _MCP_DELETE_RESERVE of ``deadline``. Returns their ids and the threads."""
         with self._lock:
             self._closed = True
             self._settled.wait_for(lambda: not self._starting,
-                                   deadline.remaining() - MCP_DELETE_RESERVE)
+                                   deadline.remaining() - _MCP_DELETE_RESERVE)
             started = list(self._started)
         return started, [_daemon(self._delete_quietly, k, deadline) for k in started]
 
@@ -3971,8 +3733,8 @@ class _KernelRegistry:
 
 class McpServer:
     """The MCP server of ``--mcp``: the app of a ``_JsonRpcStdio`` on ``out`` (binary) that
-    serves ``stdin`` (binary). Its tools run on the kernels of a ``_KernelRegistry``, each
-    call in a lane of its kernel or a thread of its own."""
+    serves ``stdin`` (binary). Its tools (_MCP_TOOLS) run on the kernels of a ``_KernelRegistry``,
+    each call in a thread of its own and run_code's cells in a lane of their kernel."""
 
     def __init__(self, url: str | None, token: str | None, *, ssl_context=None,
                  kernel_name: str | None = None, kernel_id: str | None = None,
@@ -3983,7 +3745,7 @@ class McpServer:
                  **kernel_options):
         import threading
         self.kernels = _KernelRegistry(url, token, ssl_context=ssl_context,
-                                       kernel_name=kernel_name, log=self.log_line,
+                                       kernel_name=kernel_name, log=self.log_line, timeout=timeout,
                                        attach={"kernel_id": kernel_id, "session": session,
                                                "notebook": notebook}, **kernel_options)
         self.timeout, self.max_output, self.max_image_bytes = timeout, max_output, max_image_bytes
@@ -3992,28 +3754,23 @@ class McpServer:
         self._lock = threading.Lock()        # the tables below, and the --log notebook
         self._lanes: dict = {}      # kernel key -> deque of waiting work, while a lane thread runs
         self._calls: dict = {}      # request id -> _Call
-        self._runs: dict = {}       # execution id -> _Run that returned running, until collected
-        self._failed: dict = {}     # kernel key -> when a cell there last ended in an error
-
-    def serve(self, stdin) -> None:
-        """Answer requests until stdin closes (the caller cleans up)."""
-        self.rpc.serve(stdin)
+        self._runs = _Runs()
 
     def log_line(self, text: str) -> None:
         with contextlib.suppress(OSError, ValueError):
             self.err.write(f"jupyter_call: {self._private(text)}\n")
             self.err.flush()
 
-    # -- tools/call: each in a lane of its kernel or a thread of its own --
+    # -- tools/call: each in a thread of its own, run_code's cells in a lane of their kernel --
 
     def call_tool(self, request_id: object, params: dict) -> None:
         name, args = params.get("name"), params.get("arguments")
         args = {} if args is None else args
-        tool = next((t for t in MCP_TOOLS if t["name"] == name), None)
-        if tool is None:
-            self.rpc.error(request_id, INVALID_PARAMS, f"Unknown tool: {str(name)[:100]}")
+        declaration, work = _MCP_TOOLS.get(name if isinstance(name, str) else "", (None, None))
+        if declaration is None:
+            self.rpc.error(request_id, _INVALID_PARAMS, f"Unknown tool: {str(name)[:100]}")
             return
-        problem = _check_arguments(tool["inputSchema"], args)
+        problem = _check_arguments(declaration["inputSchema"], args)
         # 2025-11-25: input errors are tool results, so that the model can correct itself
         if problem:
             self.rpc.result(request_id, self._failure(f"{name}: {problem}"))
@@ -4022,16 +3779,12 @@ class McpServer:
         call = _Call(request_id, meta.get("progressToken"))
         with self._lock:
             self._calls[request_id] = call
-        work = getattr(self, f"_tool_{name}")
-        if name == "inspect":  # one kernel's calls one after another (run_code queues its cell)
-            self._enqueue(self._lane_key(args), lambda: self._finish(call, work, args))
-        else:
-            _daemon(self._finish, call, work, args)
+        _daemon(self._finish, call, work, args)
 
     def _finish(self, call: _Call, work, args: dict) -> None:
         """Run a tool and answer its call, unless it was cancelled."""
         try:
-            result = work(call, args) if not call.cancelled else None
+            result = work(self, call, args) if not call.cancelled else None
         except Exception as exc:
             result = self._failure(self._explain(exc))
         with self._lock:
@@ -4114,50 +3867,51 @@ class McpServer:
             self.log_line(f"could not interrupt kernel {kernel_id}: {error_text(exc)}")
 
     def _progress(self, call: _Call):
-        """Start progress notifications for ``call`` if it asked; returns the event that stops
-        them."""
+        """Notify ``call``'s progress every _MCP_PROGRESS_EVERY, if it asked; the event to stop."""
         import threading
         stop = threading.Event()
-        if call.progress_token is None:
-            return stop
 
         def tick() -> None:
-            while not stop.wait(MCP_PROGRESS_EVERY):
-                if call.cancelled:
-                    return
-                elapsed = round(time.monotonic() - call.started, 1)
-                line = (call.run or call).last_line
-                params = {"progressToken": call.progress_token, "progress": elapsed,
-                          "message": f"running for {elapsed:.0f} s" + (f": {line}" if line else "")}
-                self.rpc.notify("notifications/progress", params)
+            while not stop.wait(_MCP_PROGRESS_EVERY) and not call.cancelled:
+                self._tell(call)
 
-        _daemon(tick)
+        if call.progress_token is not None:
+            _daemon(tick)
         return stop
+
+    def _tell(self, call: _Call, line: str | None = None) -> None:
+        """A progress notification for ``call``, if it asked: the seconds it has run and ``line``
+        (else the last line its cell printed), at once (a hub server's start says each step)."""
+        if line is not None:
+            (call.run or call).say(line)
+        if call.progress_token is None or call.cancelled:
+            return
+        with self._lock:  # (strictly increasing, as the specification asks)
+            call.progress = max(round(time.monotonic() - call.started, 3), call.progress + 0.001)
+            line = (call.run or call).last_line
+            params = {"progressToken": call.progress_token, "progress": call.progress,
+                      "message": f"running for {call.progress:.0f} s" + (f": {line}" if line
+                                                                         else "")}
+        self.rpc.notify("notifications/progress", params)
 
     # -- the tools --
 
-    @_tool({"name": "run_code", "title": "Run code",
-            "description": "Run code on a Jupyter kernel and return what it printed, its result, "
-                           "images it displayed and the traceback if it raised. Without `kernel`, "
-                           "the default kernel is used; its variables, imports and files persist "
-                           "between calls, so build on earlier calls rather than repeating them. "
-                           "The code runs as a notebook cell: the value of its last line is shown. "
-                           "`timeout` (seconds) interrupts code that runs longer. A cell still "
-                           "running after `wait` seconds (default 45) runs on: the result has "
-                           "what it printed so far, status running and an `execution` id; call "
-                           "get_execution with it for the rest. Cells on one kernel run one "
-                           "after another. structuredContent.status is ok, error, aborted, "
-                           "timeout or running.",
-            "inputSchema": _schema({"code": {"type": "string", "description":
-                                             "The code to run (Python for Python kernels)."},
-                                    "kernel": _KERNEL_ARG,
-                                    "timeout": {"type": "number", "exclusiveMinimum": 0,
-                                                "description":
-                                                "Seconds before the kernel is interrupted."},
-                                    "wait": _WAIT_ARG}, ("code",)),
-            "outputSchema": _RUN_OUTPUT,
-            "annotations": {"title": "Run code", "readOnlyHint": False, "destructiveHint": False,
-                            "idempotentHint": False, "openWorldHint": False}})
+    @_tool("run_code", "Run code",
+           "Run code on a Jupyter kernel and return what it printed, its result, images it "
+           "displayed and the traceback if it raised. Without `kernel`, the default kernel is "
+           "used; its variables, imports and files persist between calls, so build on earlier "
+           "calls rather than repeating them. The code runs as a notebook cell: the value of its "
+           "last line is shown. `timeout` (seconds) interrupts code that runs longer. A cell still "
+           "running after `wait` seconds (default 45) runs on: the result has what it printed so "
+           "far, status running and an `execution` id; call get_execution with it for the rest. "
+           "Cells on one kernel run one after another. structuredContent.status is ok, error, "
+           "aborted, timeout or running.",
+           {"code": {"type": "string",
+                     "description": "The code to run (Python for Python kernels)."},
+            "kernel": _KERNEL_ARG,
+            "timeout": {"type": "number", "exclusiveMinimum": 0,
+                        "description": "Seconds before the kernel is interrupted."},
+            "wait": _WAIT_ARG}, ("code",), output=_RUN_OUTPUT)
     def _tool_run_code(self, call: _Call, args: dict) -> dict:
         call.run = _Run(lambda: _ToolContent(self.max_output, self.max_image_bytes,
                                              self.output_dir))
@@ -4169,11 +3923,12 @@ class McpServer:
     def _execute(self, call: _Call, run: _Run, args: dict, key: str) -> None:
         """Run a run_code cell in its kernel's lane (its call may have returned meanwhile)."""
         timeout, result = args.get("timeout", self.timeout), None
-        if self._failed.get(key, -1.0) > run.queued:  # as a kernel aborts what waits behind errors
+        if self._runs.failed_after(key, run.queued):  # as a kernel aborts what waits behind errors
             run.end("aborted", note="[aborted: a cell before it on this kernel failed]")
             return
         try:
-            kernel = self.kernels.get(args.get("kernel")) if not call.cancelled else None
+            kernel = None if call.cancelled else self.kernels.get(
+                args.get("kernel"), functools.partial(self._tell, call))
             if kernel is None or call.cancelled:  # before its turn, or while its kernel started
                 run.end("aborted")
                 return
@@ -4191,7 +3946,7 @@ class McpServer:
             result = getattr(exc, "result", None)
             run.end("error", result, failure=self._explain(exc))
         if run.status in ("error", "timeout") and not call.cancelled:  # (a cancel is asked for)
-            self._failed[key] = run.ended
+            self._runs.failed(key, run.ended)
         if self.log is not None and result is not None:  # a cancelled cell ran too, as it could
             with self._lock:
                 self.log.add(args["code"], result)
@@ -4212,14 +3967,7 @@ class McpServer:
         stop.set()
         if call.cancelled:
             return None
-        now = time.monotonic()
-        with self._lock:
-            self._runs = {key: kept for key, kept in self._runs.items()
-                          if kept.ended is None or now - kept.ended < MCP_KEEP_ENDED}
-            if ended:
-                self._runs.pop(run.id, None)
-            else:
-                self._runs[run.id] = run
+        self._runs.settle(run, ended)
         if not ended:
             line = (f"[still running after {duration(wait)}: call get_execution with execution "
                     f"\"{run.id}\" for what follows]")
@@ -4229,66 +3977,37 @@ class McpServer:
         return {"content": blocks, "structuredContent": structured,
                 "isError": ended and run.status != "ok"}
 
-    @_tool({"name": "get_execution", "title": "Get a running cell's output",
-            "description": "What a cell that run_code left running printed since the last call "
-                           "for it (nothing twice), once it ends or after `wait` seconds (default "
-                           "45). structuredContent.status is running until a final ok, error, "
-                           "aborted or timeout, which collects the execution: its id is then "
-                           "unknown. Ids are kept 10 minutes after their cell ends.",
-            "inputSchema": _schema({"execution": {"type": "string", "description":
-                                                  "The id of a run_code result that is running."},
-                                    "wait": _WAIT_ARG}, ("execution",)),
-            "outputSchema": _RUN_OUTPUT,
-            "annotations": {"title": "Get a running cell's output", "readOnlyHint": True,
-                            "idempotentHint": False, "openWorldHint": False}})
+    @_tool("get_execution", "Get a running cell's output",
+           "What a cell that run_code left running printed since the last call for it (nothing "
+           "twice), once it ends or after `wait` seconds (default 45). structuredContent.status is "
+           "running until a final ok, error, aborted or timeout, which collects the execution: its "
+           "id is then unknown. Ids are kept 10 minutes after their cell ends.",
+           {"execution": {"type": "string",
+                          "description": "The id of a run_code result that is running."},
+            "wait": _WAIT_ARG}, ("execution",), output=_RUN_OUTPUT, read_only=True)
     def _tool_get_execution(self, call: _Call, args: dict) -> dict:
-        with self._lock:
-            call.run = self._runs.get(args["execution"])
+        call.run = next((run for run in self._runs.kept() if run.id == args["execution"]), None)
         if call.run is None:
             raise _ToolError(f"no execution {args['execution'][:80]!r}: unknown, or collected "
                              "already by a result with its final status")
         return self._report(call, call.run, args.get("wait", self.wait))
 
-    @_tool({"name": "inspect", "title": "Look up documentation",
-            "description": "The kernel's documentation of the name at `cursor_pos` in `code` "
-                           "(default: the end), as IPython's `name?` shows it: signature and "
-                           "docstring of a function, class or variable the kernel knows.",
-            "inputSchema": _schema({"code": {"type": "string"},
-                                    "cursor_pos": {"type": "integer", "minimum": 0,
-                                                   "description": "Character position in code."},
-                                    "kernel": _KERNEL_ARG}, ("code",)),
-            "annotations": {"title": "Look up documentation", "readOnlyHint": True,
-                            "openWorldHint": False}})
-    def _tool_inspect(self, call: _Call, args: dict) -> dict:
-        kernel = self.kernels.get(args.get("kernel"))
-        call.kernel_id = kernel.id
-        found = kernel.inspect(args["code"], args.get("cursor_pos"), timeout=MCP_ASK_TIMEOUT)
-        text = (found or {}).get("text/plain") or (found or {}).get("text/markdown")
-        text = re.sub(ANSI_ESCAPE, "", text) if isinstance(text,
-                                                           str) else "nothing found at the cursor"
-        return {"content": [{"type": "text", "text": text}]}
-
-    @_tool({"name": "list_kernels", "title": "List kernels",
-            "description": "List the Jupyter server's running kernels (id, kernel name, execution "
-                           "state, last activity) and its sessions (the notebooks and consoles "
-                           "open in JupyterLab, with their kernel). `started` marks kernels this "
-                           "MCP server started, `default` the one run_code uses without `kernel`; "
-                           "`executions` are the cells run_code left running, not yet collected "
-                           "by get_execution.",
-            "inputSchema": _schema({}),
-            "outputSchema": _schema({
-                "kernels": {"type": "array", "items": _schema({
-                    "id": {"type": "string"}, "name": _nullable("string"),
-                    "state": _nullable("string"),
-                    "last_activity": _nullable("string"),
-                    "started": {"type": "boolean"}, "default": {"type": "boolean"},
-                    "executions": {"type": "array", "items": {"type": "string"}}},
-                    ("id", "name", "state", "last_activity", "started", "default", "executions"))},
-                "sessions": {"type": "array", "items": _schema({
-                    "path": _nullable("string"), "kernel": _nullable("string")},
-                    ("path", "kernel"))}},
-                ("kernels", "sessions")),
-            "annotations": {"title": "List kernels", "readOnlyHint": True, "openWorldHint": False}})
+    @_tool("list_kernels", "List kernels",
+           "List the Jupyter server's running kernels (id, kernel name, execution state, last "
+           "activity) and its sessions (the notebooks and consoles open in JupyterLab, with their "
+           "kernel). `started` marks kernels this MCP server started, `default` the one run_code "
+           "uses without `kernel`; `executions` are the cells run_code left running, not yet "
+           "collected by get_execution.", {},
+           output=_schema({
+               "kernels": {"type": "array", "items": _schema({
+                   "id": {"type": "string"}, "name": _nullable("string"),
+                   "state": _nullable("string"), "last_activity": _nullable("string"),
+                   "started": {"type": "boolean"}, "default": {"type": "boolean"},
+                   "executions": {"type": "array", "items": {"type": "string"}}},
+                   ("id", "name", "state", "last_activity", "started", "default", "executions"))},
+               "sessions": {"type": "array", "items": _schema({
+                   "path": _nullable("string"), "kernel": _nullable("string")},
+                   ("path", "kernel"))}}, ("kernels", "sessions")), read_only=True)
     def _tool_list_kernels(self, call: _Call, args: dict) -> dict:
         rest = self.kernels.rest()
         deadline = Deadline(SIDE_REQUEST_TIMEOUT)
@@ -4300,8 +4019,7 @@ class McpServer:
                 raise
             sessions = []
         started, default = self.kernels.table()
-        with self._lock:
-            runs = list(self._runs.values())
+        runs = self._runs.kept()
         rows = [{"id": str(k.get("id")), "name": _text_or_none(k.get("name")),
                  "state": _text_or_none(k.get("execution_state")),
                  "last_activity": _text_or_none(k.get("last_activity")),
@@ -4314,21 +4032,20 @@ class McpServer:
         return {"content": [{"type": "text", "text": json.dumps(structured, indent=1)}],
                 "structuredContent": structured}
 
-    @_tool({"name": "start_kernel", "title": "Start a kernel",
-            "description": "Start a new kernel, separate from the default one, and return its id "
-                           "to pass as `kernel` to run_code. `name` is a kernel spec (e.g. "
-                           "python3; default: the server's). It is shut down when this MCP server "
-                           "stops, or by shutdown_kernel.",
-            "inputSchema": _schema({"name": {"type": "string",
-                                             "description": "The kernel spec name."}}),
-            "outputSchema": _schema({"kernel": {"type": "string"},
-                                     "name": _nullable("string")},
-                                    ("kernel", "name")),
-            "annotations": {"title": "Start a kernel", "readOnlyHint": False,
-                            "destructiveHint": False,
-                            "idempotentHint": False, "openWorldHint": False}})
+    @_tool("start_kernel", "Start a kernel",
+           "Start a new kernel, separate from the default one, and return its id to pass as "
+           "`kernel` to run_code. `name` is a kernel spec (e.g. python3; default: the server's). "
+           "It is shut down when this MCP server stops, or by shutdown_kernel.",
+           {"name": {"type": "string", "description": "The kernel spec name."}},
+           output=_schema({"kernel": {"type": "string"}, "name": _nullable("string")},
+                          ("kernel", "name")))
     def _tool_start_kernel(self, call: _Call, args: dict) -> dict:
-        kernel = self.kernels.open(name=args.get("name") or self.kernels.kernel_name)
+        stop = self._progress(call)
+        try:
+            kernel = self.kernels.open(name=args.get("name") or self.kernels.kernel_name,
+                                       on_progress=functools.partial(self._tell, call))
+        finally:
+            stop.set()
         if call.cancelled:  # nobody will learn its id: do not leave it behind
             self.kernels.shutdown(kernel.id)
             return None
@@ -4336,29 +4053,28 @@ class McpServer:
         return {"content": [{"type": "text", "text": json.dumps(structured)}],
                 "structuredContent": structured}
 
-    @_tool(_control_tool("interrupt_kernel", "Interrupt a kernel",
-                         "Interrupt the code a kernel is running (as Ctrl-C does): the running "
-                         "call ends with a KeyboardInterrupt error; the kernel and its state stay.",
-                         destructive=False, idempotent=True))
+    @_tool("interrupt_kernel", "Interrupt a kernel",
+           "Interrupt the code a kernel is running (as Ctrl-C does): the running call ends with a "
+           "KeyboardInterrupt error; the kernel and its state stay.", _KERNEL_PROPERTY,
+           ("kernel",), idempotent=True)
     def _tool_interrupt_kernel(self, call: _Call, args: dict) -> dict:
         self.kernels.rest().interrupt_kernel(args["kernel"],
                                              deadline=Deadline(SIDE_REQUEST_TIMEOUT))
         return {"content": [{"type": "text", "text": f"kernel {args['kernel']} interrupted"}]}
 
-    @_tool(_control_tool("restart_kernel", "Restart a kernel",
-                         "Restart a kernel: all its variables and imports are lost, it keeps its "
-                         "id. Use it when the kernel is stuck or its state is broken.",
-                         destructive=True, idempotent=False))
+    @_tool("restart_kernel", "Restart a kernel",
+           "Restart a kernel: all its variables and imports are lost, it keeps its id. Use it when "
+           "the kernel is stuck or its state is broken.", _KERNEL_PROPERTY, ("kernel",),
+           destructive=True)
     def _tool_restart_kernel(self, call: _Call, args: dict) -> dict:
-        self.kernels.rest().restart_kernel(args["kernel"], deadline=Deadline(MCP_START_TIMEOUT))
+        self.kernels.rest().restart_kernel(args["kernel"], deadline=Deadline(_MCP_START_TIMEOUT))
         return {"content": [{"type": "text",
                              "text": f"kernel {args['kernel']} restarted: its state is gone"}]}
 
-    @_tool(_control_tool("shutdown_kernel", "Shut down a kernel",
-                         "Shut down a kernel this MCP server started (the default one or one from "
-                         "start_kernel); its state is lost. Kernels of other people and notebooks "
-                         "are refused.",
-                         destructive=True, idempotent=True))
+    @_tool("shutdown_kernel", "Shut down a kernel",
+           "Shut down a kernel this MCP server started (the default one or one from start_kernel); "
+           "its state is lost. Kernels of other people and notebooks are refused.",
+           _KERNEL_PROPERTY, ("kernel",), destructive=True, idempotent=True)
     def _tool_shutdown_kernel(self, call: _Call, args: dict) -> dict:
         kernel_id = args["kernel"]
         if not self.kernels.ours(kernel_id):
@@ -4368,72 +4084,60 @@ class McpServer:
         self.kernels.shutdown(kernel_id)
         return {"content": [{"type": "text", "text": f"kernel {kernel_id} shut down"}]}
 
-    @_tool({"name": "run_notebook", "title": "Run a notebook",
-            "description": "Run a notebook's code cells in order on a new kernel, as papermill "
-                           "does, and return a summary of each cell (status, the start of its "
-                           "output, the first error). `path` is a .ipynb (or '# %%' .py) file on "
-                           "this machine, or server:PATH for a file on the Jupyter server. "
-                           "`parameters` are injected after the cell tagged 'parameters'. `write` "
-                           "saves the executed notebook: a path, server:PATH, or true for the "
-                           "notebook itself.",
-            "inputSchema": _schema({"path": {"type": "string"},
-                                    "parameters": {"type": "object",
-                                                   "description": "Names and values to inject."},
-                                    "write": {"anyOf": [{"type": "string"}, {"type": "boolean"}]}},
-                                   ("path",)),
-            "outputSchema": _schema({"status": {"type": "string", "enum": ["ok", "error"]},
-                                     "cells": {"type": "array", "items": _schema({
-                                         "cell": {"type": "integer"}, "status": {"type": "string"},
-                                         "execution_count": _nullable("integer"),
-                                         "output": {"type": "string"},
-                                         "error": _nullable("string")},
-                                         ("cell", "status", "execution_count", "output", "error"))},
-                                     "written": _nullable("string")},
-                                    ("status", "cells", "written")),
-            "annotations": {"title": "Run a notebook", "readOnlyHint": False,
-                            "destructiveHint": False,
-                            "idempotentHint": False, "openWorldHint": False}})
+    @_tool("run_notebook", "Run a notebook",
+           "Run a notebook's code cells in order on a new kernel, as papermill does, and return a "
+           "summary of each cell (status, the start of its output, the first error). `path` is a "
+           ".ipynb (or '# %%' .py) file on this machine, or server:PATH for a file on the Jupyter "
+           "server. `parameters` are injected after the cell tagged 'parameters'. `write` saves "
+           "the executed notebook: a path, server:PATH, or true for the notebook itself.",
+           {"path": {"type": "string"},
+            "parameters": {"type": "object", "description": "Names and values to inject."},
+            "write": {"anyOf": [{"type": "string"}, {"type": "boolean"}]}}, ("path",),
+           output=_schema({"status": {"type": "string", "enum": ["ok", "error"]},
+                           "cells": {"type": "array", "items": _schema({
+                               "cell": {"type": "integer"}, "status": {"type": "string"},
+                               "execution_count": _nullable("integer"),
+                               "output": {"type": "string"}, "error": _nullable("string")},
+                               ("cell", "status", "execution_count", "output", "error"))},
+                           "written": _nullable("string")}, ("status", "cells", "written")))
     def _tool_run_notebook(self, call: _Call, args: dict) -> dict:
         path, write = args["path"], args.get("write")
         deadline = Deadline(self.timeout)
         remote = self.kernels.rest()
-        notebook, where = read_notebook(path, remote, deadline)
+        notebook, where = read_notebook(path, remote, deadline, self.kernels.root)
         name = kernel_for(notebook, args.get("parameters")) or self.kernels.kernel_name
-        results: list = []
-        # (cleanup deletes it too, should the process end first)
-        with self.kernels.open(name=name, path=where, keep=False) as kernel:
-            call.kernel_id = kernel.id
-            stop = self._progress(call)
-
-            def on_cell(number: int, total: int) -> None:
-                call.last_line = f"cell {number} of {total}"
-
-            try:
-                failed = execute_notebook(kernel, notebook, deadline, results, on_cell=on_cell)
-            except ExecutionTimeout:
-                failed = 1
-            finally:
-                stop.set()
-                self.kernels.forget(kernel.id)
+        code = [cell for cell in notebook["cells"] if cell.get("cell_type") == "code"]
+        ran, timed_out = [], False
+        stop = self._progress(call)
+        try:  # (cleanup deletes the kernel too, should the process end first)
+            with self.kernels.open(name=name, path=where, keep=False,
+                                   on_progress=functools.partial(self._tell, call)) as kernel:
+                call.kernel_id = kernel.id
+                try:
+                    for pair in execute_notebook(kernel, notebook, deadline, on_cell=lambda n, t:
+                                                 call.say(f"cell {n} of {t}")):
+                        ran.append(pair)
+                except ExecutionTimeout:
+                    timed_out = True  # (the last cell of ran)
+                finally:
+                    self.kernels.forget(kernel.id)
+        finally:
+            stop.set()
         if call.cancelled:
             return None
         written = None
         if write:
             written = path if write is True else write
             write_notebook(written, notebook, remote, deadline)  # (a ConfigError: the tool's)
-        code = [cell for cell in notebook["cells"] if cell.get("cell_type") == "code"]
-        ran = [(n, cell) for n, cell in enumerate(code, 1) if cell_source(cell).strip()
-               and SKIP_TAG not in cell_tags(cell)]
         cells = []
-        for (number, cell), result in zip(ran, results):  # the cells that ran, in order
+        for cell, result in ran:
             blocks = _tool_content(result.outputs, max_output=10**9, max_image_bytes=0)[0]
             text = "".join(block.get("text", "") for block in blocks)
-            error = result.error
-            cells.append({"cell": number, "status": result.status,
+            cells.append({"cell": code.index(cell) + 1, "status": result.status,
                           "execution_count": result.execution_count,
                           "output": text[:300] + ("..." if len(text) > 300 else ""),
-                          "error": f"{error.get('ename')}: {error.get('evalue')}" if error
-                          else None})
+                          "error": error_line(result.error) if result.error else None})
+        failed = timed_out or bool(failures(ran))
         structured = {"status": "error" if failed else "ok", "cells": cells, "written": written}
         lines = [f"cell {c['cell']}: {c['status']}" + (f" ({c['error']})" if c["error"] else "")
                  for c in cells]
@@ -4445,16 +4149,16 @@ class McpServer:
     # -- the end --
 
     def cleanup(self) -> None:
-        """Delete the kernels this process started, in parallel, within MCP_CLEANUP seconds;
+        """Delete the kernels this process started, in parallel, within _MCP_CLEANUP seconds;
         interrupt cells still running in kernels it attached to."""
-        deadline = Deadline(MCP_CLEANUP)
+        deadline = Deadline(_MCP_CLEANUP)
         with self._lock:
             for call in self._calls.values():
                 call.cancelled = True  # nothing more is sent
         started, threads = self.kernels.close(deadline)
         with self._lock:
             running = {call.kernel_id for call in self._calls.values() if call.kernel_id}
-            running |= {run.kernel for run in self._runs.values() if run.ended is None} - {None}
+        running |= {run.kernel for run in self._runs.kept() if run.ended is None} - {None}
         threads += [_daemon(self._interrupt_quietly, k, deadline) for k in running - set(started)]
         for thread in threads:
             thread.join(deadline.remaining())
@@ -4474,19 +4178,23 @@ def _text_or_none(value: object) -> str | None:
 
 # ---- Command line --------------------------------------------------------------------------------
 
-# Exit codes, one per way a call can end.
-EXIT_OK = 0             # the code ran without error
-EXIT_ERROR = 1          # the code raised; its traceback is on stderr
-EXIT_USAGE = 2          # bad command line or unreadable input
-EXIT_SERVER = 3         # cannot reach the server, token refused, server or protocol error
-EXIT_DIED = 4           # the kernel died while running the code
-EXIT_TIMEOUT = 124      # --timeout expired; the kernel was interrupted (as timeout(1))
-EXIT_INTERRUPTED = 130  # Ctrl-C; the kernel was interrupted (128 + SIGINT)
-# SIGTERM and SIGHUP end a call as Ctrl-C does, with 128 + their number: 143, 129; on
-# Windows, Ctrl-Break and the console's close as SIGBREAK: 149.
-EXIT_BROKEN_PIPE = 141  # the reader of stdout went away, as `| head` does (128 + SIGPIPE)
+# Exit codes, one per way a call can end; _EXIT_CODES says what each means (the help's table).
+_EXIT_OK, _EXIT_ERROR, _EXIT_USAGE, _EXIT_SERVER, _EXIT_DIED = 0, 1, 2, 3, 4
+_EXIT_TIMEOUT, _EXIT_INTERRUPTED, _EXIT_BROKEN_PIPE = 124, 130, 141
+_EXIT_CODES = (
+    (_EXIT_OK, "ok"),
+    (_EXIT_ERROR, "the code raised (traceback on stderr)"),
+    (_EXIT_USAGE, "usage error, or input that cannot be read"),
+    (_EXIT_SERVER, "cannot reach the server, token refused, server or protocol error"),
+    (_EXIT_DIED, "the kernel died"),
+    (_EXIT_TIMEOUT, "timeout: the kernel was interrupted (as timeout(1))"),
+    (_EXIT_INTERRUPTED, "Ctrl-C: the kernel was interrupted (a second Ctrl-C gives up at once)"),
+    (_EXIT_BROKEN_PIPE, "the reader of stdout went away, as with | head (128 + SIGPIPE)"),
+    (143, "SIGTERM, 129 SIGHUP: as Ctrl-C (the kernel interrupted, what was started deleted)"),
+    (149, "Windows: Ctrl-Break or the console closed, as SIGTERM"),
+)
 
-USAGE_EXAMPLES = """\
+_USAGE_EXAMPLES = """\
 recipes:
   jupyter_call.py --spawn "print('hello')"         private local server for one call
   JUPYTER_TOKEN=T jupyter_call.py --url http://127.0.0.1:8888/ "1 + 1"
@@ -4502,32 +4210,18 @@ recipes:
 
 environment: JUPYTER_URL, JUPYTER_TOKEN, JUPYTER_TOKEN_FILE, JUPYTER_RUNTIME_DIR,
   HTTPS_PROXY/HTTP_PROXY/NO_PROXY, SSL_CERT_FILE, NO_COLOR
-
-exit codes:
-  0    ok
-  1    the code raised (traceback on stderr)
-  2    usage error
-  3    cannot reach the server, token refused, server or protocol error
-  4    the kernel died
-  124  timeout (the kernel was interrupted)
-  130  Ctrl-C (the kernel was interrupted; a second Ctrl-C gives up at once)
-  141  the reader of stdout went away (as with | head)
-  143  SIGTERM, 129 SIGHUP: as Ctrl-C (the kernel interrupted, what was started deleted)
-  149  Windows: Ctrl-Break or the console closed, as SIGTERM
 """
 
+# One command-line option: its flags; the name of the value it takes (None: a switch); its help;
+# how its value is read (a key of _KINDS; None: as text); the values it allows (the first is the
+# default); whether it may be repeated (a list); how many values it takes; where it may be used:
+# "run" not with --mcp, "mcp" only with --mcp, "hub" only with --start-server.
+_Option = collections.namedtuple("_Option", "flags metavar help kind choices repeat values scope",
+                                 defaults=(None, (), False, 1, ""))
+_KINDS = {"seconds": "a positive number of seconds", "wait": "a number of seconds, 0 or more",
+          "count": "a positive whole number", "json": "a JSON object", "pair": "KEY=VALUE"}
 
-class _UsageError(Exception):
-    """Bad command-line input: one line, exit 2."""
-
-
-# One command-line option: its flags; the name of the value it takes (None: a switch); its help; the
-# values it allows (the first is the default); whether it may be repeated (a list), whether its
-# value is a number of seconds, and how many values it takes (more than one: a list of them).
-_Option = collections.namedtuple("_Option", "flags metavar help choices repeat seconds values",
-                                 defaults=((), False, False, 1))
-
-OPTIONS = (
+_OPTIONS = (
     _Option(("-f", "--file"), "FILE",
             "run FILE: code, a notebook (.ipynb) or '# %%' cells (.py); '-' reads stdin; "
             "server:PATH is a file on the server"),
@@ -4541,51 +4235,56 @@ OPTIONS = (
     _Option(("--session",), "NAME",
             "run in the kernel of the server session NAME, creating it if needed (kept)"),
     _Option(("--notebook",), "PATH", "run in the kernel of this open notebook"),
-    _Option(("--keep",), None, "keep the started kernel; print its id on stderr"),
-    _Option(("--timeout",), "SECS", "give up after SECS, interrupting the kernel", seconds=True),
+    _Option(("--keep",), None, "keep the started kernel; print its id on stderr", scope="run"),
+    _Option(("--timeout",), "SECS", "give up after SECS, interrupting the kernel", "seconds"),
     _Option(("--env",), "KEY=VALUE", "environment variable for the started kernel (repeatable)",
-            repeat=True),
+            "pair", repeat=True),
     _Option(("--cafile",), "PATH", "CA certificates (PEM) to verify an https server with"),
     _Option(("--insecure",), None, "do not verify the server's TLS certificate"),
     _Option(("--start-server",), None, "a stopped JupyterHub user's server: have the hub start "
             "it first (within --timeout: spawns can take minutes)"),
-    _Option(("--stop-server",), None, "stop it after the run if this call started it"),
-    _Option(("--user-options",), "JSON", "--start-server: the spawner's options, a JSON object"),
-    _Option(("--profile",), "SLUG", "--start-server: the spawner's profile ({\"profile\": SLUG})"),
-    _Option(("--input",), "TEXT", "answer for input() (repeatable)", repeat=True),
+    _Option(("--stop-server",), None, "stop it after the run if this call started it",
+            scope="run hub"),
+    _Option(("--user-options",), "JSON", "--start-server: the spawner's options, a JSON object",
+            "json", scope="hub"),
+    _Option(("--profile",), "SLUG", "--start-server: the spawner's profile ({\"profile\": SLUG})",
+            scope="hub"),
+    _Option(("--input",), "TEXT", "answer for input() (repeatable)", repeat=True, scope="run"),
     _Option(("--output-dir",), "DIR", "save images and other rich outputs in DIR"),
     _Option(("--keep-going",), None, "with cells: go on after a cell fails"),
     _Option(("--write",), "OUT.ipynb",
-            "write the executed notebook (server:PATH saves it on the server)"),
+            "write the executed notebook (server:PATH saves it on the server)", scope="run"),
     _Option(("-p", "--parameters"), "NAME VALUE",
             "a parameter, injected as papermill does (True, False, None, numbers, else text; "
-            "repeatable)", repeat=True, values=2),
+            "repeatable)", repeat=True, values=2, scope="run"),
     _Option(("-r", "--parameters-raw"), "NAME VALUE",
-            "a parameter whose value is always text (repeatable)",
-            repeat=True, values=2),
+            "a parameter whose value is always text (repeatable)", repeat=True, values=2,
+            scope="run"),
     _Option(("--parameters-file",), "FILE",
-            "parameters from a JSON object (papermill's YAML files hold the same)"),
+            "parameters from a JSON object (papermill's YAML files hold the same)", scope="run"),
     _Option(("--cell-timeout",), "SECS", "interrupt a cell that runs longer; it counts as an error",
-            seconds=True),
+            "seconds"),
     _Option(("--color",), "WHEN",
             "colour tracebacks and streams; auto: on a terminal unless NO_COLOR is set",
             choices=("auto", "always", "never")),
     _Option(("--protocol",), "NAME", "kernel websocket protocol", choices=("auto", "v1", "legacy")),
-    _Option(("--compress",), None, "offer permessage-deflate compression on the websocket"),
-    _Option(("--json",), None, "print the result as one JSON object"),
+    _Option(("--json",), None, "print the result as one JSON object", scope="run"),
     _Option(("--list",), None, "list running servers and their kernels"),
     _Option(("--spawn",), None,
-            "start a private local Jupyter server for this call (needs jupyter_server)"),
+            "start a private local Jupyter server for this call (needs jupyter_server)",
+            scope="run"),
     _Option(("--mcp",), None,
             "serve AI agents: a Model Context Protocol server on stdin and stdout"),
-    _Option(("--max-output",), "CHARS", "--mcp: characters of text per result (default 20000)"),
+    _Option(("--max-output",), "CHARS", "--mcp: characters of text per result (default 20000)",
+            "count", scope="mcp"),
     _Option(("--max-image-bytes",), "BYTES",
-            "--mcp: larger images are saved in --output-dir or left out (default 1000000)"),
+            "--mcp: larger images are saved in --output-dir or left out (default 1000000)", "count",
+            scope="mcp"),
     _Option(("--wait",), "SECS",
             "--mcp: how long run_code waits for a cell before it answers 'running' with an id "
-            "for get_execution (default 45; 0: at once)"),
+            "for get_execution (default 45; 0: at once)", "wait", scope="mcp"),
     _Option(("--log",), "FILE.ipynb",
-            "--mcp: append each cell run and its outputs to this notebook"),
+            "--mcp: append each cell run and its outputs to this notebook", scope="mcp"),
     _Option(("--version",), None, "print the version and exit"),
     _Option(("-h", "--help"), None, "show this help and exit"),
 )
@@ -4596,15 +4295,16 @@ def _dest(option: _Option) -> str:
 
 
 def _parse_args(argv: list) -> types.SimpleNamespace:
-    """The command line as attributes named after the long flags (--kernel-id: kernel_id).
+    """The command line as attributes named after the long flags (--kernel-id: kernel_id), each
+    value read as its option's kind says and the options' scopes checked (ConfigError).
 
     The usual forms: ``--flag VALUE`` and ``--flag=VALUE``, ``-f FILE`` and ``-fFILE``,
     unique prefixes of long flags, and ``--`` before code that starts with a dash.
     (argparse would cost a short call more than 5% of its time in imports and set-up.)
     """
     args = {_dest(o): (o.choices[0] if o.choices else None if o.metavar else False)
-            for o in OPTIONS}
-    code = []
+            for o in _OPTIONS}
+    code, given = [], []
     words = iter(argv)
     for word in words:
         if word == "--":
@@ -4620,34 +4320,56 @@ def _parse_args(argv: list) -> types.SimpleNamespace:
             equals = value
         option = _find_option(name)
         flag, dest = option.flags[-1], _dest(option)
+        given.append(option)
         if option.metavar is None:
             if equals:
-                raise _UsageError(f"{flag} takes no value")
+                raise ConfigError(f"{flag} takes no value")
             args[dest] = True
             continue
         if not equals:
             value = next(words, None)
             if value is None or value.startswith("-") and value != "-" and not _is_number(value):
-                raise _UsageError(f"{flag} needs a value: {flag} {option.metavar}")
+                raise ConfigError(f"{flag} needs a value: {flag} {option.metavar}")
         if option.values > 1:
             value = [value, *(next(words, None) for _ in range(option.values - 1))]
             if None in value:
-                raise _UsageError(f"{flag} needs {option.values} values: {flag} {option.metavar}")
+                raise ConfigError(f"{flag} needs {option.values} values: {flag} {option.metavar}")
         if option.choices and value not in option.choices:
-            raise _UsageError(f"{flag} must be one of {', '.join(option.choices)}, not {value!r}")
-        if option.seconds:
-            try:
-                value = float(value)
-            except ValueError:
-                value = -1.0
-            if not 0 < value < float("inf"):
-                raise _UsageError(f"{flag} must be a positive number of seconds")
+            raise ConfigError(f"{flag} must be one of {', '.join(option.choices)}, not {value!r}")
+        if option.kind is not None:
+            value = _read_value(option, value)
         args[dest] = (args[dest] or []) + [value] if option.repeat else value
     if len(code) > 1:
-        raise _UsageError(f"unexpected argument {code[1]!r}: give the code as one quoted argument, "
+        raise ConfigError(f"unexpected argument {code[1]!r}: give the code as one quoted argument, "
                           "or use -f")
-    args["code"] = code[0] if code else None
-    return types.SimpleNamespace(**args)
+    args = types.SimpleNamespace(**args, code=code[0] if code else None)
+    for option in given:
+        for scope, ok, rule in (("run", not args.mcp, "cannot be used with --mcp"),
+                                ("mcp", args.mcp, "goes with --mcp"),
+                                ("hub", args.start_server, "goes with --start-server")):
+            if scope in option.scope.split() and not ok:
+                raise ConfigError(f"{option.flags[-1]} {rule}")
+    return args
+
+
+def _read_value(option: _Option, text: str) -> object:
+    """An option's value, read as its kind says: a number, a JSON object, a (KEY, VALUE) pair."""
+    kind, value = option.kind, None
+    with contextlib.suppress(ValueError, RecursionError):
+        if kind in ("seconds", "wait"):
+            value = float(text)
+            value = value if 0 <= value < float("inf") and (value or kind == "wait") else None
+        elif kind == "count":
+            value = int(text) if text.isascii() and text.isdigit() and int(text) > 0 else None
+        elif kind == "json":
+            value = json.loads(text)
+            value = value if isinstance(value, dict) else None
+        elif kind == "pair":
+            key, sep, rest = text.partition("=")
+            value = (key, rest) if key and sep else None
+    if value is None:
+        raise ConfigError(f"{option.flags[-1]} must be {_KINDS[kind]}, not {text[:80]!r}")
+    return value
 
 
 def _is_number(word: str) -> bool:
@@ -4657,15 +4379,15 @@ def _is_number(word: str) -> bool:
 
 def _find_option(name: str) -> _Option:
     """Option ``name``, or the one whose long flag ``name`` starts."""
-    found = [option for option in OPTIONS if name in option.flags]
+    found = [option for option in _OPTIONS if name in option.flags]
     if not found and name.startswith("--"):
-        found = [option for option in OPTIONS if option.flags[-1].startswith(name)]
+        found = [option for option in _OPTIONS if option.flags[-1].startswith(name)]
     if len(found) == 1:
         return found[0]
     if found:
-        raise _UsageError(f"{name} is ambiguous: it could be "
+        raise ConfigError(f"{name} is ambiguous: it could be "
                           f"{', '.join(o.flags[-1] for o in found)}")
-    raise _UsageError(f"unknown option {name} (see --help)")
+    raise ConfigError(f"unknown option {name} (see --help)")
 
 
 def _help() -> str:
@@ -4673,7 +4395,7 @@ def _help() -> str:
     lines = ["usage: jupyter_call.py [options] CODE", "       jupyter_call.py [options] -f FILE",
              "", "Run code on a Jupyter kernel and print the results.", "", "arguments:",
              "  CODE                  the code to run (or use -f)", "", "options:"]
-    for option in OPTIONS:
+    for option in _OPTIONS:
         left, text = "  " + ", ".join(option.flags), option.help
         if option.choices:
             left += " {" + ",".join(option.choices) + "}"
@@ -4686,18 +4408,19 @@ def _help() -> str:
         else:
             lines.append(left.ljust(24) + wrapped.pop(0))
         lines += [" " * 24 + more for more in wrapped]
-    return "\n".join(lines) + "\n\n" + USAGE_EXAMPLES
+    lines += ["", "exit codes:", *(f"  {code:<4} {meaning}" for code, meaning in _EXIT_CODES)]
+    return "\n".join(lines) + "\n\n" + _USAGE_EXAMPLES
 
 
 # Rich outputs: (mime type, file extension, stored as base64 in the mimebundle)
-RICH_TYPES = (("image/png", "png", True), ("image/jpeg", "jpg", True), ("image/gif", "gif", True),
+_RICH_TYPES = (("image/png", "png", True), ("image/jpeg", "jpg", True), ("image/gif", "gif", True),
               ("application/pdf", "pdf", True), ("image/svg+xml", "svg", False),
               ("text/html", "html", False), ("text/markdown", "md", False),
               ("text/latex", "tex", False))
-STATUS_DELAY = 2.0   # seconds of silence before the live status line shows
-SPAWN_TIMEOUT = 60.0 # --spawn: a new jupyter_server answers within seconds; give up after this
-SPAWN_POLL = 0.05    # how often to ask whether the spawned server answers yet
-SPAWN_STOP_GRACE = 10.0  # a server that has not exited this long after SIGTERM is killed
+_STATUS_DELAY = 2.0   # seconds of silence before the live status line shows
+_SPAWN_TIMEOUT = 60.0 # --spawn: a new jupyter_server answers within seconds; give up after this
+_SPAWN_POLL = 0.05    # how often to ask whether the spawned server answers yet
+_SPAWN_STOP_GRACE = 10.0  # a server that has not exited this long after SIGTERM is killed
 
 
 class _Printer:
@@ -4718,7 +4441,7 @@ class _Printer:
     def _write(self, which: str, text: str) -> None:
         if not text:
             return
-        self.clear_status()
+        self.show_status()
         if not self.color[which] and "\x1b" in text:
             text = re.sub(ANSI_ESCAPE, "", text)
         stream = self.out if which == "out" else self.err
@@ -4733,14 +4456,14 @@ class _Printer:
         elif kind in ("execute_result", "display_data", "update_display_data"):
             self._rich(out.get("data") or {})
         elif kind == "error":
-            lines = out.get("traceback") or [f"{out['ename']}: {out['evalue']}"]
+            lines = out.get("traceback") or [error_line(out)]
             self._write("err", "\n".join(map(str, lines)) + "\n")
 
     def _rich(self, data: dict) -> None:
         text = text_form(data)
         if text is not None:
             self._write("out", text + "\n")
-        for mime, ext, encoded in RICH_TYPES:
+        for mime, ext, encoded in _RICH_TYPES:
             if mime not in data:
                 continue
             raw = "".join(data[mime]) if isinstance(data[mime], list) else data[mime]
@@ -4757,7 +4480,7 @@ class _Printer:
                     with open(path, "wb") as f:
                         f.write(blob)
                 except OSError as exc:
-                    raise _UsageError(f"cannot write {path}: {exc.strerror}") from None
+                    raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
                 self._write("out", f"[{mime} {human_size(len(blob))} saved to {path}]\n")
             elif encoded or text is None:
                 self._write("out", f"[{mime} {human_size(len(blob))}: use --output-dir to save]\n")
@@ -4772,28 +4495,23 @@ class _Printer:
         """Which cell runs, on a terminal's status line (never in pipes)."""
         if total > 1:
             self.position = f"cell {cell}/{total} | "
-            self._status(f"[cell {cell}/{total}]")
+            self.show_status(f"[cell {cell}/{total}]")
 
     def status(self, quiet: float, elapsed: float) -> None:
         """The transient status line on a terminal, after a while without output."""
-        if quiet >= STATUS_DELAY:
-            self._status(f"[{self.position}running {elapsed:.0f}s | kernel busy | Ctrl-C to "
-                         "interrupt]")
+        if quiet >= _STATUS_DELAY:
+            self.show_status(f"[{self.position}running {elapsed:.0f}s | kernel busy | Ctrl-C "
+                             "to interrupt]")
 
-    def _status(self, line: str) -> None:
-        if self.live:
+    def show_status(self, line: str = "") -> None:
+        """``line`` on a terminal's status line; "" clears it."""
+        if self.live and (line or self.status_shown):
             self.err.write(f"\r\x1b[2K{line}")
             self.err.flush()
-            self.status_shown = True
-
-    def clear_status(self) -> None:
-        if self.status_shown:
-            self.err.write("\r\x1b[2K")
-            self.err.flush()
-            self.status_shown = False
+            self.status_shown = bool(line)
 
     def finish(self) -> None:
-        self.clear_status()
+        self.show_status()
         for which in ("out", "err"):
             if not self.at_line_start[which]:
                 self._write(which, "\n")
@@ -4807,38 +4525,21 @@ def _isatty(stream) -> bool:
 
 
 def _use_color(stream, choice: str) -> bool:
-    """Whether ``stream`` gets escapes: --color, else a terminal that shows them, unless
-    NO_COLOR or TERM=dumb."""
+    """Whether ``stream`` gets escapes: --color, else a terminal that shows them (on Windows a
+    console that speaks VT already, as Python 3.13 asks for its own colours), unless NO_COLOR or
+    TERM=dumb."""
     if choice != "auto":
         return choice == "always"
     return (_isatty(stream) and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
-            and (sys.platform != "win32" or _windows_escapes(stream)))
+            and (sys.platform != "win32" or _speaks_vt()))
 
 
-ENABLE_VIRTUAL_TERMINAL_PROCESSING = 0x0004
-
-
-def _windows_escapes(stream) -> bool:
-    """Whether a Windows console shows escapes rather than printing them as ``←[``: it does once
-    VT processing is on (Windows 10 1511 and later let a program switch it on)."""
-    import ctypes
-    import msvcrt
+def _speaks_vt() -> bool:
     try:
-        handle = msvcrt.get_osfhandle(stream.fileno())
-    except (AttributeError, OSError, ValueError):
+        import nt
+        return bool(nt._supports_virtual_terminal())  # (Python 3.13+; older ones: no colours)
+    except (ImportError, AttributeError):
         return False
-    return _enable_vt(handle, ctypes.WinDLL("kernel32", use_last_error=True))
-
-
-def _enable_vt(handle: int, kernel32) -> bool:
-    """Switch VT processing on for a console handle; False where the console refuses."""
-    import ctypes
-    mode = ctypes.c_uint32()
-    if not kernel32.GetConsoleMode(handle, ctypes.byref(mode)):
-        return False  # not a console
-    if mode.value & ENABLE_VIRTUAL_TERMINAL_PROCESSING:
-        return True
-    return bool(kernel32.SetConsoleMode(handle, mode.value | ENABLE_VIRTUAL_TERMINAL_PROCESSING))
 
 
 def _read_code(args) -> str:
@@ -4848,9 +4549,9 @@ def _read_code(args) -> str:
         try:
             return stdin.read().decode("utf-8-sig") if stdin is not None else sys.stdin.read()
         except UnicodeDecodeError:
-            raise _UsageError("the code on stdin is not valid UTF-8") from None
+            raise ConfigError("the code on stdin is not valid UTF-8") from None
     if args.code is None:
-        raise _UsageError("no code given: pass CODE, or -f FILE (see --help)")
+        raise ConfigError("no code given: pass CODE, or -f FILE (see --help)")
     return args.code
 
 
@@ -4859,26 +4560,23 @@ def _parameters(args) -> dict:
     parameters: dict = {}
     if args.parameters_file:
         try:
-            with open(args.parameters_file, encoding="utf-8-sig") as f:
-                loaded = json.load(f)
-        except (OSError, ValueError, RecursionError) as exc:
-            raise _UsageError(f"cannot read --parameters-file {args.parameters_file}: "
-                              f"{getattr(exc, 'strerror', None) or exc}") from None
+            loaded = json.loads(read_text(args.parameters_file, "--parameters-file "))
+        except (ValueError, RecursionError) as exc:
+            loaded = exc if isinstance(exc, ConfigError) else None
         if not isinstance(loaded, dict):
-            raise _UsageError(f"--parameters-file {args.parameters_file} does not hold a JSON "
-                              "object")
+            raise loaded or ConfigError(f"--parameters-file {args.parameters_file} does not hold "
+                                        "a JSON object")
         parameters.update(loaded)
     parameters.update((name, parameter_value(value)) for name, value in args.parameters or ())
     parameters.update((name, value) for name, value in args.parameters_raw or ())
     for name in parameters:
         if not name.isidentifier():
-            raise _UsageError(f"parameter name {name!r} is not a Python name")
+            raise ConfigError(f"parameter name {name!r} is not a Python name")
     return parameters
 
 
 def _spawn_server(deadline: Deadline):
-    """Start a private jupyter_server on a free loopback port; return (process, url, token,
-    folder)."""
+    """Start a private jupyter_server on a free loopback port: (process, url, token, folder)."""
     import subprocess
     import tempfile
     import importlib.util
@@ -4900,7 +4598,7 @@ def _spawn_server(deadline: Deadline):
     log.close()
     url = f"http://127.0.0.1:{port}/"
     rest = RestClient(url, token)
-    wait = deadline.cut(SPAWN_TIMEOUT)
+    wait = deadline.cut(_SPAWN_TIMEOUT)
     try:
         while True:
             if proc.poll() is not None:
@@ -4914,7 +4612,7 @@ def _spawn_server(deadline: Deadline):
                 if wait.expired:
                     raise JupyterError("the spawned Jupyter server did not answer within "
                                        f"{duration(wait.timeout)}") from None
-            time.sleep(SPAWN_POLL)
+            time.sleep(_SPAWN_POLL)
     except BaseException:
         _stop_server(proc, folder)
         raise
@@ -4926,7 +4624,7 @@ def _stop_server(proc, folder: str | None = None) -> None:
     import subprocess
     proc.terminate()
     try:
-        proc.wait(SPAWN_STOP_GRACE)
+        proc.wait(_SPAWN_STOP_GRACE)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
@@ -4937,7 +4635,7 @@ def _stop_server(proc, folder: str | None = None) -> None:
 def _list(args, out, ssl_context=None) -> int:
     servers = list_servers()
     if args.url:
-        url, token = resolve_server(args.url, args.token)
+        url, token, _ = resolve_server(args.url, args.token)
         servers = [{"url": url, "token": token}]
     rows = []
     for info in servers:
@@ -4956,7 +4654,7 @@ def _list(args, out, ssl_context=None) -> int:
         rows.append(entry)
     if args.json:
         out.write(strict_json(rows, indent=2) + "\n")
-        return EXIT_OK
+        return _EXIT_OK
     if not rows:
         out.write("no running Jupyter servers found\n")
     for entry in rows:
@@ -4968,7 +4666,7 @@ def _list(args, out, ssl_context=None) -> int:
             name, state, seen = (str(k.get(key) or "?")
                                  for key in ("name", "execution_state", "last_activity"))
             out.write(f"  {k.get('id')}  {name:<12} {state:<8} {seen}\n")
-    return EXIT_OK
+    return _EXIT_OK
 
 
 def _ssl_context_from(args, err):
@@ -4986,34 +4684,15 @@ def _ssl_context_from(args, err):
     try:
         return ssl.create_default_context(cafile=args.cafile)
     except (OSError, ssl.SSLError) as exc:
-        raise _UsageError(f"cannot load --cafile {args.cafile}: "
+        raise ConfigError(f"cannot load --cafile {args.cafile}: "
                           f"{getattr(exc, 'strerror', None) or exc}") from None
 
 
-def _user_options(args) -> dict | None:
-    if not args.start_server:
-        if args.stop_server or args.user_options is not None or args.profile:
-            raise _UsageError("--stop-server, --user-options and --profile go with --start-server")
-        return None
-    try:
-        options = json.loads(args.user_options or "{}")
-    except (ValueError, RecursionError):
-        options = None
-    if not isinstance(options, dict):
-        raise _UsageError("--user-options must be a JSON object, e.g. '{\"profile\": \"gpu\"}'")
-    return {**options, **({"profile": args.profile} if args.profile else {})}
-
-
-def _parse_env(pairs) -> dict | None:
-    if not pairs:
-        return None
-    env = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise _UsageError(f"--env wants KEY=VALUE, not {pair!r}")
-        env[key] = value
-    return env
+def _kernel_options(args) -> dict:
+    """The options the command line gives every Kernel it opens, and the MCP server's kernels."""
+    return {"kernel_id": args.kernel_id, "session": args.session, "notebook": args.notebook,
+            "env": dict(args.env) if args.env else None, "ssl_context": args.ssl_context,
+            "protocol": args.protocol}
 
 
 def _terminal_stdin(prompt: str, password: bool) -> str:
@@ -5025,8 +4704,7 @@ def _terminal_stdin(prompt: str, password: bool) -> str:
 
 
 class _Signalled(KeyboardInterrupt):
-    """SIGTERM, SIGHUP or SIGBREAK, handled as Ctrl-C is: the kernel is interrupted, what was
-    started deleted."""
+    """SIGTERM, SIGHUP or SIGBREAK, handled as Ctrl-C is (the kernel interrupted, and so on)."""
 
     def __init__(self, signum: int):
         super().__init__(signum)
@@ -5037,22 +4715,39 @@ def _on_signal(signum: int, frame) -> None:
     raise _Signalled(signum)
 
 
+@contextlib.contextmanager
+def _signals(handler, names=("SIGTERM", "SIGHUP", "SIGBREAK")):
+    """Inside the block, ``handler`` (None: ignore them) handles the signals ``names`` that the
+    platform has (none outside the main thread); yields those it handles. The default: CI
+    cancellations, timeout(1), systemd, closed terminals, and Ctrl-Break on Windows."""
+    import signal
+    previous = {}
+    for name in names:
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            previous[name] = signal.signal(getattr(signal, name), handler or signal.SIG_IGN)
+    try:
+        yield previous
+    finally:
+        for name, old in previous.items():
+            signal.signal(getattr(signal, name), old)
+
+
 # A Windows console that is closed (or a logoff, a shutdown) ends its programs once their
 # handler returns, and in any case after 5 s. The handler holds the process that long:
-# it raises SIGBREAK, which the main thread acts on within a WAIT_SLICE as on Ctrl-Break,
+# it raises SIGBREAK, which the main thread acts on within a _WAIT_SLICE as on Ctrl-Break,
 # and returns when the run has cleaned up.
-CONSOLE_ENDING_EVENTS = (2, 5, 6)  # CTRL_CLOSE_EVENT, CTRL_LOGOFF_EVENT, CTRL_SHUTDOWN_EVENT
-CONSOLE_CLOSE_GRACE = 4.5           # seconds of the 5 that Windows gives
+_CONSOLE_ENDING_EVENTS = (2, 5, 6)  # CTRL_CLOSE_EVENT, CTRL_LOGOFF_EVENT, CTRL_SHUTDOWN_EVENT
+_CONSOLE_CLOSE_GRACE = 4.5           # seconds of the 5 that Windows gives
 
 
 def _console_handler(raise_signal, finished):
     """A console control handler: ending events end the run as a signal does; Ctrl-C and
     Ctrl-Break are left to Python's own handlers."""
     def handle(event: int) -> bool:
-        if event not in CONSOLE_ENDING_EVENTS:
+        if event not in _CONSOLE_ENDING_EVENTS:
             return False
         raise_signal()
-        finished.wait(CONSOLE_CLOSE_GRACE)
+        finished.wait(_CONSOLE_CLOSE_GRACE)
         return True
     return handle
 
@@ -5073,44 +4768,13 @@ def _watch_console():
     return finished, handler
 
 
-class _Output:
-    """stdout or stderr for the command line: characters its encoding lacks (a Windows
-    console's cp1252) are escaped rather than an error, and a reader that went away is a
-    BrokenPipeError on every platform (Windows often says EINVAL)."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def write(self, text: str) -> None:
-        try:
-            self._gone_is_broken(self.stream.write, text)
-        except UnicodeEncodeError:  # raised before anything is written
-            encoding = getattr(self.stream, "encoding", None) or "ascii"
-            self._gone_is_broken(self.stream.write,
-                                 text.encode(encoding, "backslashreplace").decode(encoding))
-
-    def flush(self) -> None:
-        self._gone_is_broken(self.stream.flush)
-
-    def _gone_is_broken(self, call, *args) -> None:
-        try:
-            call(*args)
-        except OSError as exc:
-            if isinstance(exc, BrokenPipeError) or exc.errno != errno.EINVAL:
-                raise
-            raise BrokenPipeError(errno.EPIPE, "the reader went away") from exc
-
-    def __getattr__(self, name: str):
-        return getattr(self.stream, name)
-
-
-def _open_kernel(args, url, token, deadline, env, ssl_context, path, name) -> Kernel:
+def _open_kernel(args, path: str | None, name: str | None) -> Kernel:
     try:
-        return Kernel(url, token, kernel_id=args.kernel_id, name=name, timeout=deadline.remaining(),
-                      env=env, session=args.session, notebook=args.notebook, path=path,
-                      ssl_context=ssl_context, protocol=args.protocol, compression=args.compress)
+        return Kernel(args.rest.url, args.rest.token, name=name,
+                      timeout=args.deadline.remaining(), path=path, **_kernel_options(args))
     except ServerError as exc:
-        if exc.status is None and args.url is None and not args.spawn and url == DEFAULT_URL:
+        if (exc.status is None and args.url is None and not args.spawn
+                and args.rest.url == DEFAULT_URL):
             raise JupyterError(f"no Jupyter server found (nothing answers at {DEFAULT_URL}): start "
                                "one with 'jupyter lab' or 'jupyter server', pass --url and "
                                "--token, or use --spawn") from exc
@@ -5121,70 +4785,70 @@ def _main(argv, out, err) -> int:
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     if args.help:
         out.write(_help())
-        return EXIT_OK
+        return _EXIT_OK
     if args.version:
         out.write(f"jupyter_call {__version__}\n")
-        return EXIT_OK
+        return _EXIT_OK
     if sum(bool(x) for x in (args.kernel_id, args.session, args.notebook)) > 1:
-        raise _UsageError("choose one of --kernel-id, --session and --notebook")
+        raise ConfigError("choose one of --kernel-id, --session and --notebook")
     if args.keep and args.spawn:
-        raise _UsageError("--keep cannot keep a kernel of the server that --spawn stops afterwards")
-    ssl_context = _ssl_context_from(args, err)
-    user_options = _user_options(args)
+        raise ConfigError("--keep cannot keep a kernel of the server that --spawn stops afterwards")
+    if args.file is not None and args.code is not None:
+        raise ConfigError("give the code as an argument or with -f, not both")
+    args.ssl_context = _ssl_context_from(args, err)
+    args.user_options = {**(args.user_options or {}), **(
+        {"profile": args.profile} if args.profile else {})} if args.start_server else None
     if args.list:
-        return _list(args, out, ssl_context)
+        return _list(args, out, args.ssl_context)
     if args.mcp:
-        return _serve_mcp(args, err, ssl_context, user_options)
-    parameters = _parameters(args)
-    env = _parse_env(args.env)
-    deadline = Deadline(args.timeout)
+        return _serve_mcp(args, err)
+    args.parameters = _parameters(args)
+    args.deadline = Deadline(args.timeout)
     spawned, started = None, []  # started: the hub was asked to start the server
-    url, token = args.url, args.token
     if args.spawn:
-        spawned = _spawn_server(deadline)
-        url, token = spawned[1], spawned[2]
+        spawned = _spawn_server(args.deadline)
+    url, token = (spawned[1], spawned[2]) if spawned else (args.url, args.token)
     try:
-        url, token = resolve_server(url, token)  # once: the kernel and every REST call use it
+        url, token, args.root = resolve_server(url, token)  # once: every request uses it
+        args.root = os.getcwd() if spawned else args.root
+        args.rest = RestClient(url, token, ssl_context=args.ssl_context)
         if args.start_server:
             shown = _Printer(out, err, color=args.color)
 
             def on_progress(message: str) -> None:
                 started[:] = [True]  # (from the moment it is asked: a Ctrl-C now stops it too)
-                shown._status(f"[{message}]")  # (on a terminal)
+                shown.show_status(f"[{message}]")  # (on a terminal)
 
             try:
-                if not start_if_stopped(url, token, user_options, deadline, ssl_context,
-                                        on_progress):
+                if not start_if_stopped(url, token, args.user_options, args.deadline,
+                                        args.ssl_context, on_progress):
                     started.clear()
             finally:
-                shown.clear_status()
-        return _run(args, out, err, url, token, deadline, env, ssl_context, parameters,
-                    os.getcwd() if spawned else None)
+                shown.show_status()
+        return _run(args, out, err)
     finally:
         if spawned is not None:
             _stop_server(spawned[0], spawned[3])
         if started and args.stop_server:  # (a server running before this call is never stopped)
             try:
-                stop_hub_server(url, token, timeout=CLEANUP_TIMEOUT, ssl_context=ssl_context)
+                stop_hub_server(url, token, timeout=CLEANUP_TIMEOUT, ssl_context=args.ssl_context)
             except JupyterError as exc:
                 err.write(f"jupyter_call: could not stop the server: {error_text(exc)}\n")
 
 
-def _run(args, out, err, url, token, deadline, env, ssl_context, parameters, root) -> int:
-    """Read the code or notebook, run it, print and write what it produced."""
-    if args.file is not None and args.code is not None:
-        raise _UsageError("give the code as an argument or with -f, not both")
-    remote = RestClient(url, token, ssl_context=ssl_context)  # (no request until one is asked)
+def _run(args, out, err) -> int:
+    """Read the code or notebook, run it, print and write what it produced; ``args`` holds the
+    settings (the parsed options, the server's ``rest`` client and ``root``, the ``deadline``)."""
     code_from_stdin = args.file == "-"
     if args.file is not None and not code_from_stdin:
-        notebook, where = read_notebook(args.file, remote, deadline, root)
+        notebook, where = read_notebook(args.file, args.rest, args.deadline, args.root)
     else:
         notebook, where = notebook_from(_read_code(args).lstrip("\ufeff")), None
     if args.kernel_id or args.session or args.notebook:
         where = None  # (an attached kernel runs where it runs)
     code_cells = [c for c in notebook["cells"] if c.get("cell_type") == "code"]
     many = (args.file or "").lower().endswith(".ipynb") or len(code_cells) > 1
-    name = kernel_for(notebook, parameters, args.kernel)
+    name = kernel_for(notebook, args.parameters, args.kernel)
     if args.input is not None:
         stdin = iter(args.input)  # one iterator: later cells get the answers that are left
     elif not code_from_stdin and _isatty(sys.stdin):
@@ -5200,51 +4864,51 @@ def _run(args, out, err, url, token, deadline, env, ssl_context, parameters, roo
                 printer.header(number, total)
             printer.progress(number, total)
 
-    results: list = []
-    failed = 0
+    ran: list = []
     try:
         # (the with deletes a kernel it started, on every path)
-        with _open_kernel(args, url, token, deadline, env, ssl_context, where, name) as kernel:
+        with _open_kernel(args, where, name) as kernel:
             if args.keep and not (args.kernel_id or args.session or args.notebook):
                 kernel.detach()
                 err.write(f"jupyter_call: kernel {kernel.id} kept running at {kernel.url}\n")
             # Streaming to a terminal keeps nothing already printed (bounded memory),
             # unless the outputs are wanted again for --json or --write.
-            failed = execute_notebook(
-                kernel, notebook, deadline, results, keep_going=args.keep_going,
-                cell_timeout=args.cell_timeout,
-                stdin=stdin, on_output=printer, on_cell=on_cell,
-                keep_outputs=bool(args.json or args.write),
-                on_wait=printer.status if printer is not None and printer.live else None,
-                language_info=bool(args.write))  # (a round trip only a written notebook shows)
+            ran += execute_notebook(
+                kernel, notebook, args.deadline, keep_going=args.keep_going,
+                cell_timeout=args.cell_timeout, on_cell=on_cell,
+                language_info=bool(args.write),  # (a round trip only a written notebook shows)
+                stdin=stdin, on_output=printer, keep_outputs=bool(args.json or args.write),
+                on_wait=printer.status if printer is not None and printer.live else None)
     except BaseException:
         # What did arrive is still printed (--json) and written (--write).
         if args.json:
-            _print_json(out, results, many, failed=True)
+            _print_json(out, ran, many, failed=True)
         if args.write:
             try:
-                write_notebook(args.write, notebook, remote, deadline)
-            except (_UsageError, JupyterError) as write_error:
+                write_notebook(args.write, notebook, args.rest, args.deadline)
+            except JupyterError as write_error:
                 err.write(f"jupyter_call: {write_error}\n")
         raise
     finally:
         if printer is not None:
             printer.finish()
     if args.write:
-        write_notebook(args.write, notebook, remote, deadline)
+        write_notebook(args.write, notebook, args.rest, args.deadline)
+    failed = bool(failures(ran))
     if args.json:
-        _print_json(out, results, many, failed=bool(failed))
-    elif any(r.truncated for r in results):
+        _print_json(out, ran, many, failed=failed)
+    elif any(r.truncated for _, r in ran):
         err.write("jupyter_call: warning: the server dropped output (IOPub rate limit); raise it "
                   "with --ZMQChannelsWebsocketConnection.iopub_data_rate_limit (--ServerApp. on "
                   "older servers)\n")
-    if any(r.status == "aborted" for r in results):
+    if any(r.status == "aborted" for _, r in ran):
         err.write("jupyter_call: the kernel aborted the execution\n")
-    return EXIT_ERROR if failed else EXIT_OK
+    return _EXIT_ERROR if failed else _EXIT_OK
 
 
-def _print_json(out, results: list, many: bool, *, failed: bool) -> None:
+def _print_json(out, ran: list, many: bool, *, failed: bool) -> None:
     """One Result.to_dict(), or for cells {"status", "ok", "cells": [Result.to_dict(), ...]}."""
+    results = [result for _, result in ran]
     if many:
         status = next((r.status for r in results if not r.ok), "error") if failed else "ok"
         out.write(strict_json({"status": status, "ok": not failed,
@@ -5253,111 +4917,77 @@ def _print_json(out, results: list, many: bool, *, failed: bool) -> None:
         out.write(strict_json(results[0].to_dict()) + "\n")
 
 
-def _serve_mcp(args, err, ssl_context, user_options) -> int:
-    """--mcp: serve until stdin closes, SIGTERM or Ctrl-C; delete what was started; exit 0 (or
-    128 + the signal)."""
+def _serve_mcp(args, err) -> int:
+    """--mcp: serve until stdin closes, SIGTERM or Ctrl-C; delete what it started; exit code."""
     if args.code is not None or args.file is not None:
-        raise _UsageError("--mcp takes no code: the MCP client sends it")
-    for flag in ("write", "keep", "json", "input", "parameters", "parameters_raw",
-                 "parameters_file", "spawn", "stop_server"):
-        if getattr(args, flag):
-            raise _UsageError(f"--{flag.replace('_', '-')} cannot be used with --mcp")
-    limits = {}
-    for flag, default in (("max_output", MCP_MAX_OUTPUT), ("max_image_bytes", MCP_MAX_IMAGE_BYTES)):
-        value = getattr(args, flag)
-        if value is None:
-            limits[flag] = default
-        elif value.isascii() and value.isdigit() and int(value) > 0:
-            limits[flag] = int(value)
-        else:
-            raise _UsageError(f"--{flag.replace('_', '-')} must be a positive whole number, not "
-                              f"{value!r}")
-    try:
-        limits["wait"] = MCP_WAIT if args.wait is None else float(args.wait)
-    except ValueError:
-        limits["wait"] = -1.0
-    if not 0 <= limits["wait"] < float("inf"):
-        raise _UsageError("--wait must be a number of seconds, 0 or more")
+        raise ConfigError("--mcp takes no code: the MCP client sends it")
     log = NotebookLog(args.log) if args.log else None
     out = sys.stdout.buffer
     sys.stdout = sys.stderr  # anything printed by mistake must not break the protocol
-    server = McpServer(args.url, args.token, ssl_context=ssl_context, kernel_name=args.kernel,
-                       kernel_id=args.kernel_id, session=args.session, notebook=args.notebook,
-                       timeout=args.timeout, output_dir=args.output_dir, log=log, err=err, out=out,
-                       env=_parse_env(args.env), protocol=args.protocol, compression=args.compress,
-                       start_server=args.start_server, user_options=user_options, **limits)
+    server = McpServer(args.url, args.token, kernel_name=args.kernel, timeout=args.timeout,
+                       output_dir=args.output_dir, log=log, err=err, out=out,
+                       max_output=args.max_output or MCP_MAX_OUTPUT,
+                       max_image_bytes=args.max_image_bytes or MCP_MAX_IMAGE_BYTES,
+                       wait=MCP_WAIT if args.wait is None else args.wait,
+                       start_server=args.start_server, user_options=args.user_options,
+                       **_kernel_options(args))
     ended = None
     try:
-        server.serve(sys.stdin.buffer)
+        server.rpc.serve(sys.stdin.buffer)
     except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM/SIGHUP as _Signalled
         ended = exc
     finally:
-        with _signals_held():
+        # The host's SIGTERM comes 2 s after it closed stdin, its SIGKILL at 4 s: cleanup goes on
+        # through the first, and what is still running ends with the second.
+        with _signals(None, ("SIGTERM", "SIGHUP", "SIGINT", "SIGBREAK")):
             server.cleanup()
         sys.stdout = sys.__stdout__
     if isinstance(ended, _Signalled):
         return 128 + ended.signum
-    return EXIT_INTERRUPTED if ended is not None else EXIT_OK
-
-
-@contextlib.contextmanager
-def _signals_held():
-    """While cleanup runs, SIGTERM, SIGHUP and SIGINT are ignored (the host's SIGTERM comes 2 s
-    after it closed stdin; its SIGKILL at 4 s ends what is still running)."""
-    import signal
-    previous = {}
-    for name in ("SIGTERM", "SIGHUP", "SIGINT", "SIGBREAK"):
-        with contextlib.suppress(AttributeError, ValueError, OSError):
-            previous[name] = signal.signal(getattr(signal, name), signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        for name, handler in previous.items():
-            signal.signal(getattr(signal, name), handler)
+    return _EXIT_INTERRUPTED if ended is not None else _EXIT_OK
 
 
 def main(argv: list | None = None) -> int:
     """Run the command line; return the exit code."""
     import signal
-    out, err = _Output(sys.stdout), _Output(sys.stderr)
-    previous = {}
-    # CI cancellations, timeout(1), systemd, closed terminals; Ctrl-Break on Windows
-    for name in ("SIGTERM", "SIGHUP", "SIGBREAK"):
-        # (a signal absent on this platform, or not the main thread)
-        with contextlib.suppress(AttributeError, ValueError, OSError):
-            previous[name] = signal.signal(getattr(signal, name), _on_signal)
-    console = _watch_console() if previous else None  # (None where signals cannot be handled)
-    try:
-        return _main(argv, out, err)
-    except (_UsageError, ConfigError) as exc:
-        err.write(f"jupyter_call: usage error: {exc}\n")
-        return EXIT_USAGE
-    except ExecutionTimeout as exc:
-        err.write(f"jupyter_call: timeout: {exc}; the kernel was interrupted\n")
-        return EXIT_TIMEOUT
-    except KernelDied as exc:
-        err.write(f"jupyter_call: {exc}\n")
-        return EXIT_DIED
-    except _Signalled as exc:
-        err.write(f"jupyter_call: ended by {signal.Signals(exc.signum).name}; the kernel was "
-                  "interrupted\n")
-        return 128 + exc.signum
-    except KeyboardInterrupt:
-        err.write("jupyter_call: interrupted\n")
-        return EXIT_INTERRUPTED
-    except JupyterError as exc:
-        err.write(f"jupyter_call: error: {error_text(exc)}\n")
-        return EXIT_SERVER
-    except BrokenPipeError:
-        # The reader went away (`| head`): stop quietly, as a process killed by SIGPIPE.
-        with contextlib.suppress(OSError, ValueError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_BROKEN_PIPE
-    finally:
-        for name, handler in previous.items():
-            signal.signal(getattr(signal, name), handler)
-        if console:
-            console[0].set()  # the console handler may return: Windows ends the process
+    out, err = sys.stdout, sys.stderr
+    for stream in (out, err):  # characters the encoding lacks (a cp1252 console's) are escaped
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
+    with _signals(_on_signal) as handled:
+        console = _watch_console() if handled else None  # (None where signals cannot be handled)
+        try:
+            return _main(argv, out, err)
+        except ConfigError as exc:
+            err.write(f"jupyter_call: usage error: {exc}\n")
+            return _EXIT_USAGE
+        except ExecutionTimeout as exc:
+            err.write(f"jupyter_call: timeout: {exc}; the kernel was interrupted\n")
+            return _EXIT_TIMEOUT
+        except KernelDied as exc:
+            err.write(f"jupyter_call: {exc}\n")
+            return _EXIT_DIED
+        except _Signalled as exc:
+            err.write(f"jupyter_call: ended by {signal.Signals(exc.signum).name}; the kernel was "
+                      "interrupted\n")
+            return 128 + exc.signum
+        except KeyboardInterrupt:
+            err.write("jupyter_call: interrupted\n")
+            return _EXIT_INTERRUPTED
+        except JupyterError as exc:
+            err.write(f"jupyter_call: error: {error_text(exc)}\n")
+            return _EXIT_SERVER
+        except OSError as exc:
+            # The reader went away (`| head`; Windows says EINVAL): stop quietly, as a process
+            # killed by SIGPIPE.
+            if not isinstance(exc, BrokenPipeError) and exc.errno != errno.EINVAL:
+                raise
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return _EXIT_BROKEN_PIPE
+        finally:
+            if console:
+                console[0].set()  # the console handler may return: Windows ends the process
 
 
 if __name__ == "__main__":
