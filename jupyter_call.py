@@ -52,9 +52,10 @@ from urllib.parse import quote, unquote, urlsplit
 
 __version__ = "0.1.0"
 
-__all__ = ["run_code", "run_notebook", "Kernel", "Result", "list_servers", "WebSocket",
-           "JupyterError", "ServerError", "AuthError", "ConfigError", "ExecutionError",
-           "KernelDied", "ExecutionTimeout", "WebSocketError", "WebSocketClosed"]
+__all__ = ["run_code", "run_notebook", "read_notebook", "edit_notebook", "run_cells", "Kernel",
+           "Result", "list_servers", "WebSocket", "JupyterError", "ServerError", "AuthError",
+           "ConfigError", "ExecutionError", "KernelDied", "ExecutionTimeout", "WebSocketError",
+           "WebSocketClosed"]
 
 
 # ---- Errors --------------------------------------------------------------------------------------
@@ -189,11 +190,6 @@ class Deadline:
         return Deadline(self.remaining(cap))
 
 
-def ssl_module():
-    import ssl  # costs ~17 ms; only wss:// and https:// need it
-    return ssl
-
-
 def within(timeout: float | None) -> str:
     return f" within {duration(timeout)}" if timeout is not None else " (the system's timeout)"
 
@@ -309,7 +305,8 @@ def open_stream(host: str, port: int, secure: bool, ssl_context: object, unix_so
         if proxy and tunnel:
             _connect_tunnel(sock, proxy, host, port, deadline)
         if secure:
-            context = ssl_context or ssl_module().create_default_context()
+            import ssl  # (~17 ms: loaded where https and wss need it)
+            context = ssl_context or ssl.create_default_context()
             sock = context.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
             sliced_io(sock, deadline, sock.do_handshake)
         return sock
@@ -403,10 +400,8 @@ def error_reason(body: bytes) -> str:
 
 def os_reason(exc: BaseException) -> str:
     """A short lower-case reason for a network error."""
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, ConnectionResetError):
-        return "connection reset"
+    if isinstance(exc, (ConnectionRefusedError, ConnectionResetError)):
+        return f"connection {'refused' if isinstance(exc, ConnectionRefusedError) else 'reset'}"
     if isinstance(exc, socket.gaierror):
         return f"unknown host ({exc.strerror})"
     if _untrusted(exc):
@@ -448,7 +443,8 @@ def _tls_fix(exc: BaseException, custom_context: bool, platform: str = sys.platf
 def _no_ca_store() -> bool:
     """Whether the default context finds no CA file or folder (a python.org macOS install
     before its certificate step, a container without ca-certificates)."""
-    paths = ssl_module().get_default_verify_paths()
+    import ssl
+    paths = ssl.get_default_verify_paths()
     return paths.cafile is None and paths.capath is None
 
 
@@ -479,6 +475,14 @@ def proxy_for(url: str) -> str | None:
     return proxy
 
 
+def daemon(target, *args):
+    """``target(*args)`` in a daemon thread, started; returns the thread."""
+    import threading
+    thread = threading.Thread(target=target, args=args, daemon=True)
+    thread.start()
+    return thread
+
+
 # ---- WebSocket frames (RFC 6455, no I/O) ---------------------------------------------------------
 
 class Opcode(enum.IntEnum):
@@ -497,18 +501,13 @@ CONTROL_OPCODES = (CLOSE, PING, PONG)
 
 
 class CloseCode(enum.IntEnum):
-    """RFC 6455 7.4.1 status codes."""
+    """RFC 6455 7.4.1 status codes, those we send or read."""
     NORMAL = 1000
-    GOING_AWAY = 1001
     PROTOCOL_ERROR = 1002
-    UNSUPPORTED_DATA = 1003
     NO_STATUS = 1005          # never sent: stands for a close frame without a code
     ABNORMAL = 1006           # never sent: stands for a connection lost without a close frame
     INVALID_DATA = 1007
-    POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
-    MANDATORY_EXTENSION = 1010
-    INTERNAL_ERROR = 1011
 
 
 # 7.4: codes a peer may put on the wire (1012-1014 are registered with IANA since).
@@ -741,7 +740,7 @@ _RECV_SIZE = 256 * 1024          # bytes asked of one recv() while waiting for a
 RECV_SIZE_MAX = 4 * 2**20       # at most this much in one recv() for a large frame
 
 
-class WebSocket:
+class WebSocket(contextlib.AbstractContextManager):
     """A blocking RFC 6455 client: whole messages in, whole messages out.
 
     Use ``WebSocket.connect(url)``; then ``send``, ``recv``, ``ping`` and
@@ -995,9 +994,6 @@ class WebSocket:
         self.abort(reason)
         raise WebSocketClosed(CloseCode.ABNORMAL, reason)
 
-    def __enter__(self) -> WebSocket:
-        return self
-
     def __exit__(self, *exc_info) -> None:
         self.close()
 
@@ -1019,6 +1015,24 @@ _MAX_REDIRECTS = 10          # as urllib allows
 _DELETE_RETRIES = 5          # a DELETE racing an automatic restart answers 500; try again
 _DELETE_BACKOFF = 0.2        # first pause between DELETE attempts; doubles
 SIDE_REQUEST_TIMEOUT = 10.0 # a request that only diagnoses or lists must not hold a call up longer
+HANDSHAKE_TIMEOUT = 120.0   # connect + websocket handshake without a deadline (a 101 may take 60 s)
+
+
+def strict_json(obj: object, **options) -> str:
+    """JSON that every parser takes: NaN and the infinities (a server's 1e400 reads as one) are
+    written as the strings "NaN", "Infinity" and "-Infinity"."""
+    try:
+        return json.dumps(obj, allow_nan=False, **options)
+    except ValueError:
+        return json.dumps(_finite(obj), allow_nan=False, **options)
+
+
+def _finite(value: object) -> object:
+    if isinstance(value, float) and value - value != 0:  # NaN or an infinity
+        return "NaN" if value != value else "Infinity" if value > 0 else "-Infinity"
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    return [_finite(item) for item in value] if isinstance(value, (list, tuple)) else value
 
 
 class _BadAnswer(Exception):
@@ -1169,6 +1183,17 @@ class RestClient:
     def headers(self) -> dict:
         return {"Authorization": f"token {self.token}"} if self.token else {}
 
+    def websocket(self, path: str, deadline: Deadline, subprotocols=()) -> WebSocket:
+        """A websocket to ``path`` on the server, over the sockets and with the token of REST."""
+        parts = urlsplit(self.url)
+        netloc = "localhost" if self.unix_socket else parts.netloc
+        return WebSocket.connect(f"{'wss' if parts.scheme == 'https' else 'ws'}://{netloc}"
+                                 f"{parts.path}{path}", headers=self.headers(),
+                                 subprotocols=subprotocols,
+                                 timeout=deadline.remaining(HANDSHAKE_TIMEOUT),
+                                 ssl_context=self.ssl_context, unix_socket=self.unix_socket,
+                                 proxy=proxy_for(self.url))
+
     def request(self, method: str, path: str, body: object = None, *,
                 deadline: Deadline, host: str | None = None, diagnose: bool = True,
                 missing: str | None = None, on_line=None) -> object:
@@ -1178,7 +1203,7 @@ class RestClient:
         answer is a stream (text/event-stream): each line goes to ``on_line`` as it comes, until
         it returns true or the stream ends, all within ``deadline`` (not capped at HTTP_TIMEOUT).
         """
-        data = json.dumps(body).encode("utf-8") if body is not None else None
+        data = strict_json(body).encode("utf-8") if body is not None else None
         if data is None and method in ("POST", "PUT", "PATCH"):
             data = b""
         headers = {"Accept": "application/json", **self.headers()}
@@ -1379,7 +1404,8 @@ class RestClient:
         return found
 
     def create_session(self, path: str, kernel_name: str | None, *, deadline: Deadline) -> str:
-        body = {"path": session_path(path), "name": os.path.basename(path), "type": "console",
+        body = {"path": session_path(path), "name": os.path.basename(path),
+                "type": "notebook" if path.endswith(".ipynb") else "console",
                 "kernel": {"name": kernel_name} if kernel_name else {}}
         info = self.request("POST", "api/sessions", body, deadline=deadline)
         kernel = info.get("kernel") if isinstance(info, dict) else None
@@ -1387,20 +1413,21 @@ class RestClient:
             raise ServerError(self.url, "answered a session start without a kernel")
         return self._plain_id(kernel["id"])
 
-    def about(self, *, deadline: Deadline) -> dict:
-        """The server's ``GET api``: its version (a gateway's too)."""
-        about = self.request("GET", "api", deadline=deadline)
-        return about if isinstance(about, dict) else {}
-
     def status(self, *, deadline: Deadline) -> None:
         """``GET api/status``: raises unless the server answers."""
         self.request("GET", "api/status", deadline=deadline)
 
+    def contents(self, path: str, *, deadline: Deadline, content: bool = True) -> dict:
+        """The contents API's model of the file at ``path``, with the ``hash`` of its bytes where
+        the server keeps hashes (jupyter_server 2.11+; others ignore the question)."""
+        model = self.request("GET", f"api/contents/{quote(session_path(path))}?content="
+                                    f"{int(content)}&hash=1", deadline=deadline,
+                             missing=f"has no file {path}")
+        return model if isinstance(model, dict) else {}
+
     def read_file(self, path: str, *, deadline: Deadline) -> str:
         """A notebook (as JSON text) or a text file at ``path`` in the contents API."""
-        model = self.request("GET", f"api/contents/{quote(session_path(path))}?content=1",
-                             deadline=deadline, missing=f"has no file {path}")
-        model = model if isinstance(model, dict) else {}
+        model = self.contents(path, deadline=deadline)
         content = model.get("content")
         if model.get("type") == "notebook" and isinstance(content, dict):
             return json.dumps(content)
@@ -1651,6 +1678,39 @@ def _output_from_msg(msg: dict) -> dict | None:
         return {"output_type": "error", "ename": content.get("ename") or "",
                 "evalue": content.get("evalue") or "", "traceback": content.get("traceback") or []}
     return None
+
+
+ANSI_ESCAPE = r"\x1b\[[0-9;?]*[ -/]*[@-~]"  # compiled by re on first use
+
+
+def text_form(data: dict) -> str | None:
+    """The best text form of a mimebundle: text/plain, then JSON pretty-printed."""
+    if "text/plain" in data:
+        text = data["text/plain"]
+        return "".join(text) if isinstance(text, list) else str(text)
+    if "application/json" in data:
+        return json.dumps(data["application/json"], indent=2)
+    return None
+
+
+def output_text(out: dict) -> str:
+    """An output as text: a stream's, a result's or display's text form, an error's traceback
+    (its colours removed); "" for one without text."""
+    kind, data, trace = out.get("output_type"), out.get("data"), out.get("traceback")
+    if kind == "error":
+        trace = "\n".join(map(str, trace)) if isinstance(trace, list) and trace else error_line(out)
+        return re.sub(ANSI_ESCAPE, "", trace) + "\n"
+    text = (out.get("text") if kind == "stream" else text_form(data) if isinstance(data, dict)
+            and kind in ("execute_result", "display_data") else None) or ""
+    text = "".join(map(str, text)) if isinstance(text, list) else str(text)  # (nbformat's lines)
+    return text if not text or text.endswith("\n") or kind == "stream" else text + "\n"
+
+
+def clip(text: str, limit: int) -> str:
+    """``text``, or its head and tail around a line saying how much was left out."""
+    keep = limit // 3
+    return text if len(text) <= limit else (f"{text[:limit - keep]}\n[... {len(text) - limit:,} "
+                                            f"characters left out ...]\n{text[len(text) - keep:]}")
 
 
 class Result:
@@ -2194,11 +2254,10 @@ _RECONNECTS_PER_CALL = 5    # websocket drops survived during one call
 _CONNECT_TRIES = 5          # attempts to reopen the websocket after one drop
 _RECONNECT_BACKOFF = 0.1    # first pause between attempts; doubles, up to _RECONNECT_BACKOFF_MAX
 _RECONNECT_BACKOFF_MAX = 2.0
-_HANDSHAKE_TIMEOUT = 120.0  # connect + handshake without a deadline (a 101 may take 60 s)
 _NUDGE_INTERVAL = 0.5       # resend kernel_info_request this often while a kernel starts
 
 
-class Kernel:
+class Kernel(contextlib.AbstractContextManager):
     """A kernel on a Jupyter server, with one open websocket to it.
 
     ``Kernel(url, token)`` starts a kernel (``name`` picks the kernel spec) and deletes it on
@@ -2309,9 +2368,6 @@ class Kernel:
             self._name = self._rest.get_kernel(self.id, deadline=Deadline(self.timeout)).get("name")
         return self._name
 
-    def __enter__(self) -> Kernel:
-        return self
-
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             self.close()
@@ -2321,21 +2377,10 @@ class Kernel:
 
     # -- connection --
 
-    def _channels_url(self) -> str:
-        parts = urlsplit(self.url)
-        scheme = "wss" if parts.scheme == "https" else "ws"
-        netloc = "localhost" if self._rest.unix_socket else parts.netloc
-        return (f"{scheme}://{netloc}{parts.path}api/kernels/{quote(self.id, safe='')}/channels"
-                f"?session_id={self.session_id}")
-
     def _connect(self, deadline: Deadline) -> None:
-        offered = [] if self.protocol == "legacy" else [V1_SUBPROTOCOL]
-        self._ws = WebSocket.connect(self._channels_url(), headers=self._rest.headers(),
-                                     subprotocols=offered,
-                                     timeout=deadline.remaining(_HANDSHAKE_TIMEOUT),
-                                     ssl_context=self._rest.ssl_context,
-                                     unix_socket=self._rest.unix_socket,
-                                     proxy=proxy_for(self.url))
+        self._ws = self._rest.websocket(f"api/kernels/{quote(self.id, safe='')}/channels"
+                                        f"?session_id={self.session_id}", deadline,
+                                        [] if self.protocol == "legacy" else [V1_SUBPROTOCOL])
         if self.protocol == "v1" and self._ws.subprotocol != V1_SUBPROTOCOL:
             self._ws.close()
             raise ServerError(self.url, "does not speak the v1 kernel websocket protocol",
@@ -2422,14 +2467,15 @@ class Kernel:
     def _execute(self, code: str, deadline: Deadline, *, on_output=None, stdin=None,
                  silent: bool = False, store_history: bool = True, keep_outputs: bool = True,
                  on_wait=None, stop_on_error: bool = True, displays: dict | None = None,
-                 sent: dict | None = None) -> Result:
+                 sent: dict | None = None, outputs: list | None = None) -> Result:
         """``execute`` within a deadline shared with other steps of a call. A friend of the
         notebooks section (``execute_notebook``), as ``_send_ahead`` is.
 
         ``keep_outputs=False`` keeps no output in the Result (a streaming caller
         has seen them); ``on_wait(quiet, elapsed)`` runs every _STATUS_TICK;
         ``displays`` (display_id -> outputs) is shared by the cells of a notebook;
-        ``sent`` is a request that ``_send_ahead`` sent already (``code`` unused).
+        ``sent`` is a request that ``_send_ahead`` sent already (``code`` unused); ``outputs``
+        is the list the Result fills as outputs come (a notebook cell's: seen as they come).
         """
         if self._ws is None:
             raise JupyterError("the kernel is closed")
@@ -2441,6 +2487,7 @@ class Kernel:
                                            stop_on_error=stop_on_error)
         run = Execution(request["header"]["msg_id"], on_output, keep_outputs=keep_outputs,
                         displays=displays)
+        run.result.outputs = run.result.outputs if outputs is None else outputs
         try:
             for msg in self._ahead.pop(run.msg_id, ()):  # what arrived while earlier cells ran
                 run.feed(msg)
@@ -2578,7 +2625,7 @@ class Kernel:
 
     def restart(self) -> None:
         """Restart the kernel and wait until it answers: its state is lost; the connection stays."""
-        deadline = Deadline(self.timeout if self.timeout is not None else _HANDSHAKE_TIMEOUT)
+        deadline = Deadline(self.timeout if self.timeout is not None else HANDSHAKE_TIMEOUT)
         self._rest.restart_kernel(self.id, deadline=deadline)
         # A kernel's iopub messages before the server's subscription is in place are lost, so the
         # first output after a (re)start could go missing: wait until one reaches us.
@@ -2727,7 +2774,7 @@ def new_cell(kind: str, source: str, tags: list | None = None) -> dict:
 SERVER_PREFIX = "server:"  # a notebook path in the server's contents API, relative to its root
 
 
-def read_notebook(path: str, rest: RestClient, deadline: Deadline,
+def load_notebook(path: str, rest: RestClient, deadline: Deadline,
                   root: str | None = None) -> tuple[dict, str | None]:
     """The notebook at ``path`` (a local .ipynb or '# %%' .py file, or ``server:PATH``) and the
     folder, relative to the server's root, its kernel should start in (None: the server's)."""
@@ -2771,10 +2818,14 @@ def notebook_from(text: str, path: str | None = None) -> dict:
 
 def _upgrade_notebook(notebook: dict) -> dict:
     """``notebook`` as nbformat 4.5, as papermill upgrades it on load: every cell gets an id
-    (4.4 and older have none, and refuse one), so whatever is written validates as 4.5."""
+    (4.4 and older have none, and refuse one), so whatever is written validates as 4.5. The ids
+    given are the cells' places ("cell-3"): reading a notebook twice gives the same ids."""
     notebook["nbformat"], notebook["nbformat_minor"] = 4, max(notebook.get("nbformat_minor", 5), 5)
-    for cell in notebook["cells"]:
-        cell.setdefault("id", new_id()[:8])
+    used: set = set()
+    for number, cell in enumerate(notebook["cells"]):
+        if not is_kind(cell.get("id"), str) or cell["id"] in used:  # (none, or a broken one)
+            cell["id"] = next(i for i in (f"cell-{number}", new_id()[:8]) if i not in used)
+        used.add(cell["id"])
     return notebook
 
 
@@ -2911,7 +2962,8 @@ def execute_notebook(kernel: Kernel, notebook: dict, deadline: Deadline, *,
         limit = deadline.cut(cell_timeout) if cell_timeout else deadline
         try:
             result = kernel._execute(_cell_source(cell), limit, stop_on_error=not allowed,
-                                     displays=displays, sent=sent.get(id(cell)), **execute)
+                                     displays=displays, sent=sent.get(id(cell)),
+                                     outputs=cell["outputs"], **execute)
         except (ExecutionTimeout, KernelDied) as exc:
             result = exc.result or Result()
             if not isinstance(exc, ExecutionTimeout) or not cell_timeout or deadline.expired:
@@ -2970,7 +3022,7 @@ def run_notebook(notebook: str | dict, url: str | None = None, token: str | None
             raise ConfigError("the notebook given is not the shape of a notebook (nbformat 4)")
         notebook = _upgrade_notebook(json.loads(json.dumps(notebook)))  # a deep, plain JSON copy
     else:
-        notebook, where = read_notebook(notebook, RestClient(url, token), deadline, root)
+        notebook, where = load_notebook(notebook, RestClient(url, token), deadline, root)
     name = kernel_for(notebook, parameters, kernel_name)
     with Kernel(url, token, name=name, timeout=deadline.remaining(), path=where) as kernel:
         failed = failures(list(execute_notebook(kernel, notebook, deadline, keep_going=keep_going,
@@ -2980,6 +3032,220 @@ def run_notebook(notebook: str | dict, url: str | None = None, token: str | None
         error.notebook = notebook  # what ran, up to the failing cell
         raise error
     return notebook
+
+
+# A person's JupyterLab on a server with jupyter-collaboration shows the notebook's shared document.
+# The server saves it to the file a second after typing stops, and merges the file into it when the
+# file changes (by cell id: unchanged cells keep their identity), reverting keystrokes not saved
+# yet: so a write waits for the quiet of the notebook's room.
+MAX_OUTPUT = 20_000  # characters of outputs as text in an answer (--max-output for --mcp)
+ROOM_QUIET = 1.5     # no update in the room this long: the person's last keystrokes are saved
+ROOM_WAIT = 30.0     # a write that must land waits at most this long for the quiet, then goes on
+LIVE_EVERY = 2.0     # outputs of the cells being run are written at most this often
+_EDITS = {"insert": ("cell_type", "source", "after", "before"), "delete": ("id",),
+          "replace": ("id", "source", "cell_type"), "move": ("id", "after", "before")}
+_EDIT_SHAPES = ("{op: insert, source, cell_type?, after? or before?: id}, {op: replace, id, "
+                "source?, cell_type?}, {op: delete, id}, {op: move, id, after? or before?} "
+                "(strings; cell_type code, markdown or raw)")
+
+
+class LiveNotebook(contextlib.AbstractContextManager):
+    """A notebook on the server, changed in place through the contents API, cells by id. ``live``:
+    the server runs jupyter-collaboration; with ``listen`` it then joins the notebook's room, sends
+    nothing, and writes only once the room has been quiet for ROOM_QUIET (until the with ends)."""
+
+    def __init__(self, rest: RestClient, path: str, deadline: Deadline, *, listen: bool = False):
+        self.rest, self.path, self._ws, self._heard = rest, session_path(path), None, -1e300
+        self.notebook, self.revision = self.read(deadline)  # (a room is joined for a file only)
+        try:
+            room = rest.request("PUT", f"api/collaboration/session/{quote(self.path, safe='')}",
+                                {"format": "json", "type": "notebook"},
+                                deadline=deadline.cut(HTTP_TIMEOUT), diagnose=False)
+        except ServerError as exc:
+            if exc.status != 404:  # (404: no collaboration on this server)
+                raise
+            room = None
+        self.live = isinstance(room, dict) and all(is_kind(room.get(key), str)
+                                                   for key in ("fileId", "sessionId"))
+        if self.live and listen:
+            self._ws = rest.websocket("api/collaboration/room/json:notebook:"
+                                      f"{quote(room['fileId'])}?sessionId="
+                                      f"{quote(room['sessionId'])}", deadline)
+            daemon(self._listen, self._ws)
+
+    def _listen(self, ws: WebSocket) -> None:
+        with contextlib.suppress(JupyterError, OSError):
+            while True:
+                if ws.recv()[:2] == b"\x00\x02":  # y-protocols: a sync message, a document update
+                    self._heard = time.monotonic()
+        self._heard = -1e300  # (the room is gone: writes go ahead, as without one)
+
+    def __exit__(self, *exc_info) -> None:
+        if self._ws is not None:
+            self._ws.abort("done")  # (its listening thread ends with it)
+
+    def read(self, deadline: Deadline) -> tuple[dict, str]:
+        """The notebook as the server has it (an id on every cell), and its revision."""
+        model = self.rest.contents(self.path, deadline=deadline.cut(HTTP_TIMEOUT))
+        if model.get("type") != "notebook" or not _is_notebook(model.get("content")):
+            raise ServerError(self.rest.url, f"has no notebook at {self.path}")
+        return _upgrade_notebook(model["content"]), str(model.get("hash")
+                                                        or model.get("last_modified"))
+
+    def write(self, change, deadline: Deadline, *, revision: str | None = None,
+              wait: float = ROOM_WAIT) -> object:
+        """Save ``change(notebook)`` of the notebook as it is then (unless no longer ``revision``),
+        once the room is quiet, after ``wait`` seconds at most (0: now or not at all: None);
+        what ``change`` returned."""
+        give_up = time.monotonic() + deadline.remaining(wait)
+        while True:
+            asked = time.monotonic()
+            if self._heard + ROOM_QUIET > asked:  # (the room is not quiet)
+                if not wait:
+                    return None
+                if asked < give_up:
+                    time.sleep(min(self._heard + ROOM_QUIET, give_up) - asked)
+                    continue
+            notebook, now = self.read(deadline)
+            if revision is not None and now != revision:
+                raise JupyterError("the notebook changed since you read it: read it again")
+            changed = change(notebook)
+            if self._heard < asked or wait and time.monotonic() >= give_up:  # (else: typed)
+                self.rest.save_notebook(self.path, notebook, deadline=deadline.cut(HTTP_TIMEOUT))
+                self.notebook = notebook
+                return changed
+
+    def cells(self, ids: list | str | None) -> list:
+        """The cells ``ids`` names (None, "all": all) in order; ConfigError for an id not there."""
+        ids = None if ids == "all" else ids
+        known = {cell["id"] for cell in self.notebook["cells"]}
+        unknown = [i for i in ids or () if not is_kind(i, str) or i not in known]
+        if unknown:
+            raise ConfigError(f"the notebook has no cell {str(unknown[0])[:80]!r}")
+        return [cell for cell in self.notebook["cells"] if ids is None or cell["id"] in ids]
+
+    def run(self, kernel: Kernel, ids: list | str, deadline: Deadline, *, on_output=None,
+            on_wait=None, on_cell=None, **options):
+        """Run code cells ``ids`` ("all") as execute_notebook does (``on_cell(n, total, cell)``),
+        their outputs written as they come (every LIVE_EVERY s at most, in quiet) and at the end."""
+        chosen = [cell for cell in self.cells(ids) if cell.get("cell_type") == "code"]
+        ours, wrote = {cell["id"]: cell for cell in chosen}, [time.monotonic()]
+
+        def change(notebook: dict) -> bool:  # (only the cells run: the person's edits stay)
+            for cell in (cell for cell in notebook["cells"] if cell["id"] in ours):
+                cell.update({key: ours[cell["id"]][key] for key in ("outputs", "execution_count")})
+            return True
+
+        def then(hook, *args) -> None:
+            if hook is not None:
+                hook(*args)
+            if time.monotonic() - wrote[0] >= LIVE_EVERY and self.write(change, deadline, wait=0):
+                wrote[0] = time.monotonic()
+
+        options.update(language_info=False, keep_outputs=True)
+        try:
+            yield from execute_notebook(
+                kernel, {"cells": chosen}, deadline, on_output=functools.partial(then, on_output),
+                on_wait=functools.partial(then, on_wait), **options,
+                on_cell=on_cell and (lambda n, total: on_cell(n, total, chosen[n - 1])))
+        finally:
+            self.write(change, Deadline(ROOM_WAIT + HTTP_TIMEOUT))
+
+
+def _apply_edits(cells: list, edits: list) -> list:
+    """Apply edit_notebook's ``edits`` to ``cells`` in order; the ids of the cells inserted.
+    ConfigError names a malformed edit or an unknown id."""
+    inserted: list = []
+
+    def at(edit: dict, key: str) -> int:
+        found = [i for i, cell in enumerate(cells) if cell["id"] == edit[key]]
+        if not found:
+            raise ConfigError(f"edit {number}: the notebook has no cell {edit[key][:80]!r}")
+        return found[0]
+
+    for number, edit in enumerate(edits, 1):
+        op = edit.get("op") if isinstance(edit, dict) else None
+        fields = _EDITS.get(op, ()) if isinstance(op, str) else ()
+        given = {key for key, value in edit.items() if isinstance(value, str)} - {"op"}
+        if (not fields or len(given) < len(edit) - 1 or not given <= set(fields)
+                or "id" in fields and "id" not in given or op == "insert" and "source" not in given
+                or {"after", "before"} <= given
+                or edit.get("cell_type", "code") not in ("code", "markdown", "raw")):
+            raise ConfigError(f"edit {number} is none of {_EDIT_SHAPES}")
+        if op == "replace":  # (a new cell of the same id: a code cell's outputs are gone)
+            old = cells[at(edit, "id")]
+            cells[cells.index(old)] = {**new_cell(edit.get("cell_type", old.get("cell_type")),
+                                                  edit.get("source", _cell_source(old))),
+                                       "id": old["id"], "metadata": old.get("metadata", {})}
+            continue
+        cell = (new_cell(edit.get("cell_type", "code"), edit["source"]) if op == "insert"
+                else cells.pop(at(edit, "id")))
+        inserted += [cell["id"]] if op == "insert" else []
+        if op != "delete":
+            cells.insert(at(edit, "after") + 1 if "after" in edit else at(edit, "before")
+                         if "before" in edit else len(cells), cell)
+    return inserted
+
+
+def read_notebook(path: str, url: str | None = None, token: str | None = None, *,
+                  cells: list | None = None, outputs: str = "text", max_output: int = MAX_OUTPUT,
+                  timeout: float | None = None, ssl_context: object = None) -> dict:
+    """The notebook at ``path`` on the server (from its root) as a person's JupyterLab shows it:
+    ``{"path", "revision" (for edit_notebook), "live" (the server runs jupyter-collaboration: a
+    person who has it open sees changes as they land), "kernel"? (its session's), "cells"}``; each
+    cell (all, or those ``cells`` names) with ``id``, ``cell_type``, ``source``,
+    ``execution_count`` and unless ``outputs`` is "none" its ``outputs``: as text, at most
+    ``max_output`` characters, or "full", as nbformat has them. ConfigError for an unknown id."""
+    deadline = Deadline(timeout)
+    rest = RestClient(*resolve_server(url, token)[:2], ssl_context=ssl_context)
+    with LiveNotebook(rest, path, deadline) as notebook:
+        kernel = rest.find_session(notebook.path, deadline=deadline.cut(HTTP_TIMEOUT))
+        found = []
+        for cell in notebook.cells(cells):
+            outs = [out for out in cell.get("outputs") or () if isinstance(out, dict)]
+            count, code = cell.get("execution_count"), cell.get("cell_type") == "code"
+            found.append({"id": cell["id"], "cell_type": str(cell.get("cell_type")),
+                          "source": _cell_source(cell),
+                          "execution_count": count if is_kind(count, int) else None, **(
+                              {"outputs": outs if outputs == "full" else clip("".join(map(
+                                  output_text, outs)), max_output)}
+                              if code and outputs != "none" else {})})
+        return {"path": notebook.path, "revision": notebook.revision, "live": notebook.live,
+                **({"kernel": kernel} if kernel else {}), "cells": found}
+
+
+def edit_notebook(path: str, edits: list, url: str | None = None, token: str | None = None, *,
+                  revision: str | None = None, timeout: float | None = None,
+                  ssl_context: object = None) -> dict:
+    """Apply ``edits`` in order, all or none, to the notebook at ``path`` on the server, in place
+    (where a person may type in it, after their pause); ``{"revision", "ids"}`` (of the cells
+    inserted). An edit: ``{"op": "insert", "source", "cell_type"?, "after"? or "before"?: ID}``,
+    ``{"op": "replace", "id", "source"?, "cell_type"?}`` (outputs cleared), ``{"op": "delete",
+    "id"}``, ``{"op": "move", "id", "after"? or "before"?}``. A notebook without ids gets them
+    (nbformat 4.5). A ``revision`` not the notebook's now is refused (JupyterError); a malformed
+    edit or an unknown id is a ConfigError; then nothing is written."""
+    deadline = Deadline(timeout)
+    rest = RestClient(*resolve_server(url, token)[:2], ssl_context=ssl_context)
+    with LiveNotebook(rest, path, deadline, listen=True) as notebook:
+        ids = notebook.write(lambda notebook: _apply_edits(notebook["cells"], edits), deadline,
+                             revision=revision)
+        model = notebook.rest.contents(notebook.path, deadline=deadline, content=False)
+    return {"revision": str(model.get("hash") or model.get("last_modified")), "ids": ids}
+
+
+def run_cells(path: str, cells: list | str = "all", url: str | None = None,
+              token: str | None = None, *, timeout: float | None = None,
+              keep_going: bool = False, on_output=None, ssl_context: object = None) -> list:
+    """Run code cells (ids, or "all") of the notebook at ``path`` on the server in notebook order
+    in its own session kernel (started if it has none), their outputs written into it as they
+    come; their Results. A failing cell stops the rest unless ``keep_going``."""
+    deadline = Deadline(timeout)
+    rest = RestClient(*resolve_server(url, token)[:2], ssl_context=ssl_context)
+    with LiveNotebook(rest, path, deadline, listen=True) as notebook, \
+            Kernel(rest.url, rest.token, session=notebook.path, timeout=deadline.remaining(),
+                   name=kernel_for(notebook.notebook, None)) as kernel:
+        return [result for _, result in notebook.run(kernel, cells, deadline,
+                                                     keep_going=keep_going, on_output=on_output)]
 
 
 # ---- Front ends: what the command line and the MCP server share ----------------------------------
@@ -3004,46 +3270,16 @@ def error_text(exc: JupyterError) -> str:
     return exc.describe(_CLI_FIXES) if isinstance(exc, ServerError) else str(exc)
 
 
-ANSI_ESCAPE = r"\x1b\[[0-9;?]*[ -/]*[@-~]"  # compiled by re on first use
-
-
 def human_size(n: int) -> str:
     return (f"{n} B" if n < 1024 else f"{n / 1024:.1f} KB" if n < 1024**2
             else f"{n / 1024**2:.1f} MB")
-
-
-def text_form(data: dict) -> str | None:
-    """The best text form of a mimebundle: text/plain, then JSON pretty-printed."""
-    if "text/plain" in data:
-        text = data["text/plain"]
-        return "".join(text) if isinstance(text, list) else str(text)
-    if "application/json" in data:
-        return json.dumps(data["application/json"], indent=2)
-    return None
-
-
-def strict_json(obj: object, **options) -> str:
-    """JSON that every parser takes: NaN and the infinities (a server's 1e400 reads as one) are
-    written as the strings "NaN", "Infinity" and "-Infinity"."""
-    try:
-        return json.dumps(obj, allow_nan=False, **options)
-    except ValueError:
-        return json.dumps(_finite(obj), allow_nan=False, **options)
-
-
-def _finite(value: object) -> object:
-    if isinstance(value, float) and value - value != 0:  # NaN or an infinity
-        return "NaN" if value != value else "Infinity" if value > 0 else "-Infinity"
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    return [_finite(item) for item in value] if isinstance(value, (list, tuple)) else value
 
 
 def write_notebook(path: str, notebook: dict, remote: RestClient | None = None,
                    deadline: Deadline | None = None) -> None:
     """Write a notebook to a local file, replaced whole (never half written), or server:PATH."""
     if path.startswith(SERVER_PREFIX):
-        remote.save_notebook(path[len(SERVER_PREFIX):], json.loads(strict_json(notebook)),
+        remote.save_notebook(path[len(SERVER_PREFIX):], notebook,
                              deadline=deadline.cut(HTTP_TIMEOUT))
         return
     part = f"{path}.{os.getpid()}.part"
@@ -3092,7 +3328,6 @@ _MCP_SERVER_KEY = "io.modelcontextprotocol/serverInfo"        # in a 2026-07-28 
 _MCP_TOOLS_TTL_MS = 3_600_000  # the tools do not change while the process runs
 _MAX_MCP_LINE = 64 * 2**20     # bound on one incoming message
 _MCP_PROGRESS_EVERY = 2.0      # seconds between progress notifications (at most 5, as promised)
-MCP_MAX_OUTPUT = 20_000       # characters of text per result (--max-output)
 MCP_MAX_IMAGE_BYTES = 1_000_000  # an image inlined at most (--max-image-bytes)
 _MCP_MAX_IMAGES = 10           # images inlined in one result at most
 _MCP_START_TIMEOUT = HTTP_TIMEOUT  # starting or attaching a kernel (gateways can take 40 s+)
@@ -3138,6 +3373,9 @@ def _nullable(kind: str) -> dict:
 
 _WAIT_ARG = {"type": "number", "minimum": 0, "description": "Seconds this call waits for the cell "
              "to end (default 45; 0: return at once). A cell still running keeps running."}
+_TIMEOUT_ARG = {"type": "number", "exclusiveMinimum": 0,
+                "description": "Seconds before the kernel is interrupted."}
+_IDS = {"type": "array", "items": {"type": "string"}, "description": "Cell ids."}
 _RUN_OUTPUT = _schema({"status": {**_STATUS, "enum": ["running", *_STATUS["enum"]]},
                        "execution": {"type": "string"}, "kernel": {"type": "string"},
                        "execution_count": _nullable("integer"), "truncated": {"type": "boolean"}},
@@ -3190,9 +3428,12 @@ def _check_arguments(schema: dict, args: object) -> str | None:
         if rule is None:
             takes = ", ".join(properties) or "nothing"
             return f"unknown argument '{name}' (this tool takes: {takes})"
-        kinds = [branch["type"] for branch in rule.get("anyOf", [rule])]
-        if not any(is_kind(value, _JSON_TYPES[kind]) for kind in kinds):
-            return f"argument '{name}' must be {' or '.join(kinds)}, not {_json_type(value)}"
+        branches = rule.get("anyOf", [rule])
+        if not any(is_kind(value, _JSON_TYPES[branch["type"]])
+                   and value in branch.get("enum", [value]) for branch in branches):
+            kinds = " or ".join(" or ".join(map(json.dumps, branch["enum"])) if "enum" in branch
+                                else branch["type"] for branch in branches)
+            return f"argument '{name}' must be {kinds}, not {_json_type(value)}"
         if "pattern" in rule and isinstance(value, str) and not re.search(rule["pattern"], value):
             return f"argument '{name}' is not a kernel id: {value[:80]!r}"
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -3213,7 +3454,7 @@ class _ToolContent:
     the images left out are saved there, and the line says where.
     """
 
-    def __init__(self, max_output: int = MCP_MAX_OUTPUT, max_image_bytes: int = MCP_MAX_IMAGE_BYTES,
+    def __init__(self, max_output: int = MAX_OUTPUT, max_image_bytes: int = MCP_MAX_IMAGE_BYTES,
                  output_dir: str | None = None):
         self.max_output, self.max_image_bytes = max_output, max_image_bytes
         self.output_dir = output_dir
@@ -3244,24 +3485,18 @@ class _ToolContent:
             return  # the display stays as first shown
         if self._clear_pending:
             self._clear()
-        if kind == "stream":
-            self._text(str(out.get("text", "")))
-        elif kind in ("execute_result", "display_data"):
-            data = out.get("data") or {}
-            mime = next((m for m in ("image/png", "image/jpeg") if isinstance(data.get(m), str)),
-                        None)
-            if mime:
-                self._image(mime, re.sub(r"\s+", "", data[mime]))
-                return
-            shown = text_form(data)
-            if shown is None:
-                shown = next((data[m] for m in ("text/markdown", "text/html")
-                              if isinstance(data.get(m), str)),
-                             f"[{', '.join(sorted(data)) or 'empty'} output]")
-            self._text(shown if shown.endswith("\n") else shown + "\n")
-        elif kind == "error":
-            trace = "\n".join(str(line) for line in out.get("traceback") or ()) or error_line(out)
-            self._text(re.sub(ANSI_ESCAPE, "", trace) + "\n")
+        data = out.get("data") if kind in ("execute_result", "display_data") else None
+        data = data if isinstance(data, dict) else {}
+        mime = next((m for m in ("image/png", "image/jpeg") if isinstance(data.get(m), str)), None)
+        if mime:
+            self._image(mime, re.sub(r"\s+", "", data[mime]))
+            return
+        shown = output_text(out)
+        if not shown and kind != "stream":
+            shown = next((data[m] for m in ("text/markdown", "text/html") if isinstance(
+                data.get(m), str)), f"[{', '.join(sorted(data)) or 'empty'} output]")
+            shown += "" if shown.endswith("\n") else "\n"
+        self._text(shown)
 
     def _image(self, mime: str, encoded: str) -> None:
         size = len(encoded) * 3 // 4 - encoded[-2:].count("=")
@@ -3685,11 +3920,6 @@ class _KernelRegistry:
                 self._starting -= 1
                 self._settled.notify_all()
 
-    def ours(self, kernel_id: str) -> bool:
-        """Whether this process started the kernel (and so may delete it)."""
-        with self._lock:
-            return kernel_id in self._started
-
     def table(self) -> tuple[set, str | None]:
         """The ids of the kernels started here, and the default kernel's id."""
         with self._lock:
@@ -3722,7 +3952,7 @@ class _KernelRegistry:
             self._settled.wait_for(lambda: not self._starting,
                                    deadline.remaining() - _MCP_DELETE_RESERVE)
             started = list(self._started)
-        return started, [_daemon(self._delete_quietly, k, deadline) for k in started]
+        return started, [daemon(self._delete_quietly, k, deadline) for k in started]
 
     def _delete_quietly(self, kernel_id: str, deadline: Deadline) -> None:
         try:
@@ -3739,7 +3969,7 @@ class McpServer:
     def __init__(self, url: str | None, token: str | None, *, ssl_context=None,
                  kernel_name: str | None = None, kernel_id: str | None = None,
                  session: str | None = None, notebook: str | None = None,
-                 timeout: float | None = None, max_output: int = MCP_MAX_OUTPUT,
+                 timeout: float | None = None, max_output: int = MAX_OUTPUT,
                  max_image_bytes: int = MCP_MAX_IMAGE_BYTES, output_dir: str | None = None,
                  log: NotebookLog | None = None, err=None, out=None, wait: float = MCP_WAIT,
                  **kernel_options):
@@ -3779,7 +4009,7 @@ class McpServer:
         call = _Call(request_id, meta.get("progressToken"))
         with self._lock:
             self._calls[request_id] = call
-        _daemon(self._finish, call, work, args)
+        daemon(self._finish, call, work, args)
 
     def _finish(self, call: _Call, work, args: dict) -> None:
         """Run a tool and answer its call, unless it was cancelled."""
@@ -3820,9 +4050,8 @@ class McpServer:
 
     # -- lanes, cancellation, progress --
 
-    def _lane_key(self, args: dict) -> str:
-        key = args.get("kernel") or ""
-        return "" if key == self.kernels.default else key
+    def _lane_key(self, kernel_id: str | None) -> str:
+        return "" if kernel_id in (None, self.kernels.default) else kernel_id
 
     def _enqueue(self, key: str, job) -> None:
         """Run ``job`` after the jobs queued for kernel ``key`` ("" is the default kernel)."""
@@ -3832,7 +4061,7 @@ class McpServer:
                 queue.append(job)
                 return
             self._lanes[key] = collections.deque([job])
-        _daemon(self._lane, key)
+        daemon(self._lane, key)
 
     def _lane(self, key: str) -> None:
         while True:
@@ -3857,7 +4086,7 @@ class McpServer:
             with call.run.changed:
                 call.run.changed.notify_all()
         if call.kernel_id:
-            _daemon(self._interrupt_quietly, call.kernel_id)
+            daemon(self._interrupt_quietly, call.kernel_id)
 
     def _interrupt_quietly(self, kernel_id: str, deadline: Deadline | None = None) -> None:
         try:
@@ -3876,7 +4105,7 @@ class McpServer:
                 self._tell(call)
 
         if call.progress_token is not None:
-            _daemon(tick)
+            daemon(tick)
         return stop
 
     def _tell(self, call: _Call, line: str | None = None) -> None:
@@ -3908,34 +4137,39 @@ class McpServer:
            "aborted, timeout or running.",
            {"code": {"type": "string",
                      "description": "The code to run (Python for Python kernels)."},
-            "kernel": _KERNEL_ARG,
-            "timeout": {"type": "number", "exclusiveMinimum": 0,
-                        "description": "Seconds before the kernel is interrupted."},
-            "wait": _WAIT_ARG}, ("code",), output=_RUN_OUTPUT)
+            "kernel": _KERNEL_ARG, "timeout": _TIMEOUT_ARG, "wait": _WAIT_ARG}, ("code",),
+           output=_RUN_OUTPUT)
     def _tool_run_code(self, call: _Call, args: dict) -> dict:
+        timeout = args.get("timeout", self.timeout)
+        # Only what the content keeps stays in memory (and, for --log, every output).
+        return self._queue(call, args.get("kernel"), args, lambda kernel: kernel.execute(
+            args["code"], timeout=timeout, on_output=call.run.add,
+            keep_outputs=self.log is not None))
+
+    def _queue(self, call: _Call, kernel_id: str | None, args: dict, work) -> dict | None:
+        """Run ``work(kernel)`` (its Result) in the lane of kernel ``kernel_id`` (None: the default
+        kernel) for ``call``; the report of its _Run after ``args``' wait."""
         call.run = _Run(lambda: _ToolContent(self.max_output, self.max_image_bytes,
                                              self.output_dir))
-        call.run.kernel = args.get("kernel") or self.kernels.default  # (None: not started yet)
-        key = self._lane_key(args)
-        self._enqueue(key, lambda: self._execute(call, call.run, args, key))
+        call.run.kernel = kernel_id or self.kernels.default  # (None: not started yet)
+        key = self._lane_key(kernel_id)
+        self._enqueue(key, lambda: self._execute(call, args, key, kernel_id, work))
         return self._report(call, call.run, args.get("wait", self.wait))
 
-    def _execute(self, call: _Call, run: _Run, args: dict, key: str) -> None:
-        """Run a run_code cell in its kernel's lane (its call may have returned meanwhile)."""
-        timeout, result = args.get("timeout", self.timeout), None
+    def _execute(self, call: _Call, args: dict, key: str, kernel_id: str | None, work) -> None:
+        """Run ``work`` in its kernel's lane (its call may have returned meanwhile)."""
+        run, timeout, result = call.run, args.get("timeout", self.timeout), None
         if self._runs.failed_after(key, run.queued):  # as a kernel aborts what waits behind errors
             run.end("aborted", note="[aborted: a cell before it on this kernel failed]")
             return
         try:
             kernel = None if call.cancelled else self.kernels.get(
-                args.get("kernel"), functools.partial(self._tell, call))
+                kernel_id, functools.partial(self._tell, call))
             if kernel is None or call.cancelled:  # before its turn, or while its kernel started
                 run.end("aborted")
                 return
             run.kernel = call.kernel_id = kernel.id
-            # Only what the content keeps stays in memory (and, for --log, every output).
-            result = kernel.execute(args["code"], timeout=timeout, on_output=run.add,
-                                    keep_outputs=self.log is not None)
+            result = work(kernel)
             run.end(result.status, result, "[the kernel aborted this code]"
                     if result.status == "aborted" else None)
         except ExecutionTimeout as exc:
@@ -3947,7 +4181,7 @@ class McpServer:
             run.end("error", result, failure=self._explain(exc))
         if run.status in ("error", "timeout") and not call.cancelled:  # (a cancel is asked for)
             self._runs.failed(key, run.ended)
-        if self.log is not None and result is not None:  # a cancelled cell ran too, as it could
+        if self.log is not None and result is not None and "code" in args:  # (if cancelled too)
             with self._lock:
                 self.log.add(args["code"], result)
 
@@ -3992,6 +4226,76 @@ class McpServer:
                              "already by a result with its final status")
         return self._report(call, call.run, args.get("wait", self.wait))
 
+    @_tool("read_notebook", "Read a notebook",
+           "A notebook on the Jupyter server (`path` from its root) as the person's JupyterLab "
+           "shows it: each cell's `id`, type, source, execution count and `outputs` (none; text, "
+           "the default: streams, errors, text results; full: images too); `cells` picks ids. "
+           "Pass its `revision` to edit_notebook; `live`: a person who has it open sees changes "
+           "as they land; `kernel`: the notebook's own.",
+           {"path": {"type": "string"}, "cells": _IDS,
+            "outputs": {"type": "string", "enum": ["none", "text", "full"]}}, ("path",),
+           output=_schema({"path": {"type": "string"}, "revision": {"type": "string"}, "live":
+                           {"type": "boolean"}, "kernel": {"type": "string"}, "cells": {
+                               "type": "array"}}, ("path", "revision", "live", "cells")),
+           read_only=True)
+    def _tool_read_notebook(self, call: _Call, args: dict) -> dict:
+        rest = self.kernels.rest()
+        found = read_notebook(args["path"], rest.url, rest.token, cells=args.get("cells"),
+                              outputs=args.get("outputs", "text"), max_output=self.max_output,
+                              timeout=self.timeout, ssl_context=rest.ssl_context)
+        full = []
+        for cell in (cell for cell in found["cells"] if isinstance(cell.get("outputs"), list)):
+            full += cell["outputs"]  # ("full": text here, and its images beside)
+            cell["outputs"] = clip("".join(map(output_text, cell["outputs"])), self.max_output)
+        return {"content": [{"type": "text", "text": json.dumps(found, indent=1)}, *(
+            block for block in _tool_content(full, max_image_bytes=self.max_image_bytes)[0]
+            if block["type"] == "image")], "structuredContent": found}
+
+    @_tool("edit_notebook", "Edit a notebook",
+           "Change a notebook on the Jupyter server in place, where a person may have it open: "
+           f"`edits`, in order and all or none, each one of {_EDIT_SHAPES}, by read_notebook's "
+           "ids. With its `revision`, a notebook changed since is left alone (read it again). "
+           "Returns the new revision and the ids of the inserted cells.",
+           {"path": {"type": "string"}, "edits": {"type": "array", "items": {"type": "object"}},
+            "revision": {"type": "string"}}, ("path", "edits"),
+           output=_schema({"revision": {"type": "string"}, "ids": _IDS}, ("revision", "ids")))
+    def _tool_edit_notebook(self, call: _Call, args: dict) -> dict:
+        rest = self.kernels.rest()
+        done = edit_notebook(args["path"], args["edits"], rest.url, rest.token,
+                             revision=args.get("revision"), timeout=self.timeout,
+                             ssl_context=rest.ssl_context)
+        return {"content": [{"type": "text", "text": json.dumps(done)}], "structuredContent": done}
+
+    @_tool("run_cells", "Run notebook cells",
+           "Run code cells (ids, or \"all\") of a notebook on the Jupyter server in order, in its "
+           "own kernel (the person's JupyterLab's: both share variables), writing their outputs "
+           "into the notebook as they come, for the person to watch; a failing cell stops the "
+           "rest unless `keep_going`. The result is run_code's, cell by cell (past `wait`: "
+           "running, and get_execution has the rest).",
+           {"path": {"type": "string"}, "cells": {"anyOf": [_IDS, {"type": "string",
+                                                                  "enum": ["all"]}]},
+            "timeout": _TIMEOUT_ARG, "wait": _WAIT_ARG, "keep_going": {"type": "boolean"}},
+           ("path", "cells"), output=_RUN_OUTPUT)
+    def _tool_run_cells(self, call: _Call, args: dict) -> dict:
+        rest, deadline, ids = self.kernels.rest(), Deadline(_MCP_START_TIMEOUT), args["cells"]
+        with LiveNotebook(rest, args["path"], deadline) as notebook:  # (it must be there)
+            notebook.cells(ids)
+            kernel = self.kernels.open(session=notebook.path,  # (its own, started if none)
+                                       name=kernel_for(notebook.notebook, None))
+
+        def work(kernel: Kernel) -> Result:
+            run, deadline = call.run, Deadline(args.get("timeout", self.timeout))
+            with LiveNotebook(rest, notebook.path, deadline, listen=True) as live:
+                ran = list(live.run(kernel, ids, deadline, keep_going=args.get("keep_going", False),
+                                    on_output=run.add, on_cell=lambda number, total, cell: run.add(
+                                        {"output_type": "stream", "name": "stdout",
+                                         "text": f"[cell {cell['id']}]\n"})))
+            return Result("error" if failures(ran) else "ok",
+                          ran[-1][1].execution_count if ran else None,
+                          truncated=any(result.truncated for _, result in ran))
+
+        return self._queue(call, kernel.id, args, work)
+
     @_tool("list_kernels", "List kernels",
            "List the Jupyter server's running kernels (id, kernel name, execution state, last "
            "activity) and its sessions (the notebooks and consoles open in JupyterLab, with their "
@@ -4020,13 +4324,13 @@ class McpServer:
             sessions = []
         started, default = self.kernels.table()
         runs = self._runs.kept()
-        rows = [{"id": str(k.get("id")), "name": _text_or_none(k.get("name")),
-                 "state": _text_or_none(k.get("execution_state")),
-                 "last_activity": _text_or_none(k.get("last_activity")),
+        rows = [{"id": str(k.get("id")), "name": k.get("name"), "state": k.get("execution_state"),
+                 "last_activity": k.get("last_activity"),  # (str or None: _kernel_model)
                  "started": k.get("id") in started, "default": k.get("id") == default,
                  "executions": [run.id for run in runs if run.kernel == k.get("id")]}
                 for k in kernels if isinstance(k, dict)]
-        paths = [{"path": s["path"], "kernel": _text_or_none(s["kernel"].get("id"))}
+        paths = [{"path": s["path"], "kernel": None if s["kernel"].get("id") is None
+                  else str(s["kernel"]["id"])}
                  for s in sessions]
         structured = {"kernels": rows, "sessions": paths}
         return {"content": [{"type": "text", "text": json.dumps(structured, indent=1)}],
@@ -4077,7 +4381,7 @@ class McpServer:
            _KERNEL_PROPERTY, ("kernel",), destructive=True, idempotent=True)
     def _tool_shutdown_kernel(self, call: _Call, args: dict) -> dict:
         kernel_id = args["kernel"]
-        if not self.kernels.ours(kernel_id):
+        if kernel_id not in self.kernels.table()[0]:
             raise _ToolError(f"kernel {kernel_id} was not started by this MCP server, so it is not "
                              "shut down (it may be a person's notebook); interrupt_kernel or "
                              "restart_kernel work on it")
@@ -4104,7 +4408,7 @@ class McpServer:
         path, write = args["path"], args.get("write")
         deadline = Deadline(self.timeout)
         remote = self.kernels.rest()
-        notebook, where = read_notebook(path, remote, deadline, self.kernels.root)
+        notebook, where = load_notebook(path, remote, deadline, self.kernels.root)
         name = kernel_for(notebook, args.get("parameters")) or self.kernels.kernel_name
         code = [cell for cell in notebook["cells"] if cell.get("cell_type") == "code"]
         ran, timed_out = [], False
@@ -4129,14 +4433,11 @@ class McpServer:
         if write:
             written = path if write is True else write
             write_notebook(written, notebook, remote, deadline)  # (a ConfigError: the tool's)
-        cells = []
-        for cell, result in ran:
-            blocks = _tool_content(result.outputs, max_output=10**9, max_image_bytes=0)[0]
-            text = "".join(block.get("text", "") for block in blocks)
-            cells.append({"cell": code.index(cell) + 1, "status": result.status,
-                          "execution_count": result.execution_count,
-                          "output": text[:300] + ("..." if len(text) > 300 else ""),
-                          "error": error_line(result.error) if result.error else None})
+        cells = [{"cell": code.index(cell) + 1, "status": result.status,
+                  "execution_count": result.execution_count,
+                  "output": clip("".join(map(output_text, result.outputs)), 300),
+                  "error": error_line(result.error) if result.error else None}
+                 for cell, result in ran]
         failed = timed_out or bool(failures(ran))
         structured = {"status": "error" if failed else "ok", "cells": cells, "written": written}
         lines = [f"cell {c['cell']}: {c['status']}" + (f" ({c['error']})" if c["error"] else "")
@@ -4159,21 +4460,9 @@ class McpServer:
         with self._lock:
             running = {call.kernel_id for call in self._calls.values() if call.kernel_id}
         running |= {run.kernel for run in self._runs.kept() if run.ended is None} - {None}
-        threads += [_daemon(self._interrupt_quietly, k, deadline) for k in running - set(started)]
+        threads += [daemon(self._interrupt_quietly, k, deadline) for k in running - set(started)]
         for thread in threads:
             thread.join(deadline.remaining())
-
-
-def _daemon(target, *args):
-    """``target(*args)`` in a daemon thread, started; returns the thread."""
-    import threading
-    thread = threading.Thread(target=target, args=args, daemon=True)
-    thread.start()
-    return thread
-
-
-def _text_or_none(value: object) -> str | None:
-    return None if value is None else str(value)
 
 
 # ---- Command line --------------------------------------------------------------------------------
@@ -4215,7 +4504,7 @@ environment: JUPYTER_URL, JUPYTER_TOKEN, JUPYTER_TOKEN_FILE, JUPYTER_RUNTIME_DIR
 # One command-line option: its flags; the name of the value it takes (None: a switch); its help;
 # how its value is read (a key of _KINDS; None: as text); the values it allows (the first is the
 # default); whether it may be repeated (a list); how many values it takes; where it may be used:
-# "run" not with --mcp, "mcp" only with --mcp, "hub" only with --start-server.
+# "run" not with --mcp, "mcp" only with --mcp, "hub" only with --start-server, and so on.
 _Option = collections.namedtuple("_Option", "flags metavar help kind choices repeat values scope",
                                  defaults=(None, (), False, 1, ""))
 _KINDS = {"seconds": "a positive number of seconds", "wait": "a number of seconds, 0 or more",
@@ -4235,6 +4524,8 @@ _OPTIONS = (
     _Option(("--session",), "NAME",
             "run in the kernel of the server session NAME, creating it if needed (kept)"),
     _Option(("--notebook",), "PATH", "run in the kernel of this open notebook"),
+    _Option(("--cells",), "IDS", "with --notebook: run these cells of it (ID,ID,... or all) in "
+            "its kernel, writing their outputs into it on the server", scope="run notebook"),
     _Option(("--keep",), None, "keep the started kernel; print its id on stderr", scope="run"),
     _Option(("--timeout",), "SECS", "give up after SECS, interrupting the kernel", "seconds"),
     _Option(("--env",), "KEY=VALUE", "environment variable for the started kernel (repeatable)",
@@ -4346,7 +4637,8 @@ def _parse_args(argv: list) -> types.SimpleNamespace:
     for option in given:
         for scope, ok, rule in (("run", not args.mcp, "cannot be used with --mcp"),
                                 ("mcp", args.mcp, "goes with --mcp"),
-                                ("hub", args.start_server, "goes with --start-server")):
+                                ("hub", args.start_server, "goes with --start-server"),
+                                ("notebook", args.notebook, "goes with --notebook")):
             if scope in option.scope.split() and not ok:
                 raise ConfigError(f"{option.flags[-1]} {rule}")
     return args
@@ -4543,7 +4835,7 @@ def _speaks_vt() -> bool:
 
 
 def _read_code(args) -> str:
-    """The code to run from the argument or stdin (``-f -``); files are read_notebook's."""
+    """The code to run from the argument or stdin (``-f -``); files are load_notebook's."""
     if args.file == "-":  # UTF-8, whatever the console's code page (a BOM is accepted)
         stdin = getattr(sys.stdin, "buffer", None)
         try:
@@ -4644,8 +4936,9 @@ def _list(args, out, ssl_context=None) -> int:
         rest = RestClient(info["url"], info.get("token") or None, ssl_context=ssl_context)
         try:
             if not entry["version"]:
-                about = rest.about(deadline=Deadline(SIDE_REQUEST_TIMEOUT))
+                about = rest.request("GET", "api", deadline=Deadline(SIDE_REQUEST_TIMEOUT))
                 # gateways report their own version beside that of the server they build on
+                about = about if isinstance(about, dict) else {}
                 version = about.get("gateway_version") or about.get("version")
                 entry["version"] = version if isinstance(version, str) else None
             entry["kernels"] = rest.list_kernels(deadline=Deadline(SIDE_REQUEST_TIMEOUT))
@@ -4673,7 +4966,7 @@ def _ssl_context_from(args, err):
     """The TLS context the options ask for, or None for the verified default."""
     if not args.cafile and not args.insecure:
         return None
-    ssl = ssl_module()
+    import ssl
     if args.insecure:
         err.write("jupyter_call: warning: --insecure: the server's TLS certificate is not "
                   "verified\n")
@@ -4690,7 +4983,8 @@ def _ssl_context_from(args, err):
 
 def _kernel_options(args) -> dict:
     """The options the command line gives every Kernel it opens, and the MCP server's kernels."""
-    return {"kernel_id": args.kernel_id, "session": args.session, "notebook": args.notebook,
+    return {"kernel_id": args.kernel_id, "session": args.session or args.cells and args.notebook,
+            "notebook": None if args.cells else args.notebook,
             "env": dict(args.env) if args.env else None, "ssl_context": args.ssl_context,
             "protocol": args.protocol}
 
@@ -4793,8 +5087,8 @@ def _main(argv, out, err) -> int:
         raise ConfigError("choose one of --kernel-id, --session and --notebook")
     if args.keep and args.spawn:
         raise ConfigError("--keep cannot keep a kernel of the server that --spawn stops afterwards")
-    if args.file is not None and args.code is not None:
-        raise ConfigError("give the code as an argument or with -f, not both")
+    if sum(x is not None for x in (args.file, args.code, args.cells)) > 1:
+        raise ConfigError("give the code as an argument, with -f or as --cells, not two")
     args.ssl_context = _ssl_context_from(args, err)
     args.user_options = {**(args.user_options or {}), **(
         {"profile": args.profile} if args.profile else {})} if args.start_server else None
@@ -4840,8 +5134,13 @@ def _run(args, out, err) -> int:
     """Read the code or notebook, run it, print and write what it produced; ``args`` holds the
     settings (the parsed options, the server's ``rest`` client and ``root``, the ``deadline``)."""
     code_from_stdin = args.file == "-"
-    if args.file is not None and not code_from_stdin:
-        notebook, where = read_notebook(args.file, args.rest, args.deadline, args.root)
+    live = args.cells and LiveNotebook(args.rest, args.notebook, args.deadline, listen=True)
+    if live:  # (the server's notebook, its cells run in place)
+        notebook, where = live.notebook, None
+        ids = "all" if args.cells == "all" else args.cells.split(",")
+        live.cells(ids)  # (an unknown id, before a kernel starts)
+    elif args.file is not None and not code_from_stdin:
+        notebook, where = load_notebook(args.file, args.rest, args.deadline, args.root)
     else:
         notebook, where = notebook_from(_read_code(args).lstrip("\ufeff")), None
     if args.kernel_id or args.session or args.notebook:
@@ -4858,7 +5157,7 @@ def _run(args, out, err) -> int:
     printer = None if args.json else _Printer(out, err, color=args.color,
                                               output_dir=args.output_dir)
 
-    def on_cell(number: int, total: int) -> None:
+    def on_cell(number: int, total: int, cell: dict | None = None) -> None:
         if printer is not None:
             if many:
                 printer.header(number, total)
@@ -4867,17 +5166,17 @@ def _run(args, out, err) -> int:
     ran: list = []
     try:
         # (the with deletes a kernel it started, on every path)
-        with _open_kernel(args, where, name) as kernel:
+        with live or contextlib.nullcontext(), _open_kernel(args, where, name) as kernel:
             if args.keep and not (args.kernel_id or args.session or args.notebook):
                 kernel.detach()
                 err.write(f"jupyter_call: kernel {kernel.id} kept running at {kernel.url}\n")
             # Streaming to a terminal keeps nothing already printed (bounded memory),
             # unless the outputs are wanted again for --json or --write.
-            ran += execute_notebook(
-                kernel, notebook, args.deadline, keep_going=args.keep_going,
-                cell_timeout=args.cell_timeout, on_cell=on_cell,
-                language_info=bool(args.write),  # (a round trip only a written notebook shows)
-                stdin=stdin, on_output=printer, keep_outputs=bool(args.json or args.write),
+            ran += (functools.partial(live.run, ids=ids) if live else functools.partial(
+                execute_notebook, notebook=notebook, language_info=bool(args.write)))(
+                kernel=kernel, deadline=args.deadline, keep_going=args.keep_going,
+                cell_timeout=args.cell_timeout, on_cell=on_cell, stdin=stdin, on_output=printer,
+                keep_outputs=bool(args.json or args.write),
                 on_wait=printer.status if printer is not None and printer.live else None)
     except BaseException:
         # What did arrive is still printed (--json) and written (--write).
@@ -4926,7 +5225,7 @@ def _serve_mcp(args, err) -> int:
     sys.stdout = sys.stderr  # anything printed by mistake must not break the protocol
     server = McpServer(args.url, args.token, kernel_name=args.kernel, timeout=args.timeout,
                        output_dir=args.output_dir, log=log, err=err, out=out,
-                       max_output=args.max_output or MCP_MAX_OUTPUT,
+                       max_output=args.max_output or MAX_OUTPUT,
                        max_image_bytes=args.max_image_bytes or MCP_MAX_IMAGE_BYTES,
                        wait=MCP_WAIT if args.wait is None else args.wait,
                        start_server=args.start_server, user_options=args.user_options,

@@ -1127,7 +1127,8 @@ def test_module_imports_only_the_standard_library():
 
 def test_all_lists_exactly_the_public_api():
     assert (set(jc.__all__)
-            == {"run_code", "run_notebook", "Kernel", "Result", "list_servers", "WebSocket",
+            == {"run_code", "run_notebook", "read_notebook", "edit_notebook", "run_cells",
+                "Kernel", "Result", "list_servers", "WebSocket",
                 "JupyterError", "ServerError", "AuthError", "ConfigError", "ExecutionError",
                 "KernelDied", "ExecutionTimeout", "WebSocketError", "WebSocketClosed"})
     assert issubclass(jc.ExecutionTimeout, TimeoutError) and issubclass(jc.ConfigError, ValueError)
@@ -1913,7 +1914,8 @@ class JupyterServer:
                    *(extra_args or ["--ZMQChannelsWebsocketConnection.limit_rate=False"])]
             if hasattr(os, "geteuid") and os.geteuid() == 0:
                 cmd.append("--allow-root")
-        self.proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL,
+        # (in its root: jupyter-collaboration keeps its document store in the working directory)
+        self.proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL, cwd=root,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         threading.Thread(target=self._drain, daemon=True).start()
         if not self._answers():
@@ -1949,7 +1951,10 @@ class JupyterServer:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
-    srv = JupyterServer(tmp_path_factory.mktemp("jupyter"))
+    # (without jupyter-collaboration, which the live notebook tests start a server with)
+    srv = JupyterServer(tmp_path_factory.mktemp("jupyter"), [
+        "--ZMQChannelsWebsocketConnection.limit_rate=False",
+        "--ServerApp.jpserver_extensions=jupyter_server_ydoc=False"])
     try:
         yield srv
     finally:
@@ -3203,7 +3208,7 @@ def test_random_rest_answers_end_in_a_server_error_never_a_crash():
              lambda: rest.create_session("a.ipynb", None, deadline=jc.Deadline(5)),
              lambda: rest.start_kernel(None, deadline=jc.Deadline(5)),
              lambda: rest.get_kernel("k1", deadline=jc.Deadline(5)),
-             lambda: jc.read_notebook("server:a.ipynb", rest, jc.Deadline(5)),
+             lambda: jc.load_notebook("server:a.ipynb", rest, jc.Deadline(5)),
              lambda: jc._list(jc._parse_args(["--url", fake.url, "--token", "t", "--list"]),
                               io.StringIO()),
              lambda: jc._list(jc._parse_args(["--url", fake.url, "--token", "t",
@@ -3302,7 +3307,8 @@ def test_cli_spawn_runs_on_a_private_server(tmp_path):
     (["--url"], "--url needs a value"),
     (["--json=yes", "1"], "--json takes no value"),
     (["print(1)", "print(2)"], "unexpected argument 'print(2)'"),
-    (["-f", "x.py", "1"], "not both"),
+    (["-f", "x.py", "1"], "as an argument, with -f or as --cells, not two"),
+    (["--cells", "a"], "--cells goes with --notebook"),
     (["--timeout", "nan", "1"], "--timeout"),
     (["--keep", "--spawn", "1"], "--keep cannot keep"),
     (["--session", "a", "--kernel-id", "b", "1"], "choose one of"),
@@ -3967,7 +3973,8 @@ def test_mcp_handshake_era_serves_tools_whose_schemas_are_valid(mcp):
     assert host.handshake("1999-01-01")["protocolVersion"] == "2025-11-25"  # unknown: the latest
     tools = {t["name"]: t for t in host.request("tools/list")["result"]["tools"]}
     assert set(tools) == {"run_code", "get_execution", "list_kernels", "start_kernel",
-                          "interrupt_kernel", "restart_kernel", "shutdown_kernel", "run_notebook"}
+                          "interrupt_kernel", "restart_kernel", "shutdown_kernel", "run_notebook",
+                          "read_notebook", "edit_notebook", "run_cells"}
 
     def types(schema):  # every "type" in a schema, at any depth
         if isinstance(schema, dict):
@@ -4053,7 +4060,7 @@ def test_mcp_2026_era_discovers_without_a_handshake(mcp):
             and found["ttlMs"] > 0)
     assert found["_meta"]["io.modelcontextprotocol/serverInfo"]["name"] == "jupyter_call"
     listed = host.request("tools/list", _meta())["result"]
-    assert (len(listed["tools"]) == 8 and listed["resultType"] == "complete" and "ttlMs" in listed
+    assert (len(listed["tools"]) == 11 and listed["resultType"] == "complete" and "ttlMs" in listed
             and "cacheScope" in listed)
     ran = host.request("tools/call",
                        {"name": "run_code", "arguments": {"code": "6 * 7"}, **_meta()})["result"]
@@ -4283,6 +4290,14 @@ def test_the_official_mcp_sdk_speaks_to_it_in_both_eras(server, no_leaks):
                     == ("running", "ok"))
             assert (later.content[0].text == "42\n"
                     and later.structured_content["kernel"] == slow.structured_content["kernel"])
+            book = _server_notebook(server, f"sdk-{mode}.ipynb", "6 * 7")
+            read = await client.call_tool("read_notebook", {"path": book})
+            await client.call_tool("edit_notebook", {
+                "path": book, "revision": read.structured_content["revision"],
+                "edits": [{"op": "replace", "id": "a", "source": "6 * 7 + 1"}]})
+            ran = await client.call_tool("run_cells", {"path": book, "cells": "all"})
+            _close_sessions(server, book)
+            assert not read.structured_content["live"] and ran.content[0].text == "[cell a]\n43\n"
             return client.protocol_version, names, first, second, kernels
 
     for mode, era in (("auto", "2026-07-28"), ("legacy", "2025-11-25")):
@@ -4381,7 +4396,7 @@ def test_mcp_on_the_oldest_and_newest_python(mcp, version):
     assert host.handshake("2024-11-05")["protocolVersion"] == "2024-11-05"
     tools = host.request("tools/list")["result"]["tools"]
     # (2025-06-18 brought them)
-    assert len(tools) == 8 and not any("outputSchema" in t for t in tools)
+    assert len(tools) == 11 and not any("outputSchema" in t for t in tools)
     assert _texts(host.call("run_code", code="print('on', 40 + 2)")) == "on 42\n"
     assert host.close() == 0
 
@@ -4488,9 +4503,9 @@ def test_mcp_kernel_registry_deletes_only_what_it_started(server, no_leaks):
         attached = registry.get(other.id)
         default = registry.get(None)
         assert registry.table() == ({default.id}, default.id)
-        assert registry.ours(default.id) and not registry.ours(other.id)
+        assert other.id not in registry.table()[0]
         registry.drop(default.id)  # the connection goes; the kernel stays, and stays ours
-        assert registry.get(None).id == default.id and registry.ours(default.id)
+        assert registry.get(None).id == default.id and default.id in registry.table()[0]
         # (the host's budget is not the point here)
         started, threads = registry.close(jc.Deadline(30))
         for thread in threads:
@@ -4528,3 +4543,260 @@ def test_mcp_cleanup_waits_for_a_kernel_still_starting(server, no_leaks, monkeyp
     first.join(60)
     assert not first.is_alive()
     assert started and set(server.kernels()) == before  # deleted, however long its start took
+
+
+# ---- 3. One live notebook: an agent and a person (jupyter-collaboration) ---------------------
+
+@pytest.fixture(scope="module")
+def collab(tmp_path_factory):
+    """A server with jupyter-collaboration, polling and saving files faster than by default."""
+    pytest.importorskip("jupyter_server_ydoc", reason="needs jupyter-collaboration")
+    srv = JupyterServer(tmp_path_factory.mktemp("collab"), [
+        "--ZMQChannelsWebsocketConnection.limit_rate=False",
+        "--YDocExtension.file_poll_interval=0.5", "--YDocExtension.document_save_delay=0.5"])
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+class Person:
+    """A person's JupyterLab on a notebook of ``server``: it joins the notebook's collaboration
+    room as the browser does (pycrdt, jupyter_ydoc), shows the document and types into it. It
+    takes in what comes only when told (``pump``, ``wait``): one thread."""
+
+    def __init__(self, server, path):
+        from jupyter_ydoc import YNotebook
+        from pycrdt import Doc, create_sync_message
+        rest = server.rest()
+        room = rest.request("PUT", f"api/collaboration/session/{quote(path, safe='')}",
+                            {"format": "json", "type": "notebook"}, deadline=jc.Deadline(30))
+        self.ws = rest.websocket(f"api/collaboration/room/json:notebook:{room['fileId']}"
+                                 f"?sessionId={room['sessionId']}", jc.Deadline(30))
+        self.doc, self.synced, self.replaced = Doc(), False, 0
+        self.notebook = YNotebook(self.doc)
+        self.ws.send(create_sync_message(self.doc))
+        self.wait(lambda: self.synced)
+        # a cell leaves the document only when it is deleted or replaced
+        self.notebook.ycells.observe_deep(self._replaced)
+
+    def _replaced(self, events):
+        self.replaced += sum(d.get("delete", 0) for e in events if not e.path for d in e.delta)
+
+    def pump(self, seconds=0.0):
+        from pycrdt import handle_sync_message
+        end = time.monotonic() + seconds
+        while True:
+            try:
+                message = self.ws.recv(timeout=max(0.001, end - time.monotonic()))
+            except TimeoutError:
+                return
+            if isinstance(message, bytes) and message[:1] == b"\x00":
+                reply = handle_sync_message(message[1:], self.doc)
+                if reply is not None:
+                    self.ws.send(reply)
+                self.synced = self.synced or message[1:2] == b"\x01"
+
+    def wait(self, test, timeout=30):
+        give_up = time.monotonic() + timeout
+        while not test():
+            assert time.monotonic() < give_up, self.cells()
+            self.pump(0.05)
+
+    def cells(self):
+        return [self.notebook.get_cell(i) for i in range(self.notebook.cell_number)]
+
+    def type(self, index, text):
+        """A keystroke: ``text`` at the end of cell ``index``."""
+        from pycrdt import create_update_message
+        before, source = self.doc.get_state(), self.notebook.ycells[index]["source"]
+        source.insert(len(source), text)
+        self.ws.send(create_update_message(self.doc.get_update(before)))
+
+    def close(self):
+        self.ws.close()
+
+
+def _server_notebook(server, name, *sources, minor=5):
+    """A notebook of code cells with ids "a", "b", ... on the server; its name."""
+    cells = [{"cell_type": "code", "id": chr(97 + i), "metadata": {}, "source": source,
+              "outputs": [], "execution_count": None} for i, source in enumerate(sources)]
+    for cell in cells if minor < 5 else ():
+        del cell["id"]
+    (server.root / name).write_text(json.dumps({
+        "cells": cells, "nbformat": 4, "nbformat_minor": minor,
+        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3"}}}))
+    return name
+
+
+def _close_sessions(server, path):
+    """Delete the sessions (and so the kernels) of notebook ``path``, as closing it in JupyterLab
+    would."""
+    rest = server.rest()
+    for session in rest.request("GET", "api/sessions", deadline=jc.Deadline(30)):
+        if session["path"] == path:
+            rest.request("DELETE", f"api/sessions/{session['id']}", deadline=jc.Deadline(30))
+
+
+def _on_disk(server, name):
+    """The notebook in the file, its multiline strings joined (as nbformat reads it)."""
+    return pytest.importorskip("nbformat").reads((server.root / name).read_text(), as_version=4)
+
+
+def _shown(cell):
+    return "".join(str(out.get("text", "")) for out in cell["outputs"])
+
+
+def test_edits_appear_where_the_person_sees_the_notebook_and_others_keep_their_identity(collab):
+    path = _server_notebook(collab, "edits.ipynb", "1", "2", "3", "4")
+    person = Person(collab, path)
+    try:
+        read = jc.read_notebook(path, collab.url, collab.token)
+        assert read["live"] and [c["id"] for c in read["cells"]] == ["a", "b", "c", "d"]
+        done = jc.edit_notebook(path, [{"op": "insert", "source": "new = 5", "after": "a"},
+                                       {"op": "replace", "id": "b", "source": "changed = 2"},
+                                       {"op": "delete", "id": "c"},
+                                       {"op": "move", "id": "d", "before": "a"}],
+                                collab.url, collab.token, revision=read["revision"])
+        new = done["ids"][0]
+        person.wait(lambda: [c["id"] for c in person.cells()] == ["d", "a", new, "b"])
+        assert [c["source"] for c in person.cells()] == ["4", "1", "new = 5", "changed = 2"]
+        assert person.replaced == 2  # c deleted and d moved; a and b are the cells they were
+        assert done["revision"] == jc.read_notebook(path, collab.url, collab.token)["revision"]
+        with pytest.raises(jc.JupyterError, match="changed since you read it: read it again"):
+            jc.edit_notebook(path, [{"op": "delete", "id": "a"}], collab.url, collab.token,
+                             revision=read["revision"])
+        with pytest.raises(jc.ConfigError, match="edit 2: the notebook has no cell 'zz'"):
+            jc.edit_notebook(path, [{"op": "delete", "id": "a"}, {"op": "move", "id": "zz"}],
+                             collab.url, collab.token)
+        person.pump(1.5)
+        assert [c["id"] for c in person.cells()] == ["d", "a", new, "b"]  # nothing written
+        assert [c["id"] for c in _on_disk(collab, path)["cells"]] == ["d", "a", new, "b"]
+    finally:
+        person.close()
+
+
+def test_outputs_appear_as_a_cell_runs_in_the_notebooks_own_kernel(collab):
+    path = _server_notebook(collab, "run.ipynb", "print(shared)",
+                            "import time\nfor i in range(6):\n    print(i, flush=True)\n"
+                            "    time.sleep(1)\n'done'")
+    session = collab.rest().request("POST", "api/sessions", {
+        "path": path, "type": "notebook", "kernel": {"name": "python3"}}, deadline=jc.Deadline(60))
+    with jc.Kernel(collab.url, collab.token, kernel_id=session["kernel"]["id"]) as theirs:
+        theirs.execute("shared = 'set by the person'")  # (as their JupyterLab would)
+    person = Person(collab, path)
+    try:
+        results = []
+        runner = threading.Thread(target=lambda: results.extend(jc.run_cells(
+            path, "all", collab.url, collab.token, timeout=60)))
+        runner.start()
+        person.wait(lambda: "1\n" in _shown(person.cells()[1]))  # while it runs
+        assert runner.is_alive()
+        runner.join(60)
+        person.wait(lambda: person.cells()[1]["execution_count"] == 3)  # (their cell was 1)
+        assert [r.stdout for r in results] == ["set by the person\n", "0\n1\n2\n3\n4\n5\n"]
+        ran = person.cells()
+        assert ran[0]["outputs"][0]["text"] == "set by the person\n"
+        assert ran[1]["outputs"][-1]["data"]["text/plain"] == "'done'"
+        assert [c["execution_count"] for c in _on_disk(collab, path)["cells"]] == [2, 3]
+    finally:
+        person.close()
+    assert session["kernel"]["id"] in collab.kernels()  # the notebook's kernel, left running
+
+
+def test_a_person_typing_meanwhile_loses_nothing_and_outputs_land_at_the_pause(collab):
+    path = _server_notebook(collab, "typing.ipynb", "notes = 1",
+                            "import time\nfor i in range(3):\n    print(i, flush=True)\n"
+                            "    time.sleep(1)")
+    person = Person(collab, path)
+    try:
+        results = []
+        runner = threading.Thread(target=lambda: results.extend(jc.run_cells(
+            path, ["b"], collab.url, collab.token, timeout=60)))
+        runner.start()
+        typed = ""
+        for i in range(17):  # a keystroke every 0.3 s for 5 s, in another cell
+            person.type(0, str(i % 10))
+            typed += str(i % 10)
+            person.pump(0.3)
+            assert _shown(person.cells()[1]) == ""  # nothing lands while they type
+        person.wait(lambda: person.cells()[1]["execution_count"] is not None)
+        runner.join(60)
+        assert person.cells()[0]["source"] == "notes = 1" + typed
+        assert results[0].stdout == "0\n1\n2\n" and _shown(person.cells()[1]) == "0\n1\n2\n"
+        person.pump(1.5)  # (the person's own save)
+        assert _on_disk(collab, path)["cells"][0]["source"] == "notes = 1" + typed
+    finally:
+        person.close()
+
+
+def test_a_notebook_without_ids_gets_them_on_its_first_edit_and_validates(collab):
+    nbformat = pytest.importorskip("nbformat")
+    path = _server_notebook(collab, "old.ipynb", "x = 1", "y = 2", minor=4)
+    read = jc.read_notebook(path, collab.url, collab.token, outputs="none")
+    assert [c["id"] for c in read["cells"]] == ["cell-0", "cell-1"]
+    jc.edit_notebook(path, [{"op": "insert", "source": "# notes", "cell_type": "markdown",
+                             "before": "cell-1"}], collab.url, collab.token,
+                     revision=read["revision"])
+    written = _on_disk(collab, path)
+    nbformat.validate(written)
+    assert written["nbformat_minor"] == 5 and [c["source"] for c in written["cells"]] == [
+        "x = 1", "# notes", "y = 2"] and written["cells"][2]["id"] == "cell-1"
+
+
+def test_the_mcp_tools_read_edit_and_run_a_live_notebook(collab, tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    path = _server_notebook(collab, "agent.ipynb", "import time; time.sleep(2); print('slow')",
+                            "1 + 1")
+    notebook = _on_disk(collab, path)
+    notebook["cells"][1]["outputs"] = [{"output_type": "display_data", "metadata": {}, "data": {
+        "image/png": base64.b64encode(_tiny_png()).decode(), "text/plain": "<image>"}}]
+    (collab.root / path).write_text(json.dumps(notebook))
+    host = McpProcess(collab)
+    try:
+        host.handshake()
+        tools = {t["name"]: t for t in host.request("tools/list")["result"]["tools"]}
+        read = host.call("read_notebook", path=path, outputs="full")["result"]
+        jsonschema.validate(read["structuredContent"], tools["read_notebook"]["outputSchema"])
+        assert read["structuredContent"]["live"] and [b["type"] for b in read["content"]] == [
+            "text", "image"] and read["structuredContent"]["cells"][1]["outputs"] == "<image>\n"
+        revision = read["structuredContent"]["revision"]
+        bad = host.call("edit_notebook", path=path, edits=[{"op": "replace", "id": "zz"}])
+        assert bad["result"]["isError"] and "edit 1: the notebook has no cell 'zz'" in _texts(bad)
+        done = host.call("edit_notebook", path=path, revision=revision,
+                         edits=[{"op": "insert", "source": "print('added')", "after": "a"}])
+        added = done["result"]["structuredContent"]["ids"][0]
+        stale = host.call("edit_notebook", path=path, revision=revision,
+                          edits=[{"op": "delete", "id": "a"}])
+        assert stale["result"]["isError"] and "changed since you read it" in _texts(stale)
+        running = host.call("run_cells", path=path, cells=["a", added], wait=0.5)["result"]
+        assert running["structuredContent"]["status"] == "running"
+        done = host.call("get_execution", execution=running["structuredContent"]["execution"],
+                         wait=30)["result"]
+        jsonschema.validate(done["structuredContent"], tools["run_cells"]["outputSchema"])
+        assert done["structuredContent"]["status"] == "ok"
+        shown = "".join(block["text"] for result in (running, done)
+                        for block in result["content"] if not block["text"].startswith("[still"))
+        assert shown == f"[cell a]\nslow\n[cell {added}]\nadded\n"
+        assert [c.get("outputs") for c in _on_disk(collab, path)["cells"]][:2] == [
+            [{"output_type": "stream", "name": "stdout", "text": "slow\n"}],
+            [{"output_type": "stream", "name": "stdout", "text": "added\n"}]]
+        assert host.close() == 0
+    finally:
+        host.stop()
+
+
+def test_without_collaboration_the_notebook_changes_on_disk_and_the_cli_runs_its_cells(server):
+    path = _server_notebook(server, "plain.ipynb", "print('from the cli')", "'second'")
+    assert not jc.read_notebook(path, server.url, server.token)["live"]
+    jc.edit_notebook(path, [{"op": "replace", "id": "b", "source": "'changed'"}], server.url,
+                     server.token)
+    proc = cli("--notebook", path, "--cells", "a,b", server=server)
+    assert proc.returncode == 0 and proc.stdout.splitlines() == [
+        "-- cell 1/2 --", "from the cli", "-- cell 2/2 --", "'changed'"], proc.stderr
+    cells = _on_disk(server, path)["cells"]
+    assert [c["execution_count"] for c in cells] == [1, 2] and cells[1]["source"] == "'changed'"
+    proc = cli("--notebook", path, "--cells", "zz", server=server)
+    assert (proc.returncode, proc.stderr.strip()) == (
+        2, "jupyter_call: usage error: the notebook has no cell 'zz'")
+    _close_sessions(server, path)
