@@ -3092,8 +3092,8 @@ class LiveNotebook(contextlib.AbstractContextManager):
         return _upgrade_notebook(model["content"]), str(model.get("hash")
                                                         or model.get("last_modified"))
 
-    def write(self, change, deadline: Deadline, *, revision: str | None = None,
-              wait: float = ROOM_WAIT) -> object:
+    def write(self, change, deadline: Deadline, wait: float = ROOM_WAIT, *,
+              revision: str | None = None) -> object:
         """Save ``change(notebook)`` of the notebook as it is then (unless no longer ``revision``),
         once the room is quiet, after ``wait`` seconds at most (0: now or not at all: None);
         what ``change`` returned."""
@@ -3139,8 +3139,9 @@ class LiveNotebook(contextlib.AbstractContextManager):
         def then(hook, *args) -> None:
             if hook is not None:
                 hook(*args)
-            if time.monotonic() - wrote[0] >= LIVE_EVERY and self.write(change, deadline, wait=0):
-                wrote[0] = time.monotonic()
+            with contextlib.suppress(JupyterError):  # (not now, then at the next or at the end)
+                if time.monotonic() - wrote[0] >= LIVE_EVERY and self.write(change, deadline, 0):
+                    wrote[0] = time.monotonic()
 
         options.update(language_info=False, keep_outputs=True)
         try:
@@ -4280,8 +4281,8 @@ class McpServer:
         rest, deadline, ids = self.kernels.rest(), Deadline(_MCP_START_TIMEOUT), args["cells"]
         with LiveNotebook(rest, args["path"], deadline) as notebook:  # (it must be there)
             notebook.cells(ids)
-            kernel = self.kernels.open(session=notebook.path,  # (its own, started if none)
-                                       name=kernel_for(notebook.notebook, None))
+            kernel_id = rest.find_session(notebook.path, deadline=deadline) or self.kernels.open(
+                session=notebook.path, name=kernel_for(notebook.notebook, None)).id  # (started)
 
         def work(kernel: Kernel) -> Result:
             run, deadline = call.run, Deadline(args.get("timeout", self.timeout))
@@ -4294,7 +4295,7 @@ class McpServer:
                           ran[-1][1].execution_count if ran else None,
                           truncated=any(result.truncated for _, result in ran))
 
-        return self._queue(call, kernel.id, args, work)
+        return self._queue(call, kernel_id, args, work)
 
     @_tool("list_kernels", "List kernels",
            "List the Jupyter server's running kernels (id, kernel name, execution state, last "
