@@ -1505,15 +1505,12 @@ def new_id() -> str:
     return os.urandom(16).hex()
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z"
-
-
 def new_message(msg_type: str, content: dict, *, session: str, channel: str = "shell",
                 parent_header: dict | None = None) -> dict:
     """A Jupyter message in the shape the websocket expects (all keys present)."""
     return {"header": {"msg_id": new_id(), "msg_type": msg_type, "username": "jupyter_call",
-                       "session": session, "date": _now(), "version": _PROTOCOL_VERSION},
+                       "session": session, "version": _PROTOCOL_VERSION,
+                       "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
                        "parent_header": parent_header or {}, "metadata": {}, "content": content,
                        "channel": channel, "buffers": [],}
 
@@ -1955,10 +1952,6 @@ def _data_dir(platform: str = sys.platform, environ=os.environ) -> str:
     return os.path.join(xdg, "jupyter")
 
 
-def _runtime_dir() -> str:
-    return os.environ.get("JUPYTER_RUNTIME_DIR") or os.path.join(_data_dir(), "runtime")
-
-
 def _pid_alive(pid: object, platform: str = sys.platform) -> bool:
     if not is_kind(pid, int) or not 0 < pid < 2**31:  # (os.kill overflows past a C int)
         return False
@@ -2037,7 +2030,8 @@ def list_servers(runtime_dir: str | None = None) -> list:
     data dir + ``/runtime``). Skips unreadable files and servers whose process
     is gone. Each entry is the file's dict with ``url`` set to a reachable URL.
     """
-    folder = runtime_dir or _runtime_dir()
+    folder = (runtime_dir or os.environ.get("JUPYTER_RUNTIME_DIR")
+              or os.path.join(_data_dir(), "runtime"))
     try:
         names = os.listdir(folder)
     except OSError:
@@ -2948,14 +2942,17 @@ def execute_notebook(kernel: Kernel, notebook: dict, deadline: Deadline, *,
     for _, cell in queue:
         cell["outputs"], cell["execution_count"] = [], None
     displays, sent = {}, {}
+
+    def may_fail(cell: dict) -> bool:  # (and the run goes on)
+        return keep_going or _RAISES_TAG in _cell_tags(cell)
+
     for position, (number, cell) in enumerate(queue):
-        allowed = keep_going or _RAISES_TAG in _cell_tags(cell)
+        allowed = may_fail(cell)
         # keep the kernel's queue full (not with a cell's clock: it would start in the queue)
         if not cell_timeout:
             for _, ahead in queue[len(sent):position + _PIPELINE_DEPTH]:
-                stop = not (keep_going or _RAISES_TAG in _cell_tags(ahead))
                 sent[id(ahead)] = kernel._send_ahead(_cell_source(ahead), deadline,
-                                                     stop_on_error=stop,
+                                                     stop_on_error=not may_fail(ahead),
                                                      allow_stdin=execute.get("stdin") is not None)
         if on_cell is not None:
             on_cell(number, len(code))
@@ -3049,6 +3046,11 @@ _EDIT_SHAPES = ("{op: insert, source, cell_type?, after? or before?: id}, {op: r
                 "(strings; cell_type code, markdown or raw)")
 
 
+def _revision(model: dict) -> str:
+    """A contents model's revision: the hash of its bytes, where the server gives one."""
+    return str(model.get("hash") or model.get("last_modified"))
+
+
 class LiveNotebook(contextlib.AbstractContextManager):
     """A notebook on the server, changed in place through the contents API, cells by id. ``live``:
     the server runs jupyter-collaboration; with ``listen`` it then joins the notebook's room, sends
@@ -3089,8 +3091,7 @@ class LiveNotebook(contextlib.AbstractContextManager):
         model = self.rest.contents(self.path, deadline=deadline.cut(HTTP_TIMEOUT))
         if model.get("type") != "notebook" or not _is_notebook(model.get("content")):
             raise ServerError(self.rest.url, f"has no notebook at {self.path}")
-        return _upgrade_notebook(model["content"]), str(model.get("hash")
-                                                        or model.get("last_modified"))
+        return _upgrade_notebook(model["content"]), _revision(model)
 
     def write(self, change, deadline: Deadline, wait: float = ROOM_WAIT, *,
               revision: str | None = None) -> object:
@@ -3203,14 +3204,14 @@ def read_notebook(path: str, url: str | None = None, token: str | None = None, *
         kernel = rest.find_session(notebook.path, deadline=deadline.cut(HTTP_TIMEOUT))
         found = []
         for cell in notebook.cells(cells):
-            outs = [out for out in cell.get("outputs") or () if isinstance(out, dict)]
-            count, code = cell.get("execution_count"), cell.get("cell_type") == "code"
+            count = cell.get("execution_count")
             found.append({"id": cell["id"], "cell_type": str(cell.get("cell_type")),
                           "source": _cell_source(cell),
-                          "execution_count": count if is_kind(count, int) else None, **(
-                              {"outputs": outs if outputs == "full" else clip("".join(map(
-                                  output_text, outs)), max_output)}
-                              if code and outputs != "none" else {})})
+                          "execution_count": count if is_kind(count, int) else None})
+            outs = [out for out in cell.get("outputs") or () if isinstance(out, dict)]
+            if cell.get("cell_type") == "code" and outputs != "none":
+                found[-1]["outputs"] = (outs if outputs == "full" else
+                                        clip("".join(map(output_text, outs)), max_output))
         return {"path": notebook.path, "revision": notebook.revision, "live": notebook.live,
                 **({"kernel": kernel} if kernel else {}), "cells": found}
 
@@ -3231,7 +3232,7 @@ def edit_notebook(path: str, edits: list, url: str | None = None, token: str | N
         ids = notebook.write(lambda notebook: _apply_edits(notebook["cells"], edits), deadline,
                              revision=revision)
         model = notebook.rest.contents(notebook.path, deadline=deadline, content=False)
-    return {"revision": str(model.get("hash") or model.get("last_modified")), "ids": ids}
+    return {"revision": _revision(model), "ids": ids}
 
 
 def run_cells(path: str, cells: list | str = "all", url: str | None = None,
@@ -3242,11 +3243,13 @@ def run_cells(path: str, cells: list | str = "all", url: str | None = None,
     come; their Results. A failing cell stops the rest unless ``keep_going``."""
     deadline = Deadline(timeout)
     rest = RestClient(*resolve_server(url, token)[:2], ssl_context=ssl_context)
-    with LiveNotebook(rest, path, deadline, listen=True) as notebook, \
-            Kernel(rest.url, rest.token, session=notebook.path, timeout=deadline.remaining(),
-                   name=kernel_for(notebook.notebook, None)) as kernel:
-        return [result for _, result in notebook.run(kernel, cells, deadline,
-                                                     keep_going=keep_going, on_output=on_output)]
+    with LiveNotebook(rest, path, deadline, listen=True) as notebook:
+        notebook.cells(cells)  # (an unknown id, before a kernel starts)
+        with Kernel(rest.url, rest.token, session=notebook.path, timeout=deadline.remaining(),
+                    name=kernel_for(notebook.notebook, None)) as kernel:
+            return [result for _, result in notebook.run(kernel, cells, deadline,
+                                                         keep_going=keep_going,
+                                                         on_output=on_output)]
 
 
 # ---- Front ends: what the command line and the MCP server share ----------------------------------
@@ -3362,8 +3365,7 @@ def _schema(properties: dict, required: tuple = ()) -> dict:
 _KERNEL_ARG = {"type": "string", "pattern": _KERNEL_ID,
                "description": "A kernel id (from list_kernels or start_kernel). Default: the "
                               "default kernel."}
-_KERNEL_PROPERTY = {"kernel": {"type": "string", "pattern": _KERNEL_ID,
-                               "description": "The kernel id."}}
+_KERNEL_PROPERTY = {"kernel": {**_KERNEL_ARG, "description": "The kernel id."}}
 _STATUS = {"type": "string", "enum": ["ok", "error", "aborted", "timeout"]}
 
 
@@ -3659,7 +3661,7 @@ class _Runs:
         import threading
         self._lock = threading.Lock()
         self._kept: dict = {}    # execution id -> _Run, until collected
-        self._failed: dict = {}  # kernel key -> when a cell there last ended in an error
+        self.failed: dict = {}   # kernel key -> when a cell there last ended in an error
 
     def settle(self, run: _Run, ended: bool) -> None:
         """After a result for ``run``: keep it for get_execution, or collect it if ``ended``."""
@@ -3675,13 +3677,6 @@ class _Runs:
     def kept(self) -> list:
         with self._lock:
             return list(self._kept.values())
-
-    def failed(self, key: str, when: float) -> None:
-        """A cell on kernel ``key`` failed at ``when``: what was queued behind it is aborted."""
-        self._failed[key] = when
-
-    def failed_after(self, key: str, when: float) -> bool:
-        return self._failed.get(key, -1.0) > when
 
 
 class _JsonRpcStdio:
@@ -4160,7 +4155,7 @@ class McpServer:
     def _execute(self, call: _Call, args: dict, key: str, kernel_id: str | None, work) -> None:
         """Run ``work`` in its kernel's lane (its call may have returned meanwhile)."""
         run, timeout, result = call.run, args.get("timeout", self.timeout), None
-        if self._runs.failed_after(key, run.queued):  # as a kernel aborts what waits behind errors
+        if self._runs.failed.get(key, -1.0) > run.queued:  # (as a kernel aborts what waits)
             run.end("aborted", note="[aborted: a cell before it on this kernel failed]")
             return
         try:
@@ -4181,7 +4176,7 @@ class McpServer:
             result = getattr(exc, "result", None)
             run.end("error", result, failure=self._explain(exc))
         if run.status in ("error", "timeout") and not call.cancelled:  # (a cancel is asked for)
-            self._runs.failed(key, run.ended)
+            self._runs.failed[key] = run.ended
         if self.log is not None and result is not None and "code" in args:  # (if cancelled too)
             with self._lock:
                 self.log.add(args["code"], result)
@@ -4548,12 +4543,13 @@ _OPTIONS = (
             "write the executed notebook (server:PATH saves it on the server)", scope="run"),
     _Option(("-p", "--parameters"), "NAME VALUE",
             "a parameter, injected as papermill does (True, False, None, numbers, else text; "
-            "repeatable)", repeat=True, values=2, scope="run"),
+            "repeatable)", repeat=True, values=2, scope="run code"),
     _Option(("-r", "--parameters-raw"), "NAME VALUE",
             "a parameter whose value is always text (repeatable)", repeat=True, values=2,
-            scope="run"),
+            scope="run code"),
     _Option(("--parameters-file",), "FILE",
-            "parameters from a JSON object (papermill's YAML files hold the same)", scope="run"),
+            "parameters from a JSON object (papermill's YAML files hold the same)",
+            scope="run code"),
     _Option(("--cell-timeout",), "SECS", "interrupt a cell that runs longer; it counts as an error",
             "seconds"),
     _Option(("--color",), "WHEN",
@@ -4639,7 +4635,8 @@ def _parse_args(argv: list) -> types.SimpleNamespace:
         for scope, ok, rule in (("run", not args.mcp, "cannot be used with --mcp"),
                                 ("mcp", args.mcp, "goes with --mcp"),
                                 ("hub", args.start_server, "goes with --start-server"),
-                                ("notebook", args.notebook, "goes with --notebook")):
+                                ("notebook", args.notebook, "goes with --notebook"),
+                                ("code", not args.cells, "cannot be used with --cells")):
             if scope in option.scope.split() and not ok:
                 raise ConfigError(f"{option.flags[-1]} {rule}")
     return args
@@ -4852,13 +4849,14 @@ def _parameters(args) -> dict:
     """The parameters, merged as papermill merges them: the file, then -p, then -r."""
     parameters: dict = {}
     if args.parameters_file:
+        text = read_text(args.parameters_file, "--parameters-file ")
         try:
-            loaded = json.loads(read_text(args.parameters_file, "--parameters-file "))
-        except (ValueError, RecursionError) as exc:
-            loaded = exc if isinstance(exc, ConfigError) else None
+            loaded = json.loads(text)
+        except (ValueError, RecursionError):
+            loaded = None
         if not isinstance(loaded, dict):
-            raise loaded or ConfigError(f"--parameters-file {args.parameters_file} does not hold "
-                                        "a JSON object")
+            raise ConfigError(f"--parameters-file {args.parameters_file} does not hold a JSON "
+                              "object")
         parameters.update(loaded)
     parameters.update((name, parameter_value(value)) for name, value in args.parameters or ())
     parameters.update((name, value) for name, value in args.parameters_raw or ())

@@ -4724,8 +4724,8 @@ def test_a_person_typing_meanwhile_loses_nothing_and_outputs_land_at_the_pause(c
         runner.join(60)
         assert person.cells()[0]["source"] == "notes = 1" + typed
         assert results[0].stdout == "0\n1\n2\n" and _shown(person.cells()[1]) == "0\n1\n2\n"
-        person.pump(1.5)  # (the person's own save)
-        assert _on_disk(collab, path)["cells"][0]["source"] == "notes = 1" + typed
+        # (the person's own save)
+        person.wait(lambda: _on_disk(collab, path)["cells"][0]["source"] == "notes = 1" + typed)
     finally:
         person.close()
 
@@ -4791,6 +4791,10 @@ def test_without_collaboration_the_notebook_changes_on_disk_and_the_cli_runs_its
     assert not jc.read_notebook(path, server.url, server.token)["live"]
     jc.edit_notebook(path, [{"op": "replace", "id": "b", "source": "'changed'"}], server.url,
                      server.token)
+    kernels = server.kernels()
+    with pytest.raises(jc.ConfigError, match="the notebook has no cell 'zz'"):
+        jc.run_cells(path, ["a", "zz"], server.url, server.token)
+    assert server.kernels().keys() == kernels.keys()  # (none started for it)
     proc = cli("--notebook", path, "--cells", "a,b", server=server)
     assert proc.returncode == 0 and proc.stdout.splitlines() == [
         "-- cell 1/2 --", "from the cli", "-- cell 2/2 --", "'changed'"], proc.stderr
@@ -4799,4 +4803,7 @@ def test_without_collaboration_the_notebook_changes_on_disk_and_the_cli_runs_its
     proc = cli("--notebook", path, "--cells", "zz", server=server)
     assert (proc.returncode, proc.stderr.strip()) == (
         2, "jupyter_call: usage error: the notebook has no cell 'zz'")
+    proc = cli("--notebook", path, "--cells", "a", "-p", "x", "1", server=server)
+    assert (proc.returncode, proc.stderr.strip()) == (
+        2, "jupyter_call: usage error: --parameters cannot be used with --cells")
     _close_sessions(server, path)
